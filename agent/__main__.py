@@ -1,0 +1,5 @@
+import sys
+
+from dgdm.agent.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Compute backends, each a plugin behind `base.Backend`; `numpy` is always available."""

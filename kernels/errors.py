@@ -1,0 +1,45 @@
+"""The exception tree shared by all dgdm packages.
+
+`DgdmError` is the root: a user sees `str(err)` (one sentence), logs get `__cause__`.
+`sync` and `agent` derive their own trees from it; nothing in `kernels` imports them.
+"""
+
+from __future__ import annotations
+
+
+class DgdmError(Exception):
+    """Root of every error dgdm raises on purpose."""
+
+
+class KernelError(DgdmError):
+    """Something went wrong in the diffusion core."""
+
+
+class GraphError(KernelError):
+    """A graph (JSON or in memory) is malformed or exceeds a limit.
+
+    `field` names the offending field with its index, e.g. ``edges[3].weight``.
+    `code` is the HTTP-ish category: ``invalid`` (422) or ``too_large`` (413).
+    """
+
+    def __init__(self, field: str, message: str, *, code: str = "invalid") -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+        self.code = code
+
+
+class MethodError(GraphError):
+    """The diffusion method block is malformed (unknown kind, alpha out of range, ...)."""
+
+
+class BackendError(KernelError):
+    """A compute backend failed while running."""
+
+
+class BackendUnavailable(BackendError):
+    """A backend cannot be used on this machine; the message says why, in one sentence."""
+
+
+class UnknownTopology(KernelError):
+    """No topology is registered under this graph_id."""

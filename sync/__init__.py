@@ -1,0 +1,1 @@
+"""Offline-first sync: envelopes, keys, the SQLite outbox, MQTT transport and the coordinator."""

@@ -1,0 +1,1 @@
+"""The cloud coordinator: ingest, de-duplicate, store, receipts, fleet registry, HTTP API."""
