@@ -1,0 +1,308 @@
+"""Graph JSON (SPEC §3) parsed and validated once into a compact CSR `Graph`.
+
+Both forms are accepted: the node/edge form (`nodes`, `edges`) and the compact PyG-style
+form (`num_nodes`, `edge_index`, `edge_weight`, `x`). Every refusal is a `GraphError` naming
+the offending field with its index; nothing downstream re-validates a `Graph`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from dgdm.kernels.errors import GraphError
+from dgdm.kernels.method import Method, parse_method
+
+NodeId = str | int
+
+_NODE_FORM_KEYS = frozenset({"graph_id", "directed", "nodes", "edges", "method"})
+_COMPACT_FORM_KEYS = frozenset(
+    {"graph_id", "directed", "num_nodes", "edge_index", "edge_weight", "x", "method"}
+)
+_MAX_GRAPH_ID = 128
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one graph may contain; exceeding any is a `too_large` GraphError (HTTP 413)."""
+
+    max_nodes: int = 100_000
+    max_edges: int = 2_000_000
+    max_features: int = 1024
+    max_body_bytes: int = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True, eq=False)
+class Graph:
+    """A validated graph.
+
+    `adjacency` is A of SPEC §2 before the method's self loops: CSR float64, canonical
+    (sorted indices, duplicates summed); undirected edges are stored in both directions.
+    `x` is float64 (N, F), F may be 0 when no features were given (a topology only).
+    """
+
+    node_ids: tuple[NodeId, ...]
+    adjacency: sp.csr_matrix
+    x: np.ndarray
+    directed: bool = False
+    graph_id: str | None = None
+    method: Method = field(default_factory=Method)
+
+    @property
+    def n(self) -> int:
+        return len(self.node_ids)
+
+    def index_of(self) -> dict[NodeId, int]:
+        """Map node id -> row; built on demand (edge deltas), not kept."""
+        return {node: i for i, node in enumerate(self.node_ids)}
+
+
+def parse_graph_json(data: bytes | str, limits: Limits | None = None) -> Graph:
+    """Parse a JSON document (bytes or text) into a Graph, enforcing the byte limit first."""
+    limits = limits or Limits()
+    size = len(data.encode() if isinstance(data, str) else data)
+    if size > limits.max_body_bytes:
+        raise GraphError(
+            "body",
+            f"is {size} bytes, more than the limit of {limits.max_body_bytes}",
+            code="too_large",
+        )
+    try:
+        obj = json.loads(data, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        raise GraphError("body", f"is not valid JSON ({exc})") from exc
+    return parse_graph(obj, limits)
+
+
+def parse_graph(obj: Any, limits: Limits | None = None) -> Graph:
+    """Validate a decoded JSON object (either form) into a Graph."""
+    limits = limits or Limits()
+    if not isinstance(obj, Mapping):
+        raise GraphError("body", "must be a JSON object")
+    if "nodes" in obj or "edges" in obj:
+        _check_keys(obj, _NODE_FORM_KEYS)
+        node_ids, x = _parse_nodes(obj.get("nodes"), limits)
+        rows, cols, weights = _parse_edges(obj.get("edges", []), node_ids, limits)
+    elif "num_nodes" in obj or "edge_index" in obj or "x" in obj:
+        _check_keys(obj, _COMPACT_FORM_KEYS)
+        node_ids, x = _parse_compact_nodes(obj, limits)
+        rows, cols, weights = _parse_compact_edges(obj, len(node_ids), limits)
+    else:
+        raise GraphError("nodes", "is required (or the compact form's num_nodes/edge_index/x)")
+    directed = _parse_directed(obj.get("directed", False))
+    method = parse_method(obj.get("method"))
+    graph_id = _parse_graph_id(obj.get("graph_id"))
+    adjacency = build_adjacency(len(node_ids), rows, cols, weights, directed=directed)
+    return Graph(tuple(node_ids), adjacency, x, directed, graph_id, method)
+
+
+def build_adjacency(
+    n: int, rows: np.ndarray, cols: np.ndarray, weights: np.ndarray, *, directed: bool
+) -> sp.csr_matrix:
+    """CSR A with duplicate edges summed; an undirected edge i-j sets A[i,j] and A[j,i]
+    (a self loop i-i once, as networkx counts it)."""
+    if not directed:
+        off = rows != cols
+        rows, cols, weights = (
+            np.concatenate([rows, cols[off]]),
+            np.concatenate([cols, rows[off]]),
+            np.concatenate([weights, weights[off]]),
+        )
+    adjacency = sp.csr_matrix((weights, (rows, cols)), shape=(n, n), dtype=np.float64)
+    adjacency.sum_duplicates()
+    adjacency.sort_indices()
+    return adjacency
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a valid JSON number")
+
+
+def _check_keys(obj: Mapping[str, Any], allowed: frozenset[str]) -> None:
+    for key in obj:
+        if key not in allowed:
+            raise GraphError(str(key), "is not a known graph field for this form")
+
+
+def _parse_directed(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise GraphError("directed", "must be true or false")
+    return value
+
+
+def _parse_graph_id(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not 0 < len(value) <= _MAX_GRAPH_ID:
+        raise GraphError("graph_id", f"must be a string of 1 to {_MAX_GRAPH_ID} characters")
+    return value
+
+
+def _is_node_id(value: Any) -> bool:
+    return isinstance(value, str | int) and not isinstance(value, bool)
+
+
+def _list(value: Any, name: str) -> Sequence[Any]:
+    if not isinstance(value, list):
+        raise GraphError(name, "must be a list")
+    return value
+
+
+def _too_large(name: str, what: str, count: int, limit: int) -> GraphError:
+    return GraphError(name, f"has {count} {what}, more than the limit of {limit}", code="too_large")
+
+
+def _parse_nodes(value: Any, limits: Limits) -> tuple[list[NodeId], np.ndarray]:
+    nodes = _list(value, "nodes")
+    if len(nodes) > limits.max_nodes:
+        raise _too_large("nodes", "nodes", len(nodes), limits.max_nodes)
+    ids: list[NodeId] = []
+    seen: set[NodeId] = set()
+    features: list[Any] = []
+    for i, node in enumerate(nodes):
+        if not isinstance(node, Mapping):
+            raise GraphError(f"nodes[{i}]", "must be an object")
+        for key in node:
+            if key not in ("id", "features"):
+                raise GraphError(f"nodes[{i}].{key}", "is not a known node field")
+        node_id = node.get("id")
+        if not _is_node_id(node_id):
+            raise GraphError(f"nodes[{i}].id", "must be a string or an integer")
+        if node_id in seen:
+            raise GraphError(f"nodes[{i}].id", f"duplicates the id {node_id!r}")
+        seen.add(node_id)
+        ids.append(node_id)
+        features.append(node.get("features"))
+    return ids, _feature_matrix(features, "nodes[{}].features", limits)
+
+
+def _parse_compact_nodes(obj: Mapping[str, Any], limits: Limits) -> tuple[list[NodeId], np.ndarray]:
+    x = obj.get("x")
+    if x is not None:
+        x = _list(x, "x")
+    num_nodes = obj.get("num_nodes", len(x) if x is not None else None)
+    if isinstance(num_nodes, bool) or not isinstance(num_nodes, int) or num_nodes < 0:
+        raise GraphError("num_nodes", "must be a non-negative integer")
+    if num_nodes > limits.max_nodes:
+        raise _too_large("num_nodes", "nodes", num_nodes, limits.max_nodes)
+    if x is None:
+        return list(range(num_nodes)), np.zeros((num_nodes, 0))
+    if len(x) != num_nodes:
+        raise GraphError("x", f"has {len(x)} rows but num_nodes is {num_nodes}")
+    return list(range(num_nodes)), _feature_matrix(list(x), "x[{}]", limits)
+
+
+def _feature_matrix(rows: list[Any], name: str, limits: Limits) -> np.ndarray:
+    """(N, F) float64 from per-node lists; all absent means F = 0 (a topology only)."""
+    if all(row is None for row in rows):
+        return np.zeros((len(rows), 0))
+    width = None
+    for i, row in enumerate(rows):
+        if not isinstance(row, list):
+            raise GraphError(name.format(i), "must be a list of numbers")
+        if width is None:
+            width = len(row)
+            if width > limits.max_features:
+                raise _too_large(name.format(i), "features", width, limits.max_features)
+        elif len(row) != width:
+            raise GraphError(name.format(i), f"has {len(row)} features, node 0 has {width}")
+    for i, row in enumerate(rows):
+        for j, value in enumerate(row):
+            _finite(value, f"{name.format(i)}[{j}]")
+    return np.array(rows, dtype=np.float64).reshape(len(rows), width or 0)
+
+
+def _finite(value: Any, name: str) -> float:
+    """A JSON number as a finite float (huge integers and inf/nan are refused)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise GraphError(name, "must be a number")
+    try:
+        number = float(value)
+    except OverflowError as exc:
+        raise GraphError(name, "is out of range") from exc
+    if not math.isfinite(number):
+        raise GraphError(name, "must be finite")
+    return number
+
+
+def _parse_edges(
+    value: Any, node_ids: list[NodeId], limits: Limits
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    edges = _list(value, "edges")
+    if len(edges) > limits.max_edges:
+        raise _too_large("edges", "edges", len(edges), limits.max_edges)
+    index = {node: i for i, node in enumerate(node_ids)}
+    rows = np.empty(len(edges), dtype=np.int64)
+    cols = np.empty(len(edges), dtype=np.int64)
+    weights = np.empty(len(edges), dtype=np.float64)
+    for e, edge in enumerate(edges):
+        if not isinstance(edge, Mapping):
+            raise GraphError(f"edges[{e}]", "must be an object")
+        for key in edge:
+            if key not in ("source", "target", "weight"):
+                raise GraphError(f"edges[{e}].{key}", "is not a known edge field")
+        rows[e] = _endpoint(edge.get("source"), index, f"edges[{e}].source")
+        cols[e] = _endpoint(edge.get("target"), index, f"edges[{e}].target")
+        weights[e] = parse_weight(edge.get("weight", 1.0), f"edges[{e}].weight")
+    return rows, cols, weights
+
+
+def _endpoint(value: Any, index: Mapping[NodeId, int], name: str) -> int:
+    if not _is_node_id(value):
+        raise GraphError(name, "must be a node id (string or integer)")
+    try:
+        return index[value]
+    except KeyError:
+        raise GraphError(name, f"names the unknown node {value!r}") from None
+
+
+def parse_weight(value: Any, name: str) -> float:
+    """An edge weight: a finite number > 0 (SPEC §2)."""
+    weight = _finite(value, name)
+    if weight <= 0.0:
+        raise GraphError(name, "must be greater than 0")
+    return weight
+
+
+def _parse_compact_edges(
+    obj: Mapping[str, Any], n: int, limits: Limits
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    edge_index = obj.get("edge_index", [[], []])
+    if not isinstance(edge_index, list) or len(edge_index) != 2:
+        raise GraphError("edge_index", "must be two lists [sources, targets]")
+    src = _list(edge_index[0], "edge_index[0]")
+    dst = _list(edge_index[1], "edge_index[1]")
+    if len(src) != len(dst):
+        raise GraphError("edge_index[1]", f"has {len(dst)} entries, edge_index[0] has {len(src)}")
+    if len(src) > limits.max_edges:
+        raise _too_large("edge_index", "edges", len(src), limits.max_edges)
+    rows = _index_array(src, n, "edge_index[0]")
+    cols = _index_array(dst, n, "edge_index[1]")
+    weights = _compact_weights(obj.get("edge_weight"), len(src))
+    return rows, cols, weights
+
+
+def _index_array(values: Sequence[Any], n: int, name: str) -> np.ndarray:
+    out = np.empty(len(values), dtype=np.int64)
+    for i, value in enumerate(values):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise GraphError(f"{name}[{i}]", "must be an integer node index")
+        if not 0 <= value < n:
+            raise GraphError(f"{name}[{i}]", f"names the unknown node {value} (num_nodes is {n})")
+        out[i] = value
+    return out
+
+
+def _compact_weights(value: Any, count: int) -> np.ndarray:
+    if value is None:
+        return np.ones(count)
+    weights = _list(value, "edge_weight")
+    if len(weights) != count:
+        raise GraphError("edge_weight", f"has {len(weights)} entries for {count} edges")
+    return np.array([parse_weight(w, f"edge_weight[{i}]") for i, w in enumerate(weights)])
