@@ -1,0 +1,360 @@
+"""The local HTTP endpoint (SPEC §4): an aiohttp app built by `make_app(agent)`.
+
+Handlers check what they can cheaply (content type, query flags, path ids, size) and hand
+the body to the agent, which parses and diffuses it in a worker thread. Every refusal is a
+JSON `{"error", "message"}` with a 4xx status chosen by what was wrong; 503 means "busy or
+stopping, retry" and carries Retry-After. The bearer token, when required, is checked
+before a body is read.
+"""
+
+from __future__ import annotations
+
+import hmac
+import importlib.resources
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from dgdm.agent import __version__
+from dgdm.agent.config import is_loopback
+from dgdm.agent.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from dgdm.agent.runtime import (
+    BadJson,
+    NoOutbox,
+    QueueFull,
+    ShuttingDown,
+    dumps,
+    http_answer,
+    outbox_json,
+)
+from dgdm.kernels.errors import BackendError, GraphError, UnknownTopology
+
+if TYPE_CHECKING:
+    from dgdm.agent.runtime import Agent
+
+log = logging.getLogger(__name__)
+AGENT: web.AppKey[Agent] = web.AppKey("agent")
+GRAPH_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+JSON_TYPES = frozenset({"application/json"})
+_FLAGS = {"": True, "1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "too_large",
+    415: "unsupported_media_type",
+    422: "invalid",
+    503: "unavailable",
+}
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class ApiError(Exception):
+    """A refusal with its status, code and one human sentence."""
+
+    def __init__(self, status: int, code: str, message: str, **headers: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers
+
+
+def error_response(status: int, code: str, message: str, headers: Any = None) -> web.Response:
+    body = dumps({"error": code, "message": message})
+    return web.Response(status=status, body=body, content_type="application/json", headers=headers)
+
+
+def json_response(obj: Any, status: int = 200) -> web.Response:
+    return web.Response(status=status, body=dumps(obj), content_type="application/json")
+
+
+# -- middlewares --------------------------------------------------------------------------
+
+
+def _translate(exc: Exception) -> ApiError:
+    """Map what the agent and kernels raise to an HTTP refusal (first matching type wins)."""
+    if isinstance(exc, GraphError) and exc.code == "too_large":
+        return ApiError(413, "too_large", str(exc))
+    for kind, status, code, retry_after in _REFUSALS:
+        if isinstance(exc, kind):
+            headers = {"Retry-After": retry_after} if retry_after else {}
+            return ApiError(status, code, str(exc), **headers)
+    raise exc
+
+
+_REFUSALS: tuple[tuple[type[Exception], int, str, str], ...] = (
+    (GraphError, 422, "invalid_graph", ""),
+    (UnknownTopology, 404, "unknown_graph", ""),
+    (BadJson, 400, "bad_json", ""),
+    (NoOutbox, 400, "no_outbox", ""),
+    (QueueFull, 503, "busy", str(QueueFull.retry_after_s)),
+    (ShuttingDown, 503, "shutting_down", "5"),
+    (BackendError, 503, "backend_unavailable", "5"),
+)
+_REFUSED = tuple(kind for kind, *_ in _REFUSALS)
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return error_response(exc.status, exc.code, exc.message, exc.headers)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        headers = {k: v for k, v in exc.headers.items() if k in ("Allow", "WWW-Authenticate")}
+        code = _HTTP_CODES.get(exc.status, "http_error")
+        return error_response(exc.status, code, _sentence(exc), headers)
+    except _REFUSED as exc:
+        api = _translate(exc)
+        return error_response(api.status, api.code, api.message, api.headers)
+
+
+def _sentence(exc: web.HTTPException) -> str:
+    if exc.status == 404:
+        return "no such path"
+    if exc.status == 405:
+        return f"method not allowed here (allowed: {exc.headers.get('Allow', '')})"
+    if exc.status == 413:
+        return "request body is larger than http.max_body_bytes"
+    return exc.reason
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    agent = request.app[AGENT]
+    token = agent.config.http.token
+    if request.path == "/healthz" or not _token_required(agent):
+        return await handler(request)
+    given = request.headers.get("Authorization", "")
+    expected = f"Bearer {token}"
+    if not token or not hmac.compare_digest(given.encode(), expected.encode()):
+        raise ApiError(
+            401,
+            "unauthorized",
+            "a valid bearer token is required",
+            **{"WWW-Authenticate": "Bearer"},
+        )
+    return await handler(request)
+
+
+def _token_required(agent: Agent) -> bool:
+    """Beyond loopback always; on loopback only when a token is configured anyway."""
+    return bool(agent.config.http.token) or not is_loopback(agent.config.http.bind)
+
+
+# -- request helpers ----------------------------------------------------------------------
+
+
+def _flag(request: web.Request, name: str) -> bool:
+    value = request.query.get(name)
+    if value is None:
+        return False
+    flag = _FLAGS.get(value.lower())
+    if flag is None:
+        raise ApiError(400, "bad_query", f"query parameter {name} must be 1 or 0")
+    return flag
+
+
+def _graph_id(request: web.Request) -> str:
+    graph_id = request.match_info["graph_id"]
+    if not GRAPH_ID.fullmatch(graph_id):
+        raise ApiError(422, "invalid_graph", "graph id must match [A-Za-z0-9._:-]{1,128}")
+    return graph_id
+
+
+async def _json_body(request: web.Request) -> bytes:
+    if request.content_type not in JSON_TYPES:
+        raise ApiError(415, "unsupported_media_type", "the body must be application/json")
+    body = await request.read()  # raises 413 past client_max_size
+    if not body:
+        raise ApiError(400, "empty_body", "the body is empty: send a JSON document")
+    return body
+
+
+# -- handlers -----------------------------------------------------------------------------
+
+
+async def healthz(request: web.Request) -> web.Response:
+    agent = request.app[AGENT]
+    ok, checks = await agent.health()
+    body = {"status": "ok" if ok else "failing", "checks": checks, "version": __version__}
+    return json_response(body, 200 if ok else 503)
+
+
+async def status(request: web.Request) -> web.Response:
+    return json_response(await request.app[AGENT].status())
+
+
+async def metrics(request: web.Request) -> web.Response:
+    text = await request.app[AGENT].metrics_text()
+    return web.Response(body=text, headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+
+async def tpu(request: web.Request) -> web.Response:
+    agent = request.app[AGENT]
+    return json_response({**agent.tpu_json(), "backends": agent.engine.backends_status()})
+
+
+async def outbox(request: web.Request) -> web.Response:
+    return json_response(outbox_json(await request.app[AGENT].outbox_stats()))
+
+
+async def diffuse(request: web.Request) -> web.Response:
+    queue = _flag(request, "queue")
+    body = await _json_body(request)
+    result, seq = await request.app[AGENT].diffuse("http", body, queue=queue)
+    return json_response(http_answer(result, seq))
+
+
+async def list_graphs(request: web.Request) -> web.Response:
+    return json_response({"graphs": request.app[AGENT].engine.topologies()})
+
+
+async def put_graph(request: web.Request) -> web.Response:
+    graph_id = _graph_id(request)
+    body = await _json_body(request)
+    return json_response(await request.app[AGENT].register_graph(graph_id, body))
+
+
+async def patch_graph(request: web.Request) -> web.Response:
+    graph_id = _graph_id(request)
+    body = await _json_body(request)
+    return json_response(await request.app[AGENT].update_graph(graph_id, body))
+
+
+async def delete_graph(request: web.Request) -> web.Response:
+    graph_id = _graph_id(request)
+    return json_response(await request.app[AGENT].unregister_graph(graph_id))
+
+
+async def diffuse_graph(request: web.Request) -> web.Response:
+    graph_id = _graph_id(request)
+    queue = _flag(request, "queue")
+    body = await _json_body(request)
+    agent = request.app[AGENT]
+    result, seq = await agent.diffuse_registered("http", graph_id, body, queue=queue)
+    return json_response(http_answer(result, seq))
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return json_response(openapi_document())
+
+
+async def index(request: web.Request) -> web.Response:
+    page = importlib.resources.files("dgdm.agent").joinpath("static/index.html").read_bytes()
+    return web.Response(body=page, content_type="text/html", charset="utf-8")
+
+
+def make_app(agent: Agent) -> web.Application:
+    app = web.Application(
+        client_max_size=agent.config.http.max_body_bytes,
+        middlewares=[errors_middleware, auth_middleware],
+    )
+    app[AGENT] = agent
+    app.router.add_get("/", index)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/status", status)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/tpu", tpu)
+    app.router.add_get("/outbox", outbox)
+    app.router.add_get("/openapi.json", openapi)
+    app.router.add_post("/diffuse", diffuse)
+    app.router.add_get("/graphs", list_graphs)
+    app.router.add_put("/graphs/{graph_id}", put_graph)
+    app.router.add_patch("/graphs/{graph_id}", patch_graph)
+    app.router.add_delete("/graphs/{graph_id}", delete_graph)
+    app.router.add_post("/graphs/{graph_id}/diffuse", diffuse_graph)
+    return app
+
+
+# -- OpenAPI ------------------------------------------------------------------------------
+
+
+def _op(
+    summary: str, *, body: bool = False, queue: bool = False, gid: bool = False
+) -> dict[str, Any]:
+    op: dict[str, Any] = {
+        "summary": summary,
+        "responses": {
+            "200": {"description": "OK", "content": {"application/json": {}}},
+            "default": {"$ref": "#/components/responses/Error"},
+        },
+    }
+    params = []
+    if gid:
+        params.append(
+            {
+                "name": "graph_id",
+                "in": "path",
+                "required": True,
+                "schema": {"type": "string", "pattern": GRAPH_ID.pattern},
+            }
+        )
+    if queue:
+        params.append(
+            {
+                "name": "queue",
+                "in": "query",
+                "required": False,
+                "schema": {"type": "string", "enum": ["0", "1"]},
+            }
+        )
+    if params:
+        op["parameters"] = params
+    if body:
+        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": {}}}}
+    return op
+
+
+def openapi_document() -> dict[str, Any]:
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "dgdm-edge agent", "version": __version__},
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "responses": {
+                "Error": {
+                    "description": "A refusal",
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["error", "message"],
+                                "properties": {
+                                    "error": {"type": "string"},
+                                    "message": {"type": "string"},
+                                },
+                            }
+                        }
+                    },
+                }
+            },
+        },
+        "security": [{"bearer": []}],
+        "paths": {
+            "/healthz": {"get": {**_op("Liveness and readiness"), "security": []}},
+            "/status": {"get": _op("Device, backend, TPU, broker and outbox state")},
+            "/metrics": {"get": _op("Prometheus metrics")},
+            "/tpu": {"get": _op("Edge TPU state and backends")},
+            "/outbox": {"get": _op("Outbox depth, bytes and oldest age per kind")},
+            "/diffuse": {"post": _op("Diffuse a graph (SPEC §3)", body=True, queue=True)},
+            "/graphs": {"get": _op("Registered topologies")},
+            "/graphs/{graph_id}": {
+                "put": _op("Register a topology", body=True, gid=True),
+                "patch": _op("Add, remove or reweight edges", body=True, gid=True),
+                "delete": _op("Forget a topology", gid=True),
+            },
+            "/graphs/{graph_id}/diffuse": {
+                "post": _op(
+                    "Diffuse features {x} on a registered topology", body=True, queue=True, gid=True
+                )
+            },
+        },
+    }
