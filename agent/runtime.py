@@ -81,7 +81,7 @@ def loads(data: bytes | str) -> Any:
 
 def dumps(obj: Any) -> bytes:
     if _orjson is not None:
-        return _orjson.dumps(obj, option=_orjson.OPT_SERIALIZE_NUMPY)
+        return _orjson.dumps(obj, default=_plain, option=_orjson.OPT_SERIALIZE_NUMPY)
     return json.dumps(obj, separators=(",", ":"), default=_plain).encode()
 
 
@@ -145,6 +145,8 @@ class WorkQueue:
 
 def http_answer(result: Any, seq: int | None) -> dict[str, Any]:
     """The `POST /diffuse` answer (SPEC §4)."""
+    import numpy as np
+
     answer = {
         "job_id": result.job_id,
         "graph_id": result.graph_id,
@@ -152,7 +154,7 @@ def http_answer(result: Any, seq: int | None) -> dict[str, Any]:
         "latency_ms": round(result.latency_ms, 4),
         "error_bound": result.error_bound,
         "node_ids": list(result.node_ids),
-        "embedding": result.embedding,
+        "embedding": np.ascontiguousarray(result.embedding),
     }
     if seq is not None:
         answer["outbox_seq"] = seq
@@ -391,8 +393,12 @@ class Agent:
         app = make_app(self)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.config.http.bind, self.config.http.port)
-        await site.start()
+        http = self.config.http
+        site = web.TCPSite(self._runner, http.bind, http.port)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise AgentError(f"cannot listen on {http.bind}:{http.port}: {exc.strerror}") from exc
         server = site._server  # aiohttp keeps the listening socket here; port 0 needs it
         sockets = getattr(server, "sockets", None) or []
         self.http_port = sockets[0].getsockname()[1] if sockets else self.config.http.port
@@ -444,7 +450,7 @@ class Agent:
 
         for topo in self.engine.topologies():
             if topo.get("graph_id") == graph_id:
-                return int(topo["num_nodes"])
+                return int(topo["nodes"])
         raise UnknownTopology(f"no topology is registered as {graph_id!r}")
 
     def _observe(self, result: Any, source: str) -> None:
@@ -467,18 +473,15 @@ class Agent:
                 if obj.get("graph_id", graph_id) != graph_id:
                     raise GraphError("graph_id", "must match the graph id in the path")
                 obj = {**obj, "graph_id": graph_id}
-            graph = parse_graph(obj, self.limits)
-            self.engine.register(graph)
-            return {"graph_id": graph_id, "num_nodes": graph.n, "num_edges": graph.adjacency.nnz}
+            self.engine.register(parse_graph(obj, self.limits))
+            return next(t for t in self.engine.topologies() if t["graph_id"] == graph_id)
 
         return await self.work.run(job)
 
     async def update_graph(self, graph_id: str, data: bytes) -> dict[str, Any]:
         def job() -> dict[str, Any]:
             obj = loads(data)
-            changes = parse_edge_changes(obj)
-            self.engine.update_edges(graph_id, **changes)
-            return {"graph_id": graph_id, **{k: len(v) for k, v in changes.items()}}
+            return dict(self.engine.update_edges(graph_id, **parse_edge_changes(obj)))
 
         return await self.work.run(job)
 
@@ -806,21 +809,19 @@ def merge_reloadable(old: AgentConfig, new: AgentConfig) -> AgentConfig:
     return dataclasses.replace(old, **sections)
 
 
-def parse_edge_changes(obj: Any) -> dict[str, list[dict[str, Any]]]:
-    """`{"add": [...], "remove": [...], "reweight": [...]}` edge lists for PATCH /graphs/{id}."""
+def parse_edge_changes(obj: Any) -> dict[str, list[Any]]:
+    """`{"add": [...], "remove": [...], "reweight": [...]}` for PATCH /graphs/{id}; the engine
+    checks each edge (known nodes, weights) and names the bad one."""
     if not isinstance(obj, dict):
         raise GraphError("body", "must be a JSON object")
     unknown = set(obj) - {"add", "remove", "reweight"}
     if unknown:
         raise GraphError(str(sorted(unknown)[0]), "is not a known field (add, remove, reweight)")
-    changes: dict[str, list[dict[str, Any]]] = {}
+    changes: dict[str, list[Any]] = {}
     for name in ("add", "remove", "reweight"):
         edges = obj.get(name, [])
         if not isinstance(edges, list):
             raise GraphError(name, "must be a list of edges")
-        for i, edge in enumerate(edges):
-            if not isinstance(edge, dict) or "source" not in edge or "target" not in edge:
-                raise GraphError(f"{name}[{i}]", "must be an object with source and target")
         changes[name] = edges
     if not any(changes.values()):
         raise GraphError("body", "must change at least one edge (add, remove or reweight)")
