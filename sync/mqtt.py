@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import logging
 import random
+import select
 import ssl
 import threading
 import time
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 MQTT5_MAX_RECEIVE = 65535
 MISC_INTERVAL_S = 1.0
+READ_BURST = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -468,10 +470,16 @@ class MqttClient:
         self._loop.add_reader(conn.fd, self._readable, conn, sock)
 
     def _readable(self, conn: _Connection, sock: Any) -> None:
-        conn.client.loop_read()
-        # TLS may hold decrypted records the socket no longer signals: drain them now.
-        while isinstance(sock, ssl.SSLSocket) and not conn.closed.is_set() and sock.pending():
-            conn.client.loop_read()
+        # paho reads one packet per call when it has nothing in flight (a subscriber), so
+        # keep reading while bytes are waiting: one loop wake-up per burst, not per packet.
+        # TLS may hold decrypted records the socket no longer signals: drain those too.
+        for _ in range(READ_BURST):
+            if conn.client.loop_read() != MQTTErrorCode.MQTT_ERR_SUCCESS or conn.closed.is_set():
+                return
+            if isinstance(sock, ssl.SSLSocket) and sock.pending():
+                continue
+            if not select.select([sock], [], [], 0)[0]:
+                return
 
     def _watch_write(self, conn: _Connection, sock: Any) -> None:
         if conn.closed.is_set() or conn.fd is None:

@@ -4,8 +4,9 @@
 - `tls_broker` (session): mosquitto with TLS and required client certificates (mutual TLS);
   `broker.tls` holds `ca_file`, `client_cert`, `client_key`.
 - `fresh_broker` (function): a broker of its own, for tests that `kill()` (SIGKILL),
-  `stop()` or `restart()` it; its data directory survives restarts, so persistent sessions
-  and queued messages do too.
+  `stop()` or `restart()` it; it saves on every change (`save_on_change`) and its data
+  directory survives restarts, so persistent sessions and queued messages survive a SIGKILL
+  (slow: ~800 msg/s; the session brokers are fast and save only at a clean stop).
 
 Each broker has its own config, data dir and log under a pytest tmp dir and is stopped by
 pid at the end. Session brokers are shared: use unique device and client ids per test
@@ -42,7 +43,7 @@ def tls_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
 
 @pytest.fixture
 def fresh_broker(tmp_path: Path) -> Iterator[Broker]:
-    broker = Broker(tmp_path / "broker").start()
+    broker = Broker(tmp_path / "broker", save_on_change=True).start()
     yield broker
     broker.stop()
 
