@@ -33,8 +33,8 @@ pytestmark = pytest.mark.skipif(
 def unit_settings(text: str) -> list[tuple[str, str]]:
     """(key, value) pairs of a unit file, in order; comments and section headers dropped."""
     pairs = []
-    for line in text.splitlines():
-        line = line.strip()
+    for raw in text.splitlines():
+        line = raw.strip()
         if not line or line.startswith(("#", ";", "[")):
             continue
         key, _, value = line.partition("=")
