@@ -1,0 +1,631 @@
+"""The diffusion engine: backends chosen by config or cost, fallback, registered topologies.
+
+Thread-safe: the agent calls it from worker threads. One `RLock` guards the small shared
+state (registry, backend health, runner cache); the numerics run outside it, each cached
+runner behind its own lock (runners own buffers, TFLite interpreters are single-threaded).
+
+Fallback: a backend that raises at load or run time is marked unhealthy, counted, and
+skipped; the call goes on with the next backend in order. An unhealthy or unavailable
+backend is re-probed when its backoff (1 s doubling to 60 s) has passed; `probe()`
+succeeding puts it back in the rotation, a successful run resets its backoff.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import re
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from dgdm.kernels.backends.base import Backend, Problem, Runner
+from dgdm.kernels.diffusion import FLOAT32_UNIT, series_coefficients
+from dgdm.kernels.errors import (
+    BackendError,
+    BackendUnavailable,
+    GraphError,
+    KernelError,
+    UnknownTopology,
+)
+from dgdm.kernels.graph import Graph, Limits, NodeId, build_adjacency, parse_weight
+from dgdm.kernels.method import Method, parse_method
+from dgdm.kernels.operator import problem_for
+
+log = logging.getLogger(__name__)
+
+BACKEND_NAMES = ("edgetpu", "tflite", "numpy", "sparse")
+_BACKEND_CLASSES = {
+    "numpy": ("dgdm.kernels.backends.numpy_backend", "NumpyBackend"),
+    "sparse": ("dgdm.kernels.backends.sparse_backend", "SparseBackend"),
+    "tflite": ("dgdm.kernels.backends.tflite_backend", "TFLiteBackend"),
+    "edgetpu": ("dgdm.kernels.backends.edgetpu_backend", "EdgeTPUBackend"),
+}
+_WITH_CACHE_DIR = frozenset({"tflite", "edgetpu"})
+FIRST_BACKOFF_S = 1.0
+MAX_BACKOFF_S = 60.0
+MAX_RUNNERS = 32
+_SAFE_ID = re.compile(r"[^A-Za-z0-9._-]")
+
+
+@dataclass(frozen=True)
+class DiffusionResult:
+    job_id: str
+    graph_id: str | None
+    method: Method
+    backend: str
+    latency_ms: float
+    error_bound: float
+    node_ids: tuple[NodeId, ...]
+    embedding: np.ndarray
+    fallbacks: tuple[str, ...] = ()  # backends that failed before `backend` answered
+
+    def to_json(self) -> dict[str, Any]:
+        """The HTTP / CLI answer (embedding as nested lists)."""
+        return {
+            "job_id": self.job_id,
+            "graph_id": self.graph_id,
+            "method": self.method.to_json(),
+            "backend": self.backend,
+            "latency_ms": self.latency_ms,
+            "error_bound": self.error_bound,
+            "node_ids": list(self.node_ids),
+            "embedding": self.embedding.tolist(),
+        }
+
+
+@dataclass
+class _Slot:
+    """One backend and what the engine knows about its health."""
+
+    name: str
+    backend: Backend | None
+    available: bool
+    reason: str
+    healthy: bool = True
+    failures: int = 0
+    fallbacks: int = 0
+    backoff: float = FIRST_BACKOFF_S
+    next_probe: float = 0.0
+
+    @property
+    def eligible(self) -> bool:
+        return self.backend is not None and self.available and self.healthy
+
+
+@dataclass
+class _Topology:
+    graph_id: str
+    node_ids: tuple[NodeId, ...]
+    adjacency: sp.csr_matrix
+    directed: bool
+    problem: Problem
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "graph_id": self.graph_id,
+            "key": self.problem.key,
+            "nodes": len(self.node_ids),
+            "edges": int(self.adjacency.nnz),
+            "directed": self.directed,
+            "method": self.problem.method.to_json(),
+        }
+
+
+@dataclass
+class _Loaded:
+    runner: Runner
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class Engine:
+    """Runs diffusions on the best available backend; see the module docstring."""
+
+    def __init__(
+        self,
+        backend: str = "auto",
+        cache_dir: Path | None = None,
+        limits: Limits | None = None,
+        *,
+        backends: Sequence[Backend] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.limits = limits or Limits()
+        self._cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self._clock = clock
+        self._lock = threading.RLock()
+        self._slots = _discover(self._cache_dir) if backends is None else _given(backends)
+        self._default = self._check_name(backend)
+        self._excluded: frozenset[str] = frozenset()
+        self._runners: OrderedDict[tuple[str, str], _Loaded] = OrderedDict()
+        self._topologies: dict[str, _Topology] = {}
+        self._counts = {"diffusions": 0, "reprobes": 0}
+        self._orders: dict[tuple[str, str], tuple[int, list[_Slot]]] = {}
+        self._version = 0  # bumped on every health or exclusion change
+        self._last_backend: str | None = None
+        self._load_registry()
+
+    # -- diffusion -------------------------------------------------------------------------
+
+    def diffuse(self, graph: Graph, backend: str | None = None) -> DiffusionResult:
+        """One-off diffusion of a parsed graph (its runner stays cached by topology key)."""
+        return self._run(problem_for(graph), graph.x, graph.graph_id, graph.node_ids, backend)
+
+    def diffuse_registered(
+        self, graph_id: str, x: np.ndarray, backend: str | None = None
+    ) -> DiffusionResult:
+        """Diffuse new features over a registered topology: no parsing, no operator build."""
+        topology = self._topology(graph_id)
+        x = self._check_features(x, len(topology.node_ids))
+        return self._run(topology.problem, x, graph_id, topology.node_ids, backend)
+
+    def _run(
+        self,
+        problem: Problem,
+        x: np.ndarray,
+        graph_id: str | None,
+        node_ids: tuple[NodeId, ...],
+        backend: str | None,
+    ) -> DiffusionResult:
+        start = time.perf_counter()
+        failed: list[str] = []
+        reasons: list[str] = []
+        for slot in self._order(problem, backend):
+            try:
+                loaded = self._loaded(slot, problem)
+                with loaded.lock:
+                    out = loaded.runner.run(x)
+            except BackendUnavailable as exc:  # not for this problem (e.g. too large): skip
+                reasons.append(f"{slot.name}: {exc}")
+                continue
+            except Exception as exc:  # noqa: BLE001 - any backend failure means "try the next"
+                self._record_failure(slot, problem, exc)
+                failed.append(slot.name)
+                reasons.append(f"{slot.name}: {exc}")
+                continue
+            self._record_success(slot, fell_back=bool(failed))
+            return DiffusionResult(
+                job_id=os.urandom(16).hex(),
+                graph_id=graph_id,
+                method=problem.method,
+                backend=slot.name,
+                latency_ms=(time.perf_counter() - start) * 1000.0,
+                error_bound=_as_float32_bound(out.z, out.error_bound),
+                node_ids=node_ids,
+                embedding=np.asarray(out.z, dtype=np.float32),
+                fallbacks=tuple(failed),
+            )
+        detail = "; ".join(reasons) or "every backend is excluded, unavailable or unhealthy"
+        raise BackendError(f"no backend could run this diffusion ({detail})")
+
+    def _check_features(self, x: Any, n: int) -> np.ndarray:
+        x = np.asarray(x)
+        if x.dtype not in (np.float32, np.float64):  # float32 passes through: no copy per call
+            try:
+                x = x.astype(np.float64)
+            except (TypeError, ValueError) as exc:
+                raise GraphError("x", "must be an N x F array of numbers") from exc
+        if x.ndim != 2 or x.shape[0] != n:
+            raise GraphError("x", f"must have shape ({n}, F), got {x.shape}")
+        if x.shape[1] > self.limits.max_features:
+            raise GraphError(
+                "x", f"has more than {self.limits.max_features} features", code="too_large"
+            )
+        if not np.isfinite(x).all():
+            raise GraphError("x", "must be finite")
+        return x
+
+    # -- backend choice and health ---------------------------------------------------------
+
+    def _order(self, problem: Problem, preferred: str | None) -> list[_Slot]:
+        """Eligible backends, the preferred one first, the rest cheapest first.
+
+        Cached per (problem, preference) until any backend's health or the exclusions
+        change, so a steady-state call does no sorting.
+        """
+        name = self._check_name(preferred) if preferred else self._default
+        with self._lock:
+            self._reprobe_due()
+            cached = self._orders.get((problem.key, name))
+            if cached is not None and cached[0] == self._version:
+                return cached[1]
+            slots = [s for s in self._slots if s.eligible and s.name not in self._excluded]
+            position = {s.name: i for i, s in enumerate(slots)}
+            slots.sort(key=lambda s: (s.name != name, _cost(s.name, problem), position[s.name]))
+            if len(self._orders) > 4 * MAX_RUNNERS:
+                self._orders.clear()
+            self._orders[(problem.key, name)] = (self._version, slots)
+            return slots
+
+    def _reprobe_due(self) -> None:
+        now = self._clock()
+        for slot in self._slots:
+            if slot.backend is None or slot.eligible or now < slot.next_probe:
+                continue
+            self._counts["reprobes"] += 1
+            try:
+                slot.backend.probe()
+            except Exception as exc:  # noqa: BLE001 - a failed probe only delays the next one
+                slot.available = False
+                slot.reason = str(exc) or type(exc).__name__
+                self._back_off(slot, now)
+                continue
+            slot.available, slot.healthy, slot.reason = True, True, ""
+            self._version += 1
+            log.info("backend %s usable again after re-probe", slot.name)
+
+    def _back_off(self, slot: _Slot, now: float) -> None:
+        slot.next_probe = now + slot.backoff
+        slot.backoff = min(slot.backoff * 2.0, MAX_BACKOFF_S)
+
+    def _record_failure(self, slot: _Slot, problem: Problem, exc: Exception) -> None:
+        log.warning("backend %s failed, falling back: %s", slot.name, exc, exc_info=exc)
+        with self._lock:
+            slot.failures += 1
+            slot.healthy = False
+            self._version += 1
+            slot.reason = f"failed at run time: {exc}"
+            self._back_off(slot, self._clock())
+            loaded = self._runners.pop((problem.key, slot.name), None)
+        if loaded is not None:
+            _close_quietly(loaded.runner)
+
+    def _record_success(self, slot: _Slot, *, fell_back: bool) -> None:
+        with self._lock:
+            self._counts["diffusions"] += 1
+            self._last_backend = slot.name
+            slot.backoff = FIRST_BACKOFF_S
+            if fell_back:
+                slot.fallbacks += 1
+
+    def _loaded(self, slot: _Slot, problem: Problem) -> _Loaded:
+        cache_key = (problem.key, slot.name)
+        with self._lock:
+            loaded = self._runners.get(cache_key)
+            if loaded is not None:
+                self._runners.move_to_end(cache_key)
+                return loaded
+        assert slot.backend is not None
+        loaded = _Loaded(slot.backend.load(problem))  # slow (builds P or a model): unlocked
+        with self._lock:
+            self._runners[cache_key] = loaded
+            evicted = []
+            while len(self._runners) > MAX_RUNNERS:
+                evicted.append(self._runners.popitem(last=False)[1])
+        for old in evicted:
+            _close_quietly(old.runner)
+        return loaded
+
+    def _check_name(self, name: str) -> str:
+        if name != "auto" and name not in {s.name for s in self._slots}:
+            known = ", ".join(["auto", *(s.name for s in self._slots)])
+            raise BackendUnavailable(f"unknown backend {name!r}; use one of {known}.")
+        return name
+
+    def set_excluded(self, names: Iterable[str]) -> None:
+        """Keep these backends out of every choice (e.g. a hot Edge TPU) until changed."""
+        with self._lock:
+            self._excluded = frozenset(names)
+            self._version += 1
+
+    def backends_status(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [
+                {
+                    "name": s.name,
+                    "available": s.available,
+                    "reason": s.reason,
+                    "failures": s.failures,
+                    "fallbacks": s.fallbacks,
+                    "healthy": s.healthy,
+                    "excluded": s.name in self._excluded,
+                }
+                for s in self._slots
+            ]
+
+    def active_backend(self) -> str:
+        """The backend that answered last, or the one auto would try first on a small graph."""
+        with self._lock:
+            if self._last_backend is not None and self._last_backend not in self._excluded:
+                return self._last_backend
+            for slot in self._slots:
+                if slot.eligible and slot.name not in self._excluded:
+                    return slot.name
+        return "none"
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "diffusions": self._counts["diffusions"],
+                "reprobes": self._counts["reprobes"],
+                "failures": {s.name: s.failures for s in self._slots},
+                "fallbacks": {s.name: s.fallbacks for s in self._slots},
+            }
+
+    # -- registered topologies -------------------------------------------------------------
+
+    def register(self, graph: Graph) -> str:
+        """Keep a topology + method (its operator built now) under a graph_id; returns it."""
+        problem = problem_for(graph)
+        graph_id = graph.graph_id or f"g-{problem.key[:16]}"
+        topology = _Topology(graph_id, graph.node_ids, graph.adjacency, graph.directed, problem)
+        self._store(topology)
+        return graph_id
+
+    def update_edges(
+        self,
+        graph_id: str,
+        add: Sequence[Any] = (),
+        remove: Sequence[Any] = (),
+        reweight: Sequence[Any] = (),
+    ) -> dict[str, Any]:
+        """Apply edge deltas; the topology gets a new operator (and key). Returns its summary."""
+        old = self._topology(graph_id)
+        index = {node: i for i, node in enumerate(old.node_ids)}
+        adjacency = _apply_deltas(
+            old.adjacency,
+            directed=old.directed,
+            index=index,
+            add=add,
+            remove=remove,
+            reweight=reweight,
+        )
+        problem = problem_for(
+            Graph(old.node_ids, adjacency, np.zeros((0, 0)), old.directed, graph_id),
+            old.problem.method,
+        )
+        self._store(_Topology(graph_id, old.node_ids, adjacency, old.directed, problem))
+        return self._topology(graph_id).describe()
+
+    def unregister(self, graph_id: str) -> None:
+        with self._lock:
+            topology = self._topologies.pop(graph_id, None)
+            if topology is None:
+                raise UnknownTopology(f"no topology is registered as {graph_id!r}")
+            self._drop_runners(topology.problem.key)
+            self._write_index()
+        self._remove_file(topology.problem.key)
+
+    def topologies(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [t.describe() for t in self._topologies.values()]
+
+    def _topology(self, graph_id: str) -> _Topology:
+        try:
+            return self._topologies[graph_id]
+        except KeyError:
+            raise UnknownTopology(f"no topology is registered as {graph_id!r}") from None
+
+    def _store(self, topology: _Topology) -> None:
+        self._save(topology)
+        with self._lock:
+            old = self._topologies.get(topology.graph_id)
+            self._topologies[topology.graph_id] = topology
+            self._write_index()
+        if old is not None and old.problem.key != topology.problem.key:
+            with self._lock:
+                self._drop_runners(old.problem.key)
+            self._remove_file(old.problem.key)
+
+    def _drop_runners(self, key: str) -> None:
+        for cache_key in [k for k in self._runners if k[0] == key]:
+            _close_quietly(self._runners.pop(cache_key).runner)
+
+    # -- on-disk registry: <cache_dir>/topologies/<key>.npz + index.json (graph_id -> key) --
+
+    def _registry_dir(self) -> Path | None:
+        return None if self._cache_dir is None else self._cache_dir / "topologies"
+
+    def _save(self, topology: _Topology) -> None:
+        folder = self._registry_dir()
+        if folder is None:
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        a = topology.adjacency
+        arrays = {
+            "indptr": a.indptr,
+            "indices": a.indices,
+            "data": a.data,
+            "meta": np.array(
+                json.dumps(
+                    {
+                        "graph_id": topology.graph_id,
+                        "node_ids": list(topology.node_ids),
+                        "directed": topology.directed,
+                        "method": topology.problem.method.to_json(),
+                    }
+                )
+            ),
+        }
+        _atomic_write(folder / f"{topology.problem.key}.npz", lambda f: np.savez(f, **arrays))
+
+    def _write_index(self) -> None:
+        folder = self._registry_dir()
+        if folder is None:
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        index = {gid: t.problem.key for gid, t in self._topologies.items()}
+        payload = json.dumps(index, sort_keys=True).encode()
+        _atomic_write(folder / "index.json", lambda f: f.write(payload))
+
+    def _remove_file(self, key: str) -> None:
+        folder = self._registry_dir()
+        with self._lock:
+            in_use = any(t.problem.key == key for t in self._topologies.values())
+        if folder is not None and not in_use:
+            (folder / f"{key}.npz").unlink(missing_ok=True)
+
+    def _load_registry(self) -> None:
+        folder = self._registry_dir()
+        if folder is None or not (folder / "index.json").exists():
+            return
+        try:
+            index = json.loads((folder / "index.json").read_text())
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring unreadable topology index %s: %s", folder, exc)
+            return
+        for graph_id, key in index.items():
+            try:
+                self._topologies[graph_id] = _read_topology(folder / f"{_safe(key)}.npz")
+            except (OSError, ValueError, KeyError, KernelError) as exc:
+                log.warning("ignoring cached topology %s: %s", graph_id, exc)
+
+
+def _read_topology(path: Path) -> _Topology:
+    with np.load(path, allow_pickle=False) as npz:
+        meta = json.loads(str(npz["meta"]))
+        n = len(meta["node_ids"])
+        adjacency = sp.csr_matrix((npz["data"], npz["indices"], npz["indptr"]), shape=(n, n))
+    method = parse_method(meta["method"])
+    node_ids = tuple(meta["node_ids"])
+    graph = Graph(node_ids, adjacency, np.zeros((n, 0)), bool(meta["directed"]), meta["graph_id"])
+    return _Topology(
+        meta["graph_id"], node_ids, adjacency, graph.directed, problem_for(graph, method)
+    )
+
+
+def _atomic_write(path: Path, write: Callable[[Any], Any]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _safe(key: str) -> str:
+    return _SAFE_ID.sub("_", key)
+
+
+def _close_quietly(runner: Runner) -> None:
+    try:
+        runner.close()
+    except Exception as exc:  # noqa: BLE001 - closing a broken runner must not fail a call
+        log.debug("closing runner failed: %s", exc)
+
+
+def _as_float32_bound(z: np.ndarray, bound: float) -> float:
+    """The embedding is float32: a float64 result gains one rounding."""
+    return bound if z.dtype == np.float32 else bound + FLOAT32_UNIT
+
+
+def _cost(name: str, problem: Problem) -> float:
+    """Rough per-call cost, to order CPU backends by speed; accelerators/unknown first."""
+    n, nnz = problem.n, problem.t.nnz
+    if name == "numpy":
+        return float(n) * n
+    if name == "tflite":
+        return float(n) * n / 8.0  # int8 GEMM, ~8x numpy float32 (KERNELS-FACTS)
+    if name == "sparse":
+        coeffs = series_coefficients(problem.method)
+        products = (len(coeffs) - 1) if coeffs is not None else 40
+        return 4.0 * nnz * max(products, 1)  # gathers cost ~4x a dense multiply-add
+    return 0.0
+
+
+def _discover(cache_dir: Path | None) -> list[_Slot]:
+    return [_construct(name, cache_dir) for name in BACKEND_NAMES]
+
+
+def _construct(name: str, cache_dir: Path | None) -> _Slot:
+    module_name, class_name = _BACKEND_CLASSES[name]
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+        args = (cache_dir / name if cache_dir else None,) if name in _WITH_CACHE_DIR else ()
+        backend = cls(*args)
+    except ImportError as exc:
+        return _Slot(name, None, False, f"{name} is not installed ({exc}).")
+    except Exception as exc:  # noqa: BLE001 - a backend that cannot start is only unavailable
+        return _Slot(name, None, False, f"{name} could not start: {exc}")
+    return _probed(name, backend)
+
+
+def _given(backends: Sequence[Backend]) -> list[_Slot]:
+    return [_probed(b.name, b) for b in backends]
+
+
+def _probed(name: str, backend: Backend) -> _Slot:
+    try:
+        backend.probe()
+    except Exception as exc:  # noqa: BLE001 - BackendUnavailable or a runtime's own error
+        slot = _Slot(name, backend, False, str(exc) or type(exc).__name__)
+        slot.next_probe = time.monotonic() + slot.backoff
+        return slot
+    return _Slot(name, backend, True, "")
+
+
+def _edge(item: Any, field: str, index: Mapping[NodeId, int]) -> tuple[int, int, Any]:
+    """(source row, target row, weight or None) from {"source","target","weight"} or a tuple."""
+    if isinstance(item, Mapping):
+        unknown = set(item) - {"source", "target", "weight"}
+        if unknown:
+            raise GraphError(f"{field}.{sorted(unknown)[0]}", "is not a known edge field")
+        parts = (item.get("source"), item.get("target"), item.get("weight"))
+    elif isinstance(item, list | tuple) and len(item) in (2, 3):
+        parts = (item[0], item[1], item[2] if len(item) == 3 else None)
+    else:
+        raise GraphError(field, "must be an edge object or [source, target, weight?]")
+    rows = []
+    for name, node in zip(("source", "target"), parts[:2], strict=True):
+        if isinstance(node, bool) or not isinstance(node, str | int) or node not in index:
+            raise GraphError(f"{field}.{name}", f"names the unknown node {node!r}")
+        rows.append(index[node])
+    return rows[0], rows[1], parts[2]
+
+
+def _apply_deltas(
+    adjacency: sp.csr_matrix,
+    *,
+    directed: bool,
+    index: Mapping[NodeId, int],
+    add: Sequence[Any],
+    remove: Sequence[Any],
+    reweight: Sequence[Any],
+) -> sp.csr_matrix:
+    """A new canonical A: remove, then reweight (set), then add (duplicates add up)."""
+    a = adjacency.copy()
+    for i, item in enumerate(remove):
+        src, dst, _ = _edge(item, f"remove[{i}]", index)
+        _set_entry(a, src, dst, 0.0, directed=directed, field=f"remove[{i}]")
+    a.eliminate_zeros()  # so a removed edge cannot be reweighted
+    for i, item in enumerate(reweight):
+        src, dst, weight = _edge(item, f"reweight[{i}]", index)
+        weight = parse_weight(weight, f"reweight[{i}].weight")
+        _set_entry(a, src, dst, weight, directed=directed, field=f"reweight[{i}]")
+    a.eliminate_zeros()
+    triples = []
+    for i, item in enumerate(add):
+        src, dst, weight = _edge(item, f"add[{i}]", index)
+        w = 1.0 if weight is None else parse_weight(weight, f"add[{i}].weight")
+        triples.append((src, dst, w))
+    if triples:
+        rows, cols, weights = (np.array(v) for v in zip(*triples, strict=True))
+        delta = build_adjacency(a.shape[0], rows, cols, weights.astype(float), directed=directed)
+        a = (a + delta).tocsr()
+    a.sum_duplicates()
+    a.sort_indices()
+    return a
+
+
+def _set_entry(
+    a: sp.csr_matrix, src: int, dst: int, value: float, *, directed: bool, field: str
+) -> None:
+    pairs = [(src, dst)] if directed or src == dst else [(src, dst), (dst, src)]
+    for row, col in pairs:
+        start, stop = a.indptr[row], a.indptr[row + 1]
+        pos = start + int(np.searchsorted(a.indices[start:stop], col))
+        if pos >= stop or a.indices[pos] != col:
+            raise GraphError(field, "names an edge that does not exist")
+        a.data[pos] = value

@@ -1,0 +1,293 @@
+"""Engine: backend choice, fallback with re-probe backoff, registered topologies
+(memory and disk), edge deltas, thread safety and per-call overhead."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dgdm.kernels.backends.base import Problem, RunOutput
+from dgdm.kernels.backends.numpy_backend import NumpyBackend
+from dgdm.kernels.backends.sparse_backend import SparseBackend
+from dgdm.kernels.diffusion import diffuse
+from dgdm.kernels.engine import Engine
+from dgdm.kernels.errors import BackendError, BackendUnavailable, GraphError, UnknownTopology
+from dgdm.kernels.graph import parse_graph_json
+from dgdm.kernels.method import Method
+from dgdm.kernels.operator import problem_for
+
+from .conftest import FIXTURES, geometric, graph_from_nx
+
+
+class FlakyBackend:
+    """A real backend (dense float64) that fails at run time while `broken` is set and
+    refuses to probe while `unplugged` is set, like a USB Coral pulled out."""
+
+    name = "flaky"
+
+    def __init__(self) -> None:
+        self.broken = False
+        self.unplugged = False
+        self.runs = 0
+        self.probes = 0
+
+    def probe(self) -> None:
+        self.probes += 1
+        if self.unplugged:
+            raise BackendUnavailable("the device is unplugged.")
+
+    def load(self, problem: Problem) -> FlakyRunner:
+        return FlakyRunner(self, NumpyBackend(dtype=np.float64).load(problem))
+
+
+class FlakyRunner:
+    backend = "flaky"
+
+    def __init__(self, owner: FlakyBackend, inner) -> None:
+        self.owner = owner
+        self.inner = inner
+
+    def run(self, x: np.ndarray) -> RunOutput:
+        if self.owner.broken:
+            raise RuntimeError("device vanished mid-invoke")
+        self.owner.runs += 1
+        return self.inner.run(x)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def karate():
+    return parse_graph_json((FIXTURES / "karate.json").read_bytes())
+
+
+def expected_for(graph) -> np.ndarray:
+    problem = problem_for(graph)
+    return diffuse(problem.t, problem.method, graph.x)
+
+
+def rel(a, b) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def test_diffuse_answers_with_the_result_fields(karate) -> None:
+    engine = Engine()
+    result = engine.diffuse(karate, backend="numpy")
+    assert result.backend == "numpy"
+    assert result.graph_id == "karate"
+    assert result.node_ids == karate.node_ids
+    assert result.embedding.dtype == np.float32
+    assert result.embedding.shape == (34, 3)
+    assert rel(result.embedding, expected_for(karate)) <= result.error_bound
+    assert result.latency_ms > 0
+    body = result.to_json()
+    assert set(body) == {
+        "job_id", "graph_id", "method", "backend", "latency_ms", "error_bound", "node_ids",
+        "embedding",
+    }  # fmt: skip
+    assert json.loads(json.dumps(body))["method"]["kind"] == "ppr"
+
+
+def test_status_lists_all_four_backends_with_reasons() -> None:
+    engine = Engine()
+    status = {s["name"]: s for s in engine.backends_status()}
+    assert set(status) == {"numpy", "sparse", "tflite", "edgetpu"}
+    assert status["numpy"]["available"]
+    assert status["sparse"]["available"]
+    for s in status.values():
+        assert s["available"] or s["reason"]
+
+
+def test_auto_prefers_dense_for_small_and_sparse_for_large_graphs() -> None:
+    engine = Engine(backends=[NumpyBackend(), SparseBackend()])
+    small = graph_from_nx(geometric(50, 1), np.ones((50, 2)), Method(k=10))
+    large = graph_from_nx(geometric(3000, 1), np.ones((3000, 2)), Method(k=10))
+    assert engine.diffuse(small).backend == "numpy"
+    assert engine.diffuse(large).backend == "sparse"
+
+
+def test_failing_backend_is_skipped_counted_and_reprobed_with_backoff(karate) -> None:
+    flaky, clock = FlakyBackend(), Clock()
+    engine = Engine(backends=[flaky, NumpyBackend()], clock=clock)
+    assert engine.diffuse(karate).backend == "flaky"
+    flaky.broken = True
+    first = engine.diffuse(karate)
+    assert (first.backend, first.fallbacks) == ("numpy", ("flaky",))
+    assert rel(first.embedding, expected_for(karate)) <= first.error_bound
+    status = {s["name"]: s for s in engine.backends_status()}
+    assert status["flaky"]["failures"] == 1
+    assert not status["flaky"]["healthy"]
+    assert status["numpy"]["fallbacks"] == 1
+    # Within the backoff the flaky backend is not even tried.
+    assert engine.diffuse(karate).fallbacks == ()
+    assert engine.stats()["failures"]["flaky"] == 1
+    # After 1 s it is re-probed and tried again: still broken, so the backoff doubles.
+    clock.now += 1.0
+    assert engine.diffuse(karate).fallbacks == ("flaky",)
+    assert engine.stats()["failures"]["flaky"] == 2
+    clock.now += 1.5
+    assert engine.diffuse(karate).fallbacks == ()
+    # Repaired, but unplugged: the probe fails, so it stays out.
+    flaky.broken, flaky.unplugged = False, True
+    clock.now += 0.6
+    assert engine.diffuse(karate).backend == "numpy"
+    assert "unplugged" in {s["name"]: s for s in engine.backends_status()}["flaky"]["reason"]
+    flaky.unplugged = False
+    clock.now += 10.0
+    back = engine.diffuse(karate)
+    assert (back.backend, back.fallbacks) == ("flaky", ())
+    assert engine.stats()["reprobes"] >= 3
+    assert engine.active_backend() == "flaky"
+
+
+def test_all_backends_failing_is_a_backend_error(karate) -> None:
+    flaky = FlakyBackend()
+    flaky.broken = True
+    engine = Engine(backends=[flaky])
+    with pytest.raises(BackendError, match="device vanished"):
+        engine.diffuse(karate)
+
+
+def test_excluded_backend_is_not_used(karate) -> None:
+    engine = Engine(backends=[FlakyBackend(), NumpyBackend()])
+    engine.set_excluded({"flaky"})
+    assert engine.diffuse(karate).backend == "numpy"
+    assert engine.diffuse(karate, backend="flaky").backend == "numpy"
+    assert engine.active_backend() == "numpy"
+    engine.set_excluded(())
+    assert engine.diffuse(karate).backend == "flaky"
+
+
+def test_unknown_backend_name_is_refused() -> None:
+    with pytest.raises(BackendUnavailable, match="unknown backend"):
+        Engine(backend="gpu")
+
+
+def test_registered_topology_diffuses_new_features(karate) -> None:
+    engine = Engine(backend="numpy")
+    graph_id = engine.register(karate)
+    assert graph_id == "karate"
+    x = np.random.default_rng(0).random((34, 16))
+    result = engine.diffuse_registered(graph_id, x)
+    problem = problem_for(karate)
+    assert rel(result.embedding, diffuse(problem.t, problem.method, x)) <= result.error_bound
+    assert engine.topologies()[0]["nodes"] == 34
+    with pytest.raises(GraphError, match="shape"):
+        engine.diffuse_registered(graph_id, np.ones((33, 2)))
+    with pytest.raises(GraphError, match="finite"):
+        engine.diffuse_registered(graph_id, np.full((34, 2), np.nan))
+    engine.unregister(graph_id)
+    with pytest.raises(UnknownTopology):
+        engine.diffuse_registered(graph_id, x)
+
+
+def test_registry_survives_a_restart_from_disk(tmp_path: Path, karate) -> None:
+    Engine(cache_dir=tmp_path, backends=[NumpyBackend()]).register(karate)
+    files = list((tmp_path / "topologies").glob("*.npz"))
+    assert len(files) == 1
+    engine = Engine(cache_dir=tmp_path, backends=[NumpyBackend()])
+    assert [t["graph_id"] for t in engine.topologies()] == ["karate"]
+    result = engine.diffuse_registered("karate", karate.x)
+    assert rel(result.embedding, expected_for(karate)) <= result.error_bound
+    engine.unregister("karate")
+    assert not list((tmp_path / "topologies").glob("*.npz"))
+
+
+def test_edge_deltas_build_a_new_operator(tmp_path: Path) -> None:
+    text = (FIXTURES / "triangle_directed.json").read_text()
+    graph = parse_graph_json(text)
+    engine = Engine(cache_dir=tmp_path, backends=[NumpyBackend(dtype=np.float64)])
+    engine.register(graph)
+    before = engine.topologies()[0]
+    after = engine.update_edges(
+        "triangle-directed",
+        add=[{"source": "a", "target": "c", "weight": 0.5}, ("b", "a")],
+        remove=[{"source": "b", "target": "c"}],
+        reweight=[["c", "a", 3.0]],
+    )
+    assert after["key"] != before["key"]
+    body = json.loads(text)
+    body["edges"] = [
+        {"source": "a", "target": "b", "weight": 0.8},
+        {"source": "c", "target": "a", "weight": 3.0},
+        {"source": "a", "target": "c", "weight": 0.5},
+        {"source": "b", "target": "a"},
+    ]
+    expected = parse_graph_json(json.dumps(body))
+    result = engine.diffuse_registered("triangle-directed", graph.x)
+    assert rel(result.embedding, expected_for(expected)) <= 1e-6
+    assert len(list((tmp_path / "topologies").glob("*.npz"))) == 1
+    for bad, field in [
+        ({"remove": [("b", "c")]}, "remove[0]"),
+        ({"add": [("a", "zz")]}, "add[0].target"),
+        ({"reweight": [("a", "b", -1)]}, "reweight[0].weight"),
+        ({"add": ["ab"]}, "add[0]"),
+    ]:
+        with pytest.raises(GraphError) as info:
+            engine.update_edges("triangle-directed", **bad)
+        assert info.value.field == field
+
+
+def test_undirected_deltas_touch_both_directions(karate) -> None:
+    engine = Engine(backends=[NumpyBackend(dtype=np.float64)])
+    engine.register(karate)
+    engine.update_edges("karate", remove=[(0, 1)], add=[(5, 20, 2.0)])
+    a = engine._topologies["karate"].adjacency.toarray()
+    assert a[0, 1] == a[1, 0] == 0
+    assert a[5, 20] == a[20, 5] == 2.0
+
+
+def test_concurrent_callers_get_correct_answers(karate) -> None:
+    engine = Engine(backends=[SparseBackend(), NumpyBackend()])
+    engine.register(karate)
+    problem = problem_for(karate)
+    errors: list[float] = []
+
+    def worker(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        for _ in range(30):
+            x = rng.random((34, 4))
+            z = engine.diffuse_registered("karate", x).embedding
+            errors.append(rel(z, diffuse(problem.t, problem.method, x)))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(errors) == 180
+    assert max(errors) < 1e-5
+    assert engine.stats()["diffusions"] == 180
+
+
+def test_registered_call_overhead_is_small() -> None:
+    """The public API adds little to the runner's own P @ X (interleaved medians)."""
+    graph = graph_from_nx(geometric(1000, 2), np.ones((1000, 16)), Method(k=10))
+    engine = Engine(backend="numpy")
+    graph_id = engine.register(graph)
+    x = np.random.default_rng(0).random((1000, 16)).astype(np.float32)
+    engine.diffuse_registered(graph_id, x)
+    runner = NumpyBackend().load(problem_for(graph))
+    api, raw = [], []
+    for _ in range(60):
+        start = time.perf_counter()
+        engine.diffuse_registered(graph_id, x)
+        api.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        runner.run(x)
+        raw.append(time.perf_counter() - start)
+    assert np.median(api) < 2.0 * np.median(raw) + 0.0002
