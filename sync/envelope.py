@@ -8,6 +8,7 @@ that receivers count.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -46,6 +47,8 @@ COMPRESS_MIN_BYTES = 128
 DEVICE_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _ZERO_KEY_ID = bytes(KEY_ID_BYTES)
 _ZERO_NONCE = bytes(NONCE_BYTES)
+# One encoder reused: json.dumps with options builds a new encoder on every call.
+_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
 class Kind(IntEnum):
@@ -131,7 +134,7 @@ def encode_body(body: Mapping[str, Any]) -> bytes:
     if not isinstance(body, Mapping):
         raise EnvelopeError("bad_body", f"body must be a JSON object, got {type(body).__name__}")
     try:
-        text = json.dumps(body, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        text = _JSON.encode(body)
     except (TypeError, ValueError) as exc:
         raise EnvelopeError("bad_body", f"body is not JSON-serialisable: {exc}") from exc
     return text.encode("utf-8")
@@ -182,7 +185,13 @@ def seal(
     aad = header.pack()
     if key is None:
         return aad + payload
-    return aad + AESGCM(key).encrypt(nonce, payload, aad)
+    return aad + _aead(key).encrypt(nonce, payload, aad)
+
+
+@functools.lru_cache(maxsize=256)
+def _aead(key: bytes) -> AESGCM:
+    """A device holds one or two link keys; the key schedule need not be redone per message."""
+    return AESGCM(key)
 
 
 def _checked_kind(kind: Kind | int) -> Kind:
@@ -315,7 +324,7 @@ def _decrypt(
     if len(data) - end < TAG_BYTES:
         raise EnvelopeError("malformed", "encrypted body is shorter than its tag")
     try:
-        return AESGCM(key).decrypt(header.nonce, data[end:], data[:end])
+        return _aead(key).decrypt(header.nonce, data[end:], data[:end])
     except InvalidTag as exc:
         raise EnvelopeError("bad_tag", "authentication tag does not verify") from exc
 

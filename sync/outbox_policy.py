@@ -1,0 +1,86 @@
+"""Pure decisions of the outbox: what a message costs, what to evict, what has expired.
+
+Kept free of SQLite so that the rules can be read and tested on their own; the outbox
+feeds it sizes, priorities and the time, and executes what it returns.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+
+# Bytes one row costs on top of its payload: the table cell (rowid, header, five columns)
+# and the (priority, seq) and (kind, seq) index entries, measured on SQLite 3.40 with
+# 4 KiB pages and rounded up so that the accounted total stays at or above the file's use.
+ROW_OVERHEAD_BYTES = 64
+# Pages SQLite needs regardless of rows: the schema, the state and counter tables, the
+# roots of the message table and its indexes, and the migrations table.
+FIXED_PAGES = 12
+# The file may exceed the budget by this fraction before inserts fail with SQLITE_FULL.
+SLACK = 0.05
+
+# Priorities of the kinds the outbox carries, most evictable first: telemetry, then
+# results, then replies; alerts go last (SPEC §5 priorities, lower is more urgent).
+EVICTION_ORDER = (3, 2, 1, 0)
+
+
+def row_cost(payload_len: int) -> int:
+    """Accounted bytes of one stored message."""
+    return payload_len + ROW_OVERHEAD_BYTES
+
+
+def row_budget(max_bytes: int, page_size: int) -> int:
+    """Bytes available to rows once the fixed pages are paid for."""
+    return max(0, max_bytes - FIXED_PAGES * page_size)
+
+
+def page_cap(max_bytes: int, page_size: int) -> int:
+    """PRAGMA max_page_count: the hard ceiling on the database file, `SLACK` above budget."""
+    return max(FIXED_PAGES * 2, math.ceil(max_bytes * (1 + SLACK) / page_size))
+
+
+def bytes_to_free(used: int, incoming: int, budget: int) -> int:
+    """How much must go before `incoming` more bytes fit (0 when they already do)."""
+    return max(0, used + incoming - budget)
+
+
+def eviction_tiers(incoming_priority: int) -> tuple[int, ...]:
+    """Priorities a new message may evict, in order: never anything more urgent than itself."""
+    return tuple(p for p in EVICTION_ORDER if p >= incoming_priority)
+
+
+def plan_eviction(
+    need: int, bytes_by_priority: Mapping[int, int], incoming_priority: int
+) -> dict[int, int] | None:
+    """Bytes to free from each priority tier (oldest first within it), or None if the
+    evictable tiers together cannot free `need` bytes and the new message must be refused."""
+    plan: dict[int, int] = {}
+    remaining = need
+    for priority in eviction_tiers(incoming_priority):
+        if remaining <= 0:
+            break
+        take = min(remaining, bytes_by_priority.get(priority, 0))
+        if take > 0:
+            plan[priority] = take
+            remaining -= take
+    return plan if remaining <= 0 else None
+
+
+def oldest_covering(rows: Iterable[tuple[int, int]], need: int) -> tuple[int, int, int]:
+    """Walk (seq, cost) rows oldest first until `need` bytes are covered.
+
+    Returns (last seq to delete, how many rows, bytes freed); (0, 0, 0) when need <= 0.
+    """
+    last_seq = count = freed = 0
+    for seq, cost in rows:
+        if freed >= need:
+            break
+        last_seq, count, freed = seq, count + 1, freed + cost
+    return last_seq, count, freed
+
+
+def expiry_cutoffs(ttl_s: Mapping[int, float] | None, now_ms: int) -> dict[int, int]:
+    """For each kind with a TTL, the created_ms below which its messages have expired."""
+    if not ttl_s:
+        return {}
+    return {kind: now_ms - round(ttl * 1000) for kind, ttl in ttl_s.items() if ttl is not None}
