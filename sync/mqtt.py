@@ -68,11 +68,32 @@ class MqttOptions:
     keepalive_s: int = 30
     session_expiry_s: int = 7 * 24 * 3600
     will: Will | None = None
-    max_inflight: int = 100
+    max_inflight: int = 500
     bandwidth_bytes_per_s: int = 0
     connect_timeout_s: float = 10.0
     backoff_initial_s: float = 0.5
     backoff_max_s: float = 60.0
+
+
+def options_from_settings(section: Any, client_id: str, **overrides: Any) -> MqttOptions:
+    """MqttOptions from a settings section with the SPEC §7 key names (agent `[sync]`,
+    coordinator `[mqtt]`): broker_url, ca_file, cert_file, key_file, username, password,
+    mqtt_version and, when present, bandwidth_bytes_per_s."""
+    if not section.broker_url:
+        raise ConfigError("sync.broker_url", "is required to connect to a broker")
+    values: dict[str, Any] = {
+        "url": section.broker_url,
+        "client_id": client_id,
+        "mqtt_version": section.mqtt_version,
+        "ca_file": section.ca_file,
+        "cert_file": section.cert_file,
+        "key_file": section.key_file,
+        "username": section.username,
+        "password": section.password,
+        "bandwidth_bytes_per_s": getattr(section, "bandwidth_bytes_per_s", 0),
+    }
+    values.update(overrides)
+    return MqttOptions(**values)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,314 @@
+"""The device side of the sync link: outbox -> MQTT, receipts and commands back.
+
+`DeviceLink` drains the outbox most urgent first, pipelined through the transport's
+bounded window (never one round trip per message); only a coordinator receipt deletes a
+message, and the decisions of what to send and resend live in `link_state.SendState`.
+Commands are decrypted, checked (key id, device, ttl, replay) and executed at most once:
+the seq is persisted before `on_command` runs; the reply is queued in the outbox (kind 17).
+A retained `status` says online at every connect; the will (and a clean stop) says offline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import functools
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from dgdm.sync.crypto import LinkKeys
+from dgdm.sync.envelope import Envelope, Kind, check_command, open_envelope, receipt_ranges
+from dgdm.sync.errors import EnvelopeError, OutboxError, TransportError
+from dgdm.sync.link_state import SendState
+from dgdm.sync.mqtt import MqttClient, MqttOptions, Will
+from dgdm.sync.outbox import Outbox, OutboxMessage
+from dgdm.sync.topics import STATUS, device_topic, kind_topic
+
+log = logging.getLogger(__name__)
+
+LAST_COMMAND_KEY = "last_command_seq"
+PAGE_SIZE = 500
+IDLE_POLL_S = 0.25
+TICK_S = 1.0
+
+CommandHandler = Callable[[int, dict[str, Any]], Awaitable[Any]]
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def status_payload(state: str, agent_version: str, backend: str) -> bytes:
+    """The plain JSON of the retained status topic (SPEC §5)."""
+    body = {"state": state, "ts_ms": _now_ms(), "agent_version": agent_version, "backend": backend}
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def reply_body(cmd_seq: int, result: Any = None, error: str | None = None) -> dict[str, Any]:
+    return {"cmd_seq": cmd_seq, "ok": error is None, "error": error, "data": result}
+
+
+class DeviceLink:
+    def __init__(
+        self,
+        outbox: Outbox,
+        options: MqttOptions,
+        *,
+        device_id: str,
+        keys: LinkKeys,
+        on_command: CommandHandler | None = None,
+        agent_version: str = "",
+        backend: Callable[[], str] | str = "",
+        receipt_timeout_s: float = 60.0,
+        max_unreceipted: int = 20_000,
+        page_size: int = PAGE_SIZE,
+    ) -> None:
+        self.outbox = outbox
+        self.device_id = device_id
+        self.keys = keys
+        self.on_command = on_command
+        self.agent_version = agent_version
+        self._backend = backend
+        self.page_size = page_size
+        self.state = SendState(receipt_timeout_s, max_unreceipted)
+        will = Will(self._topic(STATUS), status_payload("offline", agent_version, self.backend))
+        self.mqtt = MqttClient(
+            _with_will(options, will),
+            on_message=self._on_message,
+            on_connect=self._on_connect,
+            subscriptions=((self._topic("cmd"), 1), (self._topic("receipt"), 1)),
+        )
+        self.last_sync_ms: int | None = None
+        self.counters: collections.Counter[str] = collections.Counter()
+        self._wake = asyncio.Event()
+        self._commands: asyncio.Queue[Envelope] = asyncio.Queue()
+        self._last_command: int | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._background: set[asyncio.Task[Any]] = set()
+
+    # -- public API --------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self.mqtt.connected
+
+    @property
+    def backend(self) -> str:
+        return self._backend() if callable(self._backend) else self._backend
+
+    async def start(self) -> None:
+        stored = await asyncio.to_thread(self.outbox.get_state, LAST_COMMAND_KEY)
+        self._last_command = int(stored) if stored is not None else None
+        await self.mqtt.start()
+        self._tasks = [
+            asyncio.create_task(self._drain_forever(), name="link-drain"),
+            asyncio.create_task(self._run_commands(), name="link-commands"),
+        ]
+
+    async def stop(self) -> None:
+        """Say offline (retained), disconnect cleanly and stop."""
+        if self.connected:
+            with contextlib.suppress(TransportError, asyncio.TimeoutError):
+                fut = await self._publish_status("offline")
+                await asyncio.wait_for(fut, 2.0)
+        for task in [*self._tasks, *self._background]:
+            task.cancel()
+        for task in [*self._tasks, *self._background]:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        await self.mqtt.stop()
+
+    def wake(self) -> None:
+        """Call after enqueueing: a more urgent message then jumps ahead at once."""
+        self._wake.set()
+
+    async def enqueue(self, kind: Kind, body: Any) -> int:
+        """Durably queue a message (in a worker thread) and wake the sender."""
+        seq = await asyncio.to_thread(self.outbox.enqueue, kind, body)
+        self.wake()
+        return seq
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "connected": self.connected,
+            "last_sync_ms": self.last_sync_ms,
+            "unreceipted": self.state.unreceipted,
+            "sent": self.state.sent_total,
+            "resent": self.state.resent_total,
+            "window": self.mqtt.window,
+            **dict(self.counters),
+        }
+
+    # -- connection ----------------------------------------------------------------------
+
+    def _topic(self, suffix: str) -> str:
+        return device_topic(self.device_id, suffix)
+
+    async def _on_connect(self, session_present: bool) -> None:
+        self.state.reconnected()
+        self._wake.set()
+        self._spawn(self._publish_status("online"))
+
+    async def _publish_status(self, state: str) -> asyncio.Future[None]:
+        payload = status_payload(state, self.agent_version, self.backend)
+        return await self.mqtt.publish(self._topic(STATUS), payload, retain=True)
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        task.add_done_callback(_log_failure)
+
+    # -- draining --------------------------------------------------------------------------
+
+    async def _drain_forever(self) -> None:
+        while True:
+            try:
+                await self.mqtt.wait_connected()
+                await self._drain()
+            except TransportError as exc:
+                log.debug("link drain paused: %s", exc)
+            except OutboxError as exc:
+                log.warning("outbox read failed: %s", exc)
+                await asyncio.sleep(TICK_S)
+
+    async def _drain(self) -> None:
+        last_tick = time.monotonic()
+        while True:
+            now = time.monotonic()
+            if now - last_tick >= TICK_S:
+                last_tick = now
+                self.counters["receipt_timeouts"] += self.state.expire(now)
+            if self.state.window_full():
+                await self._idle()
+                continue
+            await self._jump_if_urgent()
+            generation = self.state.generation
+            page = await asyncio.to_thread(self.outbox.pending, self.page_size, self.state.cursor)
+            if not page:
+                await self._idle()
+                continue
+            await self._send_page(page, generation)
+
+    async def _send_page(self, page: list[OutboxMessage], generation: int) -> None:
+        for msg in page:
+            if self.state.generation != generation or self.state.window_full():
+                return
+            if self.state.should_send(msg.seq):
+                fut = await self.mqtt.publish(kind_topic(self.device_id, msg.kind), msg.payload)
+                self.state.mark_sent(msg.priority, msg.seq, time.monotonic())
+                fut.add_done_callback(functools.partial(self._acked, msg.seq))
+            if not self.state.advance(msg.priority, msg.seq, generation):
+                return
+
+    async def _jump_if_urgent(self) -> None:
+        """A message queued since the cursor passed its (more urgent) tier goes next."""
+        for tier in self.state.urgent_tiers():
+            after = (tier, self.state.max_seq_seen)
+            rows = await asyncio.to_thread(self.outbox.pending, 1, after)
+            if rows and self.state.is_new_urgent(rows[0].priority, rows[0].seq):
+                self.state.rewind(rows[0].priority, rows[0].seq)
+                return
+
+    async def _idle(self) -> None:
+        self._wake.clear()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), IDLE_POLL_S)
+
+    def _acked(self, seq: int, fut: asyncio.Future[None]) -> None:
+        if not fut.cancelled() and fut.exception() is None:
+            self.counters["pubacks"] += 1
+
+    # -- incoming ---------------------------------------------------------------------------
+
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        suffix = topic.rsplit("/", 1)[-1]
+        try:
+            env = open_envelope(
+                payload,
+                key=self.keys.down,
+                key_id=self.keys.key_id,
+                expected_device=self.device_id,
+            )
+        except EnvelopeError as exc:
+            self._reject(exc.reason, topic, str(exc))
+            return
+        if suffix == "receipt" and env.header.kind is Kind.RECEIPT:
+            self._on_receipt(env.body)
+        elif suffix == "cmd" and env.header.kind is Kind.COMMAND:
+            self._commands.put_nowait(env)
+        else:
+            self._reject("bad_kind", topic, f"{env.header.kind.name.lower()} on {suffix}")
+
+    def _reject(self, reason: str, topic: str, message: str) -> None:
+        self.counters[f"rejected_{reason}"] += 1
+        log.warning("dropped envelope on %s: %s (%s)", topic, reason, message)
+
+    def _on_receipt(self, body: dict[str, Any]) -> None:
+        try:
+            ranges = receipt_ranges(body)
+        except EnvelopeError as exc:
+            self._reject(exc.reason, "receipt", str(exc))
+            return
+        self.state.receipted(ranges)
+        self.counters["receipts"] += 1
+        self.last_sync_ms = _now_ms()
+        self._spawn(self._apply_receipt(ranges))
+
+    async def _apply_receipt(self, ranges: list[tuple[int, int]]) -> None:
+        deleted = await asyncio.to_thread(self.outbox.apply_receipt, ranges)
+        self.counters["receipted"] += deleted
+
+    # -- commands ----------------------------------------------------------------------------
+
+    async def _run_commands(self) -> None:
+        """One at a time, in arrival order, so seqs execute in order and at most once."""
+        while True:
+            env = await self._commands.get()
+            try:
+                await self._execute(env)
+            except OutboxError as exc:
+                log.warning("command reply could not be queued: %s", exc)
+
+    async def _execute(self, env: Envelope) -> None:
+        try:
+            check_command(env, _now_ms(), self._last_command)
+        except EnvelopeError as exc:
+            self._reject(exc.reason, "cmd", str(exc))
+            return
+        seq = env.header.seq
+        # Persist first: a crash while executing must not run the command again.
+        await asyncio.to_thread(self.outbox.set_state, LAST_COMMAND_KEY, str(seq))
+        self._last_command = seq
+        self.counters["commands"] += 1
+        reply = await self._call_handler(seq, env.body)
+        await self.enqueue(Kind.REPLY, reply)
+
+    async def _call_handler(self, seq: int, body: dict[str, Any]) -> dict[str, Any]:
+        if self.on_command is None:
+            return reply_body(seq, error="this device takes no commands")
+        try:
+            result = await self.on_command(seq, body)
+        except Exception as exc:  # noqa: BLE001 - the reply carries the failure; the link goes on
+            log.warning("command %s (%s) failed: %s", seq, body.get("cmd"), exc)
+            return reply_body(seq, error=str(exc) or type(exc).__name__)
+        if isinstance(result, dict) and "ok" in result:
+            return {**reply_body(seq), **result, "cmd_seq": seq}
+        return reply_body(seq, result)
+
+
+def _with_will(options: MqttOptions, will: Will) -> MqttOptions:
+    return dataclasses.replace(options, will=will)
+
+
+def _log_failure(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        exc = task.exception()
+        if not isinstance(exc, TransportError):
+            log.error("link task failed: %r", exc)
