@@ -63,6 +63,10 @@ class HostTerms:
     operator_rms: float  # ||O||_F / sqrt(N)
     never_clip: float  # max_i sum_j |O_q[i, j]|: no |x| <= 1 input can exceed it
 
+    @property
+    def row_sums_norm2(self) -> float:
+        return float(np.dot(self.row_sums, self.row_sums))
+
     def to_arrays(self) -> dict[str, np.ndarray]:
         norms = [self.weight_error_rms, self.operator_rms, self.never_clip]
         return {"diagonal": self.diagonal, "row_sums": self.row_sums, "norms": np.array(norms)}
@@ -118,6 +122,7 @@ class Prepared:
     ranges: np.ndarray  # (F,) max |x - m| per column
     scales: np.ndarray  # (F,) xs = (x - m) / scale, scale = range / gain; 0 for zero columns
     centred_norm2: float  # ||X - 1 m^T||_F^2
+    rounding_bias: np.ndarray  # (F,) mean input rounding error per column, in x/scale units
 
 
 def prepare(x: np.ndarray, gains: np.ndarray, dst: np.ndarray) -> Prepared:
@@ -136,7 +141,8 @@ def prepare(x: np.ndarray, gains: np.ndarray, dst: np.ndarray) -> Prepared:
     ranges = np.where(centre, ranges, amax)
     flat = xt.ravel()
     norm2 = max(float(np.dot(flat, flat)) - xt.shape[1] * float(np.dot(means, means)), 0.0)
-    prep = Prepared(xt, means, ranges, ranges / gains, norm2)
+    bias = np.zeros_like(means)
+    prep = Prepared(xt, means, ranges, ranges / gains, norm2, bias)
     quantize_columns(prep, slice(None), dst)
     return prep
 
@@ -146,7 +152,11 @@ def quantize_columns(prep: Prepared, cols, dst: np.ndarray) -> None:
     safe = np.where(prep.scales[cols] > 0, prep.scales[cols], np.float32(1.0))
     xs = prep.xt[cols] - prep.means[cols, None]
     xs *= (QMAX / safe)[:, None]
+    before = xs.sum(axis=1)
     np.rint(xs, out=xs)
+    # Rounding errors are not independent when many entries share a value (a constant or
+    # sparse column): their mean acts coherently, through O 1, and is accounted exactly.
+    prep.rounding_bias[cols] = (before - xs.sum(axis=1)) / (QMAX * xs.shape[1])
     dst[cols] = xs
 
 
@@ -168,6 +178,8 @@ def error_bound(qop_host: HostTerms, output_scale: float, prep: Prepared, z_norm
     per_column = (n / 12.0) * ((qop_host.operator_rms * INPUT_SCALE) ** 2 + output_scale**2)
     err2 = qop_host.weight_error_rms**2 * prep.centred_norm2
     err2 += per_column * float(np.dot(prep.scales, prep.scales))
+    coherent = prep.scales * prep.rounding_bias
+    err2 += qop_host.row_sums_norm2 * float(np.dot(coherent, coherent))
     err = MARGIN * math.sqrt(err2)
     if err == 0.0:
         return 0.0

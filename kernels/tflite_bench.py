@@ -18,14 +18,14 @@ from dgdm.kernels.backends.base import Problem
 from dgdm.kernels.backends.tflite_backend import Int8Runner, TFLiteBackend
 from dgdm.kernels.diffusion import dense_propagator
 from dgdm.kernels.method import Method
-from dgdm.kernels.operator import normalized_operator
+from dgdm.kernels.operator import normalized_operator, problem_key
 
 
 def bench_tflite(sizes, features, repeats: int = 200, seed: int = 0) -> list[dict]:
     """One row per (N, F): median µs of raw invoke, runner.run and numpy f32 P @ X."""
     rows = []
     for n in sizes:
-        problem = _problem(n, seed)
+        problem = rgg_problem(n, seed)
         p32 = dense_propagator(problem.t, problem.method).astype(np.float32)
         runner = TFLiteBackend().load(problem)
         for f in features:
@@ -55,14 +55,14 @@ def median_us(fn: Callable[[], object], repeats: int) -> float:
     return float(np.median(samples)) * 1e6
 
 
-def _problem(n: int, seed: int) -> Problem:
-    """A random geometric graph with average degree ~8 (the issue's benchmark family)."""
+def rgg_problem(n: int, seed: int = 0, method: Method | None = None) -> Problem:
+    """A random geometric graph, average degree ~8 (the benchmark family); ppr k=10 default."""
     rng = np.random.default_rng(seed)
     points = rng.random((n, 2))
     radius = np.sqrt(8.0 / (np.pi * n))
     diff = points[:, None, :] - points[None, :, :]
     close = np.einsum("ijk,ijk->ij", diff, diff) < radius * radius
     np.fill_diagonal(close, False)
-    method = Method(kind="ppr", alpha=0.15, k=10)
-    t = normalized_operator(sp.csr_matrix(close, dtype=np.float64), method)
-    return Problem(f"bench-rgg-{n}-{seed}", t, method)
+    method = method or Method(kind="ppr", alpha=0.15, k=10)
+    adjacency = sp.csr_matrix(close, dtype=np.float64)
+    return Problem(problem_key(adjacency, method), normalized_operator(adjacency, method), method)

@@ -202,6 +202,19 @@ class Session:
         self._gains = np.ones(features, dtype=np.float32)
 
     def run(self, x: np.ndarray) -> RunOutput:
+        zt, bound = self._attempt(x)
+        if bound > q.MAX_ERROR and (self._gains < 1.0).any():
+            # Gains lowered for earlier features may cost these ones precision: start afresh.
+            self._gains[:] = 1.0
+            zt, bound = self._attempt(x)
+        if not bound <= q.MAX_ERROR:
+            raise BackendError(
+                f"the int8 error bound for these features is {bound:.3g}, above "
+                f"{q.MAX_ERROR}; a float backend must answer."
+            )
+        return RunOutput(zt.T, bound)
+
+    def _attempt(self, x: np.ndarray) -> tuple[np.ndarray, float]:
         prep = q.prepare(x, self._gains, self._input()[0, 0])
         self.invoke()
         saturated = q.saturated_columns(self._output()[0, 0])
@@ -213,18 +226,12 @@ class Session:
             q.requantize_columns(prep, saturated, self._gains, self._input()[0, 0])
             self.invoke()
             saturated = q.saturated_columns(self._output()[0, 0])
-        else:
+        if saturated.size:
             raise BackendError("the int8 output still saturates after lowering the input gain.")
         zt = self._dequantize(prep)
         flat = zt.ravel()
         z_norm = math.sqrt(float(np.dot(flat, flat)))
-        bound = q.error_bound(self._host, self._output_scale, prep, z_norm)
-        if not bound <= q.MAX_ERROR:
-            raise BackendError(
-                f"the int8 error bound for these features is {bound:.3g}, above "
-                f"{q.MAX_ERROR}; a float backend must answer."
-            )
-        return RunOutput(zt.T, bound)
+        return zt, q.error_bound(self._host, self._output_scale, prep, z_norm)
 
     def _dequantize(self, prep: q.Prepared) -> np.ndarray:
         """Z^T (F, N) = s * out + diag(P) X^T + m (O 1)^T, all rows contiguous."""
