@@ -1,0 +1,239 @@
+"""`dgdm bench kernels`: median time per diffusion through the public Engine API.
+
+Random geometric graphs (unit square, average degree ~8), ppr with k = 10, F = 16 and 64,
+every backend present, single thread; in the same run the baselines a user would reach for:
+networkx.pagerank (one vector) and PyTorch Geometric's APPNP propagation (K = 10, sparse
+adjacency) when torch/torch_geometric import (the optional extra `bench`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+THREAD_VARS = (
+    "OMP_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "BLIS_NUM_THREADS",
+    "VECLIB_MAXIMUM_CNT",
+    "NUMEXPR_NUM_THREADS",
+)
+DEFAULT_SIZES = (100, 1_000, 10_000, 100_000)
+QUICK_SIZES = (100, 1_000)
+BACKEND_ORDER = ("numpy", "sparse", "tflite", "edgetpu")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--sizes",
+        type=_int_list,
+        default=None,
+        help="node counts, e.g. 100,1000 (default: 100,1000,10000,100000)",
+    )
+    parser.add_argument("--features", type=_int_list, default=(16, 64), help="e.g. 16,64")
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls per case")
+    parser.add_argument("--k", type=int, default=10, help="ppr series length")
+    parser.add_argument("--backends", type=_str_list, default=None, help="e.g. sparse,numpy")
+    parser.add_argument("--no-baselines", action="store_true", help="skip networkx and PyG")
+    parser.add_argument("--quick", action="store_true", help="small sizes, few repeats")
+    parser.add_argument("--json", dest="json_out", metavar="FILE", help="also write rows here")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list") from exc
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError("give positive integers")
+    return values
+
+
+def _str_list(text: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in text.split(",") if v.strip())
+
+
+def main(args: argparse.Namespace) -> int:
+    _single_thread()
+    sizes = args.sizes or (QUICK_SIZES if args.quick else DEFAULT_SIZES)
+    repeats = args.repeats or (5 if args.quick else 20)
+    rows: list[dict[str, Any]] = []
+    print(
+        f"dgdm bench kernels: ppr k={args.k}, random geometric graphs (avg degree ~8), "
+        f"1 thread, median of {repeats}"
+    )
+    for n in sizes:
+        rows += _bench_size(n, args, repeats)
+    _print_ratios(rows)
+    if args.json_out:
+        with open(args.json_out, "w", encoding="utf-8") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+def _single_thread() -> None:
+    """One thread for BLAS/OpenMP (env before the libraries load; threadpoolctl if present)."""
+    for var in THREAD_VARS:
+        os.environ[var] = "1"
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return
+    threadpool_limits(1)
+
+
+def random_geometric(n: int, avg_degree: float = 8.0, seed: int = 0) -> Any:
+    """(rows, cols) of an undirected random geometric graph in the unit square."""
+    import numpy as np
+    from scipy.spatial import cKDTree
+
+    points = np.random.default_rng(seed).random((n, 2))
+    radius = (avg_degree / (np.pi * n)) ** 0.5
+    pairs = cKDTree(points).query_pairs(radius, output_type="ndarray")
+    return pairs[:, 0].astype(np.int64), pairs[:, 1].astype(np.int64)
+
+
+def _bench_size(n: int, args: argparse.Namespace, repeats: int) -> list[dict[str, Any]]:
+    import numpy as np
+
+    from dgdm.kernels.engine import Engine
+    from dgdm.kernels.graph import Graph, build_adjacency
+    from dgdm.kernels.method import Method
+
+    rows, cols = random_geometric(n, seed=args.seed)
+    adjacency = build_adjacency(n, rows, cols, np.ones(len(rows)), directed=False)
+    method = Method(kind="ppr", alpha=0.15, k=args.k)
+    graph = Graph(tuple(range(n)), adjacency, np.zeros((n, 0)), False, f"rgg-{n}", method)
+    engine = Engine()
+    engine.register(graph)
+    available = {s["name"] for s in engine.backends_status() if s["available"]}
+    wanted = [b for b in (args.backends or BACKEND_ORDER) if b in available]
+    out: list[dict[str, Any]] = []
+    print(f"\nN = {n:,} ({adjacency.nnz // 2:,} edges)")
+    for f in args.features:
+        x = np.random.default_rng(f).random((n, f)).astype(np.float32)
+        for name in wanted:
+            out.append(_bench_backend(engine, graph.graph_id or "", x, name, repeats))
+        if not args.no_baselines:
+            out += _baselines(n, rows, cols, x, k=args.k, repeats=repeats)
+    return out
+
+
+def _bench_backend(engine: Any, graph_id: str, x: Any, name: str, repeats: int) -> dict:
+    from dgdm.kernels.errors import KernelError
+
+    n, f = x.shape
+    start = time.perf_counter()
+    try:
+        first = engine.diffuse_registered(graph_id, x, backend=name)
+    except KernelError as exc:
+        print(f"  F={f:<3} {name:<8} failed: {exc}")
+        return {"n": n, "f": f, "impl": name, "median_ms": None, "note": str(exc)}
+    build_ms = (time.perf_counter() - start) * 1000
+    if first.backend != name:
+        note = f"{name} not usable here (answered by {first.backend})"
+        print(f"  F={f:<3} {name:<8} skipped: {note}")
+        return {"n": n, "f": f, "impl": name, "median_ms": None, "note": note}
+    median = _median_ms(lambda: engine.diffuse_registered(graph_id, x, backend=name), repeats)
+    print(
+        f"  F={f:<3} {name:<8} {median:10.3f} ms   (first call with build {build_ms:.1f} ms,"
+        f" error bound {first.error_bound:.1e})"
+    )
+    return {
+        "n": n,
+        "f": f,
+        "impl": name,
+        "median_ms": median,
+        "build_ms": build_ms,
+        "error_bound": first.error_bound,
+    }
+
+
+def _median_ms(call: Callable[[], Any], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1000
+
+
+def _baselines(n: int, rows: Any, cols: Any, x: Any, *, k: int, repeats: int) -> list[dict]:
+    out = []
+    f = x.shape[1]
+    if f == 16 or n <= 10_000:  # networkx ignores F; time it once per size for big graphs
+        nx_ms = _networkx_ms(n, rows, cols, max(1, min(repeats, 3 if n >= 10_000 else repeats)))
+        if nx_ms is not None:
+            print(f"  F={f:<3} {'networkx':<8} {nx_ms:10.3f} ms   (pagerank, one vector)")
+            out.append({"n": n, "f": f, "impl": "networkx", "median_ms": nx_ms})
+    pyg_ms = _pyg_ms(n, rows, cols, x, k=k, repeats=repeats)
+    if pyg_ms is not None:
+        print(f"  F={f:<3} {'pyg':<8} {pyg_ms:10.3f} ms   (APPNP K={k}, sparse CSR adjacency)")
+        out.append({"n": n, "f": f, "impl": "pyg_appnp", "median_ms": pyg_ms})
+    return out
+
+
+def _networkx_ms(n: int, rows: Any, cols: Any, repeats: int) -> float | None:
+    try:
+        import networkx as nx
+    except ImportError:
+        return None
+    g = nx.Graph()
+    g.add_nodes_from(range(n))
+    g.add_edges_from(zip(rows.tolist(), cols.tolist(), strict=True))
+    return _median_ms(lambda: nx.pagerank(g, alpha=0.85), repeats)
+
+
+def _pyg_ms(n: int, rows: Any, cols: Any, x: Any, *, k: int, repeats: int) -> float | None:
+    try:
+        with warnings.catch_warnings():  # deprecation notices from torch/PyG internals
+            warnings.simplefilter("ignore")
+            import torch
+            from torch_geometric.nn import APPNP
+            from torch_geometric.utils import to_torch_csr_tensor
+    except ImportError:
+        return None
+    torch.set_num_threads(1)
+    src = torch.from_numpy(rows)
+    dst = torch.from_numpy(cols)
+    edge_index = torch.stack([torch.cat([src, dst]), torch.cat([dst, src])])
+    with warnings.catch_warnings():  # torch's "sparse CSR is beta" notices
+        warnings.simplefilter("ignore", UserWarning)
+        adj = to_torch_csr_tensor(edge_index, size=(n, n))
+    prop = APPNP(K=k, alpha=0.15, cached=True)
+    features = torch.from_numpy(x)
+    with torch.no_grad():
+        prop(features, adj)  # builds and caches the normalised adjacency
+        return _median_ms(lambda: prop(features, adj), repeats)
+
+
+def _print_ratios(rows: list[dict[str, Any]]) -> None:
+    """Speed-up of our best backend over each baseline (baseline time / ours)."""
+    cases = sorted({(r["n"], r["f"]) for r in rows})
+    print("\nratios (baseline / ours; > 1 means dgdm is faster)")
+    for n, f in cases:
+        here = [r for r in rows if (r["n"], r["f"]) == (n, f) and r.get("median_ms")]
+        ours = [r for r in here if r["impl"] in BACKEND_ORDER]
+        if not ours:
+            continue
+        best = min(ours, key=lambda r: r["median_ms"])
+        exact = [r for r in ours if r["impl"] in ("numpy", "sparse")]
+        best_float = min(exact, key=lambda r: r["median_ms"]) if exact else best
+        parts = []
+        for base in (r for r in here if r["impl"] in ("networkx", "pyg_appnp")):
+            parts.append(
+                f"{base['impl']} / {best['impl']} = {base['median_ms'] / best['median_ms']:.1f}x"
+            )
+            if best_float is not best:
+                ratio = base["median_ms"] / best_float["median_ms"]
+                parts.append(f"{base['impl']} / {best_float['impl']} = {ratio:.1f}x")
+        if parts:
+            print(f"  N={n:<7,} F={f:<3} " + ", ".join(parts))
