@@ -9,6 +9,7 @@ before a body is read.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import importlib.resources
 import logging
@@ -50,6 +51,9 @@ _HTTP_CODES = {
     422: "invalid",
     503: "unavailable",
 }
+# Up to this many embedding values are encoded on the loop (well under a millisecond);
+# beyond it the thread hop is cheaper than blocking every other request.
+INLINE_ENCODE_VALUES = 20_000
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -71,6 +75,15 @@ def error_response(status: int, code: str, message: str, headers: Any = None) ->
 
 def json_response(obj: Any, status: int = 200) -> web.Response:
     return web.Response(status=status, body=dumps(obj), content_type="application/json")
+
+
+async def answer_response(result: Any, seq: int | None) -> web.Response:
+    """A diffusion answer; a big embedding is encoded off the loop (it takes milliseconds)."""
+    answer = http_answer(result, seq)
+    if result.embedding.size <= INLINE_ENCODE_VALUES:
+        return json_response(answer)
+    body = await asyncio.to_thread(dumps, answer)
+    return web.Response(body=body, content_type="application/json")
 
 
 # -- middlewares --------------------------------------------------------------------------
@@ -210,7 +223,7 @@ async def diffuse(request: web.Request) -> web.Response:
     queue = _flag(request, "queue")
     body = await _json_body(request)
     result, seq = await request.app[AGENT].diffuse("http", body, queue=queue)
-    return json_response(http_answer(result, seq))
+    return await answer_response(result, seq)
 
 
 async def list_graphs(request: web.Request) -> web.Response:
@@ -240,7 +253,7 @@ async def diffuse_graph(request: web.Request) -> web.Response:
     body = await _json_body(request)
     agent = request.app[AGENT]
     result, seq = await agent.diffuse_registered("http", graph_id, body, queue=queue)
-    return json_response(http_answer(result, seq))
+    return await answer_response(result, seq)
 
 
 async def openapi(request: web.Request) -> web.Response:

@@ -325,6 +325,7 @@ class Agent:
         task = asyncio.create_task(coro)
         self._side_tasks.add(task)
         task.add_done_callback(self._side_tasks.discard)
+        task.add_done_callback(_log_failure)
 
     async def _wait_side_tasks(self, timeout_s: float) -> None:
         if self._side_tasks:
@@ -406,9 +407,28 @@ class Agent:
     async def _start_link(self) -> None:
         if not self.config.sync.broker_url or self.outbox is None:
             return
-        from dgdm.agent.linkwire import start_link
+        from dgdm.sync.link import DeviceLink
+        from dgdm.sync.mqtt import options_from_settings
 
-        self.link = await start_link(self)
+        sync = self.config.sync
+        options = options_from_settings(sync, client_id=f"dgdm-agent-{self.config.device.id}")
+        self.link = DeviceLink(
+            self.outbox,
+            options,
+            device_id=self.config.device.id,
+            keys=self.keys,
+            on_command=self.on_command,
+            agent_version=__version__,
+            backend=self.active_backend,
+            receipt_timeout_s=sync.receipt_timeout_s,
+        )
+        await self.link.start()
+
+    async def enqueue(self, kind: Any, body: dict[str, Any]) -> int:
+        """Durably queue a message and wake the sender so it goes out at once."""
+        if self.link is not None:
+            return int(await self.link.enqueue(kind, body))
+        return int(await asyncio.to_thread(self.outbox.enqueue, kind, body))
 
     # -- work -----------------------------------------------------------------------------
 
@@ -461,8 +481,7 @@ class Agent:
     async def _queue_result(self, result: Any) -> int:
         from dgdm.sync.envelope import Kind
 
-        body = result_body(result)
-        return int(await asyncio.to_thread(self.outbox.enqueue, Kind.RESULT, body))
+        return await self.enqueue(Kind.RESULT, result_body(result))
 
     async def register_graph(self, graph_id: str, data: bytes) -> dict[str, Any]:
         def job() -> dict[str, Any]:
@@ -636,7 +655,7 @@ class Agent:
         from dgdm.sync.envelope import Kind
 
         try:
-            await asyncio.to_thread(self.outbox.enqueue, Kind.TELEMETRY, body)
+            await self.enqueue(Kind.TELEMETRY, body)
         except DgdmError as exc:
             log.warning("telemetry not queued", extra={"error": str(exc)})
             return
@@ -701,7 +720,7 @@ class Agent:
             return
         from dgdm.sync.envelope import Kind
 
-        self._spawn(asyncio.to_thread(self.outbox.enqueue, Kind.ALERT, alert.body()))
+        self._spawn(self.enqueue(Kind.ALERT, alert.body()))
 
     # -- spool ----------------------------------------------------------------------------
 
@@ -826,6 +845,11 @@ def parse_edge_changes(obj: Any) -> dict[str, list[Any]]:
     if not any(changes.values()):
         raise GraphError("body", "must change at least one edge (add, remove or reweight)")
     return changes
+
+
+def _log_failure(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("background job failed", extra={"error": str(task.exception())})
 
 
 def _seconds(ms: int | None) -> float | None:
