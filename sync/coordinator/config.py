@@ -1,0 +1,62 @@
+"""The coordinator's typed configuration (`/etc/dgdm/coordinator.toml`, SPEC §7).
+
+Loaded with `dgdm.sync.settings.load_settings`: TOML plus `DGDM__SECTION__KEY` overrides;
+an unknown or invalid key stops start-up with a `ConfigError` naming it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from dgdm.sync.settings import load_settings, setting
+
+DEFAULT_PATH = Path("/etc/dgdm/coordinator.toml")
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class CoordinatorSection:
+    id: str = setting("coordinator", pattern=r"[A-Za-z0-9._-]{1,64}")
+    data_dir: Path = Path("/var/lib/dgdm-coordinator")
+    private_key: Path = Path("/etc/dgdm/coordinator.key")
+    receipt_interval_ms: int = setting(200, minimum=1, maximum=60_000)
+    receipt_batch: int = setting(500, minimum=1, maximum=100_000)
+    max_envelope_bytes: int = setting(16 * MIB, minimum=1024)
+
+
+@dataclass(frozen=True)
+class MqttSection:
+    broker_url: str = setting("mqtt://127.0.0.1:1883", pattern=r"mqtts?://[^\s/]+(:\d+)?/?")
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    username: str | None = None
+    password: str | None = setting(None, secret=True)
+    mqtt_version: Literal["5", "3.1.1"] = setting("5")
+    client_id: str | None = setting(None, pattern=r"[A-Za-z0-9._-]{1,64}")
+
+
+@dataclass(frozen=True)
+class HttpSection:
+    bind: str = "127.0.0.1"
+    port: int = setting(8090, minimum=0, maximum=65535)
+    token: str | None = setting(None, secret=True)
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    coordinator: CoordinatorSection = field(default_factory=CoordinatorSection)
+    mqtt: MqttSection = field(default_factory=MqttSection)
+    http: HttpSection = field(default_factory=HttpSection)
+
+
+def load_config(
+    path: Path | str | None = None, *, env: dict[str, str] | None = None
+) -> CoordinatorConfig:
+    """Read the config; a missing default file means all defaults (plus env overrides)."""
+    explicit = path is not None
+    return load_settings(
+        CoordinatorConfig, path if explicit else DEFAULT_PATH, env=env, require_file=explicit
+    )

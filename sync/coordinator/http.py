@@ -1,0 +1,217 @@
+"""The coordinator's HTTP API (aiohttp), protected by a bearer token.
+
+GET  /devices                          fleet list with health
+GET  /devices/{id}                     one device, its latest telemetry and recent alerts
+GET  /devices/{id}/results?since=C     results after cursor C (`next` is the new cursor)
+POST /devices/{id}/commands            {"cmd", "args", "ttl_ms"} -> 202 {"seq"}
+GET  /devices/{id}/commands/{seq}      the command and, once it arrived, its reply
+GET  /metrics                          Prometheus text format
+
+Errors are JSON `{"error", "field"}` with 400/401/404/422/503, never a traceback.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+from typing import Any
+
+from aiohttp import web
+
+from dgdm.sync.envelope import Kind, valid_device_id
+from dgdm.sync.errors import ConfigError, TransportError
+
+COORDINATOR = web.AppKey("coordinator", Any)
+MAX_RESULTS = 1000
+RECENT_ALERTS = 20
+MAX_BODY_BYTES = 64 * 1024 * 1024
+
+
+def _error(status: int, message: str, field: str | None = None) -> web.Response:
+    return web.json_response({"error": message, "field": field}, status=status)
+
+
+def _token_middleware(token: str | None) -> Any:
+    expected = f"Bearer {token}".encode() if token else None
+
+    @web.middleware
+    async def check(request: web.Request, handler: Any) -> web.StreamResponse:
+        if expected is not None:
+            given = request.headers.get("Authorization", "").encode()
+            if not hmac.compare_digest(given, expected):
+                return _error(401, "missing or wrong bearer token", "Authorization")
+        return await handler(request)
+
+    return check
+
+
+def make_app(coordinator: Any) -> web.Application:
+    http = coordinator.config.http
+    if not http.token and not _is_loopback(http.bind):
+        raise ConfigError("http.token", "is required when the API listens beyond loopback")
+    app = web.Application(
+        middlewares=[_token_middleware(http.token)], client_max_size=MAX_BODY_BYTES
+    )
+    app[COORDINATOR] = coordinator
+    app.router.add_get("/devices", list_devices)
+    app.router.add_get("/devices/{device_id}", get_device)
+    app.router.add_get("/devices/{device_id}/results", get_results)
+    app.router.add_post("/devices/{device_id}/commands", post_command)
+    app.router.add_get("/devices/{device_id}/commands/{seq}", get_command)
+    app.router.add_get("/metrics", get_metrics)
+    return app
+
+
+async def start_http(coordinator: Any) -> tuple[web.AppRunner, int]:
+    http = coordinator.config.http
+    runner = web.AppRunner(make_app(coordinator), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, http.bind, http.port)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise ConfigError(
+            "http.port", f"cannot listen on {http.bind}:{http.port}: {exc.strerror}"
+        ) from exc
+    port = runner.addresses[0][1] if runner.addresses else http.port
+    return runner, int(port)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _device_view(coordinator: Any, row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "device_id": row["device_id"],
+        "public_key": row["public_key"],
+        "online": bool(row["online"]),
+        "first_seen_ms": row["first_seen_ms"],
+        "last_seen_ms": row["last_seen_ms"],
+        "agent_version": row["agent_version"],
+        "backend": row["backend"],
+    }
+
+
+async def _device_or_404(request: web.Request) -> tuple[Any, str, dict[str, Any]] | web.Response:
+    coordinator = request.app[COORDINATOR]
+    device_id = request.match_info["device_id"]
+    if not valid_device_id(device_id):
+        return _error(404, "no such device", "device_id")
+    row = await coordinator.query("device", device_id)
+    if row is None:
+        return _error(404, f"device {device_id!r} is not enrolled", "device_id")
+    return coordinator, device_id, row
+
+
+async def list_devices(request: web.Request) -> web.Response:
+    coordinator = request.app[COORDINATOR]
+    rows = await coordinator.query("devices")
+    return web.json_response({"devices": [_device_view(coordinator, r) for r in rows]})
+
+
+async def get_device(request: web.Request) -> web.Response:
+    found = await _device_or_404(request)
+    if isinstance(found, web.Response):
+        return found
+    coordinator, device_id, row = found
+    telemetry = await coordinator.query("latest", device_id, Kind.TELEMETRY, 1)
+    alerts = await coordinator.query("latest", device_id, Kind.ALERT, RECENT_ALERTS)
+    return web.json_response(
+        {
+            **_device_view(coordinator, row),
+            "telemetry": telemetry[0] if telemetry else None,
+            "alerts": alerts,
+        }
+    )
+
+
+def _int_param(request: web.Request, name: str, default: int, low: int, high: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise web.HTTPBadRequest(
+            text=f'{{"error": "must be an integer", "field": "{name}"}}',
+            content_type="application/json",
+        ) from None
+    if not low <= value <= high:
+        raise web.HTTPBadRequest(
+            text=f'{{"error": "must be from {low} to {high}", "field": "{name}"}}',
+            content_type="application/json",
+        )
+    return value
+
+
+async def get_results(request: web.Request) -> web.Response:
+    found = await _device_or_404(request)
+    if isinstance(found, web.Response):
+        return found
+    coordinator, device_id, _ = found
+    since = _int_param(request, "since", 0, 0, 2**63 - 1)
+    limit = _int_param(request, "limit", 100, 1, MAX_RESULTS)
+    rows = await coordinator.query("results_since", device_id, since, limit)
+    cursor = rows[-1]["cursor"] if rows else since
+    return web.json_response({"results": rows, "next": cursor})
+
+
+async def _command_body(request: web.Request) -> dict[str, Any] | web.Response:
+    try:
+        body = await request.json()
+    except ValueError:
+        return _error(400, "body is not valid JSON", "body")
+    if not isinstance(body, dict):
+        return _error(422, "body must be a JSON object", "body")
+    unknown = set(body) - {"cmd", "args", "ttl_ms"}
+    if unknown:
+        return _error(422, "unknown field", sorted(unknown)[0])
+    return body
+
+
+async def post_command(request: web.Request) -> web.Response:
+    from dgdm.sync.coordinator.service import DEFAULT_TTL_MS, BadCommand
+
+    found = await _device_or_404(request)
+    if isinstance(found, web.Response):
+        return found
+    coordinator, device_id, _ = found
+    body = await _command_body(request)
+    if isinstance(body, web.Response):
+        return body
+    try:
+        seq = await coordinator.send_command(
+            device_id, body.get("cmd"), body.get("args"), body.get("ttl_ms", DEFAULT_TTL_MS)
+        )
+    except BadCommand as exc:
+        return _error(422, str(exc), exc.field)
+    except TransportError as exc:
+        return _error(503, f"broker unavailable: {exc}", None)
+    return web.json_response({"seq": seq, "device_id": device_id}, status=202)
+
+
+async def get_command(request: web.Request) -> web.Response:
+    found = await _device_or_404(request)
+    if isinstance(found, web.Response):
+        return found
+    coordinator, device_id, _ = found
+    try:
+        seq = int(request.match_info["seq"])
+    except ValueError:
+        return _error(404, "command seq must be an integer", "seq")
+    command = await coordinator.command(device_id, seq)
+    if command is None:
+        return _error(404, f"no command {seq} for {device_id!r}", "seq")
+    return web.json_response(command)
+
+
+async def get_metrics(request: web.Request) -> web.Response:
+    body = request.app[COORDINATOR].metrics.render()
+    return web.Response(body=body, content_type="text/plain", charset="utf-8")

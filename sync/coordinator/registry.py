@@ -1,0 +1,57 @@
+"""The fleet's link keys: each enrolled device's public key, paired with the coordinator's
+private key into that device's `LinkKeys` (derived once, cached). An unknown device
+triggers a re-read of the store, at most once a second, so a device enrolled with
+`dgdm coordinator devices add` while the service runs is picked up without a restart."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from dgdm.sync.crypto import LinkKeys, derive_link_keys, load_public_key, raw_public
+from dgdm.sync.errors import KeyFileError
+
+RELOAD_INTERVAL_S = 1.0
+
+
+class Registry:
+    def __init__(self, private_key: X25519PrivateKey, load: Callable[[], dict[str, str]]) -> None:
+        self._private = private_key
+        self.public_raw = raw_public(private_key)
+        self._load = load
+        self._public: dict[str, str] = {}
+        self._keys: dict[str, LinkKeys] = {}
+        self._loaded_at = float("-inf")
+
+    def reload(self) -> None:
+        self._public = self._load()
+        self._keys = {d: k for d, k in self._keys.items() if d in self._public}
+        self._loaded_at = time.monotonic()
+
+    def keys_for(self, device_id: str) -> LinkKeys | None:
+        """The device's link keys, or None when it is not enrolled (or its key is unusable)."""
+        keys = self._keys.get(device_id)
+        if keys is not None:
+            return keys
+        if (
+            device_id not in self._public
+            and time.monotonic() - self._loaded_at >= RELOAD_INTERVAL_S
+        ):
+            self.reload()
+        text = self._public.get(device_id)
+        if text is None:
+            return None
+        try:
+            peer = load_public_key(text)
+            keys = derive_link_keys(
+                self._private, peer, device_id, raw_public(peer), self.public_raw
+            )
+        except KeyFileError:
+            return None
+        self._keys[device_id] = keys
+        return keys
+
+    def enrolled(self, device_id: str) -> bool:
+        return self.keys_for(device_id) is not None

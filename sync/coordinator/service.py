@@ -1,0 +1,339 @@
+"""The coordinator service: ingest from MQTT, store, receipt, and send commands.
+
+Incoming envelopes are only queued on the loop; a single worker thread decrypts, checks
+and stores each batch (every `receipt_interval_ms` or `receipt_batch` messages) in one
+transaction, and only after that commit are receipts published, one per device with
+inclusive seq ranges (duplicates included, so the device can delete them too).
+
+MQTT 5: the coordinator subscribes with a shared subscription so that several instances
+split the fleet; `status` is subscribed plainly because brokers send no retained messages
+to shared subscriptions. MQTT 3.1.1: plain topics and a single coordinator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from dgdm.sync.coordinator.config import CoordinatorConfig
+from dgdm.sync.coordinator.metrics import Metrics
+from dgdm.sync.coordinator.registry import Registry
+from dgdm.sync.coordinator.store import Incoming, SqliteStore, Store, StoreResult
+from dgdm.sync.crypto import load_private_key
+from dgdm.sync.envelope import (
+    TOPIC_SUFFIX,
+    Kind,
+    decode_body,
+    open_envelope,
+    ranges_from_seqs,
+    seal,
+    valid_device_id,
+)
+from dgdm.sync.errors import EnvelopeError, SyncError, TransportError
+from dgdm.sync.mqtt import MqttClient, options_from_settings
+from dgdm.sync.topics import (
+    STATUS,
+    UPLINK_KINDS,
+    fleet_filter,
+    kind_for_suffix,
+    kind_topic,
+    parse_topic,
+)
+
+log = logging.getLogger(__name__)
+
+COMMANDS = ("ping", "diffuse", "set_config")
+DEFAULT_TTL_MS = 60_000
+MAX_TTL_MS = 7 * 24 * 3600 * 1000
+MAX_STATUS_BYTES = 4096
+
+
+class UnknownDevice(SyncError):
+    """The device is not enrolled."""
+
+
+class BadCommand(SyncError):
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+@dataclass
+class _Batch:
+    incoming: list[Incoming]
+    seqs: dict[str, list[int]]
+    rejects: dict[str, int]
+
+
+class Coordinator:
+    """Start with `await start()`, stop with `await stop()`; usable in-process (demo, tests)."""
+
+    def __init__(self, config: CoordinatorConfig, *, store: Store | None = None) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self._store = store
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="coord-db")
+        self._pending: list[tuple[str, Kind, bytes]] = []
+        self._flush_now = asyncio.Event()
+        self._online: set[str] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._background: set[asyncio.Future[Any]] = set()
+        self._http: Any = None
+        self.http_port: int | None = None
+        self.mqtt: MqttClient | None = None
+        self.registry: Registry | None = None
+
+    @property
+    def store(self) -> Store:
+        assert self._store is not None, "start() the coordinator first"
+        return self._store
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def start(self, *, http: bool = True) -> None:
+        cfg = self.config.coordinator
+        private = load_private_key(cfg.private_key)
+        if self._store is None:
+            self._store = await self._db(SqliteStore, cfg.data_dir / "coordinator.db")
+        self.registry = Registry(private, self.store.public_keys)
+        await self._db(self.registry.reload)
+        self._online = {d["device_id"] for d in await self._db(self.store.devices) if d["online"]}
+        self.metrics.devices_online.set(len(self._online))
+        self.mqtt = MqttClient(
+            self._mqtt_options(), on_message=self._on_message, subscriptions=self._subscriptions()
+        )
+        await self.mqtt.start()
+        self._tasks = [asyncio.create_task(self._flush_forever(), name="coord-flush")]
+        if http:
+            from dgdm.sync.coordinator.http import start_http
+
+            self._http, self.http_port = await start_http(self)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        if self._pending:
+            await self._flush(self._take())
+        if self._http is not None:
+            await self._http.cleanup()
+            self._http = None
+        if self.mqtt is not None:
+            await self.mqtt.stop()
+        if self._store is not None:
+            await self._db(self._store.close)
+        self._executor.shutdown(wait=True)
+
+    async def wait_connected(self, timeout: float | None = None) -> None:
+        assert self.mqtt is not None
+        await self.mqtt.wait_connected(timeout)
+
+    def _mqtt_options(self) -> Any:
+        m = self.config.mqtt
+        client_id = m.client_id or f"dgdm-coordinator-{self.config.coordinator.id}"
+        return options_from_settings(m, client_id)
+
+    def _subscriptions(self) -> tuple[tuple[str, int], ...]:
+        shared = self.config.mqtt.mqtt_version == "5"
+        subs = [(fleet_filter(TOPIC_SUFFIX[k], shared=shared), 1) for k in UPLINK_KINDS]
+        return (*subs, (fleet_filter(STATUS, shared=False), 1))
+
+    async def _db(self, fn: Any, *args: Any) -> Any:
+        """Every store call runs on the one database thread, never on the loop."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    # -- fleet -----------------------------------------------------------------------------
+
+    async def add_device(self, device_id: str, public_key: str) -> None:
+        if not valid_device_id(device_id):
+            raise BadCommand("device_id", "must match [A-Za-z0-9._-]{1,64}")
+        await self._db(self.store.add_device, device_id, public_key)
+        assert self.registry is not None
+        await self._db(self.registry.reload)
+
+    def is_online(self, device_id: str) -> bool:
+        return device_id in self._online
+
+    # -- ingest --------------------------------------------------------------------------
+
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        parsed = parse_topic(topic)
+        if parsed is None:
+            self._reject("bad_topic")
+            return
+        device_id, suffix = parsed
+        if suffix == STATUS:
+            self._on_status(device_id, payload)
+            return
+        kind = kind_for_suffix(suffix)
+        if kind not in UPLINK_KINDS:
+            self._reject("bad_topic")
+            return
+        self._pending.append((device_id, kind, payload))
+        if len(self._pending) >= self.config.coordinator.receipt_batch:
+            self._flush_now.set()
+
+    def _reject(self, reason: str, count: int = 1) -> None:
+        self.metrics.rejects.labels(reason=reason).inc(count)
+
+    async def _flush_forever(self) -> None:
+        interval = self.config.coordinator.receipt_interval_ms / 1000
+        while True:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._flush_now.wait(), interval)
+            self._flush_now.clear()
+            if self._pending:
+                try:
+                    await self._flush(self._take())
+                except Exception:
+                    log.exception("storing a batch failed; devices will resend it")
+
+    def _take(self) -> list[tuple[str, Kind, bytes]]:
+        batch, self._pending = self._pending, []
+        return batch
+
+    async def _flush(self, raw: list[tuple[str, Kind, bytes]]) -> None:
+        batch, result = await self._db(self._ingest, raw, _now_ms())
+        for reason, count in batch.rejects.items():
+            self._reject(reason, count)
+        for item in batch.incoming:
+            self.metrics.messages_in.labels(kind=item.kind.name.lower()).inc()
+        self.metrics.duplicates.inc(result.duplicates)
+        await self._send_receipts(batch.seqs, result)
+
+    def _ingest(
+        self, raw: list[tuple[str, Kind, bytes]], now_ms: int
+    ) -> tuple[_Batch, StoreResult]:
+        """On the database thread: decrypt and check every envelope, then one commit."""
+        batch = _Batch([], {}, {})
+        for device_id, kind, payload in raw:
+            try:
+                item = self._open(device_id, kind, payload)
+            except EnvelopeError as exc:
+                batch.rejects[exc.reason] = batch.rejects.get(exc.reason, 0) + 1
+                log.debug("rejected envelope from %s: %s", device_id, exc)
+                continue
+            batch.incoming.append(item)
+            batch.seqs.setdefault(device_id, []).append(item.seq)
+        result = self.store.store_batch(batch.incoming, now_ms)
+        return batch, result
+
+    def _open(self, device_id: str, kind: Kind, payload: bytes) -> Incoming:
+        assert self.registry is not None
+        keys = self.registry.keys_for(device_id)
+        if keys is None:
+            raise EnvelopeError("unknown_device", f"device {device_id!r} is not enrolled")
+        env = open_envelope(
+            payload,
+            key=keys.up,
+            key_id=keys.key_id,
+            expected_device=device_id,
+            max_bytes=self.config.coordinator.max_envelope_bytes,
+            allow_plaintext_telemetry=True,
+        )
+        if env.header.kind is not kind:
+            raise EnvelopeError(
+                "bad_kind", f"{env.header.kind.name.lower()} on a {kind.name} topic"
+            )
+        return Incoming(device_id, kind, env.header.seq, env.header.created_ms, env.body)
+
+    async def _send_receipts(self, seqs: dict[str, list[int]], result: StoreResult) -> None:
+        assert self.registry is not None
+        assert self.mqtt is not None
+        for device_id, device_seqs in seqs.items():
+            keys = self.registry.keys_for(device_id)
+            if keys is None:
+                continue
+            body = {"ranges": ranges_from_seqs(device_seqs)}
+            payload = seal(
+                Kind.RECEIPT,
+                result.receipt_seqs[device_id],
+                _now_ms(),
+                device_id,
+                body,
+                key=keys.down,
+                key_id=keys.key_id,
+            )
+            try:
+                await self.mqtt.publish(kind_topic(device_id, Kind.RECEIPT), payload)
+            except TransportError as exc:
+                log.info("receipt for %s not sent (%s); the device will resend", device_id, exc)
+                continue
+            self.metrics.receipts.inc()
+
+    # -- status ----------------------------------------------------------------------------
+
+    def _on_status(self, device_id: str, payload: bytes) -> None:
+        assert self.registry is not None
+        if not payload:  # a cleared retained status
+            return
+        try:
+            if len(payload) > MAX_STATUS_BYTES:
+                raise EnvelopeError("too_large", "status is too large")
+            status = decode_body(payload)
+        except EnvelopeError:
+            self._reject("bad_status")
+            return
+        if not self.registry.enrolled(device_id):
+            self._reject("unknown_device")
+            return
+        if status.get("state") == "online":
+            self._online.add(device_id)
+        else:
+            self._online.discard(device_id)
+        self.metrics.devices_online.set(len(self._online))
+        task = asyncio.ensure_future(self._db(self.store.set_status, device_id, status, _now_ms()))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # -- commands ------------------------------------------------------------------------
+
+    async def send_command(
+        self, device_id: str, cmd: str, args: Any = None, ttl_ms: int = DEFAULT_TTL_MS
+    ) -> int:
+        """Store and publish a command; returns its seq (the reply arrives with it later)."""
+        assert self.registry is not None
+        assert self.mqtt is not None
+        body = check_command_request(cmd, args, ttl_ms)
+        keys = self.registry.keys_for(device_id)
+        if keys is None:
+            raise UnknownDevice(f"device {device_id!r} is not enrolled")
+        now = _now_ms()
+        seq = await self._db(self.store.new_command, device_id, body, now)
+        payload = seal(Kind.COMMAND, seq, now, device_id, body, key=keys.down, key_id=keys.key_id)
+        await self.mqtt.publish(kind_topic(device_id, Kind.COMMAND), payload)
+        self.metrics.commands.inc()
+        return seq
+
+    async def command(self, device_id: str, seq: int) -> dict[str, Any] | None:
+        return await self._db(self.store.command, device_id, seq)
+
+    async def query(self, fn_name: str, *args: Any) -> Any:
+        """Run a read-only store query on the database thread (for the HTTP API)."""
+        return await self._db(getattr(self.store, fn_name), *args)
+
+
+def check_command_request(cmd: Any, args: Any, ttl_ms: Any) -> dict[str, Any]:
+    if cmd not in COMMANDS:
+        raise BadCommand("cmd", f"must be one of {', '.join(COMMANDS)}")
+    args = {} if args is None else args
+    if not isinstance(args, dict):
+        raise BadCommand("args", "must be a JSON object")
+    if isinstance(ttl_ms, bool) or not isinstance(ttl_ms, int) or not 1 <= ttl_ms <= MAX_TTL_MS:
+        raise BadCommand("ttl_ms", f"must be an integer from 1 to {MAX_TTL_MS}")
+    if cmd == "diffuse" and not isinstance(args.get("graph"), dict):
+        raise BadCommand("args.graph", "diffuse needs a graph object (SPEC §3)")
+    return {"cmd": cmd, "args": args, "ttl_ms": ttl_ms}
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
