@@ -1,0 +1,117 @@
+"""`dgdm keys`, `dgdm coordinator` (the service, `devices add|list`) and `dgdm telemetry watch`.
+
+Registration imports nothing heavy; each command imports its work when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from dgdm.sync import keys_cli
+
+    keys_cli.register(subparsers)
+    _register_coordinator(subparsers)
+    _register_telemetry(subparsers)
+
+
+def _config_arg(parser: argparse.ArgumentParser, *, nested: bool = False) -> None:
+    # A nested --config must not reset one given before the action (argparse copies
+    # sub-parser defaults over the parent's values), hence SUPPRESS there.
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=argparse.SUPPRESS if nested else None,
+        help="TOML file (default /etc/dgdm/coordinator.toml)",
+    )
+
+
+def _register_coordinator(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    coord = subparsers.add_parser(
+        "coordinator", help="run the cloud coordinator or manage its fleet"
+    )
+    _config_arg(coord)
+    coord.set_defaults(func=_run_coordinator)
+    actions = coord.add_subparsers(dest="coordinator_command", metavar="ACTION")
+    devices = actions.add_parser("devices", help="the fleet registry")
+    dev_actions = devices.add_subparsers(dest="devices_command", metavar="ACTION", required=True)
+    add = dev_actions.add_parser("add", help="enrol a device with its public key")
+    add.add_argument("device_id")
+    add.add_argument("--public-key", required=True, help="base64 of the raw 32-byte X25519 key")
+    _config_arg(add, nested=True)
+    add.set_defaults(func=_devices_add)
+    show = dev_actions.add_parser("list", help="list enrolled devices as JSON lines")
+    _config_arg(show, nested=True)
+    show.set_defaults(func=_devices_list)
+
+
+def _register_telemetry(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    telemetry = subparsers.add_parser("telemetry", help="fleet telemetry")
+    actions = telemetry.add_subparsers(dest="telemetry_command", metavar="ACTION", required=True)
+    watch = actions.add_parser("watch", help="print decrypted telemetry live as JSON lines")
+    watch.add_argument("--device", default=None, help="one device id (default: the whole fleet)")
+    _config_arg(watch)
+    watch.set_defaults(func=_telemetry_watch)
+
+
+def _run_coordinator(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from dgdm.sync.coordinator.config import load_config
+    from dgdm.sync.coordinator.runner import serve
+
+    return asyncio.run(serve(load_config(args.config)))
+
+
+def _open_store(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from dgdm.sync.coordinator.config import load_config
+    from dgdm.sync.coordinator.store import SqliteStore
+
+    config = load_config(args.config)
+    return config, SqliteStore(config.coordinator.data_dir / "coordinator.db")
+
+
+def _devices_add(args: argparse.Namespace) -> int:
+    from dgdm.sync.crypto import load_public_key
+    from dgdm.sync.envelope import valid_device_id
+    from dgdm.sync.errors import ConfigError, KeyFileError
+
+    if not valid_device_id(args.device_id):
+        raise ConfigError("device_id", "must match [A-Za-z0-9._-]{1,64}")
+    try:
+        load_public_key(args.public_key)
+    except KeyFileError as exc:
+        raise ConfigError("--public-key", str(exc)) from exc
+    _, store = _open_store(args)
+    try:
+        store.add_device(args.device_id, args.public_key)
+    finally:
+        store.close()
+    print(f"enrolled {args.device_id}")
+    return 0
+
+
+def _devices_list(args: argparse.Namespace) -> int:
+    import json
+
+    _, store = _open_store(args)
+    try:
+        for row in store.devices():
+            print(json.dumps(row, sort_keys=True))
+    finally:
+        store.close()
+    return 0
+
+
+def _telemetry_watch(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from dgdm.sync.coordinator.config import load_config
+    from dgdm.sync.coordinator.watch import watch
+
+    try:
+        return asyncio.run(watch(load_config(args.config), args.device))
+    except KeyboardInterrupt:
+        return 0

@@ -1,0 +1,33 @@
+"""`dgdm coordinator`: run the service until SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from dgdm.sync.coordinator.config import CoordinatorConfig
+from dgdm.sync.coordinator.service import Coordinator
+
+log = logging.getLogger(__name__)
+
+
+async def serve(config: CoordinatorConfig) -> int:
+    coordinator = Coordinator(config)
+    await coordinator.start()
+    log.info(
+        "coordinator %s: broker %s, HTTP on %s:%s",
+        config.coordinator.id,
+        config.mqtt.broker_url,
+        config.http.bind,
+        coordinator.http_port,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await coordinator.stop()
+    return 0
