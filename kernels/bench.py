@@ -102,6 +102,7 @@ def random_geometric(n: int, avg_degree: float = 8.0, seed: int = 0) -> Any:
 
 
 def _bench_size(n: int, args: argparse.Namespace, repeats: int) -> list[dict[str, Any]]:
+    """All implementations for one N, timed round-robin so machine load hits them alike."""
     import numpy as np
 
     from dgdm.kernels.engine import Engine
@@ -113,72 +114,68 @@ def _bench_size(n: int, args: argparse.Namespace, repeats: int) -> list[dict[str
     method = Method(kind="ppr", alpha=0.15, k=args.k)
     graph = Graph(tuple(range(n)), adjacency, np.zeros((n, 0)), False, f"rgg-{n}", method)
     engine = Engine()
-    engine.register(graph)
+    graph_id = engine.register(graph)
     available = {s["name"] for s in engine.backends_status() if s["available"]}
     wanted = [b for b in (args.backends or BACKEND_ORDER) if b in available]
-    out: list[dict[str, Any]] = []
     print(f"\nN = {n:,} ({adjacency.nnz // 2:,} edges)")
+    out: list[dict[str, Any]] = []
+    if not args.no_baselines:
+        nx_ms = _networkx_ms(n, rows, cols, 1 if n >= 10_000 else min(repeats, 5))
+        if nx_ms is not None:
+            print(f"  {'networkx':<9} {nx_ms:10.3f} ms   (pagerank, one vector, any F)")
+            out += [{"n": n, "f": f, "impl": "networkx", "median_ms": nx_ms} for f in args.features]
     for f in args.features:
         x = np.random.default_rng(f).random((n, f)).astype(np.float32)
+        calls: dict[str, Callable[[], Any]] = {}
         for name in wanted:
-            out.append(_bench_backend(engine, graph.graph_id or "", x, name, repeats))
+            call = _engine_call(engine, graph_id, x, name)
+            if call is not None:
+                calls[name] = call
         if not args.no_baselines:
-            out += _baselines(n, rows, cols, x, k=args.k, repeats=repeats)
+            pyg = _pyg_call(n, rows, cols, x, k=args.k)
+            if pyg is not None:
+                calls["pyg_appnp"] = pyg
+        for impl, median in _round_robin(calls, repeats).items():
+            print(f"  F={f:<3} {impl:<9} {median:10.3f} ms")
+            out.append({"n": n, "f": f, "impl": impl, "median_ms": median})
     return out
 
 
-def _bench_backend(engine: Any, graph_id: str, x: Any, name: str, repeats: int) -> dict:
+def _engine_call(engine: Any, graph_id: str, x: Any, name: str) -> Callable[[], Any] | None:
+    """The public-API call for one backend, after a first call that builds its runner."""
     from dgdm.kernels.errors import KernelError
 
-    n, f = x.shape
+    f = x.shape[1]
     start = time.perf_counter()
     try:
         first = engine.diffuse_registered(graph_id, x, backend=name)
     except KernelError as exc:
-        print(f"  F={f:<3} {name:<8} failed: {exc}")
-        return {"n": n, "f": f, "impl": name, "median_ms": None, "note": str(exc)}
-    build_ms = (time.perf_counter() - start) * 1000
+        print(f"  F={f:<3} {name:<9} failed: {exc}")
+        return None
     if first.backend != name:
-        note = f"{name} not usable here (answered by {first.backend})"
-        print(f"  F={f:<3} {name:<8} skipped: {note}")
-        return {"n": n, "f": f, "impl": name, "median_ms": None, "note": note}
-    median = _median_ms(lambda: engine.diffuse_registered(graph_id, x, backend=name), repeats)
+        print(f"  F={f:<3} {name:<9} not usable for this graph (answered by {first.backend})")
+        return None
+    build_ms = (time.perf_counter() - start) * 1000
     print(
-        f"  F={f:<3} {name:<8} {median:10.3f} ms   (first call with build {build_ms:.1f} ms,"
-        f" error bound {first.error_bound:.1e})"
+        f"  F={f:<3} {name:<9} first call (builds) {build_ms:.1f} ms, "
+        f"error bound {first.error_bound:.1e}"
     )
-    return {
-        "n": n,
-        "f": f,
-        "impl": name,
-        "median_ms": median,
-        "build_ms": build_ms,
-        "error_bound": first.error_bound,
-    }
+    return lambda: engine.diffuse_registered(graph_id, x, backend=name)
+
+
+def _round_robin(calls: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+    """Median ms per implementation; each round calls every implementation once."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) * 1000 for name, t in times.items()}
 
 
 def _median_ms(call: Callable[[], Any], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000
-
-
-def _baselines(n: int, rows: Any, cols: Any, x: Any, *, k: int, repeats: int) -> list[dict]:
-    out = []
-    f = x.shape[1]
-    if f == 16 or n <= 10_000:  # networkx ignores F; time it once per size for big graphs
-        nx_ms = _networkx_ms(n, rows, cols, max(1, min(repeats, 3 if n >= 10_000 else repeats)))
-        if nx_ms is not None:
-            print(f"  F={f:<3} {'networkx':<8} {nx_ms:10.3f} ms   (pagerank, one vector)")
-            out.append({"n": n, "f": f, "impl": "networkx", "median_ms": nx_ms})
-    pyg_ms = _pyg_ms(n, rows, cols, x, k=k, repeats=repeats)
-    if pyg_ms is not None:
-        print(f"  F={f:<3} {'pyg':<8} {pyg_ms:10.3f} ms   (APPNP K={k}, sparse CSR adjacency)")
-        out.append({"n": n, "f": f, "impl": "pyg_appnp", "median_ms": pyg_ms})
-    return out
+    return _round_robin({"call": call}, repeats)["call"]
 
 
 def _networkx_ms(n: int, rows: Any, cols: Any, repeats: int) -> float | None:
@@ -192,7 +189,8 @@ def _networkx_ms(n: int, rows: Any, cols: Any, repeats: int) -> float | None:
     return _median_ms(lambda: nx.pagerank(g, alpha=0.85), repeats)
 
 
-def _pyg_ms(n: int, rows: Any, cols: Any, x: Any, *, k: int, repeats: int) -> float | None:
+def _pyg_call(n: int, rows: Any, cols: Any, x: Any, *, k: int) -> Callable[[], Any] | None:
+    """PyG's APPNP propagation (K steps, cached gcn normalisation, CSR adjacency)."""
     try:
         with warnings.catch_warnings():  # deprecation notices from torch/PyG internals
             warnings.simplefilter("ignore")
@@ -210,9 +208,13 @@ def _pyg_ms(n: int, rows: Any, cols: Any, x: Any, *, k: int, repeats: int) -> fl
         adj = to_torch_csr_tensor(edge_index, size=(n, n))
     prop = APPNP(K=k, alpha=0.15, cached=True)
     features = torch.from_numpy(x)
-    with torch.no_grad():
-        prop(features, adj)  # builds and caches the normalised adjacency
-        return _median_ms(lambda: prop(features, adj), repeats)
+
+    def call() -> Any:
+        with torch.no_grad():
+            return prop(features, adj)
+
+    call()  # builds and caches the normalised adjacency
+    return call
 
 
 def _print_ratios(rows: list[dict[str, Any]]) -> None:
