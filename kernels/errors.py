@@ -37,6 +37,11 @@ class BackendError(KernelError):
     """A compute backend failed while running."""
 
 
+class PrecisionExceeded(BackendError):
+    """An int8 backend refused one call because its error bound would exceed the contract
+    (0.03 relative); the input needs a float backend. The backend itself is healthy."""
+
+
 class BackendUnavailable(BackendError):
     """A backend cannot be used on this machine; the message says why, in one sentence."""
 
