@@ -1,0 +1,307 @@
+"""`dgdm bench sync`: the transport ceiling, the full sync path, the drain, the enqueue rate.
+
+One run on a private loopback mosquitto:
+1. raw: plain paho, QoS 1, 300-byte payloads, one publisher process -> one subscriber
+   process; the rate at which the subscriber has them all (the transport ceiling);
+2. full: producers enqueue (seal + durable outbox) while the link drains to a coordinator
+   in another process, which stores and receipts; rate until the outbox is empty again;
+3. drain: 100,000 messages queued while offline, then the link connects: time to empty;
+4. enqueue: durable enqueue rate (`dgdm.sync.bench_outbox.bench_enqueue`, when present).
+Targets: full >= 50 % of raw, drain <= 20 s, enqueue >= 20,000 msg/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import multiprocessing as mp
+import os
+import statistics
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+PAYLOAD_BYTES = 300
+RAW_WINDOW = 1000
+PRODUCERS = 16
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--messages", type=int, default=20_000, help="per raw/full run")
+    parser.add_argument("--drain", type=int, default=100_000, help="messages queued offline")
+    parser.add_argument("--repeat", type=int, default=3, help="raw/full runs (median reported)")
+    parser.add_argument("--quick", action="store_true", help="small smoke-test sizes")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def main(args: argparse.Namespace) -> int:
+    if getattr(args, "quick", False):
+        args.messages, args.drain, args.repeat = 2_000, 5_000, 1
+    with tempfile.TemporaryDirectory(prefix="dgdm-bench-sync-") as tmp:
+        report = run(Path(tmp), args.messages, args.drain, args.repeat)
+    if getattr(args, "json", False):
+        print(json.dumps(report, indent=2))
+    else:
+        _print(report)
+    return 0
+
+
+def run(root: Path, messages: int, drain: int, repeat: int) -> dict[str, Any]:
+    from dgdm.sync.broker import Broker
+
+    ctx = mp.get_context("spawn")
+    with Broker(root / "broker") as broker:
+        raw = [_raw_once(ctx, broker.url, messages, i) for i in range(repeat)]
+        full, drain_s = asyncio.run(
+            _sync_runs(ctx, root, broker.url, n=messages, drain=drain, repeat=repeat)
+        )
+    enqueue = _enqueue_rate(root)
+    raw_rate, full_rate = statistics.median(raw), statistics.median(full)
+    return {
+        "payload_bytes": PAYLOAD_BYTES,
+        "messages": messages,
+        "raw_msg_s": round(raw_rate),
+        "raw_runs": [round(r) for r in raw],
+        "full_msg_s": round(full_rate),
+        "full_runs": [round(r) for r in full],
+        "full_over_raw": round(full_rate / raw_rate, 3),
+        "drain_messages": drain,
+        "drain_s": round(drain_s, 2),
+        "drain_msg_s": round(drain / drain_s),
+        "enqueue_msg_s": round(enqueue) if enqueue is not None else None,
+        "targets": {
+            "full_over_raw>=0.5": full_rate / raw_rate >= 0.5,
+            "drain_100k<=20s": drain_s * 100_000 / max(drain, 1) <= 20,
+            "enqueue>=20000": enqueue is not None and enqueue >= 20_000,
+        },
+    }
+
+
+def _print(report: dict[str, Any]) -> None:
+    print(f"raw paho QoS 1 pub->sub ({report['payload_bytes']} B): {report['raw_msg_s']} msg/s")
+    print(f"full path enqueue->store->receipt->delete: {report['full_msg_s']} msg/s")
+    print(f"full / raw: {report['full_over_raw']:.0%}")
+    print(f"drain {report['drain_messages']} after an outage: {report['drain_s']} s")
+    print(f"durable enqueue: {report['enqueue_msg_s']} msg/s")
+    print("targets met: " + json.dumps(report["targets"]))
+
+
+# -- 1. raw paho --------------------------------------------------------------------------
+
+
+def _raw_once(ctx: Any, url: str, n: int, run_id: int) -> float:
+    ready, done = ctx.Event(), ctx.Queue()
+    sub = ctx.Process(target=_raw_subscriber, args=(url, n, f"bench/raw/{run_id}", ready, done))
+    sub.start()
+    try:
+        if not ready.wait(10):
+            raise RuntimeError("raw subscriber did not connect")
+        go, started = ctx.Event(), ctx.Queue()
+        pub = ctx.Process(target=_raw_publisher, args=(url, n, f"bench/raw/{run_id}", go, started))
+        pub.start()
+        go.set()
+        start = started.get(timeout=60)
+        end = done.get(timeout=120)
+        pub.join(30)
+    finally:
+        sub.join(5)
+        if sub.is_alive():
+            sub.kill()
+    return n / (end - start)
+
+
+def _paho(url: str, client_id: str) -> Any:
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from dgdm.sync.mqtt import parse_broker_url
+
+    end = parse_broker_url(url)
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
+    client.max_inflight_messages_set(RAW_WINDOW)
+    client.max_queued_messages_set(0)
+    client.connect(end.host, end.port)
+    return client
+
+
+def _raw_subscriber(url: str, n: int, topic: str, ready: Any, done: Any) -> None:
+    count = 0
+    client = _paho(url, f"raw-sub-{os.getpid()}")
+
+    def on_message(*_: Any) -> None:
+        nonlocal count
+        count += 1
+        if count == n:
+            done.put(time.monotonic())
+            client.disconnect()
+
+    client.on_message = on_message
+    client.on_subscribe = lambda *_: ready.set()
+    client.subscribe(topic, qos=1)
+    client.loop_forever()
+
+
+def _raw_publisher(url: str, n: int, topic: str, go: Any, started: Any) -> None:
+    client = _paho(url, f"raw-pub-{os.getpid()}")
+    client.loop_start()
+    payload = os.urandom(PAYLOAD_BYTES)
+    go.wait()
+    started.put(time.monotonic())
+    infos = [client.publish(topic, payload, qos=1) for _ in range(n)]
+    for info in infos:
+        info.wait_for_publish(60)
+    client.disconnect()
+    client.loop_stop()
+
+
+# -- 2./3. the full path -------------------------------------------------------------------
+
+
+def _coordinator_proc(config: Any, device_id: str, public_b64: str, ready: Any, stop: Any) -> None:
+    async def main() -> None:
+        from dgdm.sync.coordinator.service import Coordinator
+
+        coordinator = Coordinator(config)
+        await coordinator.start(http=False)
+        await coordinator.add_device(device_id, public_b64)
+        await coordinator.wait_connected(10)
+        ready.set()
+        await asyncio.to_thread(stop.wait)
+        await coordinator.stop()
+
+    asyncio.run(main())
+
+
+def _coordinator_config(root: Path, url: str, key: Path) -> Any:
+    from dgdm.sync.coordinator.config import (
+        CoordinatorConfig,
+        CoordinatorSection,
+        HttpSection,
+        MqttSection,
+    )
+
+    return CoordinatorConfig(
+        CoordinatorSection(id="bench", data_dir=root / "coordinator", private_key=key),
+        MqttSection(broker_url=url, client_id="bench-coordinator"),
+        HttpSection(port=0),
+    )
+
+
+class _Device:
+    def __init__(self, root: Path, url: str, coord_public: str, name: str) -> None:
+        from dgdm.sync.crypto import (
+            derive_link_keys,
+            generate_keypair,
+            load_private_key,
+            load_public_key,
+            raw_public,
+        )
+        from dgdm.sync.envelope import seal
+        from dgdm.sync.outbox import Outbox
+
+        self.device_id = name
+        key_path, _, self.public_b64 = generate_keypair(root / name)
+        own, peer = load_private_key(key_path), load_public_key(coord_public)
+        keys = derive_link_keys(own, peer, name, raw_public(own), raw_public(peer))
+        self.keys = keys
+
+        def sealer(kind: Any, seq: int, created_ms: int, body: Any) -> bytes:
+            return seal(kind, seq, created_ms, name, body, key=keys.up, key_id=keys.key_id)
+
+        self.outbox = Outbox(
+            root / name / "outbox.db", device_id=name, sealer=sealer, max_bytes=2**30
+        )
+        self.url = url
+
+    def link(self) -> Any:
+        from dgdm.sync.link import DeviceLink
+        from dgdm.sync.mqtt import MqttOptions
+
+        options = MqttOptions(url=self.url, client_id=f"bench-{self.device_id}")
+        return DeviceLink(self.outbox, options, device_id=self.device_id, keys=self.keys)
+
+    def fill(self, n: int) -> None:
+        from dgdm.sync.envelope import Kind
+
+        # ~300 bytes sealed: incompressible text, so zlib does not shrink it.
+        body = {"pad": base64.b64encode(os.urandom(180)).decode()}
+        with ThreadPoolExecutor(PRODUCERS) as pool:
+            list(pool.map(lambda _: self.outbox.enqueue(Kind.TELEMETRY, body), range(n)))
+
+
+async def _sync_runs(
+    ctx: Any, root: Path, url: str, *, n: int, drain: int, repeat: int
+) -> tuple[list[float], float]:
+    from dgdm.sync.crypto import generate_keypair
+
+    coord_key, _, coord_public = generate_keypair(root / "coord", name="coordinator")
+    device = _Device(root, url, coord_public, "bench-device")
+    ready, stop = ctx.Event(), ctx.Event()
+    config = _coordinator_config(root, url, coord_key)
+    proc = ctx.Process(
+        target=_coordinator_proc, args=(config, device.device_id, device.public_b64, ready, stop)
+    )
+    proc.start()
+    try:
+        if not await asyncio.to_thread(ready.wait, 30):
+            raise RuntimeError("bench coordinator did not start")
+        link = device.link()
+        await link.start()
+        await link.mqtt.wait_connected(10)
+        full = [await _full_once(device, link, n) for _ in range(repeat)]
+        await link.stop()
+        drain_s = await _drain_once(device, drain)
+    finally:
+        stop.set()
+        await asyncio.to_thread(proc.join, 30)
+        device.outbox.close()
+    return full, drain_s
+
+
+async def _wait_empty(device: _Device) -> None:
+    # The outbox lives in another thread's SQLite: poll it, there is nothing to await.
+    while device.outbox.stats().messages:  # noqa: ASYNC110
+        await asyncio.sleep(0.02)
+
+
+async def _full_once(device: _Device, link: Any, n: int) -> float:
+    start = time.monotonic()
+    producer = asyncio.create_task(asyncio.to_thread(device.fill, n))
+
+    async def wake() -> None:
+        while not producer.done():
+            link.wake()
+            await asyncio.sleep(0.01)
+
+    await asyncio.gather(producer, wake())
+    await _wait_empty(device)
+    return n / (time.monotonic() - start)
+
+
+async def _drain_once(device: _Device, n: int) -> float:
+    await asyncio.to_thread(device.fill, n)
+    link = device.link()
+    start = time.monotonic()
+    await link.start()
+    await _wait_empty(device)
+    elapsed = time.monotonic() - start
+    await link.stop()
+    return elapsed
+
+
+# -- 4. enqueue ------------------------------------------------------------------------------
+
+
+def _enqueue_rate(root: Path) -> float | None:
+    try:
+        from dgdm.sync.bench_outbox import bench_enqueue
+    except ImportError:
+        return None
+    result = bench_enqueue(root / "enqueue")
+    if isinstance(result, dict):
+        return float(result.get("msg_s") or result.get("enqueue_msg_s") or 0.0)
+    return float(result)
