@@ -177,6 +177,8 @@ class Engine:
         node_ids: tuple[NodeId, ...],
         backend: str | None,
     ) -> DiffusionResult:
+        if x.shape[1] == 0:  # nothing to diffuse; never let it count against a backend
+            raise GraphError("features", "the graph has no node features to diffuse")
         start = time.perf_counter()
         failed: list[str] = []
         reasons: list[str] = []

@@ -11,7 +11,7 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 import scipy.sparse as sp
@@ -144,7 +144,7 @@ def _parse_graph_id(value: Any) -> str | None:
     return value
 
 
-def _is_node_id(value: Any) -> bool:
+def _is_node_id(value: Any) -> TypeGuard[NodeId]:
     return isinstance(value, str | int) and not isinstance(value, bool)
 
 

@@ -291,3 +291,12 @@ def test_registered_call_overhead_is_small() -> None:
         runner.run(x)
         raw.append(time.perf_counter() - start)
     assert np.median(api) < 2.0 * np.median(raw) + 0.0002
+
+
+def test_a_graph_without_features_is_refused_not_counted() -> None:
+    engine = Engine(backends=[NumpyBackend()])
+    graph = graph_from_nx(geometric(20, 1))
+    with pytest.raises(GraphError) as info:
+        engine.diffuse(graph)
+    assert info.value.field == "features"
+    assert engine.stats()["failures"] == {"numpy": 0}
