@@ -374,6 +374,8 @@ class Engine:
         """Apply edge deltas; the topology gets a new operator (and key). Returns its summary."""
         old = self._topology(graph_id)
         index = {node: i for i, node in enumerate(old.node_ids)}
+        if len(add) + len(remove) + len(reweight) > self.limits.max_edges:
+            raise GraphError("add", "too many edge deltas in one update", code="too_large")
         adjacency = _apply_deltas(
             old.adjacency,
             directed=old.directed,
@@ -382,6 +384,8 @@ class Engine:
             remove=remove,
             reweight=reweight,
         )
+        if adjacency.nnz > 2 * self.limits.max_edges:
+            raise GraphError("add", "the topology would exceed the edge limit", code="too_large")
         problem = problem_for(
             Graph(old.node_ids, adjacency, np.zeros((0, 0)), old.directed, graph_id),
             old.problem.method,
