@@ -19,10 +19,10 @@ def kind_topic(device_id: str, kind: Kind) -> str:
     return device_topic(device_id, TOPIC_SUFFIX[kind])
 
 
-def fleet_filter(suffix: str, *, shared: bool) -> str:
-    """``dgdm/v1/+/suffix``; as an MQTT 5 shared subscription when `shared`."""
+def fleet_filter(suffix: str, *, shared: bool, group: str = SHARE_GROUP) -> str:
+    """``dgdm/v1/+/suffix``; as an MQTT 5 shared subscription of `group` when `shared`."""
     base = f"{PREFIX}/+/{suffix}"
-    return f"$share/{SHARE_GROUP}/{base}" if shared else base
+    return f"$share/{group}/{base}" if shared else base
 
 
 def parse_topic(topic: str) -> tuple[str, str] | None:

@@ -36,6 +36,9 @@ class MqttSection:
     password: str | None = setting(None, secret=True)
     mqtt_version: Literal["5", "3.1.1"] = setting("5")
     client_id: str | None = setting(None, pattern=r"[A-Za-z0-9._-]{1,64}")
+    # Coordinators sharing a group split the traffic. A persistent session of a stopped
+    # member keeps its share (the broker queues for it) until it expires or comes back.
+    share_group: str = setting("dgdm", pattern=r"[A-Za-z0-9._-]{1,64}")
 
 
 @dataclass(frozen=True)

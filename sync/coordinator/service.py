@@ -144,7 +144,10 @@ class Coordinator:
 
     def _subscriptions(self) -> tuple[tuple[str, int], ...]:
         shared = self.config.mqtt.mqtt_version == "5"
-        subs = [(fleet_filter(TOPIC_SUFFIX[k], shared=shared), 1) for k in UPLINK_KINDS]
+        group = self.config.mqtt.share_group
+        subs = [
+            (fleet_filter(TOPIC_SUFFIX[k], shared=shared, group=group), 1) for k in UPLINK_KINDS
+        ]
         return (*subs, (fleet_filter(STATUS, shared=False), 1))
 
     async def _db(self, fn: Any, *args: Any) -> Any:

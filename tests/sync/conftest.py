@@ -91,6 +91,7 @@ class Rig:
             broker_url=self.broker.url,
             mqtt_version=coord.pop("mqtt_version", "5"),
             client_id=f"coord-{self.tag}",
+            share_group=f"g{self.tag}"[:64],
             ca_file=tls.ca_file if tls else None,
             cert_file=tls.client_cert if tls else None,
             key_file=tls.client_key if tls else None,
