@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -86,6 +87,11 @@ def _single_thread() -> None:
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:
+        if "numpy" in sys.modules:  # BLAS read the variables when numpy loaded
+            print(
+                "note: numpy was loaded before the bench, so its BLAS thread count may not "
+                "be 1; run with OMP_NUM_THREADS=1 (or install threadpoolctl)"
+            )
         return
     threadpool_limits(1)
 

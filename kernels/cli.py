@@ -43,6 +43,7 @@ def register(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     import dataclasses
     import json
+    import os
     import sys
 
     from dgdm.kernels.engine import Engine
@@ -54,8 +55,12 @@ def run(args: argparse.Namespace) -> int:
     if method is not None:
         graph = dataclasses.replace(graph, method=method)
     result = Engine(backend=args.backend).diffuse(graph)
-    json.dump(result.to_json(), sys.stdout, indent=args.indent)
-    sys.stdout.write("\n")
+    text = json.dumps(result.to_json(), indent=args.indent) + "\n"
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:  # e.g. `| head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 
