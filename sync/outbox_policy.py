@@ -39,6 +39,34 @@ def page_cap(max_bytes: int, page_size: int) -> int:
     return max(FIXED_PAGES * 2, math.ceil(max_bytes * (1 + SLACK) / page_size))
 
 
+# SQLITE_FULL with less than this free on the file system is a full disk, not the page cap.
+DISK_MARGIN_BYTES = 256 * 1024
+
+# Steer the file's used pages to this fraction of max_bytes, leaving SLACK as headroom.
+TARGET_FILL = 0.97
+
+
+def calibrated_budget(accounted: int, used_page_bytes: int, max_bytes: int, page_size: int) -> int:
+    """The row budget that would put the used pages at TARGET_FILL of max_bytes, assuming
+    pages per accounted byte stay as they are now; never above the uncalibrated budget."""
+    ceiling = row_budget(max_bytes, page_size)
+    if accounted <= 0 or used_page_bytes <= 0:
+        return ceiling
+    ideal = accounted * (max_bytes * TARGET_FILL) / used_page_bytes
+    return max(page_size, min(ceiling, int(ideal)))
+
+
+def wal_pages(max_bytes: int, page_size: int) -> int:
+    """WAL auto-checkpoint threshold: about 2 % of the budget, between 32 and 1000 pages."""
+    return max(32, min(1000, max_bytes // page_size // 50))
+
+
+def eviction_headroom(budget: int) -> int:
+    """Evict this much beyond what is needed, so a full outbox evicts once per many inserts
+    rather than on every one (each eviction is a query and a delete)."""
+    return budget // 50
+
+
 def bytes_to_free(used: int, incoming: int, budget: int) -> int:
     """How much must go before `incoming` more bytes fit (0 when they already do)."""
     return max(0, used + incoming - budget)
