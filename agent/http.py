@@ -28,6 +28,7 @@ from dgdm.agent.runtime import (
     QueueFull,
     ShuttingDown,
     dumps,
+    dumps_answer_chunked,
     http_answer,
     outbox_json,
 )
@@ -82,7 +83,7 @@ async def answer_response(result: Any, seq: int | None) -> web.Response:
     answer = http_answer(result, seq)
     if result.embedding.size <= INLINE_ENCODE_VALUES:
         return json_response(answer)
-    body = await asyncio.to_thread(dumps, answer)
+    body = await asyncio.to_thread(dumps_answer_chunked, answer)
     return web.Response(body=body, content_type="application/json")
 
 

@@ -18,6 +18,7 @@ import dataclasses
 import json
 import logging
 import signal
+import threading
 import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -85,6 +86,16 @@ def dumps(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":"), default=_plain).encode()
 
 
+def dumps_answer_chunked(answer: dict[str, Any], values_per_chunk: int = 20_000) -> bytes:
+    """`dumps(answer)` for a large embedding, encoded a block of rows at a time: each
+    encoder call holds the GIL only briefly, so the event loop thread keeps getting it."""
+    z = answer["embedding"]
+    head = dumps({k: v for k, v in answer.items() if k != "embedding"})
+    rows = max(1, values_per_chunk // max(1, z.shape[1]))
+    blocks = [dumps(z[i : i + rows])[1:-1] for i in range(0, z.shape[0], rows)]
+    return head[:-1] + b',"embedding":[' + b",".join(blocks) + b"]}"
+
+
 def _plain(value: Any) -> Any:
     if hasattr(value, "tolist"):  # numpy arrays and scalars
         return value.tolist()
@@ -92,6 +103,64 @@ def _plain(value: Any) -> Any:
 
 
 # -- work queue ---------------------------------------------------------------------------
+
+
+# -- parsing ------------------------------------------------------------------------------
+
+# JSON decoding and graph validation hold the GIL for their whole run (~40 ms per MB), so in
+# a thread they would still stall the event loop; bodies above this size are parsed in a
+# separate process, started on first use so that small installations never pay for it.
+LARGE_BODY_BYTES = 512 * 1024
+
+
+def parse_graph_body(data: bytes | str | dict[str, Any], limits: Any) -> Any:
+    from dgdm.kernels.graph import parse_graph
+
+    obj = loads(data) if isinstance(data, (bytes, str)) else data
+    return parse_graph(obj, limits)
+
+
+def _parse_in_child(data: bytes, limits: Any) -> tuple[str, Any]:
+    """Runs in the parser process. Errors come back as values: GraphError's constructor
+    does not survive pickling."""
+    try:
+        return "ok", parse_graph_body(data, limits)
+    except GraphError as exc:
+        return "graph_error", (exc.field, exc.message, exc.code)
+    except BadJson as exc:
+        return "bad_json", str(exc)
+
+
+class GraphParser:
+    """A one-process pool for large bodies; `parse` blocks the calling worker thread only."""
+
+    def __init__(self) -> None:
+        self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def parse(self, data: bytes, limits: Any) -> Any:
+        status, value = self._executor().submit(_parse_in_child, data, limits).result()
+        if status == "graph_error":
+            field, message, code = value
+            raise GraphError(field, message, code=code)
+        if status == "bad_json":
+            raise BadJson(value)
+        return value
+
+    def _executor(self) -> concurrent.futures.ProcessPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                import multiprocessing
+
+                context = multiprocessing.get_context("forkserver")
+                self._pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=context)
+            return self._pool
+
+    def close(self) -> None:
+        with self._lock:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True, cancel_futures=True)
+                self._pool = None
 
 
 class WorkQueue:
@@ -229,6 +298,7 @@ class Agent:
         self.latency = LatencyWindow()
         self.notifier = Notifier(env)
         self.work = WorkQueue(config.kernels.workers, config.kernels.queue_size)
+        self._parser = GraphParser()
         self.alerts = Alerts(
             AlertPolicy(config.alerts.repeat_s, config.alerts.max_per_minute), self._queue_alert
         )
@@ -316,6 +386,7 @@ class Agent:
         if self.outbox is not None:
             await asyncio.to_thread(self.outbox.close)
         self.work.close()
+        await asyncio.to_thread(self._parser.close)
         if self.engine is not None and hasattr(self.engine, "close"):
             await asyncio.to_thread(self.engine.close)
         self.notifier.close()
@@ -454,10 +525,9 @@ class Agent:
         return result, seq
 
     def _diffuse_blocking(self, data: bytes | dict[str, Any]) -> Any:
-        from dgdm.kernels.graph import parse_graph
-
-        obj = loads(data) if isinstance(data, (bytes, str)) else data
-        return self.engine.diffuse(parse_graph(obj, self.limits))
+        if isinstance(data, bytes) and len(data) > LARGE_BODY_BYTES:
+            return self.engine.diffuse(self._parser.parse(data, self.limits))
+        return self.engine.diffuse(parse_graph_body(data, self.limits))
 
     def _diffuse_registered_blocking(self, graph_id: str, data: bytes | dict[str, Any]) -> Any:
         obj = loads(data) if isinstance(data, (bytes, str)) else data
