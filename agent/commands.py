@@ -37,8 +37,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     for name, module in BENCHES.items():
         # The bench's own options are parsed when it runs, so that building the parser
         # (every `dgdm` call) does not import the benchmarks and what they need.
+        # prefix_chars "+": this level treats "--x" as plain words, so all of them reach
+        # the bench's own parser (built when it runs, with its `add_arguments`).
         parser = benches.add_parser(
-            name, help=f"benchmark {name} (--help: its options)", add_help=False
+            name, help=f"benchmark {name} (--help: its options)", add_help=False, prefix_chars="+"
         )
         parser.add_argument("options", nargs=argparse.REMAINDER)
         parser.set_defaults(func=_bench_runner(name, module))
