@@ -339,9 +339,15 @@ class Agent:
         cfg = self.config
         self._loop = asyncio.get_running_loop()
         cfg.device.data_dir.mkdir(parents=True, exist_ok=True)
-        await asyncio.to_thread(self._open_engine)
-        await asyncio.to_thread(self._open_outbox)
-        await self._start_http()
+        # The engine (numpy, scipy, TFLite imports and backend probes) loads in a thread
+        # while this one imports and builds the HTTP app: both are needed before listening.
+        engine = asyncio.create_task(asyncio.to_thread(self._open_engine))
+        try:
+            await asyncio.to_thread(self._open_outbox)
+            await self._prepare_http()
+        finally:
+            await engine
+        await self._listen()
         await self._start_link()
         self.tpu = TpuMonitor(
             self.alerts,
@@ -457,7 +463,7 @@ class Agent:
         self.device_public_raw = raw_public(own)
         return derive_link_keys(own, peer, self.config.device.id, raw_public(own), raw_public(peer))
 
-    async def _start_http(self) -> None:
+    async def _prepare_http(self) -> None:
         from aiohttp import web
 
         from dgdm.agent.http import make_app
@@ -465,6 +471,10 @@ class Agent:
         app = make_app(self)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
         await self._runner.setup()
+
+    async def _listen(self) -> None:
+        from aiohttp import web
+
         http = self.config.http
         site = web.TCPSite(self._runner, http.bind, http.port)
         try:
