@@ -144,7 +144,8 @@ class Engine:
         self._cache_dir = Path(cache_dir) if cache_dir is not None else None
         self._clock = clock
         self._lock = threading.RLock()
-        self._slots = _discover(self._cache_dir) if backends is None else _given(backends)
+        now = clock()
+        self._slots = _discover(self._cache_dir, now) if backends is None else _given(backends, now)
         self._default = self._check_name(backend)
         self._excluded: frozenset[str] = frozenset()
         self._runners: OrderedDict[tuple[str, str], _Loaded] = OrderedDict()
@@ -541,11 +542,11 @@ def _cost(name: str, problem: Problem) -> float:
     return 0.0
 
 
-def _discover(cache_dir: Path | None) -> list[_Slot]:
-    return [_construct(name, cache_dir) for name in BACKEND_NAMES]
+def _discover(cache_dir: Path | None, now: float) -> list[_Slot]:
+    return [_construct(name, cache_dir, now) for name in BACKEND_NAMES]
 
 
-def _construct(name: str, cache_dir: Path | None) -> _Slot:
+def _construct(name: str, cache_dir: Path | None, now: float) -> _Slot:
     module_name, class_name = _BACKEND_CLASSES[name]
     try:
         cls = getattr(importlib.import_module(module_name), class_name)
@@ -555,19 +556,19 @@ def _construct(name: str, cache_dir: Path | None) -> _Slot:
         return _Slot(name, None, False, f"{name} is not installed ({exc}).")
     except Exception as exc:  # noqa: BLE001 - a backend that cannot start is only unavailable
         return _Slot(name, None, False, f"{name} could not start: {exc}")
-    return _probed(name, backend)
+    return _probed(name, backend, now)
 
 
-def _given(backends: Sequence[Backend]) -> list[_Slot]:
-    return [_probed(b.name, b) for b in backends]
+def _given(backends: Sequence[Backend], now: float) -> list[_Slot]:
+    return [_probed(b.name, b, now) for b in backends]
 
 
-def _probed(name: str, backend: Backend) -> _Slot:
+def _probed(name: str, backend: Backend, now: float) -> _Slot:
     try:
         backend.probe()
     except Exception as exc:  # noqa: BLE001 - BackendUnavailable or a runtime's own error
         slot = _Slot(name, backend, False, str(exc) or type(exc).__name__)
-        slot.next_probe = time.monotonic() + slot.backoff
+        slot.next_probe = now + slot.backoff
         return slot
     return _Slot(name, backend, True, "")
 

@@ -300,3 +300,17 @@ def test_a_graph_without_features_is_refused_not_counted() -> None:
         engine.diffuse(graph)
     assert info.value.field == "features"
     assert engine.stats()["failures"] == {"numpy": 0}
+
+
+def test_backend_missing_at_start_is_picked_up_when_it_appears(karate) -> None:
+    """Like a Coral plugged in after the agent started: re-probed with backoff, then used."""
+    flaky, clock = FlakyBackend(), Clock()
+    flaky.unplugged = True
+    engine = Engine(backends=[flaky, NumpyBackend()], clock=clock)
+    assert not engine.backends_status()[0]["available"]
+    assert engine.diffuse(karate).backend == "numpy"
+    flaky.unplugged = False
+    assert engine.diffuse(karate).backend == "numpy"  # backoff not over yet
+    clock.now += 1.0
+    assert engine.diffuse(karate).backend == "flaky"
+    assert engine.backends_status()[0]["available"]
