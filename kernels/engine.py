@@ -36,6 +36,7 @@ from dgdm.kernels.errors import (
     BackendUnavailable,
     GraphError,
     KernelError,
+    PrecisionExceeded,
     UnknownTopology,
 )
 from dgdm.kernels.graph import Graph, Limits, NodeId, build_adjacency, parse_weight
@@ -150,7 +151,7 @@ class Engine:
         self._excluded: frozenset[str] = frozenset()
         self._runners: OrderedDict[tuple[str, str], _Loaded] = OrderedDict()
         self._topologies: dict[str, _Topology] = {}
-        self._counts = {"diffusions": 0, "reprobes": 0}
+        self._counts = {"diffusions": 0, "reprobes": 0, "precision_skips": 0}
         self._orders: dict[tuple[str, str], tuple[int, list[_Slot]]] = {}
         self._version = 0  # bumped on every health or exclusion change
         self._last_backend: str | None = None
@@ -188,7 +189,10 @@ class Engine:
                 loaded = self._loaded(slot, problem)
                 with loaded.lock:
                     out = loaded.runner.run(x)
-            except BackendUnavailable as exc:  # not for this problem (e.g. too large): skip
+            except (BackendUnavailable, PrecisionExceeded) as exc:
+                # Not for this problem (too large) or this input (int8 too coarse): the
+                # backend is healthy, so skip it without counting a failure.
+                self._count_skip(exc)
                 reasons.append(f"{slot.name}: {exc}")
                 continue
             except Exception as exc:  # noqa: BLE001 - any backend failure means "try the next"
@@ -283,6 +287,11 @@ class Engine:
         if loaded is not None:
             _close_quietly(loaded.runner)
 
+    def _count_skip(self, exc: Exception) -> None:
+        if isinstance(exc, PrecisionExceeded):
+            with self._lock:
+                self._counts["precision_skips"] += 1
+
     def _record_success(self, slot: _Slot, *, fell_back: bool) -> None:
         with self._lock:
             self._counts["diffusions"] += 1
@@ -351,6 +360,7 @@ class Engine:
             return {
                 "diffusions": self._counts["diffusions"],
                 "reprobes": self._counts["reprobes"],
+                "precision_skips": self._counts["precision_skips"],
                 "failures": {s.name: s.failures for s in self._slots},
                 "fallbacks": {s.name: s.fallbacks for s in self._slots},
             }

@@ -16,7 +16,13 @@ from dgdm.kernels.backends.numpy_backend import NumpyBackend
 from dgdm.kernels.backends.sparse_backend import SparseBackend
 from dgdm.kernels.diffusion import diffuse
 from dgdm.kernels.engine import Engine
-from dgdm.kernels.errors import BackendError, BackendUnavailable, GraphError, UnknownTopology
+from dgdm.kernels.errors import (
+    BackendError,
+    BackendUnavailable,
+    GraphError,
+    PrecisionExceeded,
+    UnknownTopology,
+)
 from dgdm.kernels.graph import parse_graph_json
 from dgdm.kernels.method import Method
 from dgdm.kernels.operator import problem_for
@@ -33,6 +39,7 @@ class FlakyBackend:
     def __init__(self) -> None:
         self.broken = False
         self.unplugged = False
+        self.coarse = False
         self.runs = 0
         self.probes = 0
 
@@ -55,6 +62,8 @@ class FlakyRunner:
     def run(self, x: np.ndarray) -> RunOutput:
         if self.owner.broken:
             raise RuntimeError("device vanished mid-invoke")
+        if self.owner.coarse:
+            raise PrecisionExceeded("this input needs a float backend")
         self.owner.runs += 1
         return self.inner.run(x)
 
@@ -314,3 +323,16 @@ def test_backend_missing_at_start_is_picked_up_when_it_appears(karate) -> None:
     clock.now += 1.0
     assert engine.diffuse(karate).backend == "flaky"
     assert engine.backends_status()[0]["available"]
+
+
+def test_precision_refusal_moves_on_without_marking_the_backend_unhealthy(karate) -> None:
+    flaky = FlakyBackend()
+    flaky.coarse = True
+    engine = Engine(backends=[flaky, NumpyBackend()])
+    result = engine.diffuse(karate)
+    assert (result.backend, result.fallbacks) == ("numpy", ())
+    stats = engine.stats()
+    assert stats["failures"]["flaky"] == 0
+    assert stats["precision_skips"] == 1
+    flaky.coarse = False
+    assert engine.diffuse(karate).backend == "flaky"
