@@ -324,6 +324,15 @@ class Engine:
             raise BackendUnavailable(f"unknown backend {name!r}; use one of {known}.")
         return name
 
+    def close(self) -> None:
+        """Release every cached runner (interpreters, buffers); registered topologies stay."""
+        with self._lock:
+            loaded = list(self._runners.values())
+            self._runners.clear()
+        for entry in loaded:
+            with entry.lock:  # let a call in flight finish first
+                _close_quietly(entry.runner)
+
     def set_excluded(self, names: Iterable[str]) -> None:
         """Keep these backends out of every choice (e.g. a hot Edge TPU) until changed."""
         with self._lock:

@@ -336,3 +336,13 @@ def test_precision_refusal_moves_on_without_marking_the_backend_unhealthy(karate
     assert stats["precision_skips"] == 1
     flaky.coarse = False
     assert engine.diffuse(karate).backend == "flaky"
+
+
+def test_close_releases_runners_and_keeps_topologies(karate) -> None:
+    engine = Engine(backends=[NumpyBackend()])
+    engine.register(karate)
+    engine.diffuse_registered("karate", karate.x)
+    engine.close()
+    assert engine.topologies()[0]["graph_id"] == "karate"
+    result = engine.diffuse_registered("karate", karate.x)  # rebuilt on demand
+    assert rel(result.embedding, expected_for(karate)) <= result.error_bound
