@@ -61,8 +61,11 @@ def _round(path, rng: random.Random) -> tuple[list[int], list[tuple[int, int]]]:
     first = proc.stdout.readline()  # killed only once it is under way, however loaded the host
     time.sleep(rng.uniform(0.0, 0.5))
     os.kill(proc.pid, signal.SIGKILL)
-    out, _ = proc.communicate(timeout=30)
-    out = first + out
+    # Read through the same buffered file: communicate() would read the raw pipe and miss
+    # lines readline() had already buffered.
+    out = first + proc.stdout.read()
+    proc.stdout.close()
+    proc.wait(timeout=30)
     enqueued, receipted = [], []
     for line in out.splitlines():
         parts = line.split()
