@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -139,3 +142,75 @@ def _wait_for(probe, proc: subprocess.Popen[bytes], log: Path, what: str = "/hea
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             time.sleep(0.2)
     pytest.fail(f"{what} not ready within 30 s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.mark.slow
+def test_failed_health_gate_rolls_back_and_stops_the_play(fleet: Fleet, tmp_path: Path) -> None:
+    """A new release whose agent never answers /healthz: back to the old release and config.
+
+    Runs after the idempotence check (it leaves a second release and a config backup behind).
+    """
+    new_wheel = _wheel_with_version(tmp_path, "0.1.1")
+    config = fleet.path("/etc/dgdm/agent.toml")
+    config_before = config.read_text()
+    agents_only = tmp_path / "agents.json"
+    inventory = json.loads(fleet.inventory.read_text())
+    del inventory["all"]["children"]["dgdm_broker"]
+    agents_only.write_text(json.dumps(inventory))
+    extra = json.loads(fleet.extra_vars.read_text())
+    extra.update(
+        dgdm_wheel=str(new_wheel),
+        # Service management stays off, so nothing listens: the gate must fail.
+        dgdm_agent_health_gate=True,
+        dgdm_agent_health_retries=1,
+        dgdm_agent_health_delay=1,
+        dgdm_agent_log_level="debug",
+    )
+    extra_vars = tmp_path / "vars.json"
+    extra_vars.write_text(json.dumps(extra))
+    assert ANSIBLE_PLAYBOOK is not None
+    result = subprocess.run(
+        [ANSIBLE_PLAYBOOK, "-i", str(agents_only), "site.yml", "-e", f"@{extra_vars}"],
+        cwd=ANSIBLE_DIR,
+        env=fleet.env(),
+        capture_output=True,
+        text=True,
+        timeout=400,
+        check=False,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output[-6000:]
+    assert "localhost failed its rollout (Wait for /healthz to answer 200" in output
+    assert recap(result)["rescued"] == 1
+    assert fleet.path("/opt/dgdm/releases/0.1.1/bin/dgdm").exists()
+    assert os.readlink(fleet.path("/opt/dgdm/current")) == "releases/0.1.0"
+    assert config.read_text() == config_before
+
+
+def _wheel_with_version(tmp_path: Path, version: str) -> Path:
+    """A wheel of this checkout that calls itself `version` (built from a copy)."""
+    source = tmp_path / "src"
+    keep = {"pyproject.toml", "README.md", "agent", "sync", "kernels"}
+    for name in keep & {p.name for p in REPO.iterdir()}:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, source / name)
+    pyproject = source / "pyproject.toml"
+    text = pyproject.read_text()
+    assert '\nversion = "' in text
+    pyproject.write_text(re.sub(r'\nversion = "[^"]+"', f'\nversion = "{version}"', text, count=1))
+    out = tmp_path / "dist"
+    subprocess.run(
+        [
+            *(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"),
+            *("--disable-pip-version-check", str(source), "-w", str(out)),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=180,
+    )
+    (found,) = out.glob(f"dgdm_edge-{version}-*.whl")
+    return found
