@@ -1,14 +1,15 @@
 """int8 TFLite backend: the off-diagonal of P as a 1x1 CONV_2D model, run on the CPU.
 
 Per problem the runner quantises P once and, per feature count F, writes one model file
-(cached on disk under `cache_dir` as `<key>-f<F>.tflite`, with the host terms in
-`<key>.host.npz`) and one interpreter (in memory, reused for every call). A call quantises X
-with numpy straight into the interpreter's input tensor, invokes, and dequantises: no model
-or interpreter work per call (KERNELS-FACTS: raw invoke ~0.05 ms at N = 1,000, F = 16).
+(cached on disk under `cache_dir` as `<key>-f<F>.tflite`, its sha256 next to it in
+`<key>-f<F>.tflite.sha256`, the host terms in `<key>.host.npz`) and one interpreter (in
+memory, reused for every call). A call quantises X with numpy straight into the
+interpreter's input tensor, invokes, and dequantises: no model or interpreter work per call.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import shutil
@@ -91,7 +92,27 @@ class ModelStore:
         return self.dir / f"{key}.host.npz"
 
     def write(self, path: Path, data: bytes) -> None:
-        """Atomic: a crash leaves the old file or none, never half a model."""
+        """Atomic: a crash leaves the old file or none, never half a model. The digest goes
+        last, so a crash between the two leaves a mismatch, which `verify` rebuilds."""
+        self._write_atomic(path, data)
+        self._write_atomic(_digest_path(path), _digest(data).encode())
+
+    def verify(self, path: Path) -> None:
+        """BackendError unless the model matches the digest written with it: a bit-flipped
+        model still loads and runs, silently wrong, so loading alone cannot detect it."""
+        try:
+            expected = _digest_path(path).read_text(encoding="ascii").strip()
+            actual = _digest(path.read_bytes())
+        except (OSError, UnicodeDecodeError) as exc:
+            raise BackendError(f"the cached model {path.name} cannot be verified ({exc}).") from exc
+        if actual != expected:
+            raise BackendError(f"the cached model {path.name} does not match its sha256 digest.")
+
+    def remove(self, path: Path) -> None:
+        path.unlink(missing_ok=True)
+        _digest_path(path).unlink(missing_ok=True)
+
+    def _write_atomic(self, path: Path, data: bytes) -> None:
         fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=path.name, suffix=".tmp")
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -113,6 +134,14 @@ class ModelStore:
         with os.fdopen(fd, "wb") as fh:
             np.savez(fh, **host.to_arrays())
         os.replace(tmp, self.host_path(key))
+
+
+def _digest_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 class Int8Runner:
@@ -168,6 +197,11 @@ class Int8Runner:
 
     def _open_checked(self, path: Path) -> Any:
         """Open a (cached) model; a corrupt file is removed, so the next load rebuilds it."""
+        try:
+            self._store.verify(path)
+        except BackendError:
+            self._store.remove(path)
+            raise
         prepared = self._prepare_model(path)
         try:
             return self._open_model(prepared)
@@ -175,7 +209,7 @@ class Int8Runner:
             raise
         except BackendError:
             prepared.unlink(missing_ok=True)
-            path.unlink(missing_ok=True)
+            self._store.remove(path)
             raise
 
     def _quantized(self) -> q.QuantizedOperator:

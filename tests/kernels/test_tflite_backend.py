@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import numpy as np
 import pytest
+from ai_edge_litert.interpreter import Interpreter
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from dgdm.kernels.backends.numpy_backend import NumpyBackend
 from dgdm.kernels.backends.tflite_backend import TFLiteBackend
 from dgdm.kernels.diffusion import dense_propagator
+from dgdm.kernels.engine import Engine
 from dgdm.kernels.errors import BackendError, BackendUnavailable
+from dgdm.kernels.graph import Graph
 from dgdm.kernels.method import Method
 from dgdm.kernels.quantize import MAX_ERROR
 from dgdm.kernels.tflite_bench import bench_tflite, rgg_problem
@@ -156,6 +163,62 @@ def test_corrupt_model_file_is_a_backend_error_then_rebuilt(tmp_path) -> None:
     assert not model.exists()  # removed, so the next load rebuilds it
     again = TFLiteBackend(tmp_path).load(problem).run(x)
     np.testing.assert_array_equal(good.z, again.z)
+
+
+def _flip_a_weight_bit(model: Path) -> None:
+    """Flip one bit inside the weight buffer: the file still parses, loads and runs."""
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    model.write_bytes(bytes(data))
+
+
+def test_bit_flipped_model_is_detected_by_its_digest_then_rebuilt(tmp_path) -> None:
+    problem = rgg_problem(90, seed=6)
+    x = np.random.default_rng(2).uniform(-1, 1, (90, 4))
+    good = TFLiteBackend(tmp_path).load(problem).run(x)
+    model = tmp_path / f"{problem.key}-f4.tflite"
+    digest = tmp_path / f"{problem.key}-f4.tflite.sha256"
+    assert digest.read_text() == hashlib.sha256(model.read_bytes()).hexdigest()
+    _flip_a_weight_bit(model)
+    interpreter = Interpreter(model_path=str(model))  # the runtime itself does not notice
+    interpreter.allocate_tensors()
+    with pytest.raises(BackendError, match="sha256"):
+        TFLiteBackend(tmp_path).load(problem).run(x)
+    assert not model.exists()
+    assert not digest.exists()
+    again = TFLiteBackend(tmp_path).load(problem).run(x)
+    np.testing.assert_array_equal(good.z, again.z)
+
+
+def test_model_without_its_digest_is_rebuilt(tmp_path) -> None:
+    problem = rgg_problem(90, seed=6)
+    x = np.random.default_rng(2).uniform(-1, 1, (90, 4))
+    good = TFLiteBackend(tmp_path).load(problem).run(x)
+    (tmp_path / f"{problem.key}-f4.tflite.sha256").unlink()
+    with pytest.raises(BackendError, match="verified"):
+        TFLiteBackend(tmp_path).load(problem).run(x)
+    np.testing.assert_array_equal(TFLiteBackend(tmp_path).load(problem).run(x).z, good.z)
+
+
+def test_engine_falls_back_from_a_bit_flipped_model_then_recovers(tmp_path) -> None:
+    problem = rgg_problem(90, seed=6)
+    graph = Graph(
+        tuple(range(90)), problem.t.tocsr(), np.zeros((90, 0)), False, "g", problem.method
+    )
+    x = np.random.default_rng(2).uniform(-1, 1, (90, 4))
+    clock = [0.0]
+    backends = [TFLiteBackend(tmp_path), NumpyBackend(dtype=np.float64)]
+    engine = Engine(backends=backends, clock=lambda: clock[0])
+    graph_id = engine.register(graph)
+    assert engine.diffuse_registered(graph_id, x).backend == "tflite"
+    (model,) = tmp_path.glob("*.tflite")
+    _flip_a_weight_bit(model)
+    engine.close()  # drop the loaded interpreter: the next call loads from disk
+    result = engine.diffuse_registered(graph_id, x)
+    assert result.backend == "numpy"
+    assert result.fallbacks == ("tflite",)
+    clock[0] += 3600.0  # past the re-probe backoff: the model is rebuilt and used again
+    assert engine.diffuse_registered(graph_id, x).backend == "tflite"
 
 
 def test_corrupt_host_terms_are_rebuilt(tmp_path) -> None:
