@@ -41,6 +41,8 @@ PAGE_SIZE = 4096
 MAX_BATCH = 512
 BALLAST_BYTES = 1024 * 1024
 RECOVERY_INTERVAL_S = 1.0
+# Rows per delete transaction while the disk is full (about a page each in the WAL).
+FULL_DISK_DELETE_CHUNK = 16
 FULL_MESSAGE = "the disk is full: the outbox serves reads and deletes but takes no messages"
 MAINTENANCE_INTERVAL_S = 1.0
 EVICT_LOG_INTERVAL_S = 60.0
@@ -77,6 +79,14 @@ class OutboxStats:
 
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+def _free_bytes(directory: Path) -> int:
+    try:
+        fs = os.statvfs(directory)
+    except OSError:
+        return 0
+    return fs.f_bavail * fs.f_frsize
 
 
 def _is_full(exc: sqlite3.Error) -> bool:
@@ -232,7 +242,7 @@ class Outbox:
         conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
         conn.execute("PRAGMA journal_mode=WAL")
         # Checkpoint often enough that the WAL stays a small fraction of the budget.
-        wal_pages = policy.wal_pages(self.max_bytes, PAGE_SIZE)
+        wal_pages = policy.wal_pages(self.max_bytes, PAGE_SIZE, _free_bytes(self.path.parent))
         conn.execute(f"PRAGMA wal_autocheckpoint={wal_pages}")
         conn.execute(f"PRAGMA journal_size_limit={wal_pages * PAGE_SIZE}")
         _migrate(conn)
@@ -426,7 +436,8 @@ class Outbox:
         others = [op for op in batch if op.name != "enqueue"]
         if self._full:
             enqueues = self._refuse(enqueues, StorageFull(FULL_MESSAGE))
-        shrinks = 0
+            others = self._receipts_while_full(others)
+        shrinks, truncated = 0, False
         while True:
             try:
                 self._transaction(enqueues, others)
@@ -446,11 +457,53 @@ class Outbox:
                     self._refuse(enqueues, OutboxFull("outbox file is at its page cap"))
                     enqueues = []
                     continue
+                if not truncated:
+                    # The WAL is the one thing here that gives space back at once.
+                    truncated = True
+                    self._checkpoint_truncate()
+                    continue
                 if not enqueues or self._full:
                     self._fail(others, StorageFull("the disk is full even for deletes"))
                     return
                 self._enter_full_mode(exc)
                 enqueues = self._refuse(enqueues, StorageFull(FULL_MESSAGE))
+
+    def _receipts_while_full(self, others: list[_Op]) -> list[_Op]:
+        """Apply receipts in small chunks, giving the space back after each; returns the
+        ops left for the ordinary transaction."""
+        rest = []
+        for op in others:
+            if op.name != "receipt":
+                rest.append(op)
+                continue
+            try:
+                op.settle(sum(self._delete_chunked(first, last) for first, last in op.args[0]))
+            except sqlite3.Error as exc:
+                self._rollback()
+                self._load_accounting()
+                op.settle(error=StorageFull(f"the disk is full even for deletes: {exc}"))
+        return rest
+
+    def _delete_chunked(self, first: int, last: int) -> int:
+        """A delete dirties a page per row; on a full disk the WAL has only the ballast's room,
+        so delete a few rows per transaction and truncate the WAL in between."""
+        removed = 0
+        while True:
+            self._wconn.execute("BEGIN IMMEDIATE")
+            rows = self._wconn.execute(
+                "DELETE FROM messages WHERE seq IN (SELECT seq FROM messages "
+                "WHERE seq BETWEEN ? AND ? ORDER BY seq LIMIT ?) RETURNING priority, size",
+                (int(first), int(last), FULL_DISK_DELETE_CHUNK),
+            ).fetchall()
+            self._persist_high_water()
+            self._wconn.execute("COMMIT")
+            for priority, size in rows:
+                cost = policy.row_cost(size)
+                self._bytes_by_priority[priority] = self._bytes_by_priority.get(priority, 0) - cost
+            removed += len(rows)
+            self._compact()
+            if len(rows) < FULL_DISK_DELETE_CHUNK:
+                return removed
 
     def _refuse(self, enqueues: list[_Op], exc: BaseException) -> list[_Op]:
         """Fail these producers; their seqs are skipped, never reused for anything stored."""
@@ -690,12 +743,8 @@ class Outbox:
 
     def _disk_is_full(self, enqueues: list[_Op]) -> bool:
         """SQLITE_FULL means the page cap or the file system; only the latter has no room."""
-        try:
-            fs = os.statvfs(self.path.parent)
-        except OSError:
-            return True
         batch = sum(len(op.args[3]) for op in enqueues if isinstance(op.args[3], bytes))
-        return fs.f_bavail * fs.f_frsize < 2 * batch + policy.DISK_MARGIN_BYTES
+        return _free_bytes(self.path.parent) < 2 * batch + policy.DISK_MARGIN_BYTES
 
     def _enter_full_mode(self, exc: sqlite3.Error) -> None:
         """Free the ballast so that deletes and checkpoints have room to work in."""
@@ -710,6 +759,10 @@ class Outbox:
         """Hand freed pages back to the file system while the disk is full."""
         with contextlib.suppress(sqlite3.Error):
             self._wconn.execute("PRAGMA incremental_vacuum")
+        self._checkpoint_truncate()
+
+    def _checkpoint_truncate(self) -> None:
+        with contextlib.suppress(sqlite3.Error):
             self._wconn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def _try_recover(self) -> None:
@@ -717,6 +770,10 @@ class Outbox:
             return
         self._last_recovery = time.monotonic()
         self._compact()
+        # Re-reserving the ballast in the very space its release gave back would only fill
+        # the disk again: wait until there is room for it and a margin besides.
+        if _free_bytes(self.path.parent) < self._ballast_bytes + policy.DISK_MARGIN_BYTES:
+            return
         if self._ensure_ballast():
             self._full = False
             log.warning("outbox storage available again, accepting messages")

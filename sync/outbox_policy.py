@@ -56,9 +56,10 @@ def calibrated_budget(accounted: int, used_page_bytes: int, max_bytes: int, page
     return max(page_size, min(ceiling, int(ideal)))
 
 
-def wal_pages(max_bytes: int, page_size: int) -> int:
-    """WAL auto-checkpoint threshold: about 2 % of the budget, between 32 and 1000 pages."""
-    return max(32, min(1000, max_bytes // page_size // 50))
+def wal_pages(max_bytes: int, page_size: int, free_bytes: int) -> int:
+    """WAL auto-checkpoint threshold: about 2 % of the budget and of the free disk space,
+    between 32 and 1000 pages; on a small disk a big WAL would be what fills it."""
+    return max(32, min(1000, max_bytes // page_size // 50, free_bytes // page_size // 50))
 
 
 def eviction_headroom(budget: int) -> int:
