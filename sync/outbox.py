@@ -22,7 +22,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,6 +79,13 @@ class OutboxStats:
 
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+def _outbox_kind(kind: Kind | int) -> Kind:
+    kind = Kind(kind)
+    if kind not in OUTBOX_KINDS:
+        raise OutboxError(f"kind {kind.name.lower()} is not sent from a device outbox")
+    return kind
 
 
 def _free_bytes(directory: Path) -> int:
@@ -271,24 +278,42 @@ class Outbox:
 
     def enqueue(self, kind: Kind | int, body: Any, *, created_ms: int | None = None) -> int:
         """Seal and store one message; returns its seq once the commit is durable."""
-        kind = Kind(kind)
-        if kind not in OUTBOX_KINDS:
-            raise OutboxError(f"kind {kind.name.lower()} is not sent from a device outbox")
+        return self.enqueue_many([(kind, body)], created_ms=created_ms)[0]
+
+    def enqueue_many(
+        self, items: Sequence[tuple[Kind | int, Any]], *, created_ms: int | None = None
+    ) -> list[int]:
+        """Seal and store several messages with one hand-off to the writer; returns their
+        seqs once all are durable. Each message stands alone: if one fails (bad body, full
+        outbox) its error is raised after all were settled, and the others may be stored."""
+        kinds = [_outbox_kind(kind) for kind, _ in items]
         stamp = _now_ms() if created_ms is None else created_ms
         if self._closed:
             raise OutboxError("the outbox is closed")
         with self._alloc_lock:
-            seq = self._alloc_next
-            self._alloc_next += 1
-        sealed: bytes | BaseException = OutboxError(f"sealing seq {seq} was interrupted")
+            first = self._alloc_next
+            self._alloc_next += len(items)
+        ops = []
         try:
-            sealed = self._sealer(kind, seq, stamp, body)
+            for offset, (kind, (_, body)) in enumerate(zip(kinds, items, strict=True)):
+                ops.append(self._sealed_op(first + offset, kind, stamp, body))
         finally:
-            # Always hand the seq over, even when sealing failed: the writer commits in seq
-            # order and would otherwise wait for it forever.
-            op = _Op("enqueue", (seq, kind, stamp, sealed))
-            self._queue.put(op)
-        return int(op.wait())
+            # Hand every allocated seq over, even after a failure: the writer commits in seq
+            # order and would otherwise wait for the missing one forever.
+            for seq in range(first + len(ops), first + len(items)):
+                interrupted = OutboxError(f"sealing was interrupted before seq {seq}")
+                ops.append(_Op("enqueue", (seq, kinds[seq - first], stamp, interrupted)))
+            for op in ops:
+                self._queue.put(op)
+        # Commits follow seq order: once the last is settled, so is every earlier one.
+        return [int(op.wait()) for op in ops]
+
+    def _sealed_op(self, seq: int, kind: Kind, stamp: int, body: Any) -> _Op:
+        try:
+            sealed: bytes | BaseException = self._sealer(kind, seq, stamp, body)
+        except Exception as exc:  # noqa: BLE001 - handed to its producer via the writer
+            sealed = exc
+        return _Op("enqueue", (seq, kind, stamp, sealed))
 
     def apply_receipt(self, ranges: Iterable[tuple[int, int]]) -> int:
         """Delete every stored seq inside the inclusive ranges; returns how many went."""

@@ -293,3 +293,20 @@ def test_stats_report_per_kind_counts_bytes_and_age(outbox) -> None:
     assert stats.bytes == stats.kinds["alert"].bytes + stats.kinds["result"].bytes
     assert stats.file_bytes > 0
     assert not stats.storage_full
+
+
+def test_enqueue_many_hands_over_in_one_go_and_failures_stay_single(tmp_path) -> None:
+    def picky(kind, seq, created_ms, body):
+        if body.get("bad"):
+            raise EnvelopeError("bad_body", "refused")
+        return sealer(kind, seq, created_ms, body)
+
+    box = Outbox(tmp_path / "o.db", device_id="dev-1", sealer=picky, max_bytes=1 << 20)
+    seqs = box.enqueue_many([(Kind.RESULT, {"i": i}) for i in range(50)])
+    assert seqs == list(range(seqs[0], seqs[0] + 50))
+    with pytest.raises(EnvelopeError):
+        box.enqueue_many([(Kind.ALERT, {}), (Kind.ALERT, {"bad": True}), (Kind.TELEMETRY, {})])
+    stored = _seqs(box)
+    assert len(stored) == 52  # the good neighbours of the bad one are stored
+    assert stored[0] == seqs[-1] + 1  # the alert, first in send order
+    box.close()
