@@ -230,6 +230,7 @@ class Outbox:
         except sqlite3.Error as exc:
             raise OutboxError(f"cannot open outbox {self.path}: {exc}") from exc
         self._load_accounting()
+        self._next_seq = self._load_next_seq()
         self._alloc_lock = threading.Lock()
         self._alloc_next = self._next_seq
         self._arrived: dict[int, _Op] = {}
@@ -265,9 +266,11 @@ class Outbox:
             "SELECT priority, count(*), total(size) FROM messages GROUP BY priority"
         ):
             self._bytes_by_priority[priority] = int(size) + count * policy.ROW_OVERHEAD_BYTES
-        max_seq = conn.execute("SELECT max(seq) FROM messages").fetchone()[0] or 0
-        stored = self._counter(conn, "next_seq")
-        self._next_seq = max(stored, max_seq + 1, 1)
+
+    def _load_next_seq(self) -> int:
+        """Once, at open: the writer then owns the number (its reorder buffer waits on it)."""
+        max_seq = self._wconn.execute("SELECT max(seq) FROM messages").fetchone()[0] or 0
+        return max(self._counter(self._wconn, "next_seq"), max_seq + 1, 1)
 
     @staticmethod
     def _counter(conn: sqlite3.Connection, name: str) -> int:
@@ -305,7 +308,6 @@ class Outbox:
                 ops.append(_Op("enqueue", (seq, kinds[seq - first], stamp, interrupted)))
             for op in ops:
                 self._queue.put(op)
-        # Commits follow seq order: once the last is settled, so is every earlier one.
         return [int(op.wait()) for op in ops]
 
     def _sealed_op(self, seq: int, kind: Kind, stamp: int, body: Any) -> _Op:
@@ -419,11 +421,26 @@ class Outbox:
         self._closed = True
         self._queue.put(None)
         self._thread.join()
+        self._fail_leftovers()
         if checkpoint:
             with contextlib.suppress(sqlite3.Error):
                 self._wconn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         self._rconn.close()
         self._wconn.close()
+
+    def _fail_leftovers(self) -> None:
+        """Producers that raced close() must not wait forever for a writer that is gone."""
+        closed = OutboxError("the outbox was closed before this message was stored")
+        leftovers = list(self._arrived.values())
+        self._arrived.clear()
+        while True:
+            try:
+                op = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if op is not None:
+                leftovers.append(op)
+        self._fail(leftovers, closed)
 
     # -- the writer thread ----------------------------------------------------------------
 
@@ -438,10 +455,24 @@ class Outbox:
                 return
             batch = [first]
             stop = self._drain_into(batch)
-            self._process(batch)
-            self._maintain()
+            try:
+                self._process(batch)
+                self._maintain()
+            except Exception as exc:  # a bug here must not leave producers blocked forever
+                log.exception("outbox writer failed on a batch")
+                self._rollback()
+                self._abandon(batch, OutboxError(f"outbox writer failed: {exc}"))
             if stop:
                 return
+
+    def _abandon(self, batch: list[_Op], exc: OutboxError) -> None:
+        """Fail the batch and everything waiting for its turn, and skip past their seqs."""
+        waiting = [*batch, *self._arrived.values()]
+        self._arrived.clear()
+        self._fail(waiting, exc)
+        seqs = [op.args[0] for op in waiting if op.name == "enqueue"]
+        if seqs:
+            self._next_seq = max(self._next_seq, max(seqs) + 1)
 
     def _drain_into(self, batch: list[_Op]) -> bool:
         while len(batch) < MAX_BATCH:
@@ -540,7 +571,10 @@ class Outbox:
     def _in_seq_order(self, arrivals: list[_Op]) -> list[_Op]:
         """The contiguous run of seqs from the next expected one; later ones wait."""
         for op in arrivals:
-            self._arrived[op.args[0]] = op
+            if op.args[0] < self._next_seq:  # skipped by _abandon while still being sealed
+                op.settle(error=OutboxError(f"seq {op.args[0]} was abandoned by the writer"))
+            else:
+                self._arrived[op.args[0]] = op
         ready = []
         seq = self._next_seq
         while seq in self._arrived:

@@ -310,3 +310,29 @@ def test_enqueue_many_hands_over_in_one_go_and_failures_stay_single(tmp_path) ->
     assert len(stored) == 52  # the good neighbours of the bad one are stored
     assert stored[0] == seqs[-1] + 1  # the alert, first in send order
     box.close()
+
+
+def test_close_while_producers_run_never_leaves_one_blocked(tmp_path) -> None:
+    box = _open(tmp_path / "o.db")
+    outcomes: list[object] = []
+
+    def produce() -> None:
+        for _ in range(10_000):
+            try:
+                outcomes.append(box.enqueue(Kind.TELEMETRY, {}))
+            except OutboxError as exc:
+                outcomes.append(exc)
+                return
+
+    threads = [threading.Thread(target=produce) for _ in range(8)]
+    for t in threads:
+        t.start()
+    time.sleep(0.2)
+    box.close()
+    for t in threads:
+        t.join(timeout=10)
+    assert not any(t.is_alive() for t in threads)
+    stored = [o for o in outcomes if isinstance(o, int)]
+    reopened = _open(tmp_path / "o.db")
+    assert set(stored) <= set(_seqs(reopened))  # everything acknowledged is there
+    reopened.close()
