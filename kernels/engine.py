@@ -13,6 +13,7 @@ succeeding puts it back in the rotation, a successful run resets its backoff.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import logging
 import os
@@ -41,7 +42,7 @@ from dgdm.kernels.errors import (
 )
 from dgdm.kernels.graph import Graph, Limits, NodeId, build_adjacency, parse_weight
 from dgdm.kernels.method import Method, parse_method
-from dgdm.kernels.operator import problem_for
+from dgdm.kernels.operator import problem_for, problem_key
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ _WITH_CACHE_DIR = frozenset({"tflite", "edgetpu"})
 FIRST_BACKOFF_S = 1.0
 MAX_BACKOFF_S = 60.0
 MAX_RUNNERS = 32
+MAX_PROBLEMS = 64  # one-off topologies whose operator (and runners) are kept, LRU
 _SAFE_ID = re.compile(r"[^A-Za-z0-9._-]")
 
 
@@ -151,6 +153,7 @@ class Engine:
         self._excluded: frozenset[str] = frozenset()
         self._runners: OrderedDict[tuple[str, str], _Loaded] = OrderedDict()
         self._topologies: dict[str, _Topology] = {}
+        self._problems: OrderedDict[str, Problem] = OrderedDict()
         self._counts = {"diffusions": 0, "reprobes": 0, "precision_skips": 0}
         self._orders: dict[tuple[str, str], tuple[int, list[_Slot]]] = {}
         self._version = 0  # bumped on every health or exclusion change
@@ -160,8 +163,30 @@ class Engine:
     # -- diffusion -------------------------------------------------------------------------
 
     def diffuse(self, graph: Graph, backend: str | None = None) -> DiffusionResult:
-        """One-off diffusion of a parsed graph (its runner stays cached by topology key)."""
-        return self._run(problem_for(graph), graph.x, graph.graph_id, graph.node_ids, backend)
+        """One-off diffusion of a parsed graph. Its Problem and runners stay cached by
+        topology + method key, so a topology sent again builds nothing."""
+        problem, seen = self._problem(graph)
+        return self._run(problem, graph.x, graph.graph_id, graph.node_ids, backend, seen=seen)
+
+    def _problem(self, graph: Graph) -> tuple[Problem, bool]:
+        """The graph's Problem and whether it was seen before (cached or registered)."""
+        key = problem_key(graph.adjacency, graph.method)
+        with self._lock:
+            problem = self._problems.get(key)
+            if problem is not None:
+                self._problems.move_to_end(key)
+                return problem, True
+            for topology in self._topologies.values():
+                if topology.problem.key == key:
+                    return topology.problem, True
+        problem = problem_for(graph, key=key)  # builds T: outside the lock
+        with self._lock:
+            self._problems[key] = problem
+            while len(self._problems) > MAX_PROBLEMS:
+                old, _ = self._problems.popitem(last=False)
+                if not any(t.problem.key == old for t in self._topologies.values()):
+                    self._drop_runners(old)
+        return problem, False
 
     def diffuse_registered(
         self, graph_id: str, x: np.ndarray, backend: str | None = None
@@ -169,7 +194,7 @@ class Engine:
         """Diffuse new features over a registered topology: no parsing, no operator build."""
         topology = self._topology(graph_id)
         x = self._check_features(x, len(topology.node_ids))
-        return self._run(topology.problem, x, graph_id, topology.node_ids, backend)
+        return self._run(topology.problem, x, graph_id, topology.node_ids, backend, seen=True)
 
     def _run(
         self,
@@ -178,13 +203,15 @@ class Engine:
         graph_id: str | None,
         node_ids: tuple[NodeId, ...],
         backend: str | None,
+        *,
+        seen: bool,
     ) -> DiffusionResult:
         if x.shape[1] == 0:  # nothing to diffuse; never let it count against a backend
             raise GraphError("features", "the graph has no node features to diffuse")
         start = time.perf_counter()
         failed: list[str] = []
         reasons: list[str] = []
-        for slot in self._order(problem, backend):
+        for slot in self._order(problem, backend, None if seen else x.shape[1]):
             try:
                 loaded = self._loaded(slot, problem)
                 with loaded.lock:
@@ -234,24 +261,36 @@ class Engine:
 
     # -- backend choice and health ---------------------------------------------------------
 
-    def _order(self, problem: Problem, preferred: str | None) -> list[_Slot]:
+    def _order(
+        self, problem: Problem, preferred: str | None, first_features: int | None
+    ) -> list[_Slot]:
         """Eligible backends, the preferred one first, the rest cheapest first.
 
-        Cached per (problem, preference) until any backend's health or the exclusions
-        change, so a steady-state call does no sorting.
+        A topology seen for the first time (`first_features` is its F) is ranked by build
+        plus one call: one int8 model build costs more than many dense calls. A repeated or
+        registered one by per-call cost; that order is cached per (problem, preference)
+        until any backend's health or the exclusions change, so a steady call does no sorting.
         """
         name = self._check_name(preferred) if preferred else self._default
         with self._lock:
             self._reprobe_due()
             cached = self._orders.get((problem.key, name))
-            if cached is not None and cached[0] == self._version:
+            if first_features is None and cached is not None and cached[0] == self._version:
                 return cached[1]
             slots = [s for s in self._slots if s.eligible and s.name not in self._excluded]
             position = {s.name: i for i, s in enumerate(slots)}
-            slots.sort(key=lambda s: (s.name != name, _cost(s.name, problem), position[s.name]))
-            if len(self._orders) > 4 * MAX_RUNNERS:
-                self._orders.clear()
-            self._orders[(problem.key, name)] = (self._version, slots)
+
+            def rank(s: _Slot) -> tuple[bool, float, int]:
+                cost = _cost(s.name, problem)
+                if first_features is not None:
+                    cost = cost * first_features + _build_cost(s.name, problem)
+                return s.name != name, cost, position[s.name]
+
+            slots.sort(key=rank)
+            if first_features is None:
+                if len(self._orders) > 4 * MAX_RUNNERS:
+                    self._orders.clear()
+                self._orders[(problem.key, name)] = (self._version, slots)
             return slots
 
     def _reprobe_due(self) -> None:
@@ -355,11 +394,13 @@ class Engine:
             ]
 
     def active_backend(self) -> str:
-        """The backend that answered last, or the one auto would try first on a small graph."""
+        """The backend that answered last; before any call, the configured one when it is
+        usable, else the one auto would try first on a small repeated graph."""
         with self._lock:
             if self._last_backend is not None and self._last_backend not in self._excluded:
                 return self._last_backend
-            for slot in self._slots:
+            configured = [s for s in self._slots if s.name == self._default]
+            for slot in configured + self._slots:
                 if slot.eligible and slot.name not in self._excluded:
                     return slot.name
         return "none"
@@ -548,17 +589,46 @@ def _as_float32_bound(z: np.ndarray, bound: float) -> float:
 
 
 def _cost(name: str, problem: Problem) -> float:
-    """Rough per-call cost, to order CPU backends by speed; accelerators/unknown first."""
+    """Rough per-call cost per feature column in multiply-adds, to order CPU backends by
+    speed; accelerators/unknown first."""
     n, nnz = problem.n, problem.t.nnz
     if name == "numpy":
         return float(n) * n
     if name == "tflite":
         return float(n) * n / 8.0  # int8 GEMM, ~8x numpy float32 (KERNELS-FACTS)
     if name == "sparse":
-        coeffs = series_coefficients(problem.method)
-        products = (len(coeffs) - 1) if coeffs is not None else 40
-        return 4.0 * nnz * max(products, 1)  # gathers cost ~4x a dense multiply-add
+        return 4.0 * nnz * _products(problem)  # gathers cost ~4x a dense multiply-add
     return 0.0
+
+
+# Build costs in the same units (~2e10 multiply-adds/s for float32 BLAS here), fitted to
+# loads measured at N = 50 .. 3,000: fixed Python overhead ~0.2 ms dense and ~0.5 ms sparse
+# (+ its reordering), and an int8 model written, loaded and calibrated ~20 ms.
+_DENSE_FIXED = 4e6
+_SPARSE_FIXED = 1e7
+_INT8_MODEL_FIXED = 4e8
+
+
+def _build_cost(name: str, problem: Problem) -> float:
+    """Rough cost of `Backend.load` for a topology seen for the first time."""
+    n, nnz = float(problem.n), float(problem.t.nnz)
+    exact = series_coefficients(problem.method) is None
+    if name == "numpy":
+        if exact:  # a dense solve or expm
+            return _DENSE_FIXED + (10.0 if problem.method.kind == "heat" else 3.0) * n**3
+        return _DENSE_FIXED + 16.0 * nnz * n * _products(problem)  # sparse T @ dense P
+    if name == "tflite":
+        return _INT8_MODEL_FIXED + _build_cost("numpy", problem) + 10.0 * n * n
+    if name == "sparse":
+        lu = 20.0 * nnz**1.5 if exact and problem.method.kind == "ppr" else 0.0
+        return _SPARSE_FIXED + 1e4 * nnz + lu
+    return 0.0
+
+
+def _products(problem: Problem) -> int:
+    """Products with T per call of the series form; an exact form counts as ~40."""
+    coeffs = series_coefficients(problem.method)
+    return max((len(coeffs) - 1) if coeffs is not None else 40, 1)
 
 
 def _discover(cache_dir: Path | None, now: float) -> list[_Slot]:

@@ -6,6 +6,7 @@ hash of exactly the inputs T and the method depend on, so caches keyed by it are
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 
@@ -54,15 +55,22 @@ def problem_key(adjacency: sp.csr_matrix, method: Method) -> str:
     digest.update(np.ascontiguousarray(adjacency.indptr, dtype=np.int64).tobytes())
     digest.update(np.ascontiguousarray(adjacency.indices, dtype=np.int64).tobytes())
     digest.update(np.ascontiguousarray(adjacency.data, dtype=np.float64).tobytes())
-    digest.update(json.dumps(method.to_json(), sort_keys=True).encode())
+    digest.update(_method_bytes(method))
     return digest.hexdigest()
 
 
-def problem_for(graph: Graph, method: Method | None = None) -> Problem:
-    """The Problem (key, T, method) of a validated graph, with its own or another method."""
+@functools.lru_cache(maxsize=256)
+def _method_bytes(method: Method) -> bytes:
+    """A method's canonical JSON; a request usually names one of very few methods."""
+    return json.dumps(method.to_json(), sort_keys=True).encode()
+
+
+def problem_for(graph: Graph, method: Method | None = None, key: str | None = None) -> Problem:
+    """The Problem (key, T, method) of a validated graph, with its own or another method
+    (`key` when the caller has already hashed it)."""
     method = method or graph.method
     return Problem(
-        problem_key(graph.adjacency, method),
+        key or problem_key(graph.adjacency, method),
         normalized_operator(graph.adjacency, method),
         method,
     )
