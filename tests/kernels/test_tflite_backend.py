@@ -135,7 +135,8 @@ def test_models_cached_on_disk_and_reused(tmp_path) -> None:
     x = np.random.default_rng(0).uniform(-1, 1, (100, 6))
     first = TFLiteBackend(tmp_path).load(problem).run(x)
     files = sorted(p.name for p in tmp_path.iterdir())
-    assert files == [f"{problem.key}-f6.tflite", f"{problem.key}.host.npz"]
+    model = f"{problem.key}-f6.tflite"
+    assert files == [model, f"{model}.sha256", f"{problem.key}.host.npz"]
     mtime = (tmp_path / files[0]).stat().st_mtime_ns
     second = TFLiteBackend(tmp_path).load(problem).run(x)
     assert (tmp_path / files[0]).stat().st_mtime_ns == mtime  # loaded, not rebuilt
