@@ -113,6 +113,17 @@ def _calibrate_output_range(dequant: np.ndarray, never_clip: float, seed: int) -
     return min(max(observed * CALIBRATION_HEADROOM, never_clip / 16), never_clip)
 
 
+class Workspace:
+    """Two (F, N) float32 buffers reused by every call of one session: X^T and scratch.
+
+    A call then allocates only its result; numpy's ufuncs write into them with `out=`.
+    """
+
+    def __init__(self, features: int, n: int) -> None:
+        self.xt = np.empty((features, n), dtype=np.float32)
+        self.scratch = np.empty((features, n), dtype=np.float32)
+
+
 @dataclass
 class Prepared:
     """Host-side state of one call: X^T and how each column was shifted and scaled."""
@@ -123,15 +134,17 @@ class Prepared:
     scales: np.ndarray  # (F,) xs = (x - m) / scale, scale = range / gain; 0 for zero columns
     centred_norm2: float  # ||X - 1 m^T||_F^2
     rounding_bias: np.ndarray  # (F,) mean input rounding error per column, in x/scale units
+    scratch: np.ndarray  # (F, N) float32 work buffer
 
 
-def prepare(x: np.ndarray, gains: np.ndarray, dst: np.ndarray) -> Prepared:
+def prepare(x: np.ndarray, gains: np.ndarray, dst: np.ndarray, ws: Workspace) -> Prepared:
     """Centre/scale X (N, F) and write round(127 xs)^T into `dst` (int8, F x N).
 
-    Works on a contiguous copy of X^T: numpy reductions along axis 0 of a tall, narrow
-    array are ~10x slower than along rows, and the model wants X^T anyway.
+    Works on a contiguous copy of X^T (in `ws.xt`): numpy reductions along axis 0 of a
+    tall, narrow array are ~10x slower than along rows, and the model wants X^T anyway.
     """
-    xt = np.ascontiguousarray(x.T, dtype=np.float32)
+    xt = ws.xt
+    np.copyto(xt, x.T)
     xmax, xmin = xt.max(axis=1), xt.min(axis=1)
     means = xt.sum(axis=1) / np.float32(xt.shape[1])
     amax = np.maximum(xmax, -xmin)
@@ -142,7 +155,7 @@ def prepare(x: np.ndarray, gains: np.ndarray, dst: np.ndarray) -> Prepared:
     flat = xt.ravel()
     norm2 = max(float(np.dot(flat, flat)) - xt.shape[1] * float(np.dot(means, means)), 0.0)
     bias = np.zeros_like(means)
-    prep = Prepared(xt, means, ranges, ranges / gains, norm2, bias)
+    prep = Prepared(xt, means, ranges, ranges / gains, norm2, bias, ws.scratch)
     quantize_columns(prep, slice(None), dst)
     return prep
 
@@ -150,7 +163,10 @@ def prepare(x: np.ndarray, gains: np.ndarray, dst: np.ndarray) -> Prepared:
 def quantize_columns(prep: Prepared, cols, dst: np.ndarray) -> None:
     """dst[cols] = round(127 (x - m) / scale) for the selected feature columns."""
     safe = np.where(prep.scales[cols] > 0, prep.scales[cols], np.float32(1.0))
-    xs = prep.xt[cols] - prep.means[cols, None]
+    if isinstance(cols, slice):  # every column: the scratch buffer, no temporaries
+        xs = np.subtract(prep.xt, prep.means[:, None], out=prep.scratch)
+    else:  # a few saturated columns (fancy indexing copies anyway)
+        xs = prep.xt[cols] - prep.means[cols, None]
     xs *= (QMAX / safe)[:, None]
     before = xs.sum(axis=1)
     np.rint(xs, out=xs)
@@ -166,10 +182,16 @@ def requantize_columns(prep: Prepared, cols: np.ndarray, gains: np.ndarray, dst)
     quantize_columns(prep, cols, dst)
 
 
-def saturated_columns(q_t: np.ndarray) -> np.ndarray:
-    """Indices of output columns (rows of the F x N output) that touch the int8 limits."""
-    hit = (q_t.max(axis=1) >= QMAX) | (q_t.min(axis=1) <= -QMAX - 1)
-    return np.flatnonzero(hit)
+def output_extremes(q_t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per output column (row of the F x N output) its largest and smallest int8 value;
+    computed once per invoke, they serve both the saturation test and the gain raise."""
+    return q_t.max(axis=1), q_t.min(axis=1)
+
+
+def saturated_columns(extremes: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """Indices of output columns that touch the int8 limits."""
+    high, low = extremes
+    return np.flatnonzero((high >= QMAX) | (low <= -QMAX - 1))
 
 
 def error_bound(qop_host: HostTerms, output_scale: float, prep: Prepared, z_norm: float) -> float:

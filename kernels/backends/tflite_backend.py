@@ -234,6 +234,7 @@ class Session:
         self._host = host
         self._output_scale = float(out["quantization"][0])
         self._gains = np.ones(features, dtype=np.float32)
+        self._workspace = q.Workspace(features, n)
 
     def run(self, x: np.ndarray) -> RunOutput:
         zt, bound = self._attempt(x)
@@ -249,9 +250,10 @@ class Session:
         return RunOutput(zt.T, bound)
 
     def _attempt(self, x: np.ndarray) -> tuple[np.ndarray, float]:
-        prep = q.prepare(x, self._gains, self._input()[0, 0])
+        prep = q.prepare(x, self._gains, self._input()[0, 0], self._workspace)
         self.invoke()
-        saturated = q.saturated_columns(self._output()[0, 0])
+        extremes = q.output_extremes(self._output()[0, 0])
+        saturated = q.saturated_columns(extremes)
         for _ in range(MAX_RETRIES):
             if not saturated.size:
                 break
@@ -259,10 +261,12 @@ class Session:
             self._gains[saturated] *= 0.5
             q.requantize_columns(prep, saturated, self._gains, self._input()[0, 0])
             self.invoke()
-            saturated = q.saturated_columns(self._output()[0, 0])
+            extremes = q.output_extremes(self._output()[0, 0])
+            saturated = q.saturated_columns(extremes)
         if saturated.size:
             raise BackendError("the int8 output still saturates after lowering the input gain.")
         zt = self._dequantize(prep)
+        self._raise_gains_with_headroom(extremes)
         flat = zt.ravel()
         z_norm = math.sqrt(float(np.dot(flat, flat)))
         return zt, q.error_bound(self._host, self._output_scale, prep, z_norm)
@@ -270,19 +274,17 @@ class Session:
     def _dequantize(self, prep: q.Prepared) -> np.ndarray:
         """Z^T (F, N) = s * out + diag(P) X^T + m (O 1)^T, all rows contiguous."""
         out_t = self._output()[0, 0]
-        zt = out_t * (prep.scales * np.float32(self._output_scale))[:, None]
-        zt += prep.xt * self._host.diagonal
+        zt = np.multiply(out_t, (prep.scales * np.float32(self._output_scale))[:, None])
+        zt += np.multiply(prep.xt, self._host.diagonal, out=prep.scratch)
         if prep.means.any():
             zt += np.multiply.outer(prep.means, self._host.row_sums)
-        self._raise_gains_with_headroom(out_t)
         return zt
 
-    def _raise_gains_with_headroom(self, out_t: np.ndarray) -> None:
+    def _raise_gains_with_headroom(self, extremes: tuple[np.ndarray, np.ndarray]) -> None:
         """Give columns back their gain when their output used < 45 % of the range."""
-        lowered = self._gains < 1.0
-        if lowered.any():
-            peak = np.abs(out_t[lowered].astype(np.int16)).max(axis=1)
-            self._gains[np.flatnonzero(lowered)[peak < 0.45 * q.QMAX]] *= 2.0
+        high, low = extremes
+        peak = np.maximum(high, -low.astype(np.int16))
+        self._gains[(self._gains < 1.0) & (peak < 0.45 * q.QMAX)] *= 2.0
 
 
 def _check_io(inp: dict, out: dict, n: int, features: int) -> None:
