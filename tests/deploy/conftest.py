@@ -1,11 +1,12 @@
-"""A real run of site.yml against this machine: localhost as the broker and an edge agent.
+"""A real run of site.yml against this machine: localhost as broker, coordinator and agent.
 
 One playbook run per session (Ansible is slow to start each task), into a temporary root
 prefix with service management, packages and accounts off; files are owned by root. The
 broker role makes the fleet CA, the broker's certificate and a mosquitto config, which the
 `fleet` fixture starts on a free loopback port; the agent role installs a wheel built from
-this checkout into a release venv, makes the device key and a client certificate signed by
-that CA, and templates agent.toml pointing at that broker over mutual TLS.
+this checkout into a release venv, makes the device key, enrols it at the coordinator
+(installed by its role from the same wheel), gets a client certificate signed by that CA,
+and templates agent.toml pointing at that broker over mutual TLS.
 
 The wheel goes in with `pip --no-deps --no-index` (fast, no network): its dependencies come
 from the environment running the tests through PYTHONPATH, because under CI's venv
@@ -31,11 +32,11 @@ from pathlib import Path
 import pytest
 
 from dgdm.sync.broker import free_port, mosquitto_path
-from dgdm.sync.crypto import generate_keypair
 
 REPO = Path(__file__).resolve().parents[2]
 ANSIBLE_DIR = REPO / "ansible"
 DEVICE_ID = "edge-test-0001"
+GROUPS = ("dgdm_broker", "dgdm_coordinator", "dgdm_agents")
 
 
 def tool(name: str) -> str | None:
@@ -67,7 +68,7 @@ def recap(result: subprocess.CompletedProcess[str]) -> dict[str, int]:
 
 
 class Fleet:
-    """localhost as broker and agent host, in a root prefix under `base`."""
+    """localhost as broker, coordinator and agent host, in a root prefix under `base`."""
 
     def __init__(self, base: Path, wheel: Path) -> None:
         self.base = base
@@ -76,17 +77,16 @@ class Fleet:
         self.agent_port = free_port()
         self.broker_port = free_port()
         self.broker_url = f"mqtts://127.0.0.1:{self.broker_port}"
+        self.coordinator_port = free_port()
         self.broker: subprocess.Popen[bytes] | None = None
-        _, _, coordinator_b64 = generate_keypair(base / "coordinator", name="coordinator")
         self.inventory = base / "hosts.json"
         local = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable}
-        groups = {"dgdm_broker": {"hosts": {"localhost": local}}, "dgdm_agents": {"hosts": {}}}
-        groups["dgdm_agents"]["hosts"]["localhost"] = local
+        groups = {group: {"hosts": {"localhost": local}} for group in GROUPS}
         self.inventory.write_text(json.dumps({"all": {"children": groups}}))
         self.extra_vars = base / "vars.json"
-        self.extra_vars.write_text(json.dumps(self._vars(wheel, coordinator_b64)))
+        self.extra_vars.write_text(json.dumps(self._vars(wheel)))
 
-    def _vars(self, wheel: Path, coordinator_b64: str) -> dict[str, object]:
+    def _vars(self, wheel: Path) -> dict[str, object]:
         return {
             "dgdm_prefix": str(self.prefix),
             "dgdm_manage_service": False,
@@ -97,13 +97,18 @@ class Fleet:
             "dgdm_python": sys.executable,
             "dgdm_pip_args": ["--no-deps", "--no-index"],
             "dgdm_broker_url": self.broker_url,
-            "dgdm_coordinator_public_key": coordinator_b64,
+            # As in the example group_vars: written by the coordinator play, read by agents.
+            "dgdm_coordinator_public_key": "{{ lookup('ansible.builtin.file', dgdm_pki_dir"
+            " + '/coordinator.b64') }}",
             # mosquitto drops to this user, and the pytest tmp dir is root-only.
             "dgdm_broker_user": "root",
             "dgdm_broker_port": self.broker_port,
             "dgdm_broker_bind": "127.0.0.1",
             "dgdm_broker_server_name": "localhost",
             "dgdm_broker_server_ips": ["127.0.0.1"],
+            "dgdm_coordinator_user": "root",
+            "dgdm_coordinator_group": "root",
+            "dgdm_coordinator_http_port": self.coordinator_port,
             "dgdm_agent_user": "root",
             "dgdm_agent_group": "root",
             "dgdm_agent_tpu": False,

@@ -7,6 +7,7 @@ TLS. A second run of the playbook must change nothing.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -20,6 +21,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from dgdm.sync.crypto import load_public_key, raw_public
 
 from .conftest import (
     ANSIBLE_DIR,
@@ -77,11 +80,29 @@ def test_role_installs_release_config_keys_and_unit(fleet: Fleet) -> None:
     assert fleet.path("/etc/dgdm/tls/client.key").stat().st_mode & 0o777 == 0o640
     fetched = fleet.base / "pubkeys" / f"{DEVICE_ID}.pub"
     assert fetched.read_text() == fleet.path("/etc/dgdm/device.pub").read_text()
-    assert (fleet.pki / "certs" / f"{DEVICE_ID}.pem").exists()
+    assert (fleet.pki / "clients" / f"{DEVICE_ID}.pem").exists()
 
 
 @pytest.mark.slow
-def test_installed_agent_is_healthy_and_reaches_the_broker(fleet: Fleet) -> None:
+def test_device_is_enrolled_with_its_own_key(fleet: Fleet) -> None:
+    listed = subprocess.run(
+        [
+            *(str(fleet.path("/opt/dgdm/current/bin/dgdm")), "coordinator", "devices", "list"),
+            *("--config", str(fleet.path("/etc/dgdm/coordinator.toml"))),
+        ],
+        env=fleet.env(),
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    devices = {d["device_id"]: d["public_key"] for d in map(json.loads, listed.splitlines())}
+    device_pub = load_public_key(fleet.path("/etc/dgdm/device.pub").read_text())
+    assert devices == {DEVICE_ID: base64.b64encode(raw_public(device_pub)).decode()}
+
+
+@pytest.mark.slow
+def test_installed_agent_is_healthy_and_online_at_the_coordinator(fleet: Fleet) -> None:
+    """The deployed configs work together: agent -> broker (mTLS, ACL) -> coordinator."""
     python = fleet.path("/opt/dgdm/current/bin/python")
     where = subprocess.run(
         [str(python), "-c", "import dgdm.agent; print(dgdm.agent.__file__)"],
@@ -91,26 +112,20 @@ def test_installed_agent_is_healthy_and_reaches_the_broker(fleet: Fleet) -> None
         check=True,
     ).stdout.strip()
     assert Path(where).resolve().is_relative_to(fleet.path("/opt/dgdm/releases")), where
-    dgdm = fleet.path("/opt/dgdm/current/bin/dgdm")
-    log_path = fleet.base / "agent.log"
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(
-            [str(dgdm), "agent", "--config", str(fleet.path("/etc/dgdm/agent.toml"))],
-            env=fleet.env(),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+    coordinator = _start(fleet, "coordinator", "/etc/dgdm/coordinator.toml")
+    agent = _start(fleet, "agent", "/etc/dgdm/agent.toml")
     try:
         url = f"http://127.0.0.1:{fleet.agent_port}"
-        assert _wait_for(lambda: _get_json(f"{url}/healthz"), proc, log_path)["status"] == "ok"
-        status = _wait_for(
-            lambda: _connected(_get_json(f"{url}/status")), proc, log_path, what="broker"
-        )
+        assert _wait_for(lambda: _get_json(f"{url}/healthz"), agent)["status"] == "ok"
+        status = _wait_for(lambda: _connected(_get_json(f"{url}/status")), agent, "broker")
         assert status["device_id"] == DEVICE_ID
+        device_url = f"http://127.0.0.1:{fleet.coordinator_port}/devices/{DEVICE_ID}"
+        _wait_for(lambda: _online(_get_json(device_url)), coordinator, "coordinator")
     finally:
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(timeout=20)
-    assert code == 0, log_path.read_text()[-3000:]
+        codes = {
+            name: _stop(proc) for name, proc in (("agent", agent), ("coordinator", coordinator))
+        }
+    assert codes == {"agent": 0, "coordinator": 0}, _logs(fleet)
 
 
 @pytest.mark.slow
@@ -118,30 +133,6 @@ def test_second_run_changes_nothing(fleet: Fleet) -> None:
     result = fleet.play()
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
     assert recap(result)["changed"] == 0, result.stdout[-6000:]
-
-
-def _get_json(url: str) -> dict:
-    with urllib.request.urlopen(url, timeout=5) as response:
-        assert response.status == 200
-        return json.loads(response.read())
-
-
-def _connected(status: dict) -> dict:
-    if not status["broker"]["connected"]:
-        raise ConnectionError("agent not connected to the broker yet")
-    return status
-
-
-def _wait_for(probe, proc: subprocess.Popen[bytes], log: Path, what: str = "/healthz") -> dict:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"agent exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            return probe()
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            time.sleep(0.2)
-    pytest.fail(f"{what} not ready within 30 s:\n{log.read_text()[-3000:]}")
 
 
 @pytest.mark.slow
@@ -155,7 +146,8 @@ def test_failed_health_gate_rolls_back_and_stops_the_play(fleet: Fleet, tmp_path
     config_before = config.read_text()
     agents_only = tmp_path / "agents.json"
     inventory = json.loads(fleet.inventory.read_text())
-    del inventory["all"]["children"]["dgdm_broker"]
+    for group in ("dgdm_broker", "dgdm_coordinator"):
+        del inventory["all"]["children"][group]
     agents_only.write_text(json.dumps(inventory))
     extra = json.loads(fleet.extra_vars.read_text())
     extra.update(
@@ -185,6 +177,72 @@ def test_failed_health_gate_rolls_back_and_stops_the_play(fleet: Fleet, tmp_path
     assert fleet.path("/opt/dgdm/releases/0.1.1/bin/dgdm").exists()
     assert os.readlink(fleet.path("/opt/dgdm/current")) == "releases/0.1.0"
     assert config.read_text() == config_before
+
+
+def _get_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        assert response.status == 200
+        return json.loads(response.read())
+
+
+def _connected(status: dict) -> dict:
+    if not status["broker"]["connected"]:
+        raise ConnectionError("agent not connected to the broker yet")
+    return status
+
+
+def _online(device: dict) -> dict:
+    if not device.get("online"):
+        raise ConnectionError("device not online at the coordinator yet")
+    return device
+
+
+def _start(fleet: Fleet, command: str, config: str) -> subprocess.Popen[bytes]:
+    """`dgdm COMMAND` from the installed release with its templated config."""
+    with (fleet.base / f"{command}.log").open("w") as log:
+        proc = subprocess.Popen(
+            [
+                str(fleet.path("/opt/dgdm/current/bin/dgdm")),
+                command,
+                "--config",
+                fleet.path(config),
+            ],
+            env=fleet.env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    proc.log = fleet.base / f"{command}.log"  # type: ignore[attr-defined]
+    return proc
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> int | None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        return None
+
+
+def _logs(fleet: Fleet) -> str:
+    return "\n".join(
+        f"--- {name}.log\n" + (fleet.base / f"{name}.log").read_text()[-3000:]
+        for name in ("agent", "coordinator")
+    )
+
+
+def _wait_for(probe, proc: subprocess.Popen[bytes], what: str = "/healthz") -> dict:
+    log = proc.log  # type: ignore[attr-defined]
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"{log.name}: exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            return probe()
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            time.sleep(0.2)
+    pytest.fail(f"{what} not ready within 30 s:\n{log.read_text()[-3000:]}")
 
 
 def _wheel_with_version(tmp_path: Path, version: str) -> Path:
