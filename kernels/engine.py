@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from dgdm.kernels.backends.base import Backend, Problem, Runner
+from dgdm.kernels.backends.base import Backend, Problem, Runner, RunOutput
 from dgdm.kernels.diffusion import FLOAT32_UNIT, series_coefficients
 from dgdm.kernels.errors import (
     BackendError,
@@ -171,14 +171,9 @@ class Engine:
     def _problem(self, graph: Graph) -> tuple[Problem, bool]:
         """The graph's Problem and whether it was seen before (cached or registered)."""
         key = problem_key(graph.adjacency, graph.method)
-        with self._lock:
-            problem = self._problems.get(key)
-            if problem is not None:
-                self._problems.move_to_end(key)
-                return problem, True
-            for topology in self._topologies.values():
-                if topology.problem.key == key:
-                    return topology.problem, True
+        known = self._known_problem(key)
+        if known is not None:
+            return known, True
         problem = problem_for(graph, key=key)  # builds T: outside the lock
         with self._lock:
             self._problems[key] = problem
@@ -187,6 +182,49 @@ class Engine:
                 if not any(t.problem.key == old for t in self._topologies.values()):
                     self._drop_runners(old)
         return problem, False
+
+    def _known_problem(self, key: str) -> Problem | None:
+        with self._lock:
+            problem = self._problems.get(key)
+            if problem is not None:
+                self._problems.move_to_end(key)
+                return problem
+            for topology in self._topologies.values():
+                if topology.problem.key == key:
+                    return topology.problem
+        return None
+
+    def diffuse_ready(self, graph: Graph, backend: str | None = None) -> DiffusionResult | None:
+        """`diffuse`, but only when it is quick: the topology was seen before and the backend
+        it would use has its runner loaded and free. Otherwise None, with nothing built,
+        waited for or counted; the caller then uses `diffuse` where waiting is fine. Lets the
+        agent answer a small repeated graph without a thread hop (which costs more than the
+        diffusion). A runner failing here is recorded like in `diffuse`, and None returned."""
+        if graph.x.shape[1] == 0:
+            return None
+        problem = self._known_problem(problem_key(graph.adjacency, graph.method))
+        slots = self._order(problem, backend, None) if problem is not None else []
+        if problem is None or not slots:
+            return None
+        slot = slots[0]
+        with self._lock:
+            loaded = self._runners.get((problem.key, slot.name))
+        if loaded is None or not loaded.lock.acquire(blocking=False):
+            return None
+        start = time.perf_counter()
+        try:
+            out = loaded.runner.run(graph.x)
+        except (BackendUnavailable, PrecisionExceeded):
+            return None
+        except Exception as exc:  # noqa: BLE001 - as in _run: `diffuse` tries the next one
+            self._record_failure(slot, problem, exc)
+            return None
+        finally:
+            loaded.lock.release()
+        self._record_success(slot, fell_back=False)
+        return self._result(
+            problem, slot, out, start, graph_id=graph.graph_id, node_ids=graph.node_ids, failed=()
+        )
 
     def diffuse_registered(
         self, graph_id: str, x: np.ndarray, backend: str | None = None
@@ -228,19 +266,40 @@ class Engine:
                 reasons.append(f"{slot.name}: {exc}")
                 continue
             self._record_success(slot, fell_back=bool(failed))
-            return DiffusionResult(
-                job_id=os.urandom(16).hex(),
+            return self._result(
+                problem,
+                slot,
+                out,
+                start,
                 graph_id=graph_id,
-                method=problem.method,
-                backend=slot.name,
-                latency_ms=(time.perf_counter() - start) * 1000.0,
-                error_bound=_as_float32_bound(out.z, out.error_bound),
                 node_ids=node_ids,
-                embedding=np.asarray(out.z, dtype=np.float32),
-                fallbacks=tuple(failed),
+                failed=tuple(failed),
             )
         detail = "; ".join(reasons) or "every backend is excluded, unavailable or unhealthy"
         raise BackendError(f"no backend could run this diffusion ({detail})")
+
+    @staticmethod
+    def _result(
+        problem: Problem,
+        slot: _Slot,
+        out: RunOutput,
+        start: float,
+        *,
+        graph_id: str | None,
+        node_ids: tuple[NodeId, ...],
+        failed: tuple[str, ...],
+    ) -> DiffusionResult:
+        return DiffusionResult(
+            job_id=os.urandom(16).hex(),
+            graph_id=graph_id,
+            method=problem.method,
+            backend=slot.name,
+            latency_ms=(time.perf_counter() - start) * 1000.0,
+            error_bound=_as_float32_bound(out.z, out.error_bound),
+            node_ids=node_ids,
+            embedding=np.asarray(out.z, dtype=np.float32),
+            fallbacks=failed,
+        )
 
     def _check_features(self, x: Any, n: int) -> np.ndarray:
         x = np.asarray(x)
@@ -636,16 +695,85 @@ def _discover(cache_dir: Path | None, now: float) -> list[_Slot]:
 
 
 def _construct(name: str, cache_dir: Path | None, now: float) -> _Slot:
-    module_name, class_name = _BACKEND_CLASSES[name]
+    args = (cache_dir / name if cache_dir else None,) if name in _WITH_CACHE_DIR else ()
+    if name in _CHEAP_PROBES:
+        return _probed(name, _DeferredBackend(name, args, _CHEAP_PROBES[name]), now)
     try:
-        cls = getattr(importlib.import_module(module_name), class_name)
-        args = (cache_dir / name if cache_dir else None,) if name in _WITH_CACHE_DIR else ()
-        backend = cls(*args)
+        backend = _backend_class(name)(*args)
     except ImportError as exc:
         return _Slot(name, None, False, f"{name} is not installed ({exc}).")
     except Exception as exc:  # noqa: BLE001 - a backend that cannot start is only unavailable
         return _Slot(name, None, False, f"{name} could not start: {exc}")
     return _probed(name, backend, now)
+
+
+def _backend_class(name: str) -> Any:
+    module_name, class_name = _BACKEND_CLASSES[name]
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+class _DeferredBackend:
+    """A backend whose module is imported on its first `load`, not when the engine starts:
+    the int8 ones bring the TFLite schema and runtime (~12 MB), sparse brings scipy's csgraph
+    and linalg (~11 MB); an agent that only diffuses small graphs on numpy never pays for
+    them. Until then `probe` is a cheap check that the packages are installed (and, for the
+    Edge TPU, that one is attached); after, it is the backend's own."""
+
+    def __init__(self, name: str, args: tuple[Any, ...], cheap_probe: Callable[[], None]) -> None:
+        self.name = name
+        self._args = args
+        self._cheap_probe = cheap_probe
+        self._backend: Backend | None = None
+        self._lock = threading.Lock()
+
+    def probe(self) -> None:
+        backend = self._backend
+        if backend is None:
+            self._cheap_probe()
+        else:
+            backend.probe()
+
+    def load(self, problem: Problem) -> Runner:
+        return self._loaded().load(problem)
+
+    def _loaded(self) -> Backend:
+        with self._lock:
+            if self._backend is None:
+                try:
+                    backend = _backend_class(self.name)(*self._args)
+                except ImportError as exc:
+                    raise BackendUnavailable(f"{self.name} is not installed ({exc}).") from exc
+                backend.probe()
+                self._backend = backend
+            return self._backend
+
+
+def _tflite_installed() -> None:
+    for package in ("flatbuffers", "tflite"):  # the model writer
+        if importlib.util.find_spec(package) is None:
+            raise BackendUnavailable(f"tflite is not installed (no {package} package).")
+    if not any(importlib.util.find_spec(m) for m in ("ai_edge_litert", "tflite_runtime")):
+        raise BackendUnavailable("neither ai-edge-litert nor tflite-runtime is installed.")
+
+
+def _edgetpu_attached() -> None:
+    from dgdm.kernels import edgetpu
+
+    state = edgetpu.discover()
+    if not state.present:
+        raise BackendUnavailable(state.reason)
+    _tflite_installed()
+
+
+def _always() -> None:
+    """scipy.sparse is a dependency; only its csgraph (~11 MB with scipy.linalg) waits."""
+
+
+_CHEAP_PROBES: dict[str, Callable[[], None]] = {
+    "sparse": _always,
+    "tflite": _tflite_installed,
+    "edgetpu": _edgetpu_attached,
+}
 
 
 def _given(backends: Sequence[Backend], now: float) -> list[_Slot]:
