@@ -69,15 +69,26 @@ def main(args: argparse.Namespace) -> int:
     rows: list[dict[str, Any]] = []
     print(
         f"dgdm bench kernels: ppr k={args.k}, random geometric graphs (avg degree ~8), "
-        f"1 thread, median of {repeats}"
+        f"1 thread, median of {repeats}; {_load_note()}"
     )
     for n in sizes:
         rows += _bench_size(n, args, repeats)
     _print_ratios(rows)
+    print(f"at the end: {_load_note()}")
     if args.json_out:
         with open(args.json_out, "w", encoding="utf-8") as f:
             json.dump(rows, f, indent=1)
     return 0
+
+
+def _load_note() -> str:
+    """The machine's load: on a shared host absolute times inflate with it, while ratios
+    (every implementation timed round-robin in the same rounds) stay comparable."""
+    try:
+        one_minute = os.getloadavg()[0]
+    except (AttributeError, OSError):  # not every platform has a load average
+        return "load average unknown"
+    return f"load average {one_minute:.2f} on {os.cpu_count()} CPUs"
 
 
 def _single_thread() -> None:

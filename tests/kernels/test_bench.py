@@ -31,6 +31,7 @@ def test_tiny_run_reports_medians(tmp_path, capsys) -> None:
     text = capsys.readouterr().out
     assert "N = 60" in text
     assert "ratios" in text
+    assert text.count("load average") == 2  # start and end: how noisy the figures are
 
 
 def test_random_geometric_has_the_asked_average_degree() -> None:
