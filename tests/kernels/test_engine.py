@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -23,7 +25,7 @@ from dgdm.kernels.errors import (
     PrecisionExceeded,
     UnknownTopology,
 )
-from dgdm.kernels.graph import parse_graph_json
+from dgdm.kernels.graph import Graph, parse_graph_json
 from dgdm.kernels.method import Method
 from dgdm.kernels.operator import problem_for
 
@@ -346,3 +348,82 @@ def test_close_releases_runners_and_keeps_topologies(karate) -> None:
     assert engine.topologies()[0]["graph_id"] == "karate"
     result = engine.diffuse_registered("karate", karate.x)  # rebuilt on demand
     assert rel(result.embedding, expected_for(karate)) <= result.error_bound
+
+
+class CountingBackend(NumpyBackend):
+    """The real dense backend, counting how often a runner is built."""
+
+    def __init__(self, name: str = "numpy") -> None:
+        super().__init__()
+        self.name = name
+        self.loads = 0
+
+    def load(self, problem: Problem):
+        self.loads += 1
+        return super().load(problem)
+
+
+def test_a_repeated_one_off_topology_builds_nothing(karate, monkeypatch) -> None:
+    from dgdm.kernels import engine as engine_module
+
+    backend = CountingBackend()
+    engine = Engine(backends=[backend])
+    builds = []
+    real = engine_module.problem_for
+    monkeypatch.setattr(
+        engine_module, "problem_for", lambda *a, **k: builds.append(1) or real(*a, **k)
+    )
+    x = np.random.default_rng(1).random(karate.x.shape)
+    first = engine.diffuse(karate)
+    again = engine.diffuse(Graph(karate.node_ids, karate.adjacency.copy(), x, False, None))
+    assert (len(builds), backend.loads) == (1, 1)
+    assert (
+        rel(again.embedding, diffuse(problem_for(karate).t, karate.method, x)) <= again.error_bound
+    )
+    assert first.backend == again.backend == "numpy"
+
+
+def test_one_off_graphs_first_run_on_the_cpu_then_int8_once_repeated(tmp_path) -> None:
+    """An int8 model costs ~20 ms to build: never for a graph seen once."""
+    from dgdm.kernels.backends.tflite_backend import TFLiteBackend
+
+    graph = graph_from_nx(geometric(100, 3), np.random.default_rng(3).random((100, 16)))
+    engine = Engine(backends=[TFLiteBackend(tmp_path), NumpyBackend()])
+    assert engine.diffuse(graph).backend == "numpy"
+    assert not list(tmp_path.glob("*.tflite"))
+    assert engine.diffuse(graph).backend == "tflite"
+    assert engine.diffuse(graph, backend="numpy").backend == "numpy"
+
+
+def test_diffuse_ready_only_answers_what_needs_no_build(karate) -> None:
+    backend = CountingBackend()
+    engine = Engine(backends=[backend])
+    assert engine.diffuse_ready(karate) is None
+    assert (backend.loads, engine.stats()["diffusions"]) == (0, 0)
+    engine.diffuse(karate)
+    ready = engine.diffuse_ready(karate)
+    assert ready is not None
+    assert ready.backend == "numpy"
+    assert rel(ready.embedding, expected_for(karate)) <= ready.error_bound
+    assert (backend.loads, engine.stats()["diffusions"]) == (1, 2)
+
+
+def test_active_backend_before_any_call_is_the_configured_one() -> None:
+    assert Engine(backend="numpy").active_backend() == "numpy"
+    assert Engine(backend="sparse").active_backend() == "sparse"
+    engine = Engine(backend="numpy", backends=[CountingBackend("fast"), CountingBackend()])
+    assert engine.active_backend() == "numpy"
+    assert Engine(backends=[CountingBackend("fast"), CountingBackend()]).active_backend() == "fast"
+
+
+def test_engine_start_imports_no_tflite_or_scipy_linalg() -> None:
+    """~20 MB an agent serving small graphs on numpy never needs (they load on first use)."""
+    code = (
+        "import sys; from dgdm.kernels.engine import Engine; e = Engine(); "
+        "s = {b['name']: b['available'] for b in e.backends_status()}; "
+        "heavy = [m for m in ('ai_edge_litert', 'tflite_runtime', 'tflite', 'scipy.linalg', "
+        "'scipy.sparse.linalg', 'scipy.sparse.csgraph') if m in sys.modules]; "
+        "print(heavy, s['tflite'], s['sparse'])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[] True True"

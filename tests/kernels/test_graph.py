@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -203,3 +204,81 @@ def test_parser_only_ever_raises_graph_error(obj: Any) -> None:
 def test_json_entry_point_only_ever_raises_graph_error(text: str) -> None:
     with contextlib.suppress(GraphError):
         parse_graph_json(text)
+
+
+# -- the vectorised happy path agrees with the value-by-value path -----------------------
+
+node_ids = st.one_of(
+    st.lists(st.integers(-5, 40), min_size=1, max_size=12, unique=True),
+    st.lists(st.text(max_size=3), min_size=1, max_size=12, unique=True),
+    st.integers(1, 12).map(lambda n: list(range(n))),  # ids that are their own rows
+)
+finite = st.one_of(
+    st.floats(-1e6, 1e6, allow_nan=False), st.integers(-(2**70), 2**70), st.just(-0.0)
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(ids=node_ids, data=st.data(), directed=st.booleans())
+def test_happy_path_equals_the_checked_path(ids: list[Any], data: Any, directed: bool) -> None:
+    from dgdm.kernels import graph as g
+
+    width = data.draw(st.integers(0, 4))
+    nodes = [{"id": i, "features": data.draw(st.lists(finite, min_size=width, max_size=width))}
+             for i in ids]  # fmt: skip
+    endpoint = st.sampled_from(ids)
+    edges = data.draw(
+        st.lists(
+            st.fixed_dictionaries(
+                {"source": endpoint, "target": endpoint},
+                optional={"weight": st.one_of(st.floats(1e-3, 1e3), st.integers(1, 2**40))},
+            ),
+            max_size=30,
+        )
+    )
+    parsed = parse_graph({"nodes": nodes, "edges": edges, "directed": directed})
+    assert parsed.node_ids == tuple(g._checked_node_ids(nodes))
+    features = [node["features"] for node in nodes]
+    np.testing.assert_array_equal(parsed.x, g._checked_matrix(features, "f{}", Limits()))
+    rows, cols, weights = g._checked_edges(edges, {node: i for i, node in enumerate(ids)})
+    if not directed:
+        off = rows != cols
+        rows, cols = np.concatenate([rows, cols[off]]), np.concatenate([cols, rows[off]])
+        weights = np.concatenate([weights, weights[off]])
+    reference = sp.csr_matrix((weights, (rows, cols)), shape=(len(ids), len(ids)))
+    reference.sum_duplicates()
+    reference.sort_indices()
+    np.testing.assert_array_equal(parsed.adjacency.indptr, reference.indptr)
+    np.testing.assert_array_equal(parsed.adjacency.indices, reference.indices)
+    np.testing.assert_allclose(parsed.adjacency.data, reference.data, rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("patch", "field", "words"),
+    [
+        (lambda b: b["nodes"][37]["features"].__setitem__(11, True), "nodes[37].features[11]",
+         "number"),
+        (lambda b: b["nodes"][37]["features"].__setitem__(11, "1"), "nodes[37].features[11]",
+         "number"),
+        (lambda b: b["nodes"][37]["features"].__setitem__(11, 10**400), "nodes[37].features[11]",
+         "out of range"),
+        (lambda b: b["nodes"][37]["features"].__setitem__(11, float("inf")),
+         "nodes[37].features[11]", "finite"),
+        (lambda b: b["edges"][73].__setitem__("target", 1.0), "edges[73].target", "node id"),
+        (lambda b: b["edges"][73].__setitem__("source", True), "edges[73].source", "node id"),
+        (lambda b: b["edges"][73].__setitem__("source", 99), "edges[73].source", "unknown node"),
+        (lambda b: b["edges"][73].__setitem__("weight", 0), "edges[73].weight", "greater than 0"),
+        (lambda b: b["edges"][73].__setitem__("weight", float("nan")), "edges[73].weight",
+         "finite"),
+        (lambda b: b["nodes"][37].__setitem__("id", 3), "nodes[37].id", "duplicates"),
+    ],
+)  # fmt: skip
+def test_first_bad_value_in_a_large_body_is_named(patch: Any, field: str, words: str) -> None:
+    body = {
+        "nodes": [{"id": i, "features": [0.5] * 16} for i in range(60)],
+        "edges": [{"source": i % 60, "target": (7 * i) % 60, "weight": 1.5} for i in range(120)],
+    }
+    patch(body)
+    error = refusal(body)
+    assert error.field == field
+    assert words in error.message
