@@ -111,7 +111,7 @@ class Fleet:
             "dgdm_coordinator_http_port": self.coordinator_port,
             "dgdm_agent_user": "root",
             "dgdm_agent_group": "root",
-            "dgdm_agent_tpu": False,
+            "dgdm_agent_tpu": "auto",  # no Edge TPU here: detection must say none
             "dgdm_agent_device_id": DEVICE_ID,
             "dgdm_agent_http_port": self.agent_port,
             "dgdm_agent_pubkey_dir": str(self.base / "pubkeys"),

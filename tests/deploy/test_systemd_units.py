@@ -53,7 +53,7 @@ def exec_paths(text: str) -> list[str]:
     return paths
 
 
-def make_root(tmp_path: Path, unit_text: str, name: str) -> Path:
+def make_root(tmp_path: Path, unit_text: str, name: str, dropins: tuple[Path, ...] = ()) -> Path:
     root = tmp_path / "root"
     (root / "etc/systemd/system").mkdir(parents=True)
     if STOCK_UNITS.is_dir():
@@ -64,6 +64,10 @@ def make_root(tmp_path: Path, unit_text: str, name: str) -> Path:
         stub.write_text("#!/bin/sh\nexit 0\n")
         stub.chmod(0o755)
     (root / "etc/systemd/system" / name).write_text(unit_text)
+    for dropin in dropins:
+        target = root / "etc/systemd/system" / dropin.parent.name / dropin.name
+        target.parent.mkdir(exist_ok=True)
+        shutil.copy(dropin, target)
     return root
 
 
@@ -74,14 +78,18 @@ def analyze(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def verify(tmp_path: Path, unit_text: str, name: str) -> subprocess.CompletedProcess[str]:
-    root = make_root(tmp_path, unit_text, name)
+def verify(
+    tmp_path: Path, unit_text: str, name: str, dropins: tuple[Path, ...] = ()
+) -> subprocess.CompletedProcess[str]:
+    root = make_root(tmp_path, unit_text, name, dropins)
     unit = root / "etc/systemd/system" / name
     return analyze("verify", f"--root={root}", "--man=no", str(unit))
 
 
-def exposure(tmp_path: Path, name: str) -> tuple[float, subprocess.CompletedProcess[str]]:
-    root = make_root(tmp_path, (UNITS / name).read_text(), name)
+def exposure(
+    tmp_path: Path, name: str, dropins: tuple[Path, ...] = ()
+) -> tuple[float, subprocess.CompletedProcess[str]]:
+    root = make_root(tmp_path, (UNITS / name).read_text(), name, dropins)
     result = analyze("security", "--offline=yes", "--threshold=20", f"--root={root}", name)
     match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)
     assert match, f"no exposure level in:\n{result.stdout}\n{result.stderr}"
@@ -107,6 +115,18 @@ def test_agent_exposure_is_ok(tmp_path: Path) -> None:
     print(f"systemd-analyze security dgdm-agent.service: exposure {score}")
     assert score <= MAX_EXPOSURE
     assert result.returncode == 0, result.stdout[-2000:]
+
+
+def test_usb_coral_dropin_verifies_and_keeps_the_exposure_ok(tmp_path: Path) -> None:
+    """Hosts with a Coral USB Accelerator also get AF_NETLINK (libusb needs udev events)."""
+    dropin = UNITS / "dgdm-agent.service.d" / "coral-usb.conf"
+    name = "dgdm-agent.service"
+    result = verify(tmp_path / "verify", (UNITS / name).read_text(), name, (dropin,))
+    assert (result.returncode, result.stdout + result.stderr) == (0, "")
+    score, result = exposure(tmp_path / "security", name, (dropin,))
+    print(f"systemd-analyze security dgdm-agent.service + coral-usb.conf: exposure {score}")
+    assert "RestrictAddressFamilies=~AF_NETLINK" in result.stdout
+    assert score <= MAX_EXPOSURE
 
 
 def test_coordinator_exposure_is_ok(tmp_path: Path) -> None:
