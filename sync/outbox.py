@@ -319,7 +319,16 @@ class Outbox:
 
     def apply_receipt(self, ranges: Iterable[tuple[int, int]]) -> int:
         """Delete every stored seq inside the inclusive ranges; returns how many went."""
-        return int(self._submit("receipt", (list(ranges),)))
+        checked = []
+        for item in ranges:
+            if not (
+                isinstance(item, (tuple, list))
+                and len(item) == 2
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in item)
+            ):
+                raise OutboxError(f"receipt range {item!r} must be two integers [first, last]")
+            checked.append((item[0], item[1]))
+        return int(self._submit("receipt", (checked,)))
 
     def set_state(self, key: str, value: str) -> None:
         self._submit("state", (key, value))
@@ -330,6 +339,8 @@ class Outbox:
 
     def pending(self, limit: int, after: tuple[int, int] | None = None) -> list[OutboxMessage]:
         """The next `limit` messages in send order (priority, then seq) after the cursor."""
+        if limit <= 0:  # SQLite reads a negative LIMIT as "no limit"
+            return []
         cols = "seq, kind, priority, created_ms, payload"
         if after is None:
             rows = self._read(
@@ -549,7 +560,7 @@ class Outbox:
             rows = self._wconn.execute(
                 "DELETE FROM messages WHERE seq IN (SELECT seq FROM messages "
                 "WHERE seq BETWEEN ? AND ? ORDER BY seq LIMIT ?) RETURNING priority, size",
-                (int(first), int(last), FULL_DISK_DELETE_CHUNK),
+                (first, last, FULL_DISK_DELETE_CHUNK),
             ).fetchall()
             self._persist_high_water()
             self._wconn.execute("COMMIT")
@@ -728,7 +739,7 @@ class Outbox:
         for first, last in ranges:
             rows = self._wconn.execute(
                 "DELETE FROM messages WHERE seq BETWEEN ? AND ? RETURNING priority, size",
-                (int(first), int(last)),
+                (first, last),
             ).fetchall()
             for priority, size in rows:
                 cost = policy.row_cost(size)

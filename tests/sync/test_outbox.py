@@ -336,3 +336,14 @@ def test_close_while_producers_run_never_leaves_one_blocked(tmp_path) -> None:
     reopened = _open(tmp_path / "o.db")
     assert set(stored) <= set(_seqs(reopened))  # everything acknowledged is there
     reopened.close()
+
+
+def test_bad_receipts_and_limits_are_refused_in_the_callers_thread(outbox) -> None:
+    seq = outbox.enqueue(Kind.RESULT, {})
+    with pytest.raises(OutboxError, match="two integers"):
+        outbox.apply_receipt([("1", "2")])
+    with pytest.raises(OutboxError, match="two integers"):
+        outbox.apply_receipt([(1, 2, 3)])
+    assert outbox.pending(0) == []
+    assert outbox.pending(-1) == []
+    assert outbox.apply_receipt([(seq, seq)]) == 1  # the writer is unharmed
