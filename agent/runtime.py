@@ -75,7 +75,9 @@ def loads(data: bytes | str) -> Any:
     try:
         if _orjson is not None:
             return _orjson.loads(data)
-        return json.loads(data, parse_constant=_reject_constant)
+        if isinstance(data, bytes):  # as json.loads does, without its per-call decoder
+            data = data.decode(json.detect_encoding(data), "surrogatepass")
+        return _DECODER.decode(data)
     except (ValueError, RecursionError, UnicodeDecodeError) as exc:
         raise BadJson(f"body is not valid JSON: {exc}") from exc
 
@@ -83,7 +85,35 @@ def loads(data: bytes | str) -> Any:
 def dumps(obj: Any) -> bytes:
     if _orjson is not None:
         return _orjson.dumps(obj, default=_plain, option=_orjson.OPT_SERIALIZE_NUMPY)
-    return json.dumps(obj, separators=(",", ":"), default=_plain).encode()
+    return _stdlib_dumps(obj).encode()
+
+
+def _stdlib_dumps(obj: Any) -> str:
+    """json's encoder, except for a float32 embedding (alone or in an answer): written with
+    9 significant digits, which round-trip float32 exactly, instead of the 17 of its float64
+    repr (half the bytes, ~2x faster)."""
+    if _is_float32_matrix(obj):
+        return _float32_matrix(obj)
+    if isinstance(obj, dict) and _is_float32_matrix(obj.get("embedding")):
+        head = _ENCODER.encode({k: v for k, v in obj.items() if k != "embedding"})
+        sep = "," if len(obj) > 1 else ""
+        return f'{head[:-1]}{sep}"embedding":{_float32_matrix(obj["embedding"])}}}'
+    return _ENCODER.encode(obj)
+
+
+def _is_float32_matrix(value: Any) -> bool:
+    return getattr(value, "ndim", None) == 2 and str(value.dtype) == "float32"
+
+
+def _float32_matrix(z: Any) -> str:
+    import numpy as np
+
+    if not np.isfinite(z).all():  # json's own spelling (Infinity, NaN), as before
+        return _ENCODER.encode(z.tolist())
+    if z.shape[0] == 0:
+        return "[]"
+    rows = "],[".join(",".join(map(_FLOAT32.format, row)) for row in z.tolist())
+    return f"[[{rows}]]"
 
 
 def dumps_answer_chunked(answer: dict[str, Any], values_per_chunk: int = 20_000) -> bytes:
@@ -97,9 +127,16 @@ def dumps_answer_chunked(answer: dict[str, Any], values_per_chunk: int = 20_000)
 
 
 def _plain(value: Any) -> Any:
-    if hasattr(value, "tolist"):  # numpy arrays and scalars
+    if hasattr(value, "tolist"):  # numpy arrays and scalars: one C conversion to lists
         return value.tolist()
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+# The stdlib path, when orjson is absent: json.loads/dumps with options build a new decoder
+# or encoder on every call; these are made once (both are stateless and thread-safe).
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+_ENCODER = json.JSONEncoder(separators=(",", ":"), default=_plain)
+_FLOAT32 = "{:.9g}"
 
 
 # -- work queue ---------------------------------------------------------------------------

@@ -173,3 +173,44 @@ def test_spool_files_processed_once_into_done_and_failed(
     assert len(result["embedding"]) == 34
     assert "nodes" in (spool / "failed" / "bad.error.txt").read_text(encoding="utf-8")
     assert not list(spool.glob("*.json"))
+
+
+@given(
+    rows=st.integers(0, 6),
+    cols=st.integers(0, 5),
+    scale=st.sampled_from([1e-30, 1e-3, 1.0, 1e6, 1e30]),
+    seed=st.integers(0, 2**16),
+)
+def test_stdlib_json_round_trips_a_float32_embedding_exactly(
+    rows: int, cols: int, scale: float, seed: int
+) -> None:
+    """Without orjson the embedding is written with 9 significant digits: still exact."""
+    import numpy as np
+
+    from dgdm.agent import runtime
+
+    z = (np.random.default_rng(seed).normal(size=(rows, cols)) * scale).astype(np.float32)
+    answer = {"job_id": "j", "embedding": z, "outbox_seq": 4}
+    saved, runtime._orjson = runtime._orjson, None
+    try:
+        back = runtime.loads(runtime.dumps(answer))
+        chunked = runtime.loads(runtime.dumps_answer_chunked(answer, values_per_chunk=7))
+    finally:
+        runtime._orjson = saved
+    for decoded in (back, chunked):
+        assert set(decoded) == {"job_id", "embedding", "outbox_seq"}
+        got = np.array(decoded["embedding"], dtype=np.float32).reshape(rows, cols)
+        np.testing.assert_array_equal(got, z)
+
+
+def test_stdlib_json_refuses_nan_and_bad_bytes() -> None:
+    from dgdm.agent import runtime
+
+    saved, runtime._orjson = runtime._orjson, None
+    try:
+        for bad in (b'{"a": NaN}', b"\xff\xfe\x00", b'{"a":'):
+            with pytest.raises(runtime.BadJson):
+                runtime.loads(bad)
+        assert runtime.loads('{"a": [1, 2.5]}'.encode("utf-16")) == {"a": [1, 2.5]}
+    finally:
+        runtime._orjson = saved
