@@ -40,6 +40,8 @@ OUTBOX_KINDS = (Kind.ALERT, Kind.REPLY, Kind.RESULT, Kind.TELEMETRY)
 PAGE_SIZE = 4096
 MAX_BATCH = 512
 BALLAST_BYTES = 1024 * 1024
+# Below this the fixed pages (schema, indexes) leave too little room for messages.
+MIN_MAX_BYTES = 64 * 1024
 RECOVERY_INTERVAL_S = 1.0
 # Rows per delete transaction while the disk is full (about a page each in the WAL).
 FULL_DISK_DELETE_CHUNK = 16
@@ -207,6 +209,11 @@ class Outbox:
         on_evict: Callable[[Kind, int], None] | None = None,
         ballast_bytes: int = BALLAST_BYTES,
     ) -> None:
+        if max_bytes < MIN_MAX_BYTES:
+            raise OutboxError(f"max_outbox_bytes must be at least {MIN_MAX_BYTES}, got {max_bytes}")
+        for kind, ttl in (ttl_s or {}).items():
+            if ttl is not None and ttl <= 0:
+                raise OutboxError(f"ttl for {Kind(kind).name.lower()} must be positive, got {ttl}")
         self.path = Path(path)
         self.device_id = device_id
         self.max_bytes = max_bytes

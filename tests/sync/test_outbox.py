@@ -347,3 +347,12 @@ def test_bad_receipts_and_limits_are_refused_in_the_callers_thread(outbox) -> No
     assert outbox.pending(0) == []
     assert outbox.pending(-1) == []
     assert outbox.apply_receipt([(seq, seq)]) == 1  # the writer is unharmed
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"max_bytes": 1000}, "max_outbox_bytes"), ({"ttl_s": {Kind.TELEMETRY: 0}}, "telemetry")],
+)
+def test_bad_settings_are_named(tmp_path, kwargs, match) -> None:
+    with pytest.raises(OutboxError, match=match):
+        _open(tmp_path / "o.db", **kwargs)
