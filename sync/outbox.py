@@ -443,7 +443,8 @@ class Outbox:
         if checkpoint:
             with contextlib.suppress(sqlite3.Error):
                 self._wconn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        self._rconn.close()
+        with self._read_lock:  # not under a reader that passed the closed check
+            self._rconn.close()
         self._wconn.close()
 
     def _fail_leftovers(self) -> None:
