@@ -16,6 +16,7 @@ import importlib
 import importlib.util
 import json
 import logging
+import math
 import os
 import re
 import tempfile
@@ -129,6 +130,14 @@ class _Topology:
 class _Loaded:
     runner: Runner
     lock: threading.Lock = field(default_factory=threading.Lock)
+    ms_per_feature: float = math.inf  # measured by the last run (per feature column)
+
+    def run(self, x: np.ndarray) -> RunOutput:
+        """Run (the caller holds `lock`) and remember how long it took."""
+        start = time.perf_counter()
+        out = self.runner.run(x)
+        self.ms_per_feature = (time.perf_counter() - start) * 1000.0 / max(x.shape[1], 1)
+        return out
 
 
 class Engine:
@@ -194,26 +203,22 @@ class Engine:
                     return topology.problem
         return None
 
-    def diffuse_ready(self, graph: Graph, backend: str | None = None) -> DiffusionResult | None:
-        """`diffuse`, but only when it is quick: the topology was seen before and the backend
-        it would use has its runner loaded and free. Otherwise None, with nothing built,
-        waited for or counted; the caller then uses `diffuse` where waiting is fine. Lets the
-        agent answer a small repeated graph without a thread hop (which costs more than the
+    def diffuse_ready(
+        self, graph: Graph, backend: str | None = None, *, max_ms: float = 1.0
+    ) -> DiffusionResult | None:
+        """`diffuse`, but only when it is quick: the topology was seen before, the backend
+        it would use has its runner loaded and free, and that runner's last measured run
+        scaled to this F takes at most `max_ms`. Otherwise None, with nothing built, waited
+        for or counted; the caller then uses `diffuse` where waiting is fine. Lets the agent
+        answer a small repeated graph without a thread hop (which costs more than the
         diffusion). A runner failing here is recorded like in `diffuse`, and None returned."""
-        if graph.x.shape[1] == 0:
+        found = self._ready_runner(graph, backend, max_ms)
+        if found is None:
             return None
-        problem = self._known_problem(problem_key(graph.adjacency, graph.method))
-        slots = self._order(problem, backend, None) if problem is not None else []
-        if problem is None or not slots:
-            return None
-        slot = slots[0]
-        with self._lock:
-            loaded = self._runners.get((problem.key, slot.name))
-        if loaded is None or not loaded.lock.acquire(blocking=False):
-            return None
+        problem, slot, loaded = found  # loaded.lock is held
         start = time.perf_counter()
         try:
-            out = loaded.runner.run(graph.x)
+            out = loaded.run(graph.x)
         except (BackendUnavailable, PrecisionExceeded):
             return None
         except Exception as exc:  # noqa: BLE001 - as in _run: `diffuse` tries the next one
@@ -225,6 +230,25 @@ class Engine:
         return self._result(
             problem, slot, out, start, graph_id=graph.graph_id, node_ids=graph.node_ids, failed=()
         )
+
+    def _ready_runner(
+        self, graph: Graph, backend: str | None, max_ms: float
+    ) -> tuple[Problem, _Slot, _Loaded] | None:
+        """What `diffuse_ready` may use, with the runner's lock taken; None if anything
+        would have to be built or waited for."""
+        if graph.x.shape[1] == 0:
+            return None
+        problem = self._known_problem(problem_key(graph.adjacency, graph.method))
+        slots = self._order(problem, backend, None) if problem is not None else []
+        if problem is None or not slots:
+            return None
+        with self._lock:
+            loaded = self._runners.get((problem.key, slots[0].name))
+        if loaded is None or loaded.ms_per_feature * graph.x.shape[1] > max_ms:
+            return None
+        if not loaded.lock.acquire(blocking=False):
+            return None
+        return problem, slots[0], loaded
 
     def diffuse_registered(
         self, graph_id: str, x: np.ndarray, backend: str | None = None
@@ -253,7 +277,7 @@ class Engine:
             try:
                 loaded = self._loaded(slot, problem)
                 with loaded.lock:
-                    out = loaded.runner.run(x)
+                    out = loaded.run(x)
             except (BackendUnavailable, PrecisionExceeded) as exc:
                 # Not for this problem (too large) or this input (int8 too coarse): the
                 # backend is healthy, so skip it without counting a failure.

@@ -401,6 +401,7 @@ def test_diffuse_ready_only_answers_what_needs_no_build(karate) -> None:
     assert engine.diffuse_ready(karate) is None
     assert (backend.loads, engine.stats()["diffusions"]) == (0, 0)
     engine.diffuse(karate)
+    assert engine.diffuse_ready(karate, max_ms=0.0) is None  # its measured run is longer
     ready = engine.diffuse_ready(karate)
     assert ready is not None
     assert ready.backend == "numpy"
