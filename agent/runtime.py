@@ -149,11 +149,12 @@ _FLOAT32 = "{:.9g}"
 # separate process, started on first use so that small installations never pay for it.
 LARGE_BODY_BYTES = 512 * 1024
 # A body up to this size (a 100-node, 16-feature graph is ~27 KB) is parsed on the event loop
-# (~0.3 ms), and diffused there too when the engine has its runner loaded and free (a
-# repeated topology: ~0.1 ms). A thread hop would cost more than the work: on two cores the
-# loop and a worker then trade the GIL at every syscall. Anything else goes to a worker.
+# (~0.3 ms; a few ms at worst), and diffused there too when the engine has the runner loaded
+# and free and its measured run takes <= INLINE_MAX_MS (a repeated small topology: ~0.05 ms).
+# A thread hop would cost more than the work: on two cores the loop and a worker then trade
+# the GIL at every syscall. Anything else goes to a worker.
 INLINE_BODY_BYTES = 64 * 1024
-INLINE_MAX_NODES = 1024
+INLINE_MAX_MS = 1.0
 
 
 def parse_graph_body(data: bytes | str | dict[str, Any], limits: Any) -> Any:
@@ -585,10 +586,9 @@ class Agent:
         if not self.work.accepting:
             raise ShuttingDown("the agent is shutting down")
         graph = parse_graph_body(data, self.limits)
-        if graph.n <= INLINE_MAX_NODES:
-            result = self.engine.diffuse_ready(graph)
-            if result is not None:
-                return result
+        result = self.engine.diffuse_ready(graph, max_ms=INLINE_MAX_MS)
+        if result is not None:
+            return result
         return await self.work.run(self.engine.diffuse, graph)
 
     def _diffuse_blocking(self, data: bytes | dict[str, Any]) -> Any:

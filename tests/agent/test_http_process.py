@@ -60,6 +60,21 @@ def test_diffuse_matches_dense_ppr(shared_agent: Agent, karate: dict[str, Any]) 
     assert 'dgdm_diffusions_total{backend="numpy",source="http"}' in metrics
 
 
+def test_repeated_topology_with_new_features_is_answered_correctly(
+    shared_agent: Agent, karate: dict[str, Any]
+) -> None:
+    """The second and later posts of a topology take the fast path (parsed and diffused on
+    the loop, cached operator and runner): the features must still be this request's."""
+    rng = np.random.default_rng(11)
+    for _ in range(4):
+        nodes = [{**node, "features": rng.random(3).tolist()} for node in karate["nodes"]]
+        graph = {**karate, "nodes": nodes}
+        got = shared_agent.post_json("/diffuse", graph).json()
+        expected = dense_ppr(graph)
+        z = np.array(got["embedding"])
+        assert np.linalg.norm(z - expected) / np.linalg.norm(expected) <= 1e-5
+
+
 def test_registered_topology_lifecycle(shared_agent: Agent, karate: dict[str, Any]) -> None:
     graph = {**karate, "graph_id": "club"}
     mismatch = shared_agent.request("PUT", "/graphs/other", json.dumps(graph).encode())
