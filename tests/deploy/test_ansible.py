@@ -14,7 +14,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -32,6 +31,7 @@ from .conftest import (
     REPO,
     Fleet,
     ansible_env,
+    build_wheel,
     recap,
 )
 
@@ -260,15 +260,4 @@ def _wheel_with_version(tmp_path: Path, version: str) -> Path:
     text = pyproject.read_text()
     assert '\nversion = "' in text
     pyproject.write_text(re.sub(r'\nversion = "[^"]+"', f'\nversion = "{version}"', text, count=1))
-    out = tmp_path / "dist"
-    subprocess.run(
-        [
-            *(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"),
-            *("--disable-pip-version-check", str(source), "-w", str(out)),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=180,
-    )
-    (found,) = out.glob(f"dgdm_edge-{version}-*.whl")
-    return found
+    return build_wheel(source, tmp_path / "dist")
