@@ -130,13 +130,16 @@ class _Topology:
 class _Loaded:
     runner: Runner
     lock: threading.Lock = field(default_factory=threading.Lock)
-    ms_per_feature: float = math.inf  # measured by the last run (per feature column)
+    # The fastest run seen, per feature column: a runner's cost for its fixed N is steady,
+    # only a preempted run is slower, and one such run must not make it look expensive.
+    ms_per_feature: float = math.inf
 
     def run(self, x: np.ndarray) -> RunOutput:
         """Run (the caller holds `lock`) and remember how long it took."""
         start = time.perf_counter()
         out = self.runner.run(x)
-        self.ms_per_feature = (time.perf_counter() - start) * 1000.0 / max(x.shape[1], 1)
+        ms = (time.perf_counter() - start) * 1000.0 / max(x.shape[1], 1)
+        self.ms_per_feature = min(self.ms_per_feature, ms)
         return out
 
 
@@ -207,7 +210,7 @@ class Engine:
         self, graph: Graph, backend: str | None = None, *, max_ms: float = 1.0
     ) -> DiffusionResult | None:
         """`diffuse`, but only when it is quick: the topology was seen before, the backend
-        it would use has its runner loaded and free, and that runner's last measured run
+        it would use has its runner loaded and free, and that runner's fastest measured run
         scaled to this F takes at most `max_ms`. Otherwise None, with nothing built, waited
         for or counted; the caller then uses `diffuse` where waiting is fine. Lets the agent
         answer a small repeated graph without a thread hop (which costs more than the
