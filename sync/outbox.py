@@ -529,8 +529,8 @@ class Outbox:
                         self._budget = int(self._budget * 0.9)
                         shrinks += 1
                         continue
-                    self._refuse(enqueues, OutboxFull("outbox file is at its page cap"))
-                    enqueues = []
+                    self._count_refused(enqueues)
+                    enqueues = self._refuse(enqueues, OutboxFull("outbox is at its page cap"))
                     continue
                 if not truncated:
                     # The WAL is the one thing here that gives space back at once.
@@ -579,6 +579,20 @@ class Outbox:
             self._compact()
             if len(rows) < FULL_DISK_DELETE_CHUNK:
                 return removed
+
+    def _count_refused(self, enqueues: list[_Op]) -> None:
+        """Messages refused outside a committed batch still count as dropped."""
+        evicted: dict[Kind, int] = {}
+        try:
+            self._wconn.execute("BEGIN IMMEDIATE")
+            for op in enqueues:
+                self._bump_dropped(op.args[1], 1, evicted)
+            self._wconn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._rollback()
+            log.warning("outbox could not count refused messages: %s", exc)
+            return
+        self._report_evictions(evicted)
 
     def _refuse(self, enqueues: list[_Op], exc: BaseException) -> list[_Op]:
         """Fail these producers; their seqs are skipped, never reused for anything stored."""

@@ -36,7 +36,7 @@ def row_budget(max_bytes: int, page_size: int) -> int:
 
 def page_cap(max_bytes: int, page_size: int) -> int:
     """PRAGMA max_page_count: the hard ceiling on the database file, `SLACK` above budget."""
-    return max(FIXED_PAGES * 2, math.ceil(max_bytes * (1 + SLACK) / page_size))
+    return max(FIXED_PAGES + 4, math.floor(max_bytes * (1 + SLACK) / page_size))
 
 
 # SQLITE_FULL with less than this free on the file system is a full disk, not the page cap.
