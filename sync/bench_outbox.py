@@ -15,6 +15,7 @@ import statistics
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,7 @@ BATCHED_PRODUCERS = 4
 BATCHED_PER_CALL = 64
 
 
-def _sealer(key: bytes):  # type: ignore[no-untyped-def]
+def _sealer(key: bytes) -> Callable[[Kind, int, int, Any], bytes]:
     def sealer(kind: Kind, seq: int, created_ms: int, body: Any) -> bytes:
         return seal(kind, seq, created_ms, DEVICE, body, key=key, key_id=b"\0\0\0\1")
 

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     keys = subparsers.add_parser("keys", help="manage X25519 key pairs")
     actions = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
     generate = actions.add_parser(
