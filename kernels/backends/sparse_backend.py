@@ -3,9 +3,13 @@
 Truncated series (ppr/heat with k, poly) run in float32 with Horner's rule on a CSR copy
 of T reordered by reverse Cuthill-McKee: neighbours then sit close in memory, so the
 gathers of X rows stay in cache (2x faster at 100,000 nodes of a random geometric graph).
-The products go straight to scipy's csr_matvecs kernel into preallocated buffers, so a
-diffusion allocates only its result. Exact ppr reuses one sparse LU factorisation (float64);
-exact heat is scipy's expm_multiply (float64).
+Each Horner step y = c * X + T z is one pass of the optional compiled extension
+`dgdm.kernels._spmm` (AVX2+FMA chosen at run time, portable C otherwise): every output row
+stays in registers while its neighbours are gathered, ~1.8x faster than scipy's
+csr_matvecs, which is the fallback when the extension is not built (no compiler at install
+time). Both write into preallocated buffers, so a diffusion allocates only its result.
+Exact ppr reuses one sparse LU factorisation (float64); exact heat is scipy's
+expm_multiply (float64).
 """
 
 from __future__ import annotations
@@ -23,28 +27,48 @@ from dgdm.kernels.diffusion import (
     float32_error_bound,
     series_coefficients,
 )
+from dgdm.kernels.errors import BackendUnavailable
 
 try:  # scipy's compiled kernel: y += A x for a block of vectors, no temporaries
     from scipy.sparse._sparsetools import csr_matvecs as _csr_matvecs
 except ImportError:  # pragma: no cover - a future scipy without it falls back to A @ x
     _csr_matvecs = None
 
+try:  # optional: built from kernels/_spmm.c when a C compiler was present at install time
+    from dgdm.kernels import _spmm
+except ImportError:
+    _spmm = None
+
+KERNELS = ("auto", "compiled", "scipy")
+
 
 class SparseBackend:
-    """Always available (scipy is a dependency)."""
+    """Always available (scipy is a dependency).
+
+    `kernel` picks the series product: "compiled" (the extension; unavailable without it),
+    "scipy", or "auto" (compiled when built, else scipy).
+    """
 
     name = "sparse"
 
-    def __init__(self, reorder: bool = True) -> None:
+    def __init__(self, reorder: bool = True, kernel: str = "auto") -> None:
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
         self.reorder = reorder
+        self.compiled = kernel == "compiled" or (kernel == "auto" and _spmm is not None)
 
     def probe(self) -> None:
-        return None
+        if self.compiled and _spmm is None:
+            raise BackendUnavailable(
+                "the compiled kernel dgdm.kernels._spmm is not built (no C compiler at "
+                "install time); use kernel='scipy' or 'auto'"
+            )
 
     def load(self, problem: Problem) -> SeriesRunner | PprRunner | HeatRunner:
         coeffs = series_coefficients(problem.method)
         if coeffs is not None:
-            return SeriesRunner(problem.t, coeffs, reorder=self.reorder)
+            self.probe()
+            return SeriesRunner(problem.t, coeffs, reorder=self.reorder, compiled=self.compiled)
         if problem.method.kind == "ppr":
             return PprRunner(PprSolver(problem.t, problem.method.alpha))
         return HeatRunner(problem.t, problem.method.t)
@@ -55,7 +79,9 @@ class SeriesRunner:
 
     backend = "sparse"
 
-    def __init__(self, t: sp.csr_matrix, coeffs: np.ndarray, *, reorder: bool) -> None:
+    def __init__(
+        self, t: sp.csr_matrix, coeffs: np.ndarray, *, reorder: bool, compiled: bool = False
+    ) -> None:
         n = t.shape[0]
         perm = _rcm(t) if reorder and n > 1 else np.arange(n)
         tp = sp.csr_matrix(t[perm][:, perm], dtype=np.float32)
@@ -66,6 +92,7 @@ class SeriesRunner:
         self._perm = perm.astype(np.intp)
         self._inverse = np.argsort(perm).astype(np.intp)
         self._coeffs = [np.float32(c) for c in coeffs]
+        self._compiled = compiled
         self._buffers: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         self._lock = threading.Lock()
         row_nnz = int(np.diff(tp.indptr).max()) if tp.nnz else 1
@@ -76,15 +103,36 @@ class SeriesRunner:
         with self._lock:
             xp, z, y = self._buffers_for(x.shape[1])
             np.take(x, self._perm, axis=0, out=xp)
-            np.multiply(xp, self._coeffs[-1], out=z)
-            for c in self._coeffs[-2::-1]:
-                np.multiply(xp, c, out=y)
-                self._accumulate(z, y)
-                z, y = y, z
-            return RunOutput(np.take(z, self._inverse, axis=0), self._bound)
+            series = self._compiled_series if self._compiled else self._scipy_series
+            return RunOutput(np.take(series(xp, z, y), self._inverse, axis=0), self._bound)
+
+    # Horner's rule: z_K = c_K X, z_j = c_j X + T z_{j+1}, result z_0. Both forms ping-pong
+    # between the buffers z and y and return the one holding z_0.
+
+    def _compiled_series(self, xp: np.ndarray, z: np.ndarray, y: np.ndarray) -> np.ndarray:
+        coeffs = self._coeffs
+        if len(coeffs) == 1:
+            np.multiply(xp, coeffs[0], out=z)
+            return z
+        # z_{K-1} = c_{K-1} X + c_K (T X): scaling the first product saves the pass c_K X
+        _spmm.csr_spmm(
+            self._indptr, self._indices, self._t.data, xp, z, xp, c=coeffs[-2], a=coeffs[-1]
+        )
+        for c in coeffs[-3::-1]:
+            _spmm.csr_spmm(self._indptr, self._indices, self._t.data, z, y, xp, c=c)
+            z, y = y, z
+        return z
+
+    def _scipy_series(self, xp: np.ndarray, z: np.ndarray, y: np.ndarray) -> np.ndarray:
+        np.multiply(xp, self._coeffs[-1], out=z)
+        for c in self._coeffs[-2::-1]:
+            np.multiply(xp, c, out=y)
+            self._accumulate(z, y)
+            z, y = y, z
+        return z
 
     def _accumulate(self, z: np.ndarray, y: np.ndarray) -> None:
-        """y += T z."""
+        """y += T z (scipy)."""
         n, f = z.shape
         if _csr_matvecs is None or f == 0:
             y += self._t @ z
