@@ -100,7 +100,7 @@ def test_compression_flag_and_auto_choice() -> None:
     assert env.seal(Kind.RESULT, 1, 1, "d", {}, key=None, key_id=KEY_ID, compress=True)[3] == 2
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(
     kind=st.sampled_from(list(Kind)),
     seq=uint64,
@@ -402,7 +402,7 @@ def test_topic_suffix_and_priority_cover_every_kind() -> None:
     ]
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=50, deadline=None)
 @given(body=bodies)
 def test_auto_compression_only_when_it_shrinks_the_body(body) -> None:
     plain = env.encode_body(body)
