@@ -25,7 +25,8 @@ class KeyFileError(SyncError):
 class EnvelopeError(SyncError):
     """An envelope was rejected. `reason` is a short stable code used in counters and logs:
     malformed, bad_magic, bad_version, bad_flags, bad_kind, bad_key_id, bad_tag,
-    device_mismatch, expired, replay, too_large, bad_body."""
+    device_mismatch, expired, replay, too_large, bad_body, unencrypted (a plaintext
+    envelope where encryption is required)."""
 
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
