@@ -23,8 +23,8 @@ import scipy.sparse as sp
 
 from dgdm.kernels.method import Method
 
-# scipy.linalg and scipy.sparse.linalg (~12 MB and ~0.1 s to import) are imported where the
-# exact forms need them: the truncated series, the common case, never loads them.
+# scipy.linalg and scipy.sparse.linalg (~10 MB and ~0.1-0.2 s to import) are imported where
+# the exact forms need them: the truncated series never loads them.
 
 FLOAT32_UNIT = float(np.finfo(np.float32).eps) / 2
 

@@ -741,7 +741,7 @@ def _backend_class(name: str) -> Any:
 
 class _DeferredBackend:
     """A backend whose module is imported on its first `load`, not when the engine starts:
-    the int8 ones bring the TFLite schema and runtime (~12 MB), sparse brings scipy's csgraph
+    the int8 ones bring the TFLite schema and runtime (~11 MB), sparse brings scipy's csgraph
     and linalg (~11 MB); an agent that only diffuses small graphs on numpy never pays for
     them. Until then `probe` is a cheap check that the packages are installed (and, for the
     Edge TPU, that one is attached); after, it is the backend's own."""
