@@ -201,7 +201,7 @@ def _plain_node_ids(nodes: Sequence[Any]) -> list[NodeId] | None:
     None means "look closer" (`_checked_node_ids` names the first problem, if any)."""
     if not set(map(type, nodes)) <= {dict} or not set(chain.from_iterable(nodes)) <= _NODE_KEYS:
         return None
-    ids = list(map(dict.get, nodes, repeat("id")))
+    ids: list[Any] = list(map(dict.get, nodes, repeat("id")))
     if not set(map(type, ids)) <= _ID_TYPES or len(set(ids)) != len(ids):
         return None
     return ids
