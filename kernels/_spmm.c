@@ -337,9 +337,79 @@ done:
     return result;
 }
 
+/* out[i] = src[rows[i]]: numpy's take(axis=0) copies short rows (F floats) element-wise and
+ * cost as much as a whole CSR product here; a row loop is ~5x faster. */
+#define TAKE_ROWS(NAME, IDX)                                                              \
+    static Py_ssize_t NAME(const float *restrict src, Py_ssize_t m, const void *rows_,     \
+                           float *restrict out, Py_ssize_t n, Py_ssize_t f)                \
+    {                                                                                     \
+        const IDX *rows = (const IDX *)rows_;                                             \
+        for (Py_ssize_t i = 0; i < n; i++) {                                              \
+            const IDX r = rows[i];                                                        \
+            if (r < 0 || (Py_ssize_t)r >= m) return i;                                    \
+            const float *restrict s = src + (Py_ssize_t)r * f;                            \
+            float *restrict o = out + i * f;                                              \
+            for (Py_ssize_t k = 0; k < f; k++) o[k] = s[k];                               \
+        }                                                                                 \
+        return -1;                                                                        \
+    }
+
+TAKE_ROWS(take_rows_i32, int32_t)
+TAKE_ROWS(take_rows_i64, int64_t)
+
+PyDoc_STRVAR(take_rows_doc,
+"take_rows(src, rows, out)\n--\n\n"
+"out[i] = src[rows[i]] for float32 src (M, F) and out (N, F), rows int32/int64 (N,).");
+
+static PyObject *take_rows(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyObject *objs[3];
+    if (!PyArg_ParseTuple(args, "OOO:take_rows", &objs[0], &objs[1], &objs[2]))
+        return NULL;
+    static const char *names[3] = {"src", "rows", "out"};
+    Py_buffer views[3];
+    Py_buffer *bufs[3] = {NULL, NULL, NULL};
+    PyObject *result = NULL;
+    for (int k = 0; k < 3; k++) {
+        if (get_buffer(objs[k], &views[k], names[k], k == 2))
+            goto done;
+        bufs[k] = &views[k];
+    }
+    Py_buffer *src = bufs[0], *rows = bufs[1], *out = bufs[2];
+    if (check_float(src, "src", 2) || check_index(rows, "rows") || check_float(out, "out", 2))
+        goto done;
+    if (rows->shape[0] != out->shape[0] || src->shape[1] != out->shape[1]) {
+        PyErr_Format(PyExc_ValueError,
+                     "out must have shape (len(rows), src columns) = (%zd, %zd), got (%zd, %zd)",
+                     rows->shape[0], src->shape[1], out->shape[0], out->shape[1]);
+        goto done;
+    }
+    if (overlaps(src, out)) {
+        PyErr_SetString(PyExc_ValueError, "out must not share memory with src");
+        goto done;
+    }
+    Py_ssize_t bad;
+    Py_BEGIN_ALLOW_THREADS
+    bad = (rows->itemsize == 4 ? take_rows_i32 : take_rows_i64)(
+        src->buf, src->shape[0], rows->buf, out->buf, out->shape[0], out->shape[1]);
+    Py_END_ALLOW_THREADS
+    if (bad >= 0)
+        PyErr_Format(PyExc_ValueError, "rows[%zd] is outside [0, %zd) (the rows of src)", bad,
+                     src->shape[0]);
+    else
+        result = Py_NewRef(Py_None);
+done:
+    for (int k = 0; k < 3; k++)
+        if (bufs[k])
+            PyBuffer_Release(bufs[k]);
+    return result;
+}
+
 static PyMethodDef spmm_methods[] = {
     {"csr_spmm", (PyCFunction)(void (*)(void))csr_spmm, METH_VARARGS | METH_KEYWORDS,
      csr_spmm_doc},
+    {"take_rows", take_rows, METH_VARARGS, take_rows_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -191,6 +191,29 @@ def test_the_gil_is_released_during_the_product() -> None:
     assert spins > 20  # with the GIL held the whole call, this thread would not run at all
 
 
+@pytest.mark.parametrize("f", [1, 3, 16, 17])
+@pytest.mark.parametrize("index", [np.int32, np.int64])
+def test_take_rows_matches_numpy_take(f, index) -> None:
+    rng = np.random.default_rng(f)
+    src = rng.standard_normal((50, f), dtype=np.float32)
+    rows = rng.integers(0, 50, 80).astype(index)
+    out = np.empty((80, f), np.float32)
+    _spmm.take_rows(src, rows, out)
+    np.testing.assert_array_equal(out, np.take(src, rows, axis=0))
+
+
+def test_take_rows_rejects_bad_rows_and_shapes() -> None:
+    src = np.ones((4, 3), np.float32)
+    with pytest.raises(ValueError, match=r"rows\[1\] is outside \[0, 4\)"):
+        _spmm.take_rows(src, np.array([0, 4], np.int32), np.empty((2, 3), np.float32))
+    with pytest.raises(ValueError, match="out must have shape"):
+        _spmm.take_rows(src, np.array([0, 1], np.int32), np.empty((2, 4), np.float32))
+    with pytest.raises(TypeError, match="src must be float32"):
+        _spmm.take_rows(src.astype(np.float64), np.zeros(2, np.int32), np.empty((2, 3), np.float32))
+    with pytest.raises(ValueError, match="must not share memory"):
+        _spmm.take_rows(src, np.zeros(2, np.int32), src[:2])
+
+
 # --- the backend: compiled and scipy paths agree, and scipy is the fallback ----------------
 
 
@@ -207,7 +230,7 @@ def backend_problem(g, k: int, normalization: str = "sym"):
 def test_backend_compiled_and_scipy_agree(family, n, normalization, k, f) -> None:
     g = (geometric if family == "geometric" else directed)(n, seed=n)
     problem = backend_problem(g, k, normalization)
-    x = np.random.default_rng(k).standard_normal((problem.n, f))
+    x = np.random.default_rng(k).standard_normal((problem.n, 2 * f))[:, ::2]  # a strided view
     compiled = SparseBackend(kernel="compiled").load(problem).run(x)
     scipy_ = SparseBackend(kernel="scipy").load(problem).run(x)
     assert compiled.z.dtype == scipy_.z.dtype == np.float32
