@@ -674,6 +674,9 @@ def _as_float32_bound(z: np.ndarray, bound: float) -> float:
     return bound if z.dtype == np.float32 else bound + FLOAT32_UNIT
 
 
+_TFLITE_PER_CALL = 1e5
+
+
 def _cost(name: str, problem: Problem) -> float:
     """Rough per-call cost per feature column in multiply-adds, to order CPU backends by
     speed; accelerators/unknown first."""
@@ -681,7 +684,9 @@ def _cost(name: str, problem: Problem) -> float:
     if name == "numpy":
         return float(n) * n
     if name == "tflite":
-        return float(n) * n / 8.0  # int8 GEMM, ~8x numpy float32 (KERNELS-FACTS)
+        # int8 GEMM ~5x numpy float32 here, plus a fixed ~0.2 ms per call (quantise, invoke,
+        # dequantise), spread over a typical 16 columns: below N ~ 350 dense numpy wins.
+        return float(n) * n / 5.0 + _TFLITE_PER_CALL
     if name == "sparse":
         return 4.0 * nnz * _products(problem)  # gathers cost ~4x a dense multiply-add
     return 0.0

@@ -387,12 +387,22 @@ def test_one_off_graphs_first_run_on_the_cpu_then_int8_once_repeated(tmp_path) -
     """An int8 model costs ~20 ms to build: never for a graph seen once."""
     from dgdm.kernels.backends.tflite_backend import TFLiteBackend
 
-    graph = graph_from_nx(geometric(100, 3), np.random.default_rng(3).random((100, 16)))
+    graph = graph_from_nx(geometric(600, 3), np.random.default_rng(3).random((600, 16)))
     engine = Engine(backends=[TFLiteBackend(tmp_path), NumpyBackend()])
     assert engine.diffuse(graph).backend == "numpy"
     assert not list(tmp_path.glob("*.tflite"))
     assert engine.diffuse(graph).backend == "tflite"
     assert engine.diffuse(graph, backend="numpy").backend == "numpy"
+
+
+def test_small_repeated_graphs_stay_on_dense_numpy(tmp_path) -> None:
+    """Below a few hundred nodes int8's fixed per-call cost (~0.2 ms) outweighs its GEMM."""
+    from dgdm.kernels.backends.tflite_backend import TFLiteBackend
+
+    graph = graph_from_nx(geometric(100, 3), np.random.default_rng(3).random((100, 16)))
+    engine = Engine(backends=[TFLiteBackend(tmp_path), NumpyBackend()])
+    assert [engine.diffuse(graph).backend for _ in range(3)] == ["numpy"] * 3
+    assert engine.diffuse(graph, backend="tflite").backend == "tflite"
 
 
 def test_diffuse_ready_only_answers_what_needs_no_build(karate) -> None:

@@ -211,15 +211,15 @@ def test_engine_falls_back_from_a_bit_flipped_model_then_recovers(tmp_path) -> N
     backends = [TFLiteBackend(tmp_path), NumpyBackend(dtype=np.float64)]
     engine = Engine(backends=backends, clock=lambda: clock[0])
     graph_id = engine.register(graph)
-    assert engine.diffuse_registered(graph_id, x).backend == "tflite"
+    assert engine.diffuse_registered(graph_id, x, backend="tflite").backend == "tflite"
     (model,) = tmp_path.glob("*.tflite")
     _flip_a_weight_bit(model)
     engine.close()  # drop the loaded interpreter: the next call loads from disk
-    result = engine.diffuse_registered(graph_id, x)
+    result = engine.diffuse_registered(graph_id, x, backend="tflite")
     assert result.backend == "numpy"
     assert result.fallbacks == ("tflite",)
     clock[0] += 3600.0  # past the re-probe backoff: the model is rebuilt and used again
-    assert engine.diffuse_registered(graph_id, x).backend == "tflite"
+    assert engine.diffuse_registered(graph_id, x, backend="tflite").backend == "tflite"
 
 
 def test_corrupt_host_terms_are_rebuilt(tmp_path) -> None:
