@@ -129,8 +129,9 @@ class DeviceLink:
         self._wake.set()
 
     async def enqueue(self, kind: Kind, body: Any) -> int:
-        """Durably queue a message (in a worker thread) and wake the sender."""
-        seq = await asyncio.to_thread(self.outbox.enqueue, kind, body)
+        """Durably queue a message (sealed and committed by the outbox's writer, grouped with
+        other producers) and wake the sender."""
+        seq = await self.outbox.enqueue_async(kind, body)
         self.wake()
         return seq
 

@@ -15,6 +15,7 @@ what to evict and what has expired live in `outbox_policy`.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -195,8 +196,53 @@ class _Op:
         return self._result
 
 
+class _AsyncOp(_Op):
+    """An enqueue from a coroutine: no lock and no thread per producer. The writer seals
+    its body in bulk and resolves a whole batch of these with one `call_soon_threadsafe`."""
+
+    __slots__ = ("_sink", "future")
+
+    def __init__(self, args: tuple[Any, ...], future: asyncio.Future[int], sink: list[Any]):
+        self.name = "enqueue"
+        self.args = args
+        self._done = False
+        self._result = None
+        self._error = None
+        self.future = future
+        self._sink = sink
+
+    def settle(self, result: Any = None, error: BaseException | None = None) -> None:
+        if self._done:
+            return
+        self._done = True
+        self._result, self._error = result, error
+        self._sink.append(self)
+
+    def resolve(self) -> None:
+        """On the producer's loop."""
+        if self.future.done():  # the producer was cancelled; the message may still be stored
+            return
+        if self._error is not None:
+            self.future.set_exception(self._error)
+        else:
+            self.future.set_result(self._result)
+
+
+@dataclass(frozen=True)
+class _Unsealed:
+    """A body the writer seals (async producers hand bodies over unsealed)."""
+
+    body: Any
+
+
+def _resolve_all(ops: list[_AsyncOp]) -> None:
+    for op in ops:
+        op.resolve()
+
+
 class Outbox:
-    """Durable priority queue; all public methods are blocking and thread-safe."""
+    """Durable priority queue; all public methods are blocking and thread-safe, except
+    `enqueue_async`, which is for coroutines on an event loop."""
 
     def __init__(
         self,
@@ -241,6 +287,7 @@ class Outbox:
         self._alloc_lock = threading.Lock()
         self._alloc_next = self._next_seq
         self._arrived: dict[int, _Op] = {}
+        self._settled_async: list[_AsyncOp] = []  # appended to by the writer thread only
         self._deleted = False
         self._full = not self._ensure_ballast()
         self._thread = threading.Thread(target=self._run, name="outbox-writer", daemon=True)
@@ -316,6 +363,23 @@ class Outbox:
             for op in ops:
                 self._queue.put(op)
         return [int(op.wait()) for op in ops]
+
+    async def enqueue_async(
+        self, kind: Kind | int, body: Any, *, created_ms: int | None = None
+    ) -> int:
+        """`enqueue` for coroutines: returns the seq once durable, without a thread per
+        producer. The writer thread seals and commits a whole batch and wakes the loop once
+        per batch, so thousands of concurrent producers cost one hand-off each."""
+        kind = _outbox_kind(kind)
+        stamp = _now_ms() if created_ms is None else created_ms
+        if self._closed:
+            raise OutboxError("the outbox is closed")
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        with self._alloc_lock:
+            seq = self._alloc_next
+            self._alloc_next += 1
+        self._queue.put(_AsyncOp((seq, kind, stamp, _Unsealed(body)), future, self._settled_async))
+        return await future
 
     def _sealed_op(self, seq: int, kind: Kind, stamp: int, body: Any) -> _Op:
         try:
@@ -460,6 +524,7 @@ class Outbox:
             if op is not None:
                 leftovers.append(op)
         self._fail(leftovers, closed)
+        self._wake_async()
 
     # -- the writer thread ----------------------------------------------------------------
 
@@ -475,14 +540,39 @@ class Outbox:
             batch = [first]
             stop = self._drain_into(batch)
             try:
+                self._seal_unsealed(batch)
                 self._process(batch)
                 self._maintain()
             except Exception as exc:  # a bug here must not leave producers blocked forever
                 log.exception("outbox writer failed on a batch")
                 self._rollback()
                 self._abandon(batch, OutboxError(f"outbox writer failed: {exc}"))
+            self._wake_async()
             if stop:
                 return
+
+    def _seal_unsealed(self, batch: list[_Op]) -> None:
+        """Seal what async producers handed over; a failure belongs to that message alone."""
+        for op in batch:
+            if op.name == "enqueue" and isinstance(op.args[3], _Unsealed):
+                seq, kind, stamp, unsealed = op.args
+                try:
+                    sealed: bytes | BaseException = self._sealer(kind, seq, stamp, unsealed.body)
+                except Exception as exc:  # noqa: BLE001 - handed to its producer
+                    sealed = exc
+                op.args = (seq, kind, stamp, sealed)
+
+    def _wake_async(self) -> None:
+        """One `call_soon_threadsafe` per loop for every async producer settled so far."""
+        if not self._settled_async:
+            return
+        settled, self._settled_async[:] = list(self._settled_async), []
+        by_loop: dict[asyncio.AbstractEventLoop, list[_AsyncOp]] = {}
+        for op in settled:
+            by_loop.setdefault(op.future.get_loop(), []).append(op)
+        for loop, ops in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
+                loop.call_soon_threadsafe(_resolve_all, ops)
 
     def _abandon(self, batch: list[_Op], exc: OutboxError) -> None:
         """Fail the batch and everything waiting for its turn, and skip past their seqs."""
