@@ -111,7 +111,9 @@ class Fleet:
             "dgdm_coordinator_http_port": self.coordinator_port,
             "dgdm_agent_user": "root",
             "dgdm_agent_group": "root",
-            "dgdm_agent_tpu": "auto",  # no Edge TPU here: detection must say none
+            # As on a Coral USB host (nothing is installed without packages): the udev
+            # rules and the unit drop-in.
+            "dgdm_agent_tpu": "usb",
             "dgdm_agent_device_id": DEVICE_ID,
             "dgdm_agent_http_port": self.agent_port,
             "dgdm_agent_pubkey_dir": str(self.base / "pubkeys"),

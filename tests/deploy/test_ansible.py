@@ -75,6 +75,13 @@ def test_role_installs_release_config_keys_and_unit(fleet: Fleet) -> None:
     assert os.readlink(fleet.path("/opt/dgdm/current")) == f"releases/{version}"
     unit = fleet.path("/etc/systemd/system/dgdm-agent.service")
     assert unit.read_text() == (REPO / "systemd/dgdm-agent.service").read_text()
+    dropin = "dgdm-agent.service.d/coral-usb.conf"
+    assert (
+        fleet.path(f"/etc/systemd/system/{dropin}").read_text()
+        == (REPO / "systemd" / dropin).read_text()
+    )
+    rules = fleet.path("/etc/udev/rules.d/65-dgdm-coral.rules").read_text()
+    assert 'ATTRS{idProduct}=="089a", MODE="0660", GROUP="plugdev"' in rules
     assert fleet.path("/etc/dgdm/device.key").stat().st_mode & 0o777 == 0o600
     assert fleet.path("/etc/dgdm/agent.toml").stat().st_mode & 0o777 == 0o640
     assert fleet.path("/etc/dgdm/tls/client.key").stat().st_mode & 0o777 == 0o640
