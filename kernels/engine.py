@@ -675,6 +675,9 @@ def _as_float32_bound(z: np.ndarray, bound: float) -> float:
 
 
 _TFLITE_PER_CALL = 1e5
+# A sparse gather costs ~4x a dense multiply-add with scipy's kernel, ~2.2x with the
+# compiled one (dgdm.kernels._spmm, optional): looked up without importing it.
+_SPARSE_GATHER = 2.2 if importlib.util.find_spec("dgdm.kernels._spmm") else 4.0
 
 
 def _cost(name: str, problem: Problem) -> float:
@@ -688,7 +691,7 @@ def _cost(name: str, problem: Problem) -> float:
         # dequantise), spread over a typical 16 columns: below N ~ 350 dense numpy wins.
         return float(n) * n / 5.0 + _TFLITE_PER_CALL
     if name == "sparse":
-        return 4.0 * nnz * _products(problem)  # gathers cost ~4x a dense multiply-add
+        return _SPARSE_GATHER * nnz * _products(problem)
     return 0.0
 
 
