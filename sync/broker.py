@@ -73,6 +73,7 @@ class Broker:
         port: int | None = None,
         engine: str = "auto",
         max_queued_messages: int = 1_000_000,
+        max_inflight_messages: int = 0,
         save_on_change: bool = False,
     ) -> None:
         self.work_dir = Path(work_dir)
@@ -85,6 +86,7 @@ class Broker:
         self.credentials = credentials
         self.require_client_cert = require_client_cert
         self.max_queued_messages = max_queued_messages
+        self.max_inflight_messages = max_inflight_messages
         self.save_on_change = save_on_change
         self.engine = _pick_engine(engine, tls, credentials)
         self.tls = make_tls_files(self.work_dir / "tls") if tls else None
@@ -179,7 +181,9 @@ class Broker:
             "persistence true",
             f"persistence_location {self.data_dir}/",
             f"max_queued_messages {self.max_queued_messages}",
-            "max_inflight_messages 1000",
+            # Also the Receive Maximum mosquitto announces to MQTT 5 clients; 0 = no limit
+            # (65535), so the clients' own windows decide (mosquitto's default is 20).
+            f"max_inflight_messages {self.max_inflight_messages}",
             "log_dest stdout",
             "log_type error",
             "log_type warning",

@@ -78,7 +78,7 @@ class MqttOptions:
 def options_from_settings(section: Any, client_id: str, **overrides: Any) -> MqttOptions:
     """MqttOptions from a settings section with the SPEC §7 key names (agent `[sync]`,
     coordinator `[mqtt]`): broker_url, ca_file, cert_file, key_file, username, password,
-    mqtt_version and, when present, bandwidth_bytes_per_s."""
+    mqtt_version and, when present, bandwidth_bytes_per_s and session_expiry_s."""
     if not section.broker_url:
         raise ConfigError("sync.broker_url", "is required to connect to a broker")
     values: dict[str, Any] = {
@@ -91,6 +91,7 @@ def options_from_settings(section: Any, client_id: str, **overrides: Any) -> Mqt
         "username": section.username,
         "password": section.password,
         "bandwidth_bytes_per_s": getattr(section, "bandwidth_bytes_per_s", 0),
+        "session_expiry_s": getattr(section, "session_expiry_s", MqttOptions.session_expiry_s),
     }
     values.update(overrides)
     return MqttOptions(**values)

@@ -39,6 +39,10 @@ class MqttSection:
     # Coordinators sharing a group split the traffic. A persistent session of a stopped
     # member keeps its share (the broker queues for it) until it expires or comes back.
     share_group: str = setting("dgdm", pattern=r"[A-Za-z0-9._-]{1,64}")
+    # Short, unlike a device's week: a coordinator restarted within this resumes its queued
+    # share; one gone longer leaves the group, so the others get all new traffic, and what
+    # was queued for it is resent by the devices after `receipt_timeout_s` (it de-duplicates).
+    session_expiry_s: int = setting(60, minimum=0, maximum=7 * 24 * 3600)
 
 
 @dataclass(frozen=True)

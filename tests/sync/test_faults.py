@@ -34,12 +34,13 @@ async def test_alerts_go_first_after_an_outage(mqtt_broker, sync_rig) -> None:
 
 async def test_coordinator_down_then_back_stores_everything_once(mqtt_broker, sync_rig) -> None:
     rig = sync_rig(mqtt_broker)
-    device = rig.device("d", receipt_timeout_s=1.0)
+    device = rig.device("d", receipt_timeout_s=0.5)
     coordinator = await rig.start_coordinator()
     await device.start()
     await rig.stop_coordinator()
     seqs = [device.enqueue(Kind.RESULT, {"i": i}) for i in range(50)]
-    await asyncio.sleep(2.5)  # receipts time out at least once: everything is resent
+    # The link looks for late receipts once a second (TICK_S): by now everything was resent.
+    await asyncio.sleep(1.6)
     assert device.queued() == 50
     assert device.link.state.resent_total > 0
     coordinator = await rig.start_coordinator()
