@@ -44,14 +44,15 @@ def main(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="dgdm-bench-http-") as tmp:
         work = Path(tmp)
         (work / "graph.json").write_bytes(body)
-        results = {
+        results: dict[str, Any] = {
             "load_generator": f"aiohttp client process, {args.connections} connections",
             "body_bytes": len(body),
             "json_library": _json_library(),
             "ceiling": _median_runs(args, work, _run_ceiling),
             "agent": _median_runs(args, work, _run_agent),
         }
-    results["ratio"] = round(results["agent"]["rps"] / max(results["ceiling"]["rps"], 1e-9), 3)
+    ceiling, agent = results["ceiling"]["rps"], results["agent"]["rps"]
+    results["ratio"] = round(agent / max(ceiling, 1e-9), 3)
     results["targets"] = TARGETS
     if args.json:
         print(json.dumps(results, indent=2))
@@ -74,9 +75,9 @@ def bench_graph(n: int, f: int, seed: int = 5) -> bytes:
 
 
 def _json_library() -> str:
-    from dgdm.agent import runtime
+    from dgdm.agent import jsonio
 
-    return "orjson" if runtime._orjson is not None else "json (stdlib)"
+    return jsonio.library()
 
 
 # -- runs ---------------------------------------------------------------------------------
@@ -164,7 +165,7 @@ def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout_s: float) -> Non
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args} exited with {proc.returncode}")
+            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
         try:
             with urllib.request.urlopen(url, timeout=1) as r:  # noqa: S310 - loopback http
                 if r.status == 200:
@@ -192,7 +193,7 @@ def serve_parse_only(port: int) -> None:
     """The ceiling: aiohttp reads the body and decodes it with the agent's JSON decoder."""
     from aiohttp import web
 
-    from dgdm.agent.runtime import loads
+    from dgdm.agent.jsonio import loads
 
     async def parse(request: web.Request) -> web.Response:
         loads(await request.read())

@@ -20,21 +20,16 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from dgdm.agent import __version__
+from dgdm.agent import status as state
+from dgdm.agent.answers import http_answer, outbox_json
 from dgdm.agent.config import is_loopback
+from dgdm.agent.errors import BadJson, NoOutbox, QueueFull, ShuttingDown
+from dgdm.agent.jsonio import dumps, dumps_answer_chunked
 from dgdm.agent.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from dgdm.agent.runtime import (
-    BadJson,
-    NoOutbox,
-    QueueFull,
-    ShuttingDown,
-    dumps,
-    dumps_answer_chunked,
-    http_answer,
-    outbox_json,
-)
 from dgdm.kernels.errors import BackendError, GraphError, UnknownTopology
 
 if TYPE_CHECKING:
+    from dgdm.agent.diffusion import EngineJobs
     from dgdm.agent.runtime import Agent
 
 log = logging.getLogger(__name__)
@@ -183,6 +178,12 @@ def _graph_id(request: web.Request) -> str:
     return graph_id
 
 
+def _jobs(request: web.Request) -> EngineJobs:
+    jobs = request.app[AGENT].jobs
+    assert jobs is not None  # set before the app listens
+    return jobs
+
+
 async def _json_body(request: web.Request) -> bytes:
     if request.content_type not in JSON_TYPES:
         raise ApiError(415, "unsupported_media_type", "the body must be application/json")
@@ -197,23 +198,23 @@ async def _json_body(request: web.Request) -> bytes:
 
 async def healthz(request: web.Request) -> web.Response:
     agent = request.app[AGENT]
-    ok, checks = await agent.health()
+    ok, checks = await state.health(agent)
     body = {"status": "ok" if ok else "failing", "checks": checks, "version": __version__}
     return json_response(body, 200 if ok else 503)
 
 
 async def status(request: web.Request) -> web.Response:
-    return json_response(await request.app[AGENT].status())
+    return json_response(await state.status(request.app[AGENT]))
 
 
 async def metrics(request: web.Request) -> web.Response:
-    text = await request.app[AGENT].metrics_text()
+    text = await state.metrics_text(request.app[AGENT])
     return web.Response(body=text, headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 
 async def tpu(request: web.Request) -> web.Response:
     agent = request.app[AGENT]
-    return json_response({**agent.tpu_json(), "backends": agent.engine.backends_status()})
+    return json_response({**state.tpu_json(agent), "backends": agent.engine.backends_status()})
 
 
 async def outbox(request: web.Request) -> web.Response:
@@ -234,18 +235,18 @@ async def list_graphs(request: web.Request) -> web.Response:
 async def put_graph(request: web.Request) -> web.Response:
     graph_id = _graph_id(request)
     body = await _json_body(request)
-    return json_response(await request.app[AGENT].register_graph(graph_id, body))
+    return json_response(await _jobs(request).register(graph_id, body))
 
 
 async def patch_graph(request: web.Request) -> web.Response:
     graph_id = _graph_id(request)
     body = await _json_body(request)
-    return json_response(await request.app[AGENT].update_graph(graph_id, body))
+    return json_response(await _jobs(request).update(graph_id, body))
 
 
 async def delete_graph(request: web.Request) -> web.Response:
     graph_id = _graph_id(request)
-    return json_response(await request.app[AGENT].unregister_graph(graph_id))
+    return json_response(await _jobs(request).unregister(graph_id))
 
 
 async def diffuse_graph(request: web.Request) -> web.Response:

@@ -187,7 +187,7 @@ def test_stdlib_json_round_trips_a_float32_embedding_exactly(
     """Without orjson the embedding is written with 9 significant digits: still exact."""
     import numpy as np
 
-    from dgdm.agent import runtime
+    from dgdm.agent import jsonio as runtime
 
     z = (np.random.default_rng(seed).normal(size=(rows, cols)) * scale).astype(np.float32)
     answer = {"job_id": "j", "embedding": z, "outbox_seq": 4}
@@ -204,7 +204,7 @@ def test_stdlib_json_round_trips_a_float32_embedding_exactly(
 
 
 def test_stdlib_json_refuses_nan_and_bad_bytes() -> None:
-    from dgdm.agent import runtime
+    from dgdm.agent import jsonio as runtime
 
     saved, runtime._orjson = runtime._orjson, None
     try:

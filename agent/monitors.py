@@ -1,0 +1,167 @@
+"""The agent's periodic checks: loop lag, the systemd watchdog, the TPU, telemetry (with the
+disk check) and the broker's reachability. Each loop runs until cancelled at shutdown and
+reads its period from the live config, so SIGHUP changes take effect on the next round."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
+
+from dgdm.agent import status
+from dgdm.agent.alerts import INFO, WARNING, Alert
+from dgdm.agent.telemetry import SampleInputs, Sampler
+from dgdm.kernels.errors import DgdmError
+
+if TYPE_CHECKING:
+    from dgdm.agent.runtime import Agent
+
+log = logging.getLogger("dgdm.agent")
+LAG_PERIOD_S = 0.25
+BROKER_PERIOD_S = 1.0
+
+
+def loops(agent: Agent) -> list[Coroutine[Any, Any, None]]:
+    jobs = [tpu_loop(agent), telemetry_loop(agent), lag_loop(agent), broker_loop(agent)]
+    if agent.notifier.watchdog_interval_s:
+        jobs.append(watchdog_loop(agent))
+    return jobs
+
+
+async def lag_loop(agent: Agent) -> None:
+    """Measures how late the loop wakes up: a blocked loop shows up here and in health."""
+    while True:
+        before = time.monotonic()
+        await asyncio.sleep(LAG_PERIOD_S)
+        agent.loop_lag_s = max(0.0, time.monotonic() - before - LAG_PERIOD_S)
+
+
+async def watchdog_loop(agent: Agent) -> None:
+    interval = agent.notifier.watchdog_interval_s or 1.0
+    while True:
+        healthy, checks = await status.health(agent)
+        if healthy:
+            agent.notifier.watchdog()
+        else:
+            log.warning("health check failed: no watchdog ping", extra={"checks": checks})
+        await asyncio.sleep(interval)
+
+
+async def tpu_loop(agent: Agent) -> None:
+    tpu = agent.tpu
+    assert tpu is not None
+    while True:
+        try:
+            await tpu.poll()
+        except DgdmError as exc:
+            log.warning("TPU poll failed", extra={"error": str(exc)})
+        tpu.limit_c = agent.config.tpu.temperature_limit_c
+        tpu.hysteresis_c = agent.config.tpu.hysteresis_c
+        await asyncio.sleep(agent.config.tpu.poll_s)
+
+
+# -- telemetry ----------------------------------------------------------------------------
+
+
+async def telemetry_loop(agent: Agent) -> None:
+    sampler = await asyncio.to_thread(Sampler, agent.config.device.data_dir)
+    batcher = agent.telemetry
+    assert batcher is not None
+    while True:
+        await asyncio.sleep(agent.config.telemetry.interval_s)
+        sample = await _sample(agent, sampler)
+        check_disk(agent, sample["disk_free_bytes"])
+        batcher.batch_s = agent.config.telemetry.batch_s
+        body = batcher.add(sample)
+        if body is not None:
+            await queue_telemetry(agent, body)
+
+
+async def _sample(agent: Agent, sampler: Sampler) -> dict[str, Any]:
+    stats = await agent.outbox_stats()
+    outbox = (
+        {"messages": stats.messages, "bytes": stats.bytes, "dropped": stats.dropped}
+        if stats
+        else {}
+    )
+    reading = agent.tpu.reading if agent.tpu else None
+    inputs = SampleInputs(
+        tpu_present=bool(reading and reading.present),
+        tpu_temp_c=reading.temp_c if reading else None,
+        outbox=outbox,
+        diffusions=agent.latency.count,
+        latencies_ms=agent.latency.take(),
+    )
+    return await asyncio.to_thread(sampler.sample, inputs)
+
+
+async def queue_telemetry(agent: Agent, body: dict[str, Any]) -> None:
+    if agent.outbox is None:
+        return
+    from dgdm.sync.envelope import Kind
+
+    try:
+        await agent.enqueue(Kind.TELEMETRY, body)
+    except DgdmError as exc:
+        log.warning("telemetry not queued", extra={"error": str(exc)})
+        return
+    agent.metrics.telemetry_batches.inc()
+
+
+async def flush_telemetry(agent: Agent) -> None:
+    body = agent.telemetry.flush() if agent.telemetry else None
+    if body is not None:
+        await queue_telemetry(agent, body)
+
+
+def check_disk(agent: Agent, free: int) -> None:
+    limit = agent.config.alerts.disk_min_free_bytes
+    details = {
+        "free_bytes": free,
+        "min_free_bytes": limit,
+        "path": str(agent.config.device.data_dir),
+    }
+    if free < limit:
+        agent.alerts.condition(Alert("disk_low", WARNING, f"Disk low: {free} bytes free.", details))
+    else:
+        agent.alerts.resolved("disk_low", Alert("disk_ok", INFO, "Disk space is back.", details))
+
+
+# -- broker -------------------------------------------------------------------------------
+
+
+async def broker_loop(agent: Agent) -> None:
+    while True:
+        await asyncio.sleep(BROKER_PERIOD_S)
+        check_broker(agent, time.monotonic())
+
+
+def check_broker(agent: Agent, now: float) -> None:
+    if agent.link is None:
+        return
+    if agent.link.connected:
+        agent.offline_since = None
+        agent.alerts.resolved(
+            "broker_unreachable", Alert("broker_reachable", INFO, "Broker reachable again.")
+        )
+        return
+    if agent.offline_since is None:
+        agent.offline_since = now
+    offline_s = now - agent.offline_since
+    if offline_s > agent.config.sync.offline_alert_s:
+        message = f"Broker unreachable for {int(offline_s)} s."
+        details = {"offline_s": round(offline_s, 1)}
+        agent.alerts.condition(Alert("broker_unreachable", WARNING, message, details))
+
+
+def eviction_alert(kind: Any, count: int) -> Alert:
+    """The outbox dropped `count` messages of `kind` to stay within its size."""
+    name = getattr(kind, "name", str(kind)).lower()
+    return Alert(
+        "outbox_evicting",
+        WARNING,
+        f"Outbox full: evicted {count} {name} message(s).",
+        {"kind": name, "count": count},
+    )
