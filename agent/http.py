@@ -26,6 +26,7 @@ from dgdm.agent.config import is_loopback
 from dgdm.agent.errors import BadJson, NoOutbox, QueueFull, ShuttingDown
 from dgdm.agent.jsonio import dumps, dumps_answer_chunked
 from dgdm.agent.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from dgdm.agent.openapi import openapi_document
 from dgdm.kernels.errors import BackendError, GraphError, UnknownTopology
 
 if TYPE_CHECKING:
@@ -259,12 +260,30 @@ async def diffuse_graph(request: web.Request) -> web.Response:
 
 
 async def openapi(request: web.Request) -> web.Response:
-    return json_response(openapi_document())
+    return json_response(openapi_document(__version__, GRAPH_ID.pattern))
 
 
 async def index(request: web.Request) -> web.Response:
     page = importlib.resources.files("dgdm.agent").joinpath("static/index.html").read_bytes()
     return web.Response(body=page, content_type="text/html", charset="utf-8")
+
+
+# GET routes also answer HEAD (aiohttp's default for web.get), as add_get did.
+ROUTES = (
+    web.get("/", index),
+    web.get("/healthz", healthz),
+    web.get("/status", status),
+    web.get("/metrics", metrics),
+    web.get("/tpu", tpu),
+    web.get("/outbox", outbox),
+    web.get("/openapi.json", openapi),
+    web.post("/diffuse", diffuse),
+    web.get("/graphs", list_graphs),
+    web.put("/graphs/{graph_id}", put_graph),
+    web.patch("/graphs/{graph_id}", patch_graph),
+    web.delete("/graphs/{graph_id}", delete_graph),
+    web.post("/graphs/{graph_id}/diffuse", diffuse_graph),
+)
 
 
 def make_app(agent: Agent) -> web.Application:
@@ -273,103 +292,5 @@ def make_app(agent: Agent) -> web.Application:
         middlewares=[errors_middleware, auth_middleware],
     )
     app[AGENT] = agent
-    app.router.add_get("/", index)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/status", status)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/tpu", tpu)
-    app.router.add_get("/outbox", outbox)
-    app.router.add_get("/openapi.json", openapi)
-    app.router.add_post("/diffuse", diffuse)
-    app.router.add_get("/graphs", list_graphs)
-    app.router.add_put("/graphs/{graph_id}", put_graph)
-    app.router.add_patch("/graphs/{graph_id}", patch_graph)
-    app.router.add_delete("/graphs/{graph_id}", delete_graph)
-    app.router.add_post("/graphs/{graph_id}/diffuse", diffuse_graph)
+    app.add_routes(ROUTES)
     return app
-
-
-# -- OpenAPI ------------------------------------------------------------------------------
-
-
-def _op(
-    summary: str, *, body: bool = False, queue: bool = False, gid: bool = False
-) -> dict[str, Any]:
-    op: dict[str, Any] = {
-        "summary": summary,
-        "responses": {
-            "200": {"description": "OK", "content": {"application/json": {}}},
-            "default": {"$ref": "#/components/responses/Error"},
-        },
-    }
-    params = []
-    if gid:
-        params.append(
-            {
-                "name": "graph_id",
-                "in": "path",
-                "required": True,
-                "schema": {"type": "string", "pattern": GRAPH_ID.pattern},
-            }
-        )
-    if queue:
-        params.append(
-            {
-                "name": "queue",
-                "in": "query",
-                "required": False,
-                "schema": {"type": "string", "enum": ["0", "1"]},
-            }
-        )
-    if params:
-        op["parameters"] = params
-    if body:
-        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": {}}}}
-    return op
-
-
-def openapi_document() -> dict[str, Any]:
-    return {
-        "openapi": "3.0.3",
-        "info": {"title": "dgdm-edge agent", "version": __version__},
-        "components": {
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-            "responses": {
-                "Error": {
-                    "description": "A refusal",
-                    "content": {
-                        "application/json": {
-                            "schema": {
-                                "type": "object",
-                                "required": ["error", "message"],
-                                "properties": {
-                                    "error": {"type": "string"},
-                                    "message": {"type": "string"},
-                                },
-                            }
-                        }
-                    },
-                }
-            },
-        },
-        "security": [{"bearer": []}],
-        "paths": {
-            "/healthz": {"get": {**_op("Liveness and readiness"), "security": []}},
-            "/status": {"get": _op("Device, backend, TPU, broker and outbox state")},
-            "/metrics": {"get": _op("Prometheus metrics")},
-            "/tpu": {"get": _op("Edge TPU state and backends")},
-            "/outbox": {"get": _op("Outbox depth, bytes and oldest age per kind")},
-            "/diffuse": {"post": _op("Diffuse a graph (SPEC §3)", body=True, queue=True)},
-            "/graphs": {"get": _op("Registered topologies")},
-            "/graphs/{graph_id}": {
-                "put": _op("Register a topology", body=True, gid=True),
-                "patch": _op("Add, remove or reweight edges", body=True, gid=True),
-                "delete": _op("Forget a topology", gid=True),
-            },
-            "/graphs/{graph_id}/diffuse": {
-                "post": _op(
-                    "Diffuse features {x} on a registered topology", body=True, queue=True, gid=True
-                )
-            },
-        },
-    }
