@@ -48,16 +48,11 @@ class AlertPolicy:
         self.max_per_minute = max_per_minute
         self._clock = clock
         self._announced: dict[str, float] = {}  # active condition -> when last announced
-        self._active: set[str] = set()
         self._sent: deque[float] = deque()
         self.suppressed = 0
 
-    def is_active(self, code: str) -> bool:
-        return code in self._active
-
     def raise_(self, code: str) -> bool:
         """The condition `code` holds now: True if it is to be announced."""
-        self._active.add(code)
         last = self._announced.get(code)
         now = self._clock()
         if last is not None and now - last < self.repeat_s:
@@ -70,7 +65,6 @@ class AlertPolicy:
     def clear(self, code: str) -> bool:
         """The condition no longer holds: True if its recovery is to be announced."""
         was_announced = code in self._announced
-        self._active.discard(code)
         self._announced.pop(code, None)
         return was_announced and self._allow(self._clock())
 

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dgdm.agent.errors import DemoError
+
 DEVICE_ID = "demo-edge-1"
 READY_TIMEOUT_S = 20.0
 ARRIVAL_TIMEOUT_S = 20.0
@@ -164,10 +166,6 @@ async def _wait_healthy(proc: subprocess.Popen[bytes], port: int, log: Path) -> 
                         return
             await asyncio.sleep(0.05)
     raise DemoError(f"the agent was not healthy within {READY_TIMEOUT_S:.0f} s")
-
-
-class DemoError(Exception):
-    pass
 
 
 def demo_graphs() -> list[dict[str, Any]]:

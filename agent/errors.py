@@ -29,3 +29,7 @@ class NoOutbox(AgentError):
 
 class BadJson(AgentError):
     """A request body is not valid JSON."""
+
+
+class DemoError(AgentError):
+    """`dgdm demo` could not finish: the agent did not start, or results did not arrive."""
