@@ -226,7 +226,7 @@ class Agent:
         """Durably queue a message and wake the sender so it goes out at once."""
         if self.link is not None:
             return int(await self.link.enqueue(kind, body))
-        return int(await asyncio.to_thread(self.outbox.enqueue, kind, body))
+        return int(await self.outbox.enqueue_async(kind, body))
 
     async def outbox_stats(self) -> Any:
         if self.outbox is None:
