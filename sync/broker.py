@@ -25,8 +25,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dgdm.sync.errors import SyncError
+
+if TYPE_CHECKING:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
 
 _READY_TIMEOUT_S = 10.0
 
@@ -279,7 +284,15 @@ def make_tls_files(out_dir: Path, host: str = "127.0.0.1") -> TlsFiles:
     return files
 
 
-def _certificate(common_name, key, issuer_key, issuer_cert, *, is_ca, san):  # type: ignore[no-untyped-def]
+def _certificate(
+    common_name: str,
+    key: ec.EllipticCurvePrivateKey,
+    issuer_key: ec.EllipticCurvePrivateKey,
+    issuer_cert: x509.Certificate | None,
+    *,
+    is_ca: bool,
+    san: str | None,
+) -> x509.Certificate:
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes
     from cryptography.x509.oid import NameOID
@@ -304,13 +317,13 @@ def _certificate(common_name, key, issuer_key, issuer_cert, *, is_ca, san):  # t
     return builder.sign(issuer_key, hashes.SHA256())
 
 
-def _write_pem(path: Path, cert) -> None:  # type: ignore[no-untyped-def]
+def _write_pem(path: Path, cert: x509.Certificate) -> None:
     from cryptography.hazmat.primitives import serialization
 
     path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
 
-def _write_key(path: Path, key) -> None:  # type: ignore[no-untyped-def]
+def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
     from cryptography.hazmat.primitives import serialization
 
     data = key.private_bytes(

@@ -7,9 +7,14 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from dgdm.sync.coordinator.config import CoordinatorConfig
+    from dgdm.sync.coordinator.store import SqliteStore
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from dgdm.sync import keys_cli
 
     keys_cli.register(subparsers)
@@ -28,7 +33,7 @@ def _config_arg(parser: argparse.ArgumentParser, *, nested: bool = False) -> Non
     )
 
 
-def _register_coordinator(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _register_coordinator(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     coord = subparsers.add_parser(
         "coordinator", help="run the cloud coordinator or manage its fleet"
     )
@@ -47,7 +52,7 @@ def _register_coordinator(subparsers: argparse._SubParsersAction) -> None:  # ty
     show.set_defaults(func=_devices_list)
 
 
-def _register_telemetry(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _register_telemetry(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     telemetry = subparsers.add_parser("telemetry", help="fleet telemetry")
     actions = telemetry.add_subparsers(dest="telemetry_command", metavar="ACTION", required=True)
     watch = actions.add_parser("watch", help="print decrypted telemetry live as JSON lines")
@@ -65,7 +70,7 @@ def _run_coordinator(args: argparse.Namespace) -> int:
     return asyncio.run(serve(load_config(args.config)))
 
 
-def _open_store(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def _open_store(args: argparse.Namespace) -> tuple[CoordinatorConfig, SqliteStore]:
     from dgdm.sync.coordinator.config import load_config
     from dgdm.sync.coordinator.store import SqliteStore
 

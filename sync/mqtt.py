@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as paho
@@ -556,6 +556,8 @@ class MqttClient:
         if self._on_message is None:
             return
         try:
-            self._on_message(msg.topic, msg.payload)
+            # paho types payload bytes | bytearray (shared with outgoing messages); a received
+            # one is always bytes (decode_publish slices struct.unpack's bytes)
+            self._on_message(msg.topic, cast(bytes, msg.payload))
         except Exception:  # a handler bug must not take the connection down with it
             log.exception("mqtt message handler failed for %s", msg.topic)

@@ -15,6 +15,7 @@ expm_multiply (float64).
 from __future__ import annotations
 
 import threading
+from typing import Protocol, SupportsFloat
 
 import numpy as np
 import scipy.sparse as sp
@@ -34,6 +35,28 @@ try:  # scipy's compiled kernel: y += A x for a block of vectors, no temporaries
 except ImportError:  # pragma: no cover - a future scipy without it falls back to A @ x
     _csr_matvecs = None
 
+
+class _Spmm(Protocol):
+    """What this backend calls in dgdm.kernels._spmm (typed by kernels/_spmm.pyi)."""
+
+    def csr_spmm(  # noqa: PLR0917 - the C extension's signature
+        self,
+        indptr: np.ndarray,
+        indices: np.ndarray,
+        data: np.ndarray,
+        z: np.ndarray,
+        y: np.ndarray,
+        x: np.ndarray | None = None,
+        *,
+        c: SupportsFloat = 0.0,
+        a: SupportsFloat = 1.0,
+        portable: bool = False,
+    ) -> None: ...
+
+    def take_rows(self, src: np.ndarray, rows: np.ndarray, out: np.ndarray, /) -> None: ...
+
+
+_spmm: _Spmm | None
 try:  # optional: built from kernels/_spmm.c when a C compiler was present at install time
     from dgdm.kernels import _spmm
 except ImportError:
@@ -109,6 +132,7 @@ class SeriesRunner:
                 z = self._scipy_series(xp, z, y)
                 return RunOutput(np.take(z, self._inverse, axis=0), self._bound)
             # the extension's row copy: np.take costs about one CSR product per direction
+            assert _spmm is not None  # compiled runners come from load(), which probes
             _spmm.take_rows(x, self._perm32, xp)
             z = self._compiled_series(xp, z, y)
             out = np.empty_like(z)
@@ -123,6 +147,7 @@ class SeriesRunner:
         if len(coeffs) == 1:
             np.multiply(xp, coeffs[0], out=z)
             return z
+        assert _spmm is not None  # only run() calls this, for a compiled runner
         # z_{K-1} = c_{K-1} X + c_K (T X): scaling the first product saves the pass c_K X
         _spmm.csr_spmm(
             self._indptr, self._indices, self._t.data, xp, z, xp, c=coeffs[-2], a=coeffs[-1]
@@ -154,7 +179,8 @@ class SeriesRunner:
         buffers = self._buffers.get(f)
         if buffers is None:
             n = self._t.shape[0]
-            buffers = tuple(np.empty((n, f), dtype=np.float32) for _ in range(3))
+            xp, z, y = (np.empty((n, f), dtype=np.float32) for _ in range(3))
+            buffers = (xp, z, y)
             self._buffers = {f: buffers}  # keep one width: bounded memory
         return buffers
 

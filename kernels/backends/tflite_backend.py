@@ -132,7 +132,8 @@ class ModelStore:
     def save_host(self, key: str, host: q.HostTerms) -> None:
         fd, tmp = tempfile.mkstemp(dir=self.dir, prefix="host", suffix=".npz")
         with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **host.to_arrays())
+            # allow_pickle spelled out at its default: otherwise the ** mapping could fill it
+            np.savez(fh, allow_pickle=True, **host.to_arrays())
         os.replace(tmp, self.host_path(key))
 
 

@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from dgdm.sync.envelope import Kind, valid_device_id
 from dgdm.sync.errors import ConfigError, TransportError
 
-COORDINATOR = web.AppKey("coordinator", Any)
+if TYPE_CHECKING:
+    from dgdm.sync.coordinator.service import Coordinator
+
+COORDINATOR: web.AppKey[Coordinator] = web.AppKey("coordinator")
 MAX_RESULTS = 1000
 RECENT_ALERTS = 20
 MAX_BODY_BYTES = 64 * 1024 * 1024

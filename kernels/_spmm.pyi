@@ -1,0 +1,32 @@
+"""Types of the optional compiled extension built from kernels/_spmm.c (absent when not built).
+
+Arrays arrive through the buffer protocol: index arrays int32 or int64, values float32,
+2-D arrays C-contiguous. The functions write into `y` / `out` and return None.
+"""
+
+from typing import Any, SupportsFloat, TypeAlias
+
+import numpy as np
+from typing_extensions import Buffer
+
+_Array: TypeAlias = np.ndarray[Any, Any] | Buffer
+
+isa: str
+"""The product kernel chosen at import: "avx2" or "portable"."""
+
+def csr_spmm(
+    indptr: _Array,
+    indices: _Array,
+    data: _Array,
+    z: _Array,
+    y: _Array,
+    x: _Array | None = None,
+    *,
+    c: SupportsFloat = 0.0,
+    a: SupportsFloat = 1.0,
+    portable: bool = False,
+) -> None:
+    """y = a * (T @ z) + c * x for the CSR matrix T = (data, indices, indptr), in float32."""
+
+def take_rows(src: _Array, rows: _Array, out: _Array, /) -> None:
+    """out[i] = src[rows[i]] for float32 src (M, F) and out (N, F), rows int32/int64 (N,)."""
