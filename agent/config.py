@@ -7,13 +7,12 @@ module only declares the sections and the checks that span several keys. Any pro
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from dgdm.sync.errors import ConfigError
-from dgdm.sync.settings import load_settings, setting
+from dgdm.sync.settings import is_loopback, load_settings, setting
 
 DEFAULT_PATH = Path("/etc/dgdm/agent.toml")
 MIB = 1 << 20
@@ -132,15 +131,6 @@ def check(config: AgentConfig) -> None:
         raise ConfigError("sync.ca_file", "is only used with an mqtts:// broker_url")
     if config.telemetry.batch_s < config.telemetry.interval_s:
         raise ConfigError("telemetry.batch_s", "must be >= telemetry.interval_s")
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 # Settings a SIGHUP may change in a running agent; anything else needs a restart.

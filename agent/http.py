@@ -22,12 +22,12 @@ from aiohttp import web
 from dgdm.agent import __version__
 from dgdm.agent import status as state
 from dgdm.agent.answers import http_answer, outbox_json
-from dgdm.agent.config import is_loopback
 from dgdm.agent.errors import BadJson, NoOutbox, QueueFull, ShuttingDown
 from dgdm.agent.jsonio import dumps, dumps_answer_chunked
 from dgdm.agent.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from dgdm.agent.openapi import openapi_document
 from dgdm.kernels.errors import BackendError, GraphError, UnknownTopology
+from dgdm.sync.settings import is_loopback
 
 if TYPE_CHECKING:
     from dgdm.agent.diffusion import EngineJobs

@@ -13,6 +13,7 @@ Secrets (fields declared with ``setting(..., secret=True)``) may be given as ``"
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import os
 import re
@@ -91,6 +92,16 @@ def summary(settings: Any) -> dict[str, Any]:
             shown[f.name] = value
         out[section.name] = shown
     return out
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a bind address only accepts local connections (then no token is required)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _read_toml(path: Path | None, require_file: bool) -> dict[str, Any]:

@@ -13,13 +13,13 @@ Errors are JSON `{"error", "field"}` with 400/401/404/422/503, never a traceback
 from __future__ import annotations
 
 import hmac
-import ipaddress
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from dgdm.sync.envelope import Kind, valid_device_id
 from dgdm.sync.errors import ConfigError, TransportError
+from dgdm.sync.settings import is_loopback
 
 if TYPE_CHECKING:
     from dgdm.sync.coordinator.service import Coordinator
@@ -50,7 +50,7 @@ def _token_middleware(token: str | None) -> Any:
 
 def make_app(coordinator: Any) -> web.Application:
     http = coordinator.config.http
-    if not http.token and not _is_loopback(http.bind):
+    if not http.token and not is_loopback(http.bind):
         raise ConfigError("http.token", "is required when the API listens beyond loopback")
     app = web.Application(
         middlewares=[_token_middleware(http.token)], client_max_size=MAX_BODY_BYTES
@@ -79,15 +79,6 @@ async def start_http(coordinator: Any) -> tuple[web.AppRunner, int]:
         ) from exc
     port = runner.addresses[0][1] if runner.addresses else http.port
     return runner, int(port)
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _device_view(coordinator: Any, row: dict[str, Any]) -> dict[str, Any]:
