@@ -17,29 +17,43 @@ RELOAD_INTERVAL_S = 1.0
 
 
 class Registry:
-    def __init__(self, private_key: X25519PrivateKey, load: Callable[[], dict[str, str]]) -> None:
+    def __init__(
+        self,
+        private_key: X25519PrivateKey,
+        load: Callable[[], dict[str, str]],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._private = private_key
         self.public_raw = raw_public(private_key)
         self._load = load
+        self._clock = clock
         self._public: dict[str, str] = {}
         self._keys: dict[str, LinkKeys] = {}
         self._loaded_at = float("-inf")
 
     def reload(self) -> None:
-        self._public = self._load()
-        self._keys = {d: k for d, k in self._keys.items() if d in self._public}
-        self._loaded_at = time.monotonic()
+        """Re-read the enrolled keys; link keys of a device whose key changed are dropped."""
+        fresh = self._load()
+        self._keys = {d: k for d, k in self._keys.items() if fresh.get(d) == self._public.get(d)}
+        self._public = fresh
+        self._loaded_at = self._clock()
 
-    def keys_for(self, device_id: str) -> LinkKeys | None:
-        """The device's link keys, or None when it is not enrolled (or its key is unusable)."""
+    def keys_for(self, device_id: str, key_id: bytes | None = None) -> LinkKeys | None:
+        """The device's link keys, or None when it is not enrolled (or its key is unusable).
+
+        `key_id` is an incoming envelope's: when it differs from the cached keys' the device
+        may have been re-enrolled with a rotated key (by `dgdm coordinator devices add` in
+        another process), so the enrolment is re-read, at most once a second, before the
+        envelope is judged. No restart is needed after a key rotation.
+        """
         keys = self._keys.get(device_id)
-        if keys is not None:
+        if keys is not None and (key_id is None or key_id == keys.key_id):
             return keys
-        if (
-            device_id not in self._public
-            and time.monotonic() - self._loaded_at >= RELOAD_INTERVAL_S
-        ):
+        if self._clock() - self._loaded_at >= RELOAD_INTERVAL_S:
             self.reload()
+            keys = self._keys.get(device_id)
+            if keys is not None:
+                return keys
         text = self._public.get(device_id)
         if text is None:
             return None

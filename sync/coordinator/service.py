@@ -30,6 +30,7 @@ from dgdm.sync.envelope import (
     Kind,
     decode_body,
     open_envelope,
+    peek_header,
     ranges_from_seqs,
     seal,
     valid_device_id,
@@ -232,7 +233,7 @@ class Coordinator:
 
     def _open(self, device_id: str, kind: Kind, payload: bytes) -> Incoming:
         assert self.registry is not None
-        keys = self.registry.keys_for(device_id)
+        keys = self.registry.keys_for(device_id, _key_id(payload))
         if keys is None:
             raise EnvelopeError("unknown_device", f"device {device_id!r} is not enrolled")
         env = open_envelope(
@@ -336,6 +337,13 @@ def check_command_request(cmd: Any, args: Any, ttl_ms: Any) -> dict[str, Any]:
     if cmd == "diffuse" and not isinstance(args.get("graph"), dict):
         raise BadCommand("args.graph", "diffuse needs a graph object (SPEC §3)")
     return {"cmd": cmd, "args": args, "ttl_ms": ttl_ms}
+
+
+def _key_id(payload: bytes) -> bytes | None:
+    try:
+        return peek_header(payload).key_id
+    except EnvelopeError:
+        return None  # open_envelope names what is wrong with it
 
 
 def _now_ms() -> int:
