@@ -7,14 +7,13 @@ hash of exactly the inputs T and the method depend on, so caches keyed by it are
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 
 import numpy as np
 import scipy.sparse as sp
 
 from dgdm.kernels.backends.base import Problem
-from dgdm.kernels.graph import Graph
+from dgdm.kernels.graph import Graph, topology_hash
 from dgdm.kernels.method import Method
 
 
@@ -50,11 +49,7 @@ def _safe_power(degree: np.ndarray, exponent: float) -> np.ndarray:
 
 def problem_key(adjacency: sp.csr_matrix, method: Method) -> str:
     """A stable hash of topology (canonical CSR of A) + method."""
-    digest = hashlib.blake2b(digest_size=16)
-    digest.update(np.int64(adjacency.shape[0]).tobytes())
-    digest.update(np.ascontiguousarray(adjacency.indptr, dtype=np.int64).tobytes())
-    digest.update(np.ascontiguousarray(adjacency.indices, dtype=np.int64).tobytes())
-    digest.update(np.ascontiguousarray(adjacency.data, dtype=np.float64).tobytes())
+    digest = topology_hash(adjacency)
     digest.update(_method_bytes(method))
     return digest.hexdigest()
 
