@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -129,6 +130,17 @@ class AgentMetrics:
         )
         self._snapshot = _SnapshotCollector()
         r.register(self._snapshot)
+        # labels() costs a lock and a dict lookup per call; a diffusion is counted on every
+        # request, so its children are looked up once per (backend, source).
+        self._diffusion_children: dict[tuple[str, str], tuple[Any, Any]] = {}
+
+    def count_diffusion(self, backend: str, source: str, seconds: float) -> None:
+        children = self._diffusion_children.get((backend, source))
+        if children is None:
+            children = (self.diffusions.labels(backend, source), self.duration.labels(backend))
+            self._diffusion_children[(backend, source)] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def render(self, snapshot: Snapshot) -> bytes:
         self._snapshot.snapshot = snapshot

@@ -263,8 +263,7 @@ class Agent:
     async def _finish(self, result: Any, source: str, queue: bool) -> tuple[Any, int | None]:
         """Count the diffusion; queue its result message when asked (the outbox seq)."""
         self.latency.record(result.latency_ms)
-        self.metrics.diffusions.labels(result.backend, source).inc()
-        self.metrics.duration.labels(result.backend).observe(result.latency_ms / 1000.0)
+        self.metrics.count_diffusion(result.backend, source, result.latency_ms / 1000.0)
         if not queue:
             return result, None
         from dgdm.sync.envelope import Kind
