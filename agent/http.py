@@ -10,6 +10,7 @@ before a body is read.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import importlib.resources
 import logging
@@ -52,6 +53,8 @@ _HTTP_CODES = {
 # beyond it the thread hop is cheaper than blocking every other request.
 INLINE_ENCODE_VALUES = 20_000
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# Asked on every request about the one configured bind address (ipaddress parses it).
+_is_loopback = functools.lru_cache(maxsize=16)(is_loopback)
 
 
 class ApiError(Exception):
@@ -156,7 +159,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
 
 def _token_required(agent: Agent) -> bool:
     """Beyond loopback always; on loopback only when a token is configured anyway."""
-    return bool(agent.config.http.token) or not is_loopback(agent.config.http.bind)
+    return bool(agent.config.http.token) or not _is_loopback(agent.config.http.bind)
 
 
 # -- request helpers ----------------------------------------------------------------------

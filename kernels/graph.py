@@ -385,46 +385,67 @@ def _parse_edges(
     edges = _list(value, "edges")
     if len(edges) > limits.max_edges:
         raise _too_large("edges", "edges", len(edges), limits.max_edges)
-    index = {node: i for i, node in enumerate(node_ids)}
-    plain = _plain_edges(edges, index)
-    return plain if plain is not None else _checked_edges(edges, index)
+    plain = _plain_edges(edges, node_ids)
+    if plain is not None:
+        return plain
+    return _checked_edges(edges, {node: i for i, node in enumerate(node_ids)})
 
 
 def _plain_edges(
-    edges: Sequence[Any], index: Mapping[NodeId, int]
+    edges: Sequence[Any], node_ids: list[NodeId]
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """The happy path: plain dict edges, str/int endpoints that exist, finite weights > 0,
     converted in bulk. None means "look closer"; no field name is built here."""
-    if not set(map(type, edges)) <= {dict} or not set(chain.from_iterable(edges)) <= _EDGE_KEYS:
+    if not set(map(type, edges)) <= {dict}:
+        return None
+    keys = set(chain.from_iterable(edges))
+    if not keys <= _EDGE_KEYS:
         return None
     sources = list(map(dict.get, edges, repeat("source")))
     targets = list(map(dict.get, edges, repeat("target")))
-    weights = list(map(dict.get, edges, repeat("weight"), repeat(1.0)))
-    # The type checks come first: True == 1 and 1.0 == 1 would find a node in `index`.
-    if not set(map(type, sources)) | set(map(type, targets)) <= _ID_TYPES:
-        return None
-    if not set(map(type, weights)) <= _NUMBER_TYPES:
+    # The type checks come first: True == 1 and 1.0 == 1 would find a node by its id.
+    source_types, target_types = set(map(type, sources)), set(map(type, targets))
+    if not source_types | target_types <= _ID_TYPES:
         return None
     try:
-        identity = list(index) == list(range(len(index)))
-        rows = _rows_of(sources, index, identity)
-        cols = _rows_of(targets, index, identity)
-        w = np.array(weights, dtype=np.float64)
+        w = _plain_weights(edges, "weight" in keys)
+        if w is None:
+            return None
+        # Node ids 0..N-1 in order (the usual integer case): an id is its row.
+        identity = node_ids == list(range(len(node_ids)))
+        index: dict[NodeId, int] = {} if identity else {n: i for i, n in enumerate(node_ids)}
+        rows = _rows_of(sources, source_types, node_ids, index)
+        cols = _rows_of(targets, target_types, node_ids, index)
     except (KeyError, OverflowError, ValueError, TypeError):
-        return None
-    if not (np.isfinite(w).all() and (w > 0.0).all()):
         return None
     return rows, cols, w
 
 
-def _rows_of(ids: list[Any], index: Mapping[NodeId, int], identity: bool) -> np.ndarray:
-    """Row numbers of node ids (KeyError for an unknown one). When the node ids are 0..N-1
-    in order (`identity`, the usual integer case) an id is its row: one conversion and a
-    range check instead of a lookup per id."""
-    if identity and set(map(type, ids)) <= {int}:
+def _plain_weights(edges: Sequence[Any], any_weight: bool) -> np.ndarray | None:
+    """Finite weights > 0 as float64 (1.0 where absent); None means "look closer"."""
+    if not any_weight:
+        return np.ones(len(edges))
+    weights = list(map(dict.get, edges, repeat("weight"), repeat(1.0)))
+    if not set(map(type, weights)) <= _NUMBER_TYPES:
+        return None
+    w = np.array(weights, dtype=np.float64)
+    if not (np.isfinite(w).all() and (w > 0.0).all()):
+        return None
+    return w
+
+
+def _rows_of(
+    ids: list[Any], types: set[type], node_ids: list[NodeId], index: Mapping[NodeId, int]
+) -> np.ndarray:
+    """Row numbers of node ids (KeyError for an unknown one). With no `index` the node ids
+    are 0..N-1 in order, so an integer id is its row: one conversion and a range check."""
+    if not index:
+        if not types <= {int}:
+            raise KeyError("a string id names no node here")
         rows = np.array(ids, dtype=np.int64)
-        if rows.size == 0 or (rows.min() >= 0 and rows.max() < len(index)):
-            return rows
+        if rows.size and (rows.min() < 0 or rows.max() >= len(node_ids)):
+            raise KeyError("an id is out of range")
+        return rows
     return np.fromiter(map(index.__getitem__, ids), np.int64, len(ids))
 
 
