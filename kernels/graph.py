@@ -32,6 +32,7 @@ _COMPACT_FORM_KEYS = frozenset(
 _MAX_GRAPH_ID = 128
 _NODE_KEYS = frozenset({"id", "features"})
 _EDGE_KEYS = frozenset({"source", "target", "weight"})
+_TWO_EDGE_KEYS = frozenset({"source", "target"})
 # Exact types for the bulk checks (bool is an int subclass, and neither a number nor an id).
 _ID_TYPES = frozenset({str, int})
 _NUMBER_TYPES = frozenset({int, float})
@@ -398,7 +399,9 @@ def _plain_edges(
     converted in bulk. None means "look closer"; no field name is built here."""
     if not set(map(type, edges)) <= {dict}:
         return None
-    keys = set(chain.from_iterable(edges))
+    # Two keys each (the usual unweighted edge): the id type checks below prove that they
+    # are source and target, so the keys need not be read one by one.
+    keys = _TWO_EDGE_KEYS if set(map(len, edges)) <= {2} else set(chain.from_iterable(edges))
     if not keys <= _EDGE_KEYS:
         return None
     sources = list(map(dict.get, edges, repeat("source")))
