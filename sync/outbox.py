@@ -273,6 +273,10 @@ class Outbox:
         self._evicted_since_log: dict[str, int] = {}
         self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
         self._read_lock = threading.Lock()
+        # Held while checking `_closed` and putting on the queue, and by close() while it
+        # sets `_closed` and puts the stop marker: nothing can land behind that marker,
+        # where no writer would ever take it and its producer would wait forever.
+        self._handoff_lock = threading.Lock()
         self._closed = False
         self._full = False
         self._last_recovery = 0.0
@@ -360,8 +364,7 @@ class Outbox:
             for seq in range(first + len(ops), first + len(items)):
                 interrupted = OutboxError(f"sealing was interrupted before seq {seq}")
                 ops.append(_Op("enqueue", (seq, kinds[seq - first], stamp, interrupted)))
-            for op in ops:
-                self._queue.put(op)
+            self._hand_over(ops)
         return [int(op.wait()) for op in ops]
 
     async def enqueue_async(
@@ -378,8 +381,23 @@ class Outbox:
         with self._alloc_lock:
             seq = self._alloc_next
             self._alloc_next += 1
-        self._queue.put(_AsyncOp((seq, kind, stamp, _Unsealed(body)), future, self._settled_async))
+        with self._handoff_lock:
+            if self._closed:
+                raise OutboxError("the outbox is closed")
+            self._queue.put(
+                _AsyncOp((seq, kind, stamp, _Unsealed(body)), future, self._settled_async)
+            )
         return await future
+
+    def _hand_over(self, ops: list[_Op]) -> None:
+        """Queue ops for the writer, or fail them all if close() got there first (sealing
+        runs unlocked, so a close can begin after the caller's first check)."""
+        with self._handoff_lock:
+            if not self._closed:
+                for op in ops:
+                    self._queue.put(op)
+                return
+        self._fail(ops, OutboxError("the outbox was closed before this message was stored"))
 
     def _sealed_op(self, seq: int, kind: Kind, stamp: int, body: Any) -> _Op:
         try:
@@ -477,7 +495,7 @@ class Outbox:
         if self._closed:
             raise OutboxError("the outbox is closed")
         op = _Op(name, args)
-        self._queue.put(op)
+        self._hand_over([op])
         return op.wait()
 
     def _read(self, sql: str, params: tuple[Any, ...]) -> list[Any]:
@@ -498,10 +516,11 @@ class Outbox:
 
     def _shutdown(self, *, checkpoint: bool) -> None:
         """Stop the writer; without `checkpoint` the files are left as a crash leaves them."""
-        if self._closed:
-            return
-        self._closed = True
-        self._queue.put(None)
+        with self._handoff_lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._queue.put(None)
         self._thread.join()
         self._fail_leftovers()
         if checkpoint:

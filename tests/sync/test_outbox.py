@@ -338,6 +338,45 @@ def test_close_while_producers_run_never_leaves_one_blocked(tmp_path) -> None:
     reopened.close()
 
 
+def test_a_producer_still_sealing_when_close_finishes_is_failed_not_left_blocked(
+    tmp_path,
+) -> None:
+    # The race the test above only hits under load, made certain: the producer passes the
+    # closed check, and close() runs to the end while it is sealing. Its hand-off must then
+    # fail it rather than queue the message behind a writer that is already gone.
+    sealing, closed = threading.Event(), threading.Event()
+
+    def slow(kind, seq, created_ms, body):
+        if body.get("slow"):
+            sealing.set()
+            assert closed.wait(10)
+        return sealer(kind, seq, created_ms, body)
+
+    box = Outbox(tmp_path / "o.db", device_id="dev-1", sealer=slow, max_bytes=1 << 20)
+    stored = box.enqueue(Kind.RESULT, {})
+    outcome: list[object] = []
+
+    def produce() -> None:
+        try:
+            outcome.append(box.enqueue(Kind.RESULT, {"slow": True}))
+        except OutboxError as exc:
+            outcome.append(exc)
+
+    producer = threading.Thread(target=produce, daemon=True)
+    producer.start()
+    assert sealing.wait(10)
+    box.close()
+    closed.set()
+    producer.join(timeout=10)
+    assert not producer.is_alive()
+    (error,) = outcome
+    assert isinstance(error, OutboxError)
+    assert "closed" in str(error)
+    reopened = _open(tmp_path / "o.db")
+    assert _seqs(reopened) == [stored]  # the acknowledged one stays; the refused one is absent
+    reopened.close()
+
+
 def test_bad_receipts_and_limits_are_refused_in_the_callers_thread(outbox) -> None:
     seq = outbox.enqueue(Kind.RESULT, {})
     with pytest.raises(OutboxError, match="two integers"):
