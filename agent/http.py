@@ -126,6 +126,8 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return error_response(exc.status, code, _sentence(exc), headers)
     except _REFUSED as exc:
         api = _translate(exc)
+        if request.path.endswith("/diffuse"):
+            request.app[AGENT].metrics.diffusion_errors.labels(api.code).inc()
         return error_response(api.status, api.code, api.message, api.headers)
 
 

@@ -27,6 +27,19 @@ def dense_ppr(graph: dict[str, Any], alpha: float = 0.15) -> np.ndarray:
     return alpha * np.linalg.solve(np.eye(n) - (1 - alpha) * t, x)
 
 
+def test_refused_diffusions_are_counted_by_reason(shared_agent: Agent) -> None:
+    def refusals() -> float:
+        for line in shared_agent.get("/metrics").body.decode().splitlines():
+            if line.startswith('dgdm_diffusion_errors_total{reason="invalid_graph"}'):
+                return float(line.split()[-1])
+        return 0.0
+
+    before = refusals()
+    bad = {"nodes": [{"id": "a", "features": [1.0]}], "edges": [{"source": "a", "target": "z"}]}
+    assert shared_agent.post_json("/diffuse", bad).status == 422
+    assert refusals() == before + 1
+
+
 def test_healthz_status_metrics(shared_agent: Agent, karate: dict[str, Any]) -> None:
     assert shared_agent.post_json("/diffuse", karate).status == 200
     health = shared_agent.get("/healthz")
