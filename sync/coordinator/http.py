@@ -13,6 +13,7 @@ Errors are JSON `{"error", "field"}` with 400/401/404/422/503, never a traceback
 from __future__ import annotations
 
 import hmac
+import json
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -126,6 +127,13 @@ async def get_device(request: web.Request) -> web.Response:
     )
 
 
+def _bad_query(field: str, message: str) -> web.HTTPBadRequest:
+    """The same body as `_error`, raised from inside a parameter parser."""
+    return web.HTTPBadRequest(
+        text=json.dumps({"error": message, "field": field}), content_type="application/json"
+    )
+
+
 def _int_param(request: web.Request, name: str, default: int, low: int, high: int) -> int:
     raw = request.query.get(name)
     if raw is None:
@@ -133,15 +141,9 @@ def _int_param(request: web.Request, name: str, default: int, low: int, high: in
     try:
         value = int(raw)
     except ValueError:
-        raise web.HTTPBadRequest(
-            text=f'{{"error": "must be an integer", "field": "{name}"}}',
-            content_type="application/json",
-        ) from None
+        raise _bad_query(name, "must be an integer") from None
     if not low <= value <= high:
-        raise web.HTTPBadRequest(
-            text=f'{{"error": "must be from {low} to {high}", "field": "{name}"}}',
-            content_type="application/json",
-        )
+        raise _bad_query(name, f"must be from {low} to {high}")
     return value
 
 
