@@ -173,6 +173,14 @@ class _Connection:
         self.misc_task: asyncio.Task[None] | None = None
         self.fd: int | None = None
 
+    def settled(self, fut: asyncio.Future[None]) -> None:
+        """A QoS 1 publish ended: free its window slot. A pipelined sender may never await
+        a publish the connection loss failed (the loss itself is logged and counted), so
+        its exception is marked as seen here; awaiting callers still get it."""
+        self.slots.release()
+        if not fut.cancelled():
+            fut.exception()
+
     def fail_pending(self, reason: str) -> None:
         pending, self.pending = self.pending, {}
         for fut in pending.values():
@@ -310,7 +318,7 @@ class MqttClient:
             conn.slots.release()
             return fut
         conn.pending[info.mid] = fut
-        fut.add_done_callback(lambda _f: conn.slots.release())
+        fut.add_done_callback(conn.settled)
         return fut
 
     # -- connection lifecycle ------------------------------------------------------------
