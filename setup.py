@@ -1,7 +1,9 @@
-"""Only the optional compiled kernel; all other metadata lives in pyproject.toml.
+"""Only the optional compiled extensions; all other metadata lives in pyproject.toml.
 
-`optional=True`: without a C compiler (or on a platform where it fails) the build only
-warns and the sparse backend uses scipy. No -march=native: wheels must run on any CPU of
+`_spmm` is the sparse backend's product kernel; `_graphscan` reads the plain graph JSON form
+straight into arrays. `optional=True`: without a C compiler (or on a platform where it
+fails) the build only warns, the sparse backend uses scipy and graph bodies are decoded the
+general way. No -march=native: wheels must run on any CPU of
 the platform; the AVX2 path is chosen at run time inside the extension.
 
 `DGDM_PURE=1` builds without it: a `py3-none-any` wheel that installs on every
@@ -21,10 +23,11 @@ setup(
     if PURE
     else [
         Extension(
-            "dgdm.kernels._spmm",
-            sources=["kernels/_spmm.c"],
+            f"dgdm.kernels.{name}",
+            sources=[f"kernels/{name}.c"],
             extra_compile_args=COMPILE_ARGS,
             optional=True,
         )
+        for name in ("_spmm", "_graphscan")
     ]
 )

@@ -20,10 +20,11 @@ T = TypeVar("T")
 
 
 def parse_graph_body(data: bytes | str | dict[str, Any], limits: Any) -> Any:
-    from dgdm.kernels.graph import parse_graph
+    from dgdm.kernels.graph import parse_graph, parse_graph_bytes
 
-    obj = loads(data) if isinstance(data, (bytes, str)) else data
-    return parse_graph(obj, limits)
+    if isinstance(data, bytes):
+        return parse_graph_bytes(data, loads, limits)
+    return parse_graph(loads(data) if isinstance(data, str) else data, limits)
 
 
 def _parse_in_child(data: bytes, limits: Any) -> tuple[str, Any]:

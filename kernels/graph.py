@@ -12,7 +12,7 @@ import json
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import chain, repeat
 from typing import Any, TypeGuard
@@ -22,6 +22,11 @@ import scipy.sparse as sp
 
 from dgdm.kernels.errors import GraphError
 from dgdm.kernels.method import Method, parse_method
+
+try:  # optional: built from kernels/_graphscan.c when a C compiler was present at install time
+    from dgdm.kernels import _graphscan
+except ImportError:  # pragma: no cover - depends on the installation
+    _graphscan = None  # type: ignore[assignment]
 
 NodeId = str | int
 
@@ -89,11 +94,54 @@ def parse_graph_json(data: bytes | str, limits: Limits | None = None) -> Graph:
             f"is {size} bytes, more than the limit of {limits.max_body_bytes}",
             code="too_large",
         )
+    raw = data.encode() if isinstance(data, str) else data
+    return parse_graph_bytes(raw, _decode_json, limits)
+
+
+def _decode_json(data: bytes) -> Any:
     try:
-        obj = json.loads(data, parse_constant=_reject_constant)
+        return json.loads(data, parse_constant=_reject_constant)
     except (ValueError, RecursionError) as exc:
         raise GraphError("body", f"is not valid JSON ({exc})") from exc
-    return parse_graph(obj, limits)
+
+
+def parse_graph_bytes(
+    data: bytes, decode: Callable[[bytes], Any], limits: Limits | None = None
+) -> Graph:
+    """`parse_graph(decode(data))`, with the plain node/edge form read straight from the
+    bytes by the compiled scanner (no Python object per node, edge and number: ~5x less
+    work). Any other body goes the general way, so results and errors are the same."""
+    limits = limits or Limits()
+    graph = _scanned_graph(data, decode, limits)
+    return graph if graph is not None else parse_graph(decode(data), limits)
+
+
+def _scanned_graph(data: bytes, decode: Callable[[bytes], Any], limits: Limits) -> Graph | None:
+    """The Graph from `_graphscan.scan`, or None when the general path must decide."""
+    scanned = _graphscan.scan(data) if _graphscan is not None else None
+    if scanned is None:
+        return None
+    (ids, has_features, width, x, rows, cols, weights), spans = scanned
+    n, e = len(ids), len(rows) // 8
+    if n > limits.max_nodes or width > limits.max_features or e > limits.max_edges:
+        return None  # the general path names the limit
+    try:
+        extra = {key: decode(span) for key, span in spans.items()}
+    except Exception:  # noqa: BLE001 - the general path raises the same, with its message
+        return None
+    directed = _parse_directed(extra.get("directed", False))
+    method = parse_method(extra.get("method"))
+    graph_id = _parse_graph_id(extra.get("graph_id"))
+    features = np.frombuffer(x, np.float64).reshape(n, width) if has_features else None
+    adjacency = _ADJACENCIES.get(
+        n,
+        np.frombuffer(rows, np.int64),
+        np.frombuffer(cols, np.int64),
+        np.frombuffer(weights, np.float64),
+        directed,
+    )
+    x_matrix = features if features is not None else np.zeros((n, 0))
+    return Graph(tuple(ids), adjacency, x_matrix, directed, graph_id, method)
 
 
 def parse_graph(obj: Any, limits: Limits | None = None) -> Graph:
