@@ -1,12 +1,13 @@
 """`dgdm bench http`: the agent's POST /diffuse against a parse-only aiohttp ceiling.
 
-Three processes: the server under test, and a load generator (an aiohttp client with
-`--connections` concurrent keep-alive connections, in its own process so it does not share
-the server's GIL). For the same 100-node, 16-feature graph JSON it measures
-(a) an aiohttp endpoint that only decodes the body (the ceiling), and
-(b) the real agent (`python -m dgdm.agent agent`) answering POST /diffuse;
-then requests/s, p50, p99 and the ratio b/a, the agent's RSS idle and under load, and the
-time from process start to /healthz 200. Each figure is the median of `--repeat` runs.
+Three processes: the server under test, and a load generator with `--connections`
+concurrent keep-alive connections: wrk (Debian's `wrk`, one thread) when it is on PATH, else
+an aiohttp client process (`--client` chooses). For the same 100-node, 16-feature graph JSON
+it measures (a) an aiohttp endpoint that only decodes the body with the agent's generic JSON
+decoder (the ceiling), and (b) the real agent (`python -m dgdm.agent agent`) answering
+POST /diffuse; then requests/s, p50, p99 and the ratio b/a, the agent's RSS idle and under
+load, and the time from process start to /healthz 200. Each figure is the median of
+`--repeat` runs.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import argparse
 import asyncio
 import json
 import os
+import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -32,6 +35,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--duration", type=float, default=8.0, help="seconds of load per run")
     parser.add_argument("--warmup", type=float, default=1.5, help="seconds before measuring")
     parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument(
+        "--client",
+        choices=("auto", "wrk", "python"),
+        default="auto",
+        help="load generator: wrk when on PATH (auto), or the aiohttp client process",
+    )
     parser.add_argument("--repeat", type=int, default=3, help="runs per target (medians)")
     parser.add_argument("--nodes", type=int, default=100)
     parser.add_argument("--features", type=int, default=16)
@@ -41,11 +50,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     body = bench_graph(args.nodes, args.features)
+    args.wrk = _wrk_path(args.client)
+    generator = f"{_wrk_version(args.wrk)}, 1 thread" if args.wrk else "aiohttp client process"
     with tempfile.TemporaryDirectory(prefix="dgdm-bench-http-") as tmp:
         work = Path(tmp)
         (work / "graph.json").write_bytes(body)
         results: dict[str, Any] = {
-            "load_generator": f"aiohttp client process, {args.connections} connections",
+            "load_generator": f"{generator}, {args.connections} connections",
             "body_bytes": len(body),
             "json_library": _json_library(),
             "ceiling": _median_runs(args, work, _run_ceiling),
@@ -134,23 +145,95 @@ def _run_agent(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 def _load(args: argparse.Namespace, work: Path, url: str, server_pid: int) -> dict[str, Any]:
     """Run the load generator process while sampling the server's RSS."""
+    if args.wrk:
+        if args.warmup > 0:
+            _sample_rss(_wrk(args, work, url, args.warmup), server_pid)
+        gen = _wrk(args, work, url, args.duration)
+    else:
+        code = (
+            "import sys, json; from dgdm.agent.bench import generate_load; "
+            f"print(json.dumps(generate_load({url!r}, {str(work / 'graph.json')!r}, "
+            f"{args.connections}, {args.warmup}, {args.duration})))"
+        )
+        gen = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    peak = _sample_rss(gen, server_pid)
+    out, _ = gen.communicate()
+    if gen.returncode != 0:
+        raise RuntimeError(f"load generator failed with {gen.returncode}")
+    measured = parse_wrk(out) if args.wrk else json.loads(out)
+    return {**measured, "rss_load_mb": round(peak, 1)}
+
+
+def _sample_rss(gen: subprocess.Popen[str], server_pid: int) -> float:
+    """The server's peak RSS in MB while `gen` runs (waits for it to exit)."""
     import psutil
 
-    code = (
-        "import sys, json; from dgdm.agent.bench import generate_load; "
-        f"print(json.dumps(generate_load({url!r}, {str(work / 'graph.json')!r}, "
-        f"{args.connections}, {args.warmup}, {args.duration})))"
-    )
-    gen = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
     server = psutil.Process(server_pid)
     peak = 0.0
     while gen.poll() is None:
         peak = max(peak, server.memory_info().rss / 2**20)
         time.sleep(0.2)
-    out, _ = gen.communicate()
-    if gen.returncode != 0:
-        raise RuntimeError(f"load generator failed with {gen.returncode}")
-    return {**json.loads(out), "rss_load_mb": round(peak, 1)}
+    return peak
+
+
+# -- wrk ----------------------------------------------------------------------------------
+
+WRK_SCRIPT = """local f = assert(io.open(%s, "rb"))
+wrk.method = "POST"
+wrk.body = f:read("*all")
+f:close()
+wrk.headers["Content-Type"] = "application/json"
+"""
+
+
+def _wrk_path(client: str) -> str | None:
+    if client == "python":
+        return None
+    path = shutil.which("wrk")
+    if path is None and client == "wrk":
+        raise SystemExit("dgdm bench http: --client wrk, but wrk is not on PATH (apt install wrk)")
+    return path
+
+
+def _wrk_version(path: str) -> str:
+    out = subprocess.run([path, "-v"], capture_output=True, text=True, check=False)
+    return (out.stdout + out.stderr).split(" [", 1)[0].strip() or "wrk"
+
+
+def _wrk(args: argparse.Namespace, work: Path, url: str, seconds: float) -> subprocess.Popen[str]:
+    script = work / "post.lua"
+    script.write_text(WRK_SCRIPT % json.dumps(str(work / "graph.json")), encoding="utf-8")
+    argv = [args.wrk, "-t1", f"-c{args.connections}", f"-d{max(1, round(seconds))}s"]
+    argv += ["--latency", "-s", str(script), url]
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+
+
+_WRK_SOCKET_ERRORS = r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)"
+_WRK_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
+
+
+def parse_wrk(text: str) -> dict[str, Any]:
+    """requests, errors, rps, p50_ms and p99_ms from `wrk --latency` output. Errors are
+    non-2xx/3xx answers plus socket errors (connect, read, write, timeout)."""
+    requests = re.search(r"^\s*(\d+) requests in ([\d.]+)(\w+),", text, re.M)
+    rps = re.search(r"^Requests/sec:\s+([\d.]+)", text, re.M)
+    if requests is None or rps is None:
+        raise RuntimeError(f"unexpected wrk output: {text[:300]!r}")
+    latency = {
+        pct: float(value) * _WRK_UNITS[unit]
+        for pct, value, unit in re.findall(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s|m|h)$", text, re.M)
+    }
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    socket = re.search(_WRK_SOCKET_ERRORS, text)
+    errors = int(non_2xx.group(1)) if non_2xx else 0
+    errors += sum(map(int, socket.groups())) if socket else 0
+    return {
+        "requests": int(requests.group(1)),
+        "errors": errors,
+        "rps": float(rps.group(1)),
+        "p50_ms": round(latency["50"], 3) if "50" in latency else None,
+        "p99_ms": round(latency["99"], 3) if "99" in latency else None,
+    }
 
 
 # -- processes ----------------------------------------------------------------------------
