@@ -3,7 +3,9 @@
 `AlertPolicy` is the pure decision (time in, emit or not out): a condition is announced when
 it becomes active, again only after `repeat_s` while it lasts, and its recovery once when it
 clears; over all codes no more than `max_per_minute` go out. An announcement held back by
-the rate limit is not lost: the condition is still active, so the next check announces it.
+the rate limit is not lost: the next check announces it. For a condition that is because it
+still holds; for a recovery, because the condition stays on record as announced until its
+recovery has gone out.
 """
 
 from __future__ import annotations
@@ -64,9 +66,10 @@ class AlertPolicy:
 
     def clear(self, code: str) -> bool:
         """The condition no longer holds: True if its recovery is to be announced."""
-        was_announced = code in self._announced
-        self._announced.pop(code, None)
-        return was_announced and self._allow(self._clock())
+        if code not in self._announced or not self._allow(self._clock()):
+            return False
+        del self._announced[code]
+        return True
 
     def _allow(self, now: float) -> bool:
         while self._sent and now - self._sent[0] >= 60.0:
