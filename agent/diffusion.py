@@ -17,8 +17,9 @@ from dgdm.agent.work import GraphParser, WorkQueue, parse_graph_body
 # separate process, started on first use so that small installations never pay for it.
 LARGE_BODY_BYTES = 512 * 1024
 # A body up to this size (a 100-node, 16-feature graph is ~27 KB) is parsed on the event loop
-# (~0.06 ms by the compiled scanner, ~0.4 ms decoded the general way), and diffused there too when the engine has the runner loaded
-# and free and its measured run takes <= INLINE_MAX_MS (a repeated small topology: ~0.05 ms).
+# (~0.06 ms by the compiled scanner, ~0.4 ms decoded the general way), and diffused there
+# too when the engine has the runner loaded and free and its measured run takes
+# <= INLINE_MAX_MS (a repeated small topology: ~0.05 ms).
 # A thread hop would cost more than the work: on two cores the loop and a worker then trade
 # the GIL at every syscall. Anything else goes to a worker.
 INLINE_BODY_BYTES = 64 * 1024

@@ -71,8 +71,13 @@ async def telemetry_loop(agent: Agent) -> None:
     assert batcher is not None
     while True:
         await asyncio.sleep(agent.config.telemetry.interval_s)
-        sample = await _sample(agent, sampler)
+        try:
+            sample = await _sample(agent, sampler)
+        except Exception as exc:  # noqa: BLE001 - one bad round must not end telemetry and the disk checks
+            log.warning("telemetry sample failed", extra={"error": repr(exc)})
+            continue
         check_disk(agent, sample["disk_free_bytes"])
+        await agent.flush_alerts()  # any the outbox refused before
         batcher.batch_s = agent.config.telemetry.batch_s
         body = batcher.add(sample)
         if body is not None:

@@ -16,6 +16,7 @@ import functools
 import logging
 import signal
 import time
+from collections import deque
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from dgdm.kernels.errors import DgdmError
 
 log = logging.getLogger("dgdm.agent")
 STOP_BUDGET_S = 10.0
+UNSENT_ALERTS = 100  # announced alerts waiting for room in the outbox (a full disk)
 
 
 class Agent:
@@ -72,6 +74,8 @@ class Agent:
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._side_tasks: set[asyncio.Task[Any]] = set()
+        self._unsent_alerts: deque[Alert] = deque(maxlen=UNSENT_ALERTS)
+        self._alerts_lock = asyncio.Lock()
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -279,12 +283,32 @@ class Agent:
             self._loop.call_soon_threadsafe(self.alerts.condition, alert)
 
     def _queue_alert(self, alert: Alert) -> None:
-        self.metrics.alerts.labels(alert.code).inc()
         if self.outbox is None:
+            self.metrics.alerts.labels(alert.code).inc()
             return
+        if len(self._unsent_alerts) == self._unsent_alerts.maxlen:
+            oldest = self._unsent_alerts[0].code
+            log.error("alert dropped: too many waiting for the outbox", extra={"alert": oldest})
+        self._unsent_alerts.append(alert)
+        self._spawn(self.flush_alerts())
+
+    async def flush_alerts(self) -> None:
+        """Queue the announced alerts in order, each counted once stored. One the outbox
+        refuses (a full disk) stays first in line and is retried at the next telemetry
+        round, so a disk_low -> disk_ok episode reaches the coordinator whole."""
         from dgdm.sync.envelope import Kind
 
-        self._spawn(self.enqueue(Kind.ALERT, alert.body()))
+        async with self._alerts_lock:
+            while self._unsent_alerts:
+                alert = self._unsent_alerts[0]
+                try:
+                    await self.enqueue(Kind.ALERT, alert.body())
+                except DgdmError as exc:
+                    details = {"alert": alert.code, "error": str(exc)}
+                    log.warning("alert not queued yet, retried later", extra=details)
+                    return
+                self._unsent_alerts.popleft()
+                self.metrics.alerts.labels(alert.code).inc()
 
     # -- SIGHUP ---------------------------------------------------------------------------
 

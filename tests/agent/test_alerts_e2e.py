@@ -7,6 +7,8 @@ coordinator (in-process), or a real small file system under the agent's data_dir
   once one appears, together with the results that survived.
 - `disk_low` / `disk_ok`: data_dir on an 8 MiB tmpfs; a file that leaves less than
   `alerts.disk_min_free_bytes` free raises the alert once, removing it announces recovery.
+  A disk so full that the outbox refuses disk_low itself: the alert waits in line and is
+  stored, before disk_ok, once space returns.
 - The policy rule behind a recovery: one held back by the rate limit goes out later (its
   real-time form needs a minute of waiting, so it is checked on the policy with a clock).
 """
@@ -255,6 +257,56 @@ async def test_disk_low_alert_once_and_recovery_on_a_small_file_system(
     status = await get_json(agent, "/status")
     assert status_codes(status) == ["disk_low", "disk_ok"]
     assert status["alerts"][1]["severity"] == "info"
+    outbox = await get_json(agent, "/outbox")
+    assert outbox["kinds"]["alert"]["messages"] == 2, outbox
+
+
+def fill_up(path: Path) -> None:
+    """Write to `path` until the file system refuses (ENOSPC)."""
+    with path.open("ab") as handle:
+        try:
+            while True:
+                handle.write(bytes(64 * 1024))
+                handle.flush()
+        except OSError:
+            pass
+
+
+async def test_alert_refused_by_a_full_disk_is_stored_once_space_returns(
+    small_disk: Path, start_agent: Callable[..., Agent], tmp_path: Path
+) -> None:
+    """A full disk refuses disk_low itself; it waits in line and goes out before disk_ok."""
+    _, _, coord_pub = generate_keypair(tmp_path / "keys", name="coordinator")
+    device_key, _, _ = generate_keypair(tmp_path / "keys", name="device")
+    data_dir = small_disk / "data"
+    agent = await asyncio.to_thread(
+        start_agent,
+        {
+            "device": {"data_dir": str(data_dir), "private_key": str(device_key)},
+            "sync": {"coordinator_public_key": coord_pub},
+            "telemetry": {"interval_s": 0.1, "batch_s": 60.0},
+            "alerts": {"disk_min_free_bytes": 3 * MIB},
+            "kernels": {"backend": "numpy"},
+        },
+    )
+    await asyncio.sleep(0.3)
+    filler = data_dir / "filler"
+    await asyncio.to_thread(fill_up, filler)
+
+    async def refused() -> bool:
+        await asyncio.to_thread(fill_up, filler)  # eat what the outbox frees (its ballast)
+        return any(r.get("msg", "").startswith("alert not queued") for r in agent.logs())
+
+    await eventually(refused)
+    assert status_codes(await get_json(agent, "/status")) == ["disk_low"]
+    assert await alerts_counted(agent) == {}  # announced, not yet stored
+
+    filler.unlink()
+
+    async def both_stored() -> dict[str, float]:
+        return await alerts_counted(agent) == {"disk_low": 1.0, "disk_ok": 1.0}
+
+    await eventually(both_stored)
     outbox = await get_json(agent, "/outbox")
     assert outbox["kinds"]["alert"]["messages"] == 2, outbox
 
