@@ -271,7 +271,9 @@ class Outbox:
         self._budget = policy.row_budget(max_bytes, PAGE_SIZE)
         self._last_evict_log = -EVICT_LOG_INTERVAL_S
         self._evicted_since_log: dict[str, int] = {}
-        self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
+        # One item per hand-off, so that the writer never splits a producer's messages
+        # across two transactions (and two fsyncs); None is the stop marker.
+        self._queue: queue.SimpleQueue[list[_Op] | None] = queue.SimpleQueue()
         self._read_lock = threading.Lock()
         # Held while checking `_closed` and putting on the queue, and by close() while it
         # sets `_closed` and puts the stop marker: nothing can land behind that marker,
@@ -385,17 +387,17 @@ class Outbox:
             if self._closed:
                 raise OutboxError("the outbox is closed")
             self._queue.put(
-                _AsyncOp((seq, kind, stamp, _Unsealed(body)), future, self._settled_async)
+                [_AsyncOp((seq, kind, stamp, _Unsealed(body)), future, self._settled_async)]
             )
         return await future
 
     def _hand_over(self, ops: list[_Op]) -> None:
-        """Queue ops for the writer, or fail them all if close() got there first (sealing
-        runs unlocked, so a close can begin after the caller's first check)."""
+        """Queue ops for the writer as one item, so that they share a transaction, or fail
+        them all if close() got there first (sealing runs unlocked, so a close can begin
+        after the caller's first check)."""
         with self._handoff_lock:
             if not self._closed:
-                for op in ops:
-                    self._queue.put(op)
+                self._queue.put(ops)
                 return
         self._fail(ops, OutboxError("the outbox was closed before this message was stored"))
 
@@ -537,11 +539,11 @@ class Outbox:
         self._arrived.clear()
         while True:
             try:
-                op = self._queue.get_nowait()
+                ops = self._queue.get_nowait()
             except queue.Empty:
                 break
-            if op is not None:
-                leftovers.append(op)
+            if ops is not None:
+                leftovers += ops
         self._fail(leftovers, closed)
         self._wake_async()
 
@@ -556,7 +558,7 @@ class Outbox:
                 continue
             if first is None:
                 return
-            batch = [first]
+            batch = list(first)
             stop = self._drain_into(batch)
             try:
                 self._seal_unsealed(batch)
@@ -603,14 +605,18 @@ class Outbox:
             self._next_seq = max(self._next_seq, max(seqs) + 1)
 
     def _drain_into(self, batch: list[_Op]) -> bool:
+        """Add queued hand-offs until MAX_BATCH ops; True when the stop marker came.
+
+        A hand-off is never split, so one `enqueue_many` larger than MAX_BATCH is still
+        one transaction."""
         while len(batch) < MAX_BATCH:
             try:
-                op = self._queue.get_nowait()
+                ops = self._queue.get_nowait()
             except queue.Empty:
                 return False
-            if op is None:
+            if ops is None:
                 return True
-            batch.append(op)
+            batch += ops
         return False
 
     def _process(self, batch: list[_Op]) -> None:
