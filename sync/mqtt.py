@@ -5,6 +5,9 @@ socket and `loop_misc()` on a timer for keepalive), as in aiomqtt v2 and Home As
 `publish()` waits for room in a bounded in-flight window (never more than the broker's
 MQTT 5 Receive Maximum) and for the bandwidth cap, then returns a future that resolves on
 the PUBACK: callers pipeline many publishes and await the acknowledgements as they come.
+`send()` is the same without the future, for a sender that learns of delivery some other
+way (the device link: only a coordinator receipt counts). The packets move through a wire
+(mqtt_wire.py): stock paho, or the lean wire that handles PUBLISH and PUBACK itself.
 
 Each connection gets a fresh paho client. The session lives on at the broker (clean start
 off, a session expiry interval); what this side has not seen acknowledged is failed with
@@ -18,31 +21,36 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import random
-import select
 import ssl
 import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from dgdm.sync.errors import ConfigError, TransportError
+from dgdm.sync.mqtt_wire import LeanWire, PahoWire, Wire, bind_callbacks, lean_wire_supported
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 MQTT5_MAX_RECEIVE = 65535
 MISC_INTERVAL_S = 1.0
-READ_BURST = 256
+DRAIN_POLL_S = 0.01
+FAILURE_REASON = 0x80  # MQTT 5 reason codes from 0x80 up are failures
+# The lean wire when this paho has its hooks; tests set it False to run the stock wire.
+LEAN_WIRE = lean_wire_supported()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,31 +169,33 @@ ConnectHandler = Callable[[bool], Awaitable[None] | None]
 
 
 class _Connection:
-    """One paho client and its socket, window and unacknowledged publishes."""
+    """One paho client, its wire, window and unacknowledged publishes (mid -> the future
+    `publish()` returned, or None for `send()`)."""
 
     def __init__(self, client: paho.Client, window: int) -> None:
         self.client = client
         self.window = window
         self.slots = asyncio.Semaphore(window)
-        self.pending: dict[int, asyncio.Future[None]] = {}
+        self.pending: dict[int, asyncio.Future[None] | None] = {}
         self.closed = asyncio.Event()
         self.connack: asyncio.Future[tuple[bool, int]] | None = None
         self.misc_task: asyncio.Task[None] | None = None
-        self.fd: int | None = None
-
-    def settled(self, fut: asyncio.Future[None]) -> None:
-        """A QoS 1 publish ended: free its window slot. A pipelined sender may never await
-        a publish the connection loss failed (the loss itself is logged and counted), so
-        its exception is marked as seen here; awaiting callers still get it."""
-        self.slots.release()
-        if not fut.cancelled():
-            fut.exception()
+        self.wire: Wire | None = None
 
     def fail_pending(self, reason: str) -> None:
         pending, self.pending = self.pending, {}
         for fut in pending.values():
-            if not fut.done():
-                fut.set_exception(TransportError(reason))
+            self.slots.release()
+            if fut is not None:
+                _fail(fut, TransportError(reason))
+
+
+def _fail(fut: asyncio.Future[None], exc: TransportError) -> None:
+    """A pipelined sender may never await a publish that failed (the loss itself is logged
+    and counted), so the exception is marked as seen; awaiting callers still get it."""
+    if not fut.done():
+        fut.set_exception(exc)
+        fut.exception()
 
 
 class MqttClient:
@@ -223,6 +233,8 @@ class MqttClient:
         self.disconnects = 0
         self.last_error: str | None = None
         self.receive_maximum = MQTT5_MAX_RECEIVE
+        self.acked = 0  # QoS 1 publishes the broker acknowledged
+        self.rejected = 0  # ... and refused (a failure reason code)
 
     # -- public API --------------------------------------------------------------------
 
@@ -262,6 +274,7 @@ class MqttClient:
         self._stopping = True
         conn = self._conn
         if conn is not None and send_disconnect and self.connected:
+            await self._settled(conn, 2.0)
             conn.client.disconnect()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(conn.closed.wait(), 2.0)
@@ -279,17 +292,22 @@ class MqttClient:
         """Send once there is room in the window; the returned future resolves on PUBACK.
 
         Raises TransportError when not connected; the future fails with TransportError
-        when the connection drops before the acknowledgement.
+        when the connection drops before the acknowledgement. QoS 0 or 1 (nothing here
+        needs QoS 2: receivers de-duplicate by seq).
         """
-        conn = self._current()
-        await conn.slots.acquire()
-        try:
-            if self._bucket is not None:
-                await asyncio.sleep(self._bucket.reserve(len(payload), time.monotonic()))
-            return self._send(self._current(conn), topic, payload, qos, retain)
-        except BaseException:
-            conn.slots.release()
-            raise
+        if qos not in (0, 1):
+            raise ValueError(f"qos must be 0 or 1, not {qos!r}")
+        assert self._loop is not None
+        fut: asyncio.Future[None] = self._loop.create_future()
+        await self._publish(topic, payload, qos, retain, fut)
+        if qos == 0:
+            fut.set_result(None)
+        return fut
+
+    async def send(self, topic: str, payload: bytes) -> None:
+        """A QoS 1 publish with no future: returns once it is queued (room in the window);
+        its PUBACK only frees the slot and counts in `acked` (or `rejected`)."""
+        await self._publish(topic, payload, 1, False, None)
 
     async def subscribe(self, topic: str, qos: int = 1) -> None:
         """Add a subscription now and at every later connect."""
@@ -305,21 +323,43 @@ class MqttClient:
             raise TransportError(f"not connected to {self.options.url}")
         return conn
 
-    def _send(
-        self, conn: _Connection, topic: str, payload: bytes, qos: int, retain: bool
-    ) -> asyncio.Future[None]:
-        assert self._loop is not None
-        info = conn.client.publish(topic, payload, qos=qos, retain=retain)
-        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-            raise TransportError(f"publish to {topic} failed: {paho.error_string(info.rc)}")
-        fut: asyncio.Future[None] = self._loop.create_future()
-        if qos == 0:
-            fut.set_result(None)
-            conn.slots.release()
-            return fut
-        conn.pending[info.mid] = fut
-        fut.add_done_callback(conn.settled)
-        return fut
+    async def _publish(
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int,
+        retain: bool,
+        fut: asyncio.Future[None] | None,
+    ) -> None:
+        conn = self._current()
+        if qos:
+            await conn.slots.acquire()
+        try:
+            if self._bucket is not None:
+                await asyncio.sleep(self._bucket.reserve(len(payload), time.monotonic()))
+            wire = self._current(conn).wire
+            assert wire is not None
+            try:
+                mid = wire.publish(topic, payload, qos, retain)
+            except ConnectionError as exc:
+                raise TransportError(f"publish to {topic} failed: {exc}") from exc
+        except BaseException:
+            if qos:
+                conn.slots.release()
+            raise
+        if qos:
+            conn.pending[mid] = fut
+
+    async def _settled(self, conn: _Connection, timeout: float) -> None:
+        """Wait (bounded) until everything queued is written and acknowledged, so that the
+        DISCONNECT goes last and no PUBACK is still on its way: closing a socket with unread
+        bytes sends a reset, which loses the DISCONNECT and makes the broker send the will.
+        Only `stop()` waits for this, once; a poll keeps the wires free of events for it."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and (  # noqa: ASYNC110
+            conn.pending or (conn.wire is not None and conn.wire.unsent)
+        ):
+            await asyncio.sleep(DRAIN_POLL_S)
 
     # -- connection lifecycle ------------------------------------------------------------
 
@@ -403,7 +443,8 @@ class MqttClient:
             conn.connack.set_exception(TransportError(reason))
         if conn.misc_task is not None:
             conn.misc_task.cancel()
-        self._unwatch(conn)
+        if conn.wire is not None:
+            conn.wire.close()
         sock = conn.client.socket()
         if sock is not None:
             with contextlib.suppress(OSError, ssl.SSLError):
@@ -467,20 +508,19 @@ class MqttClient:
 
     def _bind(self, conn: _Connection) -> None:
         client = conn.client
-        client.on_socket_open = lambda _c, _u, sock: self._in_loop(self._watch_read, conn, sock)
+        client.on_socket_open = lambda _c, _u, sock: self._in_loop(self._wire_up, conn, sock)
         client.on_socket_close = lambda _c, _u, sock: self._in_loop(self._on_socket_close, conn)
-        client.on_socket_register_write = lambda _c, _u, sock: self._in_loop(
-            self._watch_write, conn, sock
+        client.on_socket_register_write = lambda _c, _u, _s: self._in_loop(
+            self._write_wanted, conn, True
         )
         client.on_socket_unregister_write = lambda _c, _u, _s: self._in_loop(
-            self._unwatch_write, conn
+            self._write_wanted, conn, False
         )
         client.on_connect = lambda _c, _u, flags, rc, props: self._on_connack(
             conn, flags, rc, props
         )
         client.on_disconnect = lambda _c, _u, _f, rc, _p: self._on_disconnected(conn, rc)
-        client.on_publish = lambda _c, _u, mid, rc, _p: self._on_puback(conn, mid, rc)
-        client.on_message = lambda _c, _u, msg: self._deliver(msg)
+        bind_callbacks(client, functools.partial(self._on_ack, conn), self._deliver)
 
     def _in_loop(self, fn: Callable[..., None], *args: Any) -> None:
         """paho calls socket hooks from the connect worker thread too; hop to the loop."""
@@ -490,49 +530,37 @@ class MqttClient:
         else:
             self._loop.call_soon_threadsafe(fn, *args)
 
-    # -- socket watching -------------------------------------------------------------------
+    # -- the wire ------------------------------------------------------------------------
 
-    def _watch_read(self, conn: _Connection, sock: Any) -> None:
+    def _wire_up(self, conn: _Connection, sock: Any) -> None:
         if conn.closed.is_set() or sock.fileno() < 0:
             return
         assert self._loop is not None
-        conn.fd = sock.fileno()
-        self._loop.add_reader(conn.fd, self._readable, conn, sock)
+        if LEAN_WIRE:
+            conn.wire = LeanWire(
+                conn.client,
+                sock,
+                self._loop,
+                v5=self.options.mqtt_version == "5",
+                on_ack=functools.partial(self._on_ack, conn),
+                on_message=self._deliver,
+                mid_in_use=conn.pending.__contains__,
+            )
+        else:
+            conn.wire = PahoWire(conn.client, sock, self._loop)
 
-    def _readable(self, conn: _Connection, sock: Any) -> None:
-        # paho reads one packet per call when it has nothing in flight (a subscriber), so
-        # keep reading while bytes are waiting: one loop wake-up per burst, not per packet.
-        # TLS may hold decrypted records the socket no longer signals: drain those too.
-        for _ in range(READ_BURST):
-            if conn.client.loop_read() != MQTTErrorCode.MQTT_ERR_SUCCESS or conn.closed.is_set():
-                return
-            if isinstance(sock, ssl.SSLSocket) and sock.pending():
-                continue
-            if not select.select([sock], [], [], 0)[0]:
-                return
-
-    def _watch_write(self, conn: _Connection, sock: Any) -> None:
-        if conn.closed.is_set() or conn.fd is None:
+    def _write_wanted(self, conn: _Connection, wanted: bool) -> None:
+        if conn.wire is None or conn.closed.is_set():
             return
-        assert self._loop is not None
-        self._loop.add_writer(conn.fd, conn.client.loop_write)
-
-    def _unwatch_write(self, conn: _Connection) -> None:
-        assert self._loop is not None
-        if conn.fd is not None:
-            self._loop.remove_writer(conn.fd)
-
-    def _unwatch(self, conn: _Connection) -> None:
-        """Forget the fd by number: paho may already have closed the socket object."""
-        assert self._loop is not None
-        if conn.fd is not None:
-            self._loop.remove_reader(conn.fd)
-            self._loop.remove_writer(conn.fd)
-            conn.fd = None
+        if wanted:
+            conn.wire.write_wanted()
+        else:
+            conn.wire.write_unwanted()
 
     def _on_socket_close(self, conn: _Connection) -> None:
         # paho closes the socket itself on errors; treat that as the connection ending.
-        self._unwatch(conn)
+        if conn.wire is not None:
+            conn.wire.close()
         conn.closed.set()
 
     # -- paho callbacks (on the loop thread) ----------------------------------------------
@@ -551,21 +579,31 @@ class MqttClient:
         self.last_error = f"disconnected: {rc}"
         conn.closed.set()
 
-    def _on_puback(self, conn: _Connection, mid: int, rc: Any) -> None:
-        fut = conn.pending.pop(mid, None)
-        if fut is None or fut.done():
-            return
-        if rc.is_failure:
-            fut.set_exception(TransportError(f"broker rejected publish: {rc}"))
+    def _on_ack(self, conn: _Connection, mid: int, reason: int) -> None:
+        if mid not in conn.pending:
+            return  # a QoS 0 publish (stock paho reports those too), or a stray PUBACK
+        fut = conn.pending.pop(mid)
+        conn.slots.release()
+        if reason >= FAILURE_REASON:
+            self.rejected += 1
+            if fut is not None:
+                _fail(fut, TransportError(f"broker rejected publish: {_reason_name(reason)}"))
         else:
-            fut.set_result(None)
+            self.acked += 1
+            if fut is not None and not fut.done():
+                fut.set_result(None)
 
-    def _deliver(self, msg: paho.MQTTMessage) -> None:
+    def _deliver(self, topic: str, payload: bytes) -> None:
         if self._on_message is None:
             return
         try:
-            # paho types payload bytes | bytearray (shared with outgoing messages); a received
-            # one is always bytes (decode_publish slices struct.unpack's bytes)
-            self._on_message(msg.topic, cast(bytes, msg.payload))
+            self._on_message(topic, payload)
         except Exception:  # a handler bug must not take the connection down with it
-            log.exception("mqtt message handler failed for %s", msg.topic)
+            log.exception("mqtt message handler failed for %s", topic)
+
+
+def _reason_name(reason: int) -> str:
+    try:
+        return str(ReasonCode(PacketTypes.PUBACK, identifier=reason))
+    except (KeyError, ValueError):
+        return f"reason code {reason:#04x}"

@@ -6,11 +6,24 @@ import asyncio
 import random
 import time
 
+import paho.mqtt.client as paho
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
+from dgdm.sync import mqtt
 from dgdm.sync.broker import Broker
 from dgdm.sync.errors import ConfigError, TransportError
 from dgdm.sync.mqtt import Backoff, MqttClient, MqttOptions, TokenBucket, Will, parse_broker_url
+from dgdm.sync.mqtt_wire import LeanWire, PahoWire
+
+from .conftest import eventually
+
+
+@pytest.fixture(params=["lean", "paho"])
+def wire(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run the test over the lean wire and over stock paho (its fallback)."""
+    monkeypatch.setattr(mqtt, "LEAN_WIRE", request.param == "lean")
+    return str(request.param)
 
 
 def _options(broker: Broker, client_id: str, **kw) -> MqttOptions:
@@ -55,24 +68,32 @@ async def _pair(broker: Broker, name: str, topic: str, **kw):
 
 @pytest.mark.parametrize("version", ["5", "3.1.1"])
 async def test_pipelined_publishes_are_all_acknowledged_and_delivered(
-    mqtt_broker: Broker, unique_id: str, version: str
+    mqtt_broker: Broker, unique_id: str, version: str, wire: str
 ) -> None:
     topic = f"t/{unique_id}"
     sub, pub, inbox = await _pair(
         mqtt_broker, unique_id, topic, mqtt_version=version, max_inflight=50
     )
     try:
-        futures = [await pub.publish(topic, b"%05d" % i) for i in range(2000)]
+        assert pub._conn is not None
+        assert isinstance(pub._conn.wire, LeanWire if wire == "lean" else PahoWire)
+        futures = [await pub.publish(topic, b"%05d" % i) for i in range(1000)]
         assert pub.inflight <= 50
+        for i in range(1000, 2000):
+            await pub.send(topic, b"%05d" % i)
+            assert pub.inflight <= 50
         await asyncio.wait_for(asyncio.gather(*futures), 10)
         await inbox.wait_for(2000)
-        assert sorted(p for _, p in inbox.items) == [b"%05d" % i for i in range(2000)]
+        # One publisher, one subscriber, QoS 1: the broker keeps the order.
+        assert [p for _, p in inbox.items] == [b"%05d" % i for i in range(2000)]
+        await eventually(lambda: pub.inflight == 0, 5, "the last PUBACKs")
+        assert (pub.acked, pub.rejected) == (2000, 0)
     finally:
         await pub.stop()
         await sub.stop()
 
 
-async def test_mutual_tls(tls_broker: Broker, unique_id: str) -> None:
+async def test_mutual_tls(tls_broker: Broker, unique_id: str, wire: str) -> None:
     topic = f"t/{unique_id}"
     sub, pub, inbox = await _pair(tls_broker, unique_id, topic)
     try:
@@ -81,6 +102,118 @@ async def test_mutual_tls(tls_broker: Broker, unique_id: str) -> None:
     finally:
         await pub.stop()
         await sub.stop()
+
+
+async def test_big_and_small_messages_cross_tls_records_intact(
+    tls_broker: Broker, unique_id: str, wire: str
+) -> None:
+    """Frames larger than a TLS record and than one read, between bursts of small ones:
+    the subscriber must pick up records already decrypted (SSLSocket.pending())."""
+    topic = f"t/{unique_id}"
+    sub, pub, inbox = await _pair(tls_broker, unique_id, topic, max_inflight=100)
+    rng = random.Random(7)
+    sizes = [rng.choice([1, 300, 20_000, 150_000]) for _ in range(200)]
+    payloads = [rng.randbytes(n) for n in sizes]
+    try:
+        futures = [await pub.publish(topic, p) for p in payloads]
+        await asyncio.wait_for(asyncio.gather(*futures), 20)
+        await inbox.wait_for(len(payloads), timeout=20)
+        assert [p for _, p in inbox.items] == payloads
+    finally:
+        await pub.stop()
+        await sub.stop()
+
+
+async def test_a_publish_the_broker_refuses_fails_its_future(
+    mqtt_broker: Broker, unique_id: str, wire: str
+) -> None:
+    client = MqttClient(_options(mqtt_broker, unique_id))
+    await client.start()
+    await client.wait_connected(5)
+    try:
+        refused = await client.publish("$SYS/dgdm-test", b"x")  # mosquitto: not authorized
+        with pytest.raises(TransportError, match="Not authorized"):
+            await asyncio.wait_for(refused, 5)
+        # No subscriber is a success (MQTT 5 reason 0x10), not a refusal.
+        await asyncio.wait_for(await client.publish(f"nobody/{unique_id}", b"x"), 5)
+        assert (client.acked, client.rejected, client.inflight) == (1, 1, 0)
+    finally:
+        await client.stop()
+
+
+async def test_qos2_deliveries_are_left_to_paho_and_arrive(
+    mqtt_broker: Broker, unique_id: str, wire: str
+) -> None:
+    """QoS 2 goes through paho's own handling (PUBREC/PUBREL/PUBCOMP) inside the wire."""
+    topic = f"q2/{unique_id}"
+    inbox = Inbox()
+    sub = MqttClient(_options(mqtt_broker, f"{unique_id}-sub"), on_message=inbox)
+    await sub.start()
+    await sub.wait_connected(5)
+    await sub.subscribe(topic, qos=2)
+    await asyncio.sleep(0.1)
+    endpoint = parse_broker_url(mqtt_broker.url)
+    publisher = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+    publisher.connect(endpoint.host, endpoint.port)
+    publisher.loop_start()
+    try:
+        for i in range(20):
+            info = publisher.publish(topic, b"%d" % i, qos=2)
+            await asyncio.to_thread(info.wait_for_publish, 5)
+        await inbox.wait_for(20)
+        assert [p for _, p in inbox.items] == [b"%d" % i for i in range(20)]
+    finally:
+        publisher.disconnect()
+        publisher.loop_stop()
+        await sub.stop()
+
+
+async def test_keepalive_pings_flow_while_only_publishes_are_acknowledged(
+    mqtt_broker: Broker, unique_id: str, wire: str
+) -> None:
+    """The lean wire handles PUBACKs without paho, so paho pings; PINGRESP must come back
+    through the wire or paho (and the broker, at 1.5 x keepalive) would drop the link."""
+    client = MqttClient(_options(mqtt_broker, unique_id, keepalive_s=1))
+    await client.start()
+    await client.wait_connected(5)
+    try:
+        for _ in range(35):
+            await client.send(f"ka/{unique_id}", b"x")
+            await asyncio.sleep(0.1)
+        assert client.connected
+        assert (client.connects, client.disconnects) == (1, 0)
+        assert client.acked == 35
+    finally:
+        await client.stop()
+
+
+async def test_a_clean_stop_after_a_burst_sends_no_will(
+    mqtt_broker: Broker, unique_id: str, wire: str
+) -> None:
+    """stop() lets the queued burst out first, then DISCONNECT: everything arrives and the
+    broker does not publish the will."""
+    topic = f"burst/{unique_id}"
+    will_topic = f"will/{unique_id}"
+    inbox = Inbox()
+    watcher = MqttClient(
+        _options(mqtt_broker, f"{unique_id}-w"),
+        on_message=inbox,
+        subscriptions=((topic, 1), (will_topic, 1)),
+    )
+    device = MqttClient(_options(mqtt_broker, unique_id, will=Will(will_topic, b"gone")))
+    for client in (watcher, device):
+        await client.start()
+        await client.wait_connected(5)
+    await asyncio.sleep(0.1)
+    try:
+        for _ in range(300):
+            await device.publish(topic, b"y" * 20_000)
+        await device.stop()
+        await inbox.wait_for(300)
+        await asyncio.sleep(0.5)
+        assert [t for t, _ in inbox.items] == [topic] * 300
+    finally:
+        await watcher.stop()
 
 
 async def test_tls_without_client_certificate_is_refused(tls_broker: Broker, unique_id) -> None:
