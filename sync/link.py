@@ -14,7 +14,6 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
-import functools
 import json
 import logging
 import time
@@ -75,6 +74,7 @@ class DeviceLink:
         self.agent_version = agent_version
         self._backend = backend
         self.page_size = page_size
+        self._topics = {kind: kind_topic(device_id, kind) for kind in Kind}
         self.state = SendState(receipt_timeout_s, max_unreceipted)
         will = Will(self._topic(STATUS), status_payload("offline", agent_version, self.backend))
         self.mqtt = MqttClient(
@@ -143,6 +143,7 @@ class DeviceLink:
             "sent": self.state.sent_total,
             "resent": self.state.resent_total,
             "window": self.mqtt.window,
+            "pubacks": self.mqtt.acked,
             **dict(self.counters),
         }
 
@@ -202,9 +203,9 @@ class DeviceLink:
             if self.state.generation != generation or self.state.window_full():
                 return
             if self.state.should_send(msg.seq):
-                fut = await self.mqtt.publish(kind_topic(self.device_id, msg.kind), msg.payload)
+                # No future per message: a PUBACK changes nothing here (SPEC §5).
+                await self.mqtt.send(self._topics[msg.kind], msg.payload)
                 self.state.mark_sent(msg.priority, msg.seq, time.monotonic())
-                fut.add_done_callback(functools.partial(self._acked, msg.seq))
             if not self.state.advance(msg.priority, msg.seq, generation):
                 return
 
@@ -221,10 +222,6 @@ class DeviceLink:
         self._wake.clear()
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._wake.wait(), IDLE_POLL_S)
-
-    def _acked(self, seq: int, fut: asyncio.Future[None]) -> None:
-        if not fut.cancelled() and fut.exception() is None:
-            self.counters["pubacks"] += 1
 
     # -- incoming ---------------------------------------------------------------------------
 
