@@ -162,11 +162,12 @@ def check_broker(agent: Agent, now: float) -> None:
 
 
 def eviction_alert(kind: Any, count: int) -> Alert:
-    """The outbox dropped `count` messages of `kind` to stay within its size."""
+    """The outbox dropped `count` messages of `kind` to stay within its size: older ones
+    evicted, or a new one refused when only more urgent messages were left to evict."""
     name = getattr(kind, "name", str(kind)).lower()
     return Alert(
         "outbox_evicting",
         WARNING,
-        f"Outbox full: evicted {count} {name} message(s).",
+        f"Outbox full: dropped {count} {name} message(s) to stay within max_outbox_bytes.",
         {"kind": name, "count": count},
     )
