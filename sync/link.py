@@ -23,7 +23,7 @@ from typing import Any
 from dgdm.sync.crypto import LinkKeys
 from dgdm.sync.envelope import Envelope, Kind, check_command, open_envelope, receipt_ranges
 from dgdm.sync.errors import EnvelopeError, OutboxError, TransportError
-from dgdm.sync.link_state import SendState
+from dgdm.sync.link_state import ReadPlan, SendState
 from dgdm.sync.mqtt import MqttClient, MqttOptions, Will
 from dgdm.sync.outbox import Outbox, OutboxMessage
 from dgdm.sync.topics import STATUS, device_topic, kind_topic
@@ -190,13 +190,25 @@ class DeviceLink:
             if self.state.window_full():
                 await self._idle()
                 continue
-            await self._jump_if_urgent()
-            generation = self.state.generation
-            page = await asyncio.to_thread(self.outbox.pending, self.page_size, self.state.cursor)
+            plan = self.state.plan()
+            urgent, page = await asyncio.to_thread(self._read, plan)
+            if urgent is not None:
+                if self.state.is_new_urgent(urgent.priority, urgent.seq):
+                    self.state.rewind(urgent.priority, urgent.seq)
+                continue
             if not page:
                 await self._idle()
                 continue
-            await self._send_page(page, generation)
+            await self._send_page(page, plan.generation)
+
+    def _read(self, plan: ReadPlan) -> tuple[OutboxMessage | None, list[OutboxMessage]]:
+        """In a worker thread, one hop per turn: a message queued since the cursor passed its
+        (more urgent) tier, which goes next; otherwise the next page after the cursor."""
+        for tier in plan.urgent_tiers():
+            rows = self.outbox.pending(1, (tier, plan.max_seq_seen))
+            if rows and plan.is_new_urgent(rows[0].priority, rows[0].seq):
+                return rows[0], []
+        return None, self.outbox.pending(self.page_size, plan.cursor)
 
     async def _send_page(self, page: list[OutboxMessage], generation: int) -> None:
         for msg in page:
@@ -207,15 +219,6 @@ class DeviceLink:
                 await self.mqtt.send(self._topics[msg.kind], msg.payload)
                 self.state.mark_sent(msg.priority, msg.seq, time.monotonic())
             if not self.state.advance(msg.priority, msg.seq, generation):
-                return
-
-    async def _jump_if_urgent(self) -> None:
-        """A message queued since the cursor passed its (more urgent) tier goes next."""
-        for tier in self.state.urgent_tiers():
-            after = (tier, self.state.max_seq_seen)
-            rows = await asyncio.to_thread(self.outbox.pending, 1, after)
-            if rows and self.state.is_new_urgent(rows[0].priority, rows[0].seq):
-                self.state.rewind(rows[0].priority, rows[0].seq)
                 return
 
     async def _idle(self) -> None:

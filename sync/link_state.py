@@ -8,7 +8,9 @@ is replaced (everything unreceipted goes again). Whenever something earlier in s
 needs sending (a resend, or a newly queued more urgent message) the cursor rewinds to it;
 pages re-read after a rewind skip what is still in the sent set.
 
-Time is passed in (monotonic seconds); nothing here sleeps, reads or publishes.
+Time is passed in (monotonic seconds); nothing here sleeps, reads or publishes. `plan()`
+captures where the next read starts as an immutable `ReadPlan`, so that a worker thread can
+do the whole read (urgent checks, then the page) in one hop while the loop carries on.
 """
 
 from __future__ import annotations
@@ -19,10 +21,20 @@ from dataclasses import dataclass
 Cursor = tuple[int, int]  # (priority, seq) of the last message passed in send order
 
 
-@dataclass
-class _Sent:
-    priority: int
-    at: float
+@dataclass(frozen=True)
+class ReadPlan:
+    """The send state as of one moment: enough to decide a read without the live state."""
+
+    cursor: Cursor | None
+    max_seq_seen: int
+    generation: int
+
+    def urgent_tiers(self) -> range:
+        """Priorities more urgent than the cursor, where a new message would jump ahead."""
+        return range(self.cursor[0]) if self.cursor is not None else range(0)
+
+    def is_new_urgent(self, priority: int, seq: int) -> bool:
+        return self.cursor is not None and priority < self.cursor[0] and seq > self.max_seq_seen
 
 
 class SendState:
@@ -32,7 +44,7 @@ class SendState:
         self.cursor: Cursor | None = None
         self.generation = 0  # bumped on every rewind, so a page in progress knows to stop
         self.max_seq_seen = 0
-        self._sent: dict[int, _Sent] = {}
+        self._sent: dict[int, tuple[int, float]] = {}  # seq -> (priority, sent at)
         self._again: set[int] = set()  # seqs that go out again: counted as resends
         self.sent_total = 0
         self.resent_total = 0
@@ -50,12 +62,11 @@ class SendState:
     def should_send(self, seq: int) -> bool:
         return seq not in self._sent
 
-    def urgent_tiers(self) -> range:
-        """Priorities more urgent than the cursor, where a new message would jump ahead."""
-        return range(self.cursor[0]) if self.cursor is not None else range(0)
+    def plan(self) -> ReadPlan:
+        return ReadPlan(self.cursor, self.max_seq_seen, self.generation)
 
     def is_new_urgent(self, priority: int, seq: int) -> bool:
-        return self.cursor is not None and priority < self.cursor[0] and seq > self.max_seq_seen
+        return self.plan().is_new_urgent(priority, seq)
 
     # -- events ------------------------------------------------------------------------
 
@@ -63,7 +74,7 @@ class SendState:
         self.max_seq_seen = max(self.max_seq_seen, seq)
 
     def mark_sent(self, priority: int, seq: int, now: float) -> None:
-        self._sent[seq] = _Sent(priority, now)
+        self._sent[seq] = (priority, now)
         self.sent_total += 1
         if seq in self._again:
             self._again.discard(seq)
@@ -94,7 +105,7 @@ class SendState:
     def expire(self, now: float) -> int:
         """Forget sends whose receipt is overdue, rewinding to the earliest; returns count."""
         deadline = now - self.receipt_timeout_s
-        late = [(s.priority, seq) for seq, s in self._sent.items() if s.at <= deadline]
+        late = [(priority, seq) for seq, (priority, at) in self._sent.items() if at <= deadline]
         for _, seq in late:
             del self._sent[seq]
             self._again.add(seq)
@@ -103,11 +114,17 @@ class SendState:
         return len(late)
 
     def receipted(self, ranges: Iterable[tuple[int, int]]) -> None:
+        """Receipted seqs are done: out of the sent set, and out of the resend set too (a
+        receipt that lands after a reconnect covers messages that will never be read again)."""
         for first, last in ranges:
-            if last - first < len(self._sent):
-                seqs: Iterable[int] = range(first, last + 1)
-            else:
-                seqs = [s for s in self._sent if first <= s <= last]
-            for seq in seqs:
-                self._sent.pop(seq, None)
+            for seq in _within(self._sent, first, last):
+                del self._sent[seq]
+            for seq in _within(self._again, first, last):
                 self._again.discard(seq)
+
+
+def _within(seqs: dict[int, tuple[int, float]] | set[int], first: int, last: int) -> list[int]:
+    """The members of `seqs` in [first, last], walking whichever of the two is smaller."""
+    if last - first < len(seqs):
+        return [s for s in range(first, last + 1) if s in seqs]
+    return [s for s in seqs if first <= s <= last]
