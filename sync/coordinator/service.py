@@ -13,6 +13,7 @@ to shared subscriptions. MQTT 3.1.1: plain topics and a single coordinator.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import logging
@@ -26,11 +27,11 @@ from dgdm.sync.coordinator.registry import Registry
 from dgdm.sync.coordinator.store import Incoming, SqliteStore, Store, StoreResult
 from dgdm.sync.crypto import load_private_key
 from dgdm.sync.envelope import (
+    KEY_ID_BYTES,
     TOPIC_SUFFIX,
     Kind,
     decode_body,
     open_envelope,
-    peek_header,
     ranges_from_seqs,
     seal,
     valid_device_id,
@@ -52,6 +53,8 @@ COMMANDS = ("ping", "diffuse", "set_config")
 DEFAULT_TTL_MS = 60_000
 MAX_TTL_MS = 7 * 24 * 3600 * 1000
 MAX_STATUS_BYTES = 4096
+KEY_ID_OFFSET = 6  # SPEC §6: magic 2, version 1, flags 1, kind 1, priority 1, then the key id
+MAX_ROUTES = 65536
 
 
 class UnknownDevice(SyncError):
@@ -69,6 +72,7 @@ class _Batch:
     incoming: list[Incoming]
     seqs: dict[str, list[int]]
     rejects: dict[str, int]
+    kinds: collections.Counter[Kind]
 
 
 class Coordinator:
@@ -82,6 +86,7 @@ class Coordinator:
         self._pending: list[tuple[str, Kind, bytes]] = []
         self._flush_now = asyncio.Event()
         self._online: set[str] = set()
+        self._routes: dict[str, tuple[str, str] | None] = {}  # topic -> parse_topic(topic)
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Future[Any]] = set()
         self._http: Any = None
@@ -170,7 +175,7 @@ class Coordinator:
     # -- ingest --------------------------------------------------------------------------
 
     def _on_message(self, topic: str, payload: bytes) -> None:
-        parsed = parse_topic(topic)
+        parsed = self._route(topic)
         if parsed is None:
             self._reject("bad_topic")
             return
@@ -185,6 +190,16 @@ class Coordinator:
         self._pending.append((device_id, kind, payload))
         if len(self._pending) >= self.config.coordinator.receipt_batch:
             self._flush_now.set()
+
+    def _route(self, topic: str) -> tuple[str, str] | None:
+        """parse_topic, remembered: a fleet has a handful of topics per device."""
+        try:
+            return self._routes[topic]
+        except KeyError:
+            if len(self._routes) >= MAX_ROUTES:
+                self._routes.clear()
+            parsed = self._routes[topic] = parse_topic(topic)
+            return parsed
 
     def _reject(self, reason: str, count: int = 1) -> None:
         self.metrics.rejects.labels(reason=reason).inc(count)
@@ -209,8 +224,8 @@ class Coordinator:
         batch, result = await self._db(self._ingest, raw, _now_ms())
         for reason, count in batch.rejects.items():
             self._reject(reason, count)
-        for item in batch.incoming:
-            self.metrics.messages_in.labels(kind=item.kind.name.lower()).inc()
+        for kind, count in batch.kinds.items():
+            self.metrics.messages_in.labels(kind=kind.name.lower()).inc(count)
         self.metrics.duplicates.inc(result.duplicates)
         await self._send_receipts(batch.seqs, result)
 
@@ -218,7 +233,7 @@ class Coordinator:
         self, raw: list[tuple[str, Kind, bytes]], now_ms: int
     ) -> tuple[_Batch, StoreResult]:
         """On the database thread: decrypt and check every envelope, then one commit."""
-        batch = _Batch([], {}, {})
+        batch = _Batch([], {}, {}, collections.Counter())
         for device_id, kind, payload in raw:
             try:
                 item = self._open(device_id, kind, payload)
@@ -227,6 +242,7 @@ class Coordinator:
                 log.debug("rejected envelope from %s: %s", device_id, exc)
                 continue
             batch.incoming.append(item)
+            batch.kinds[kind] += 1
             batch.seqs.setdefault(device_id, []).append(item.seq)
         result = self.store.store_batch(batch.incoming, now_ms)
         return batch, result
@@ -340,10 +356,10 @@ def check_command_request(cmd: Any, args: Any, ttl_ms: Any) -> dict[str, Any]:
 
 
 def _key_id(payload: bytes) -> bytes | None:
-    try:
-        return peek_header(payload).key_id
-    except EnvelopeError:
-        return None  # open_envelope names what is wrong with it
+    """The envelope's key id, to pick the device's keys; open_envelope then checks the whole
+    header (so it is not parsed twice per message) and names what is wrong with it."""
+    key_id = payload[KEY_ID_OFFSET : KEY_ID_OFFSET + KEY_ID_BYTES]
+    return key_id if len(key_id) == KEY_ID_BYTES else None
 
 
 def _now_ms() -> int:

@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from dgdm.sync.envelope import Kind
 
@@ -59,9 +59,8 @@ CREATE TABLE IF NOT EXISTS commands (
 """
 
 
-@dataclass(frozen=True)
-class Incoming:
-    """A validated, decrypted message from a device."""
+class Incoming(NamedTuple):
+    """A validated, decrypted message from a device (a tuple: one is made per message)."""
 
     device_id: str
     kind: Kind
@@ -273,8 +272,8 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def _dumps(body: Any) -> str:
-    return json.dumps(body, separators=(",", ":"))
+# json.dumps with any non-default argument builds a new encoder per call; one will do.
+_dumps = json.JSONEncoder(separators=(",", ":")).encode
 
 
 def _int_or_none(value: Any) -> int | None:
