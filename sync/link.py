@@ -23,7 +23,7 @@ from typing import Any
 from dgdm.sync.crypto import LinkKeys
 from dgdm.sync.envelope import Envelope, Kind, check_command, open_envelope, receipt_ranges
 from dgdm.sync.errors import EnvelopeError, OutboxError, TransportError
-from dgdm.sync.link_state import ReadPlan, SendState
+from dgdm.sync.link_state import Cursor, ReadPlan, SendState
 from dgdm.sync.mqtt import MqttClient, MqttOptions, Will
 from dgdm.sync.outbox import Outbox, OutboxMessage
 from dgdm.sync.topics import STATUS, device_topic, kind_topic
@@ -188,27 +188,32 @@ class DeviceLink:
                 last_tick = now
                 self.counters["receipt_timeouts"] += self.state.expire(now)
             if self.state.window_full():
-                await self._idle()
+                self._wake.clear()
+                await self._wait_for_news()
                 continue
+            # Cleared before the read: whatever is queued from now on wakes the wait below.
+            self._wake.clear()
             plan = self.state.plan()
             urgent, page = await asyncio.to_thread(self._read, plan)
             if urgent is not None:
-                if self.state.is_new_urgent(urgent.priority, urgent.seq):
-                    self.state.rewind(urgent.priority, urgent.seq)
-                continue
-            if not page:
-                await self._idle()
+                if self.state.is_new_urgent(*urgent):
+                    self.state.rewind(*urgent)
                 continue
             await self._send_page(page, plan.generation)
+            if len(page) < self.page_size:  # caught up with the outbox
+                await self._wait_for_news()
 
-    def _read(self, plan: ReadPlan) -> tuple[OutboxMessage | None, list[OutboxMessage]]:
+    def _read(self, plan: ReadPlan) -> tuple[Cursor | None, list[OutboxMessage]]:
         """In a worker thread, one hop per turn: a message queued since the cursor passed its
         (more urgent) tier, which goes next; otherwise the next page after the cursor."""
-        for tier in plan.urgent_tiers():
-            rows = self.outbox.pending(1, (tier, plan.max_seq_seen))
-            if rows and plan.is_new_urgent(rows[0].priority, rows[0].seq):
-                return rows[0], []
+        urgent = plan.find_urgent(self._first_after)
+        if urgent is not None:
+            return urgent, []
         return None, self.outbox.pending(self.page_size, plan.cursor)
+
+    def _first_after(self, cursor: Cursor) -> Cursor | None:
+        rows = self.outbox.pending(1, cursor)
+        return (rows[0].priority, rows[0].seq) if rows else None
 
     async def _send_page(self, page: list[OutboxMessage], generation: int) -> None:
         for msg in page:
@@ -221,10 +226,12 @@ class DeviceLink:
             if not self.state.advance(msg.priority, msg.seq, generation):
                 return
 
-    async def _idle(self) -> None:
-        self._wake.clear()
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), IDLE_POLL_S)
+    async def _wait_for_news(self) -> None:
+        """Until something is queued, a receipt frees a full window, a reconnect, or the
+        poll interval (receipt timeouts are checked at least that often)."""
+        if not self._wake.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), IDLE_POLL_S)
 
     # -- incoming ---------------------------------------------------------------------------
 
@@ -257,7 +264,10 @@ class DeviceLink:
         except EnvelopeError as exc:
             self._reject(exc.reason, "receipt", str(exc))
             return
+        was_full = self.state.window_full()
         self.state.receipted(ranges)
+        if was_full and not self.state.window_full():
+            self._wake.set()
         self.counters["receipts"] += 1
         self.last_sync_ms = _now_ms()
         self._spawn(self._apply_receipt(ranges))

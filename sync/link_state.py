@@ -15,7 +15,7 @@ do the whole read (urgent checks, then the page) in one hop while the loop carri
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 Cursor = tuple[int, int]  # (priority, seq) of the last message passed in send order
@@ -29,12 +29,26 @@ class ReadPlan:
     max_seq_seen: int
     generation: int
 
-    def urgent_tiers(self) -> range:
-        """Priorities more urgent than the cursor, where a new message would jump ahead."""
-        return range(self.cursor[0]) if self.cursor is not None else range(0)
-
     def is_new_urgent(self, priority: int, seq: int) -> bool:
+        """Queued since the cursor passed its (more urgent) tier: it jumps ahead."""
         return self.cursor is not None and priority < self.cursor[0] and seq > self.max_seq_seen
+
+    def find_urgent(self, first_after: Callable[[Cursor], Cursor | None]) -> Cursor | None:
+        """The first new urgent message, or None. `first_after(c)` is the first message in
+        send order after c (an outbox read). Each read skips the tiers that hold nothing:
+        with only the cursor's tier queued, one read answers for all the tiers above it."""
+        if self.cursor is None:
+            return None
+        tier = 0
+        while tier < self.cursor[0]:
+            found = first_after((tier, self.max_seq_seen))
+            if found is None or found[0] >= self.cursor[0]:
+                return None  # nothing at all in the more urgent tiers left to look at
+            if self.is_new_urgent(*found):
+                return found
+            # Its first message was passed already: look for newer ones in that tier.
+            tier = max(found[0], tier + 1)
+        return None
 
 
 class SendState:

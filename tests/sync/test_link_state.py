@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import threading
 
-from dgdm.sync.link_state import ReadPlan, SendState
+from hypothesis import given
+from hypothesis import strategies as st
+
+from dgdm.sync.link_state import Cursor, ReadPlan, SendState
 
 
 def _state() -> SendState:
@@ -30,10 +33,9 @@ def test_a_plan_is_a_snapshot_the_live_state_does_not_move() -> None:
 
 def test_only_messages_newer_than_seen_in_a_more_urgent_tier_jump_ahead() -> None:
     state = _state()
-    assert list(state.plan().urgent_tiers()) == []  # nothing passed yet: no jump
+    assert state.plan().find_urgent(lambda c: (0, 99)) is None  # nothing passed: no jump
     _send(state, 2, 10)
     plan = state.plan()
-    assert list(plan.urgent_tiers()) == [0, 1]
     assert plan.is_new_urgent(0, 11)
     assert not plan.is_new_urgent(0, 9)  # already passed by the cursor's reads
     assert not plan.is_new_urgent(2, 11)  # same tier: FIFO, no jump
@@ -104,3 +106,29 @@ def test_a_plan_can_be_used_from_another_thread() -> None:
     state.rewind(0, 1)  # the loop moves on meanwhile; the plan does not
     worker.join()
     assert answers == [True]
+
+
+rows = st.sets(st.tuples(st.integers(0, 4), st.integers(1, 60)), max_size=40)
+
+
+@given(rows, st.integers(0, 4), st.integers(1, 60), st.integers(0, 60))
+def test_find_urgent_is_the_first_new_message_of_a_more_urgent_tier(
+    queued: set[Cursor], priority: int, seq: int, max_seen: int
+) -> None:
+    """Against the outbox as a sorted list: the answer is the earliest message in send
+    order that is more urgent than the cursor and newer than anything seen."""
+    ordered = sorted(queued)
+    reads: list[Cursor] = []
+
+    def first_after(cursor: Cursor) -> Cursor | None:
+        reads.append(cursor)
+        return next((row for row in ordered if row > cursor), None)
+
+    plan = ReadPlan(cursor=(priority, seq), max_seq_seen=max(max_seen, seq), generation=0)
+    expected = min(
+        (r for r in ordered if r[0] < priority and r[1] > plan.max_seq_seen), default=None
+    )
+    assert plan.find_urgent(first_after) == expected
+    assert len(reads) <= priority
+    if all(r[0] >= priority for r in ordered):
+        assert len(reads) <= 1  # only the cursor's tier queued: one read answers
