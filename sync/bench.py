@@ -264,16 +264,19 @@ class _Device:
         options = MqttOptions(url=self.url, client_id=f"bench-{self.device_id}")
         return DeviceLink(self.outbox, options, device_id=self.device_id, keys=self.keys)
 
-    async def fill(self, n: int) -> None:
-        """PRODUCERS coroutines enqueue n messages through `enqueue_async`, the agent's path."""
+    async def fill(self, n: int, link: Any = None) -> None:
+        """PRODUCERS coroutines enqueue n messages, as the agent does: through the running
+        link's `enqueue` (`enqueue_async`, then a wake-up of the sender), or straight through
+        `enqueue_async` while no link runs."""
         from dgdm.sync.envelope import Kind
 
         # ~300 bytes sealed: incompressible text, so zlib does not shrink it.
         body = {"pad": base64.b64encode(os.urandom(180)).decode()}
+        enqueue = self.outbox.enqueue_async if link is None else link.enqueue
 
         async def produce(count: int) -> None:
             for _ in range(count):
-                await self.outbox.enqueue_async(Kind.TELEMETRY, body)
+                await enqueue(Kind.TELEMETRY, body)
 
         share = [n // PRODUCERS + (i < n % PRODUCERS) for i in range(PRODUCERS)]
         await asyncio.gather(*(produce(c) for c in share))
@@ -316,14 +319,7 @@ async def _wait_empty(device: _Device) -> None:
 
 async def _full_once(device: _Device, link: Any, n: int) -> float:
     start = time.monotonic()
-    producer = asyncio.create_task(device.fill(n))
-
-    async def wake() -> None:
-        while not producer.done():
-            link.wake()
-            await asyncio.sleep(0.01)
-
-    await asyncio.gather(producer, wake())
+    await device.fill(n, link)
     await _wait_empty(device)
     return n / (time.monotonic() - start)
 
