@@ -190,7 +190,7 @@ class _Connection:
                 _fail(fut, TransportError(reason))
 
 
-def _fail(fut: asyncio.Future[None], exc: TransportError) -> None:
+def _fail(fut: asyncio.Future[Any], exc: TransportError) -> None:
     """A pipelined sender may never await a publish that failed (the loss itself is logged
     and counted), so the exception is marked as seen; awaiting callers still get it."""
     if not fut.done():
@@ -439,8 +439,9 @@ class MqttClient:
                 self.disconnects += 1
             self._connected.clear()
         conn.fail_pending(reason)
-        if conn.connack is not None and not conn.connack.done():
-            conn.connack.set_exception(TransportError(reason))
+        if conn.connack is not None:
+            # Nobody awaits it when the TCP connect itself failed.
+            _fail(conn.connack, TransportError(reason))
         if conn.misc_task is not None:
             conn.misc_task.cancel()
         if conn.wire is not None:
