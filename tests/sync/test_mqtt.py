@@ -249,7 +249,9 @@ async def test_will_is_published_when_the_link_dies(fresh_broker: Broker, unique
 async def test_reconnects_after_broker_kill_and_fails_unacked(
     fresh_broker: Broker, unique_id
 ) -> None:
-    client = MqttClient(_options(fresh_broker, unique_id, keepalive_s=2))
+    # A backoff cap of 1 s: a broker slow to come back (a loaded machine) must not push
+    # the next attempt past wait_connected's 10 s (full jitter reaches 12.8 s by attempt 8).
+    client = MqttClient(_options(fresh_broker, unique_id, keepalive_s=2, backoff_max_s=1.0))
     await client.start()
     await client.wait_connected(5)
     fresh_broker.kill()
