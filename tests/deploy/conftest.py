@@ -67,6 +67,26 @@ def recap(result: subprocess.CompletedProcess[str]) -> dict[str, int]:
     return {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", match.group(1))}
 
 
+def _task_sections(result: subprocess.CompletedProcess[str]) -> list[tuple[str, str, str]]:
+    """(kind, name, output) per TASK or RUNNING HANDLER header of the default callback."""
+    parts = re.split(r"^(TASK|RUNNING HANDLER) \[(.+?)\] \**$", result.stdout, flags=re.MULTILINE)
+    return list(zip(parts[1::3], parts[2::3], parts[3::3], strict=True))
+
+
+def changed_tasks(result: subprocess.CompletedProcess[str]) -> list[str]:
+    """'role : task' of each task that reported a change for localhost, in run order."""
+    return [
+        name
+        for kind, name, output in _task_sections(result)
+        if kind == "TASK" and re.search(r"^changed: \[localhost", output, re.MULTILINE)
+    ]
+
+
+def handlers_run(result: subprocess.CompletedProcess[str]) -> list[str]:
+    """'role : handler' of each notified handler (service management off skips its action)."""
+    return [name for kind, name, _ in _task_sections(result) if kind == "RUNNING HANDLER"]
+
+
 class Fleet:
     """localhost as broker, coordinator and agent host, in a root prefix under `base`."""
 
@@ -79,12 +99,7 @@ class Fleet:
         self.broker_url = f"mqtts://127.0.0.1:{self.broker_port}"
         self.coordinator_port = free_port()
         self.broker: subprocess.Popen[bytes] | None = None
-        self.inventory = base / "hosts.json"
-        local = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable}
-        groups = {group: {"hosts": {"localhost": local}} for group in GROUPS}
-        self.inventory.write_text(json.dumps({"all": {"children": groups}}))
-        self.extra_vars = base / "vars.json"
-        self.extra_vars.write_text(json.dumps(self._vars(wheel)))
+        self.vars = self._vars(wheel)
 
     def _vars(self, wheel: Path) -> dict[str, object]:
         return {
@@ -126,10 +141,23 @@ class Fleet:
         env.pop("VIRTUAL_ENV", None)
         return env
 
-    def play(self) -> subprocess.CompletedProcess[str]:
+    def play(
+        self,
+        playbook: str | Path = "site.yml",
+        groups: tuple[str, ...] = GROUPS,
+        **overrides: object,
+    ) -> subprocess.CompletedProcess[str]:
+        """`playbook` with localhost in `groups` only, and the fleet's vars plus `overrides`."""
         assert ANSIBLE_PLAYBOOK is not None
+        local = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable}
+        inventory = self.base / "hosts.json"
+        inventory.write_text(
+            json.dumps({"all": {"children": {g: {"hosts": {"localhost": local}} for g in groups}}})
+        )
+        extra_vars = self.base / "vars.json"
+        extra_vars.write_text(json.dumps(self.vars | overrides))
         return subprocess.run(
-            [ANSIBLE_PLAYBOOK, "-i", str(self.inventory), "site.yml", "-e", f"@{self.extra_vars}"],
+            [ANSIBLE_PLAYBOOK, "-i", str(inventory), str(playbook), "-e", f"@{extra_vars}"],
             cwd=ANSIBLE_DIR,
             env=self.env(),
             capture_output=True,

@@ -151,31 +151,14 @@ def test_failed_health_gate_rolls_back_and_stops_the_play(fleet: Fleet, tmp_path
     new_wheel = _wheel_with_version(tmp_path, "0.1.1")
     config = fleet.path("/etc/dgdm/agent.toml")
     config_before = config.read_text()
-    agents_only = tmp_path / "agents.json"
-    inventory = json.loads(fleet.inventory.read_text())
-    for group in ("dgdm_broker", "dgdm_coordinator"):
-        del inventory["all"]["children"][group]
-    agents_only.write_text(json.dumps(inventory))
-    extra = json.loads(fleet.extra_vars.read_text())
-    extra.update(
+    result = fleet.play(
+        groups=("dgdm_agents",),
         dgdm_wheel=str(new_wheel),
         # Service management stays off, so nothing listens: the gate must fail.
         dgdm_agent_health_gate=True,
         dgdm_agent_health_retries=1,
         dgdm_agent_health_delay=1,
         dgdm_agent_log_level="debug",
-    )
-    extra_vars = tmp_path / "vars.json"
-    extra_vars.write_text(json.dumps(extra))
-    assert ANSIBLE_PLAYBOOK is not None
-    result = subprocess.run(
-        [ANSIBLE_PLAYBOOK, "-i", str(agents_only), "site.yml", "-e", f"@{extra_vars}"],
-        cwd=ANSIBLE_DIR,
-        env=fleet.env(),
-        capture_output=True,
-        text=True,
-        timeout=400,
-        check=False,
     )
     output = result.stdout + result.stderr
     assert result.returncode != 0, output[-6000:]

@@ -1,0 +1,192 @@
+"""Certificate renewal and device revocation by the roles, run for real (conftest `fleet`).
+
+Renewal: a certificate expiring within dgdm_cert_renew_days is signed again on the next run
+(the broker's and a device's), a fresh one is left alone, and the handlers that apply it are
+notified. Revocation: every certificate issued to a device in dgdm_revoked_devices goes on
+the CRL, and mosquitto, restarted with the rendered config, refuses that device over TLS
+while other devices still connect.
+"""
+
+from __future__ import annotations
+
+import datetime
+import shutil
+import signal
+import socket
+import ssl
+import struct
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from .conftest import DEVICE_ID, Fleet, changed_tasks, handlers_run, recap
+
+pytestmark = pytest.mark.slow
+
+CONNACK_ACCEPTED = b"\x20\x02\x00\x00"
+ISSUE_CLIENT_CERTS = Path(__file__).with_name("issue_client_certs.yml")
+
+
+def load_cert(path: Path) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(path.read_bytes())
+
+
+def days_left(cert: x509.Certificate) -> float:
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return (cert.not_valid_after_utc - now).total_seconds() / 86400
+
+
+def mqtt_connect(fleet: Fleet, cert: Path, key: Path, client_id: str) -> bytes:
+    """An MQTT 3.1.1 CONNECT over mutual TLS to the fleet's broker; the first bytes back.
+
+    A refused client certificate raises ssl.SSLError: in the handshake under TLS 1.2, at the
+    first read under TLS 1.3 (the server checks the certificate after the client finished).
+    mosquitto 2.0 closes without a TLS alert, so the error says EOF, not why.
+    """
+    context = ssl.create_default_context(cafile=str(fleet.pki / "ca.pem"))
+    context.load_cert_chain(cert, key)
+    ident = client_id.encode()
+    body = b"\x00\x04MQTT\x04\x02\x00\x3c" + struct.pack("!H", len(ident)) + ident
+    with (
+        socket.create_connection(("127.0.0.1", fleet.broker_port), timeout=5) as raw,
+        context.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+    ):
+        tls.sendall(bytes([0x10, len(body)]) + body)
+        return tls.recv(4)
+
+
+def server_cert(fleet: Fleet) -> x509.Certificate:
+    """The certificate the running broker presents."""
+    context = ssl.create_default_context(cafile=str(fleet.pki / "ca.pem"))
+    with (
+        socket.create_connection(("127.0.0.1", fleet.broker_port), timeout=5) as raw,
+        context.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der)
+
+
+def presented_serial(fleet: Fleet, expected: int, timeout: float = 5) -> int:
+    """The serial the broker presents, once it is `expected` (mosquitto reloads in its loop)."""
+    deadline = time.monotonic() + timeout
+    while (serial := server_cert(fleet).serial_number) != expected and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return serial
+
+
+def assert_ok(result: subprocess.CompletedProcess[str]) -> None:
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+
+
+@pytest.mark.timeout(600)
+def test_a_certificate_expiring_soon_is_renewed_and_a_fresh_one_is_not(fleet: Fleet) -> None:
+    agent = fleet.pki / "clients" / f"{DEVICE_ID}.pem"
+    broker = fleet.pki / "certs" / "broker-localhost.pem"
+    coordinator = fleet.pki / "clients" / "dgdm-coordinator.pem"
+    coordinator_before = coordinator.read_bytes()
+    # Short-lived certificates: without the controller's copies the next run signs new ones,
+    # here for 2 days, which a 1-day renewal window leaves alone.
+    agent.unlink()
+    broker.unlink()
+    short_lived = {"dgdm_agent_cert_days": 2, "dgdm_broker_cert_days": 2, "dgdm_cert_renew_days": 1}
+    assert_ok(fleet.play(groups=("dgdm_broker", "dgdm_agents"), **short_lived))
+    short = {"agent": load_cert(agent), "broker": load_cert(broker)}
+    assert all(1.9 < days_left(cert) <= 2 for cert in short.values())
+
+    renewal = fleet.play()  # the default 30-day window
+
+    assert_ok(renewal)
+    # Nothing else changes: not the coordinator's certificate, no other task.
+    assert changed_tasks(renewal) == [
+        "dgdm_broker : Sign the broker's certificate with the fleet CA",
+        "dgdm_broker : Install the server certificate",
+        "dgdm_tls_client : Sign the request with the fleet CA",
+        "dgdm_tls_client : Install the client certificate and the CA",
+    ], renewal.stdout[-6000:]
+    assert handlers_run(renewal) == [
+        "dgdm_broker : Reload mosquitto",
+        "dgdm_agent : Restart dgdm-agent",
+    ]
+    renewed = {"agent": load_cert(agent), "broker": load_cert(broker)}
+    for name, cert in renewed.items():
+        assert cert.serial_number != short[name].serial_number, name
+        assert 824 < days_left(cert) <= 825, name
+    assert coordinator.read_bytes() == coordinator_before
+    installed = fleet.path("/etc/dgdm/tls/client.pem")
+    assert load_cert(installed).serial_number == renewed["agent"].serial_number
+    assert (
+        load_cert(fleet.path("/etc/mosquitto/dgdm/server.pem")).serial_number
+        == renewed["broker"].serial_number
+    )
+    # What the reload handler does (ExecReload= sends SIGHUP): mosquitto presents the new
+    # certificate, and the device connects with its renewed one.
+    assert fleet.broker is not None
+    fleet.broker.send_signal(signal.SIGHUP)
+    new_serial = renewed["broker"].serial_number
+    assert presented_serial(fleet, new_serial) == new_serial
+    key = fleet.path("/etc/dgdm/tls/client.key")
+    assert mqtt_connect(fleet, installed, key, DEVICE_ID) == CONNACK_ACCEPTED
+
+
+def test_a_revoked_device_is_refused_and_the_others_still_connect(fleet: Fleet) -> None:
+    devices = ["edge-lost", "edge-kept"]
+    assert_ok(fleet.play(ISSUE_CLIENT_CERTS, ("dgdm_broker",), dgdm_test_devices=devices))
+    # A second certificate for the lost box (as after a renewal): both must be refused.
+    first = fleet.base / "edge-lost-first.pem"
+    shutil.move(fleet.pki / "clients" / "edge-lost.pem", first)
+    assert_ok(fleet.play(ISSUE_CLIENT_CERTS, ("dgdm_broker",), dgdm_test_devices=["edge-lost"]))
+    box = {d: fleet.prefix / "boxes" / d / "etc/dgdm/tls" for d in devices}
+    lost_certs = [first, box["edge-lost"] / "client.pem"]
+    for cert in lost_certs:
+        assert mqtt_connect(fleet, cert, box["edge-lost"] / "client.key", "edge-lost") == (
+            CONNACK_ACCEPTED
+        )
+
+    revoked = fleet.play(groups=("dgdm_broker",), dgdm_revoked_devices=["edge-lost"])
+
+    assert_ok(revoked)
+    assert changed_tasks(revoked) == [
+        "dgdm_broker : Revoke the certificates issued to revoked devices",
+        "dgdm_broker : Sign the CRL with the fleet CA",
+        "dgdm_broker : Install the CRL",
+    ], revoked.stdout[-6000:]
+    assert handlers_run(revoked) == ["dgdm_broker : Restart mosquitto"]
+    crl = x509.load_pem_x509_crl(fleet.path("/etc/mosquitto/dgdm/crl.pem").read_bytes())
+    assert {entry.serial_number for entry in crl} == {
+        load_cert(cert).serial_number for cert in lost_certs
+    }
+    fleet.stop_broker()  # what the handler does
+    log = fleet.base / "mosquitto.log"
+    seen = log.stat().st_size
+    fleet.start_broker()
+    kept = box["edge-kept"]
+    assert mqtt_connect(fleet, kept / "client.pem", kept / "client.key", "edge-kept") == (
+        CONNACK_ACCEPTED
+    )
+    agent = fleet.path("/etc/dgdm/tls")
+    assert mqtt_connect(fleet, agent / "client.pem", agent / "client.key", DEVICE_ID) == (
+        CONNACK_ACCEPTED
+    )
+    for cert in lost_certs:
+        with pytest.raises(ssl.SSLError):
+            mqtt_connect(fleet, cert, box["edge-lost"] / "client.key", "edge-lost")
+    fleet.stop_broker()  # flushes its log
+    refused = log.read_bytes()[seen:].decode()
+    assert refused.count("certificate verify failed") == len(lost_certs), refused
+    fleet.start_broker()
+
+    again = fleet.play(groups=("dgdm_broker",), dgdm_revoked_devices=["edge-lost"])
+    assert_ok(again)
+    assert recap(again)["changed"] == 0, changed_tasks(again)
+
+
+def test_the_agent_role_refuses_a_revoked_device(fleet: Fleet) -> None:
+    result = fleet.play(groups=("dgdm_agents",), dgdm_revoked_devices=[DEVICE_ID])
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output[-6000:]
+    assert f"{DEVICE_ID} is in dgdm_revoked_devices" in output
+    assert recap(result)["changed"] == 0
