@@ -545,7 +545,7 @@ class MqttClient:
                 v5=self.options.mqtt_version == "5",
                 on_ack=functools.partial(self._on_ack, conn),
                 on_message=self._deliver,
-                mid_in_use=conn.pending.__contains__,
+                mid_in_use=lambda mid: mid in conn.pending,
             )
         else:
             conn.wire = PahoWire(conn.client, sock, self._loop)

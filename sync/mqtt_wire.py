@@ -413,6 +413,8 @@ class LeanWire:
     # -- reading ---------------------------------------------------------------------------
 
     def _readable(self) -> None:
+        if self.fd is None:  # closed since this call was scheduled (TLS pending() below)
+            return
         self._recv()
         try:
             self._handle_frames()
