@@ -1,4 +1,5 @@
-"""`dgdm keys`, `dgdm coordinator` (the service, `devices add|list`) and `dgdm telemetry watch`.
+"""`dgdm keys`, `dgdm coordinator` (the service, `devices add|remove|list`) and `dgdm telemetry
+watch`.
 
 Registration imports nothing heavy; each command imports its work when it runs.
 """
@@ -47,6 +48,12 @@ def _register_coordinator(subparsers: argparse._SubParsersAction[argparse.Argume
     add.add_argument("--public-key", required=True, help="base64 of the raw 32-byte X25519 key")
     _config_arg(add, nested=True)
     add.set_defaults(func=_devices_add)
+    remove = dev_actions.add_parser(
+        "remove", help="withdraw a device's enrolment: its messages are refused from then on"
+    )
+    remove.add_argument("device_id")
+    _config_arg(remove, nested=True)
+    remove.set_defaults(func=_devices_remove)
     show = dev_actions.add_parser("list", help="list enrolled devices as JSON lines")
     _config_arg(show, nested=True)
     show.set_defaults(func=_devices_list)
@@ -95,6 +102,20 @@ def _devices_add(args: argparse.Namespace) -> int:
     finally:
         store.close()
     print(f"enrolled {args.device_id}")
+    return 0
+
+
+def _devices_remove(args: argparse.Namespace) -> int:
+    from dgdm.sync.errors import ConfigError
+
+    _, store = _open_store(args)
+    try:
+        removed = store.remove_device(args.device_id)
+    finally:
+        store.close()
+    if not removed:
+        raise ConfigError("device_id", f"{args.device_id!r} is not enrolled")
+    print(f"removed {args.device_id} (a running coordinator refuses it within 5 s)")
     return 0
 
 

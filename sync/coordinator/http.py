@@ -86,6 +86,7 @@ def _device_view(coordinator: Any, row: dict[str, Any]) -> dict[str, Any]:
     return {
         "device_id": row["device_id"],
         "public_key": row["public_key"],
+        "enrolled": row["public_key"] != "",  # '' after `dgdm coordinator devices remove`
         "online": bool(row["online"]),
         "first_seen_ms": row["first_seen_ms"],
         "last_seen_ms": row["last_seen_ms"],

@@ -1,7 +1,9 @@
 """The fleet's link keys: each enrolled device's public key, paired with the coordinator's
 private key into that device's `LinkKeys` (derived once, cached). An unknown device
 triggers a re-read of the store, at most once a second, so a device enrolled with
-`dgdm coordinator devices add` while the service runs is picked up without a restart."""
+`dgdm coordinator devices add` while the service runs is picked up without a restart; and
+the store is re-read every REFRESH_S anyway, so a device withdrawn with `devices remove` is
+refused within that time."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from dgdm.sync.crypto import LinkKeys, derive_link_keys, load_public_key, raw_pu
 from dgdm.sync.errors import KeyFileError
 
 RELOAD_INTERVAL_S = 1.0
+REFRESH_S = 5.0
 
 
 class Registry:
@@ -46,6 +49,8 @@ class Registry:
         another process), so the enrolment is re-read, at most once a second, before the
         envelope is judged. No restart is needed after a key rotation.
         """
+        if self._clock() - self._loaded_at >= REFRESH_S:
+            self.reload()
         keys = self._keys.get(device_id)
         if keys is not None and (key_id is None or key_id == keys.key_id):
             return keys

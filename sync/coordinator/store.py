@@ -78,6 +78,7 @@ class StoreResult:
 
 class Store(Protocol):
     def add_device(self, device_id: str, public_key: str) -> None: ...
+    def remove_device(self, device_id: str) -> bool: ...
     def devices(self) -> list[dict[str, Any]]: ...
     def device(self, device_id: str) -> dict[str, Any] | None: ...
     def public_keys(self) -> dict[str, str]: ...
@@ -122,9 +123,22 @@ class SqliteStore:
         rows = self._rows("SELECT * FROM devices WHERE device_id = ?", (device_id,))
         return rows[0] if rows else None
 
+    def remove_device(self, device_id: str) -> bool:
+        """Withdraw an enrolment: its messages are refused from then on. The row stays (its
+        history, and the command seq a re-enrolment continues from); False if not enrolled."""
+        with self._lock, self._db:
+            cursor = self._db.execute(
+                "UPDATE devices SET public_key = '', online = 0 "
+                "WHERE device_id = ? AND public_key != ''",
+                (device_id,),
+            )
+        return cursor.rowcount == 1
+
     def public_keys(self) -> dict[str, str]:
+        """The enrolled devices' keys (a removed device's key is '')."""
         with self._lock:
-            return dict(self._db.execute("SELECT device_id, public_key FROM devices"))
+            sql = "SELECT device_id, public_key FROM devices WHERE public_key != ''"
+            return dict(self._db.execute(sql))
 
     def set_status(self, device_id: str, status: dict[str, Any], now_ms: int) -> None:
         online = 1 if status.get("state") == "online" else 0

@@ -1,4 +1,4 @@
-"""`dgdm coordinator devices add|list` and `dgdm telemetry watch` as real processes."""
+"""`dgdm coordinator devices add|remove|list` and `dgdm telemetry watch` as real processes."""
 
 from __future__ import annotations
 
@@ -64,6 +64,25 @@ async def test_devices_add_and_list(tmp_path, mqtt_broker) -> None:
     )
     assert code == 2
     assert "--public-key" in err
+    assert "Traceback" not in err
+
+
+async def test_devices_remove_withdraws_the_enrolment(tmp_path, mqtt_broker) -> None:
+    config, _ = _config(tmp_path, mqtt_broker.url)
+    _, _, device_public = generate_keypair(tmp_path / "dev", name="device")
+    add = ("coordinator", "devices", "add", "cam-9", "--public-key", device_public)
+    assert (await _dgdm(*add, "--config", str(config)))[0] == 0
+    remove = ("coordinator", "devices", "remove", "cam-9", "--config", str(config))
+    code, out, _ = await _dgdm(*remove)
+    assert code == 0
+    assert "removed cam-9" in out
+    _, out, _ = await _dgdm("coordinator", "devices", "list", "--config", str(config))
+    assert [(r["device_id"], r["public_key"]) for r in map(json.loads, out.splitlines())] == [
+        ("cam-9", "")
+    ]
+    code, _, err = await _dgdm(*remove)  # not enrolled any more: a usage error, named
+    assert code == 2
+    assert "'cam-9' is not enrolled" in err
     assert "Traceback" not in err
 
 
