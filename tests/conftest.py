@@ -16,7 +16,8 @@ pid at the end. Session brokers are shared: use unique device and client ids per
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -53,3 +54,30 @@ def unique_id(request: pytest.FixtureRequest) -> str:
     """A device/client id unique within the session (valid per SPEC §5)."""
     name = "".join(c if c.isalnum() else "-" for c in request.node.name)[:40]
     return f"t{next(_ids)}-{name}".strip("-")
+
+
+@pytest.fixture
+def mount_tmpfs() -> Iterator[Callable[[Path, str], Path]]:
+    """Mounts real small file systems (for full-disk tests): `mount_tmpfs(dir, "8m")`.
+    Skips the test when mounting is not permitted (needs root); unmounts at teardown, after
+    any fixture requested later (an agent process, say) has stopped."""
+    mounted: list[Path] = []
+
+    def mount(mount_point: Path, size: str) -> Path:
+        mount_point.mkdir()
+        options = f"size={size},mode=0700"
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount_point)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a {size} tmpfs (needs root): {done.stderr.strip()}")
+        mounted.append(mount_point)
+        return mount_point
+
+    yield mount
+    for mount_point in reversed(mounted):
+        if subprocess.run(["umount", str(mount_point)], check=False).returncode != 0:
+            subprocess.run(["umount", "--lazy", str(mount_point)], check=True)

@@ -18,9 +18,8 @@ from __future__ import annotations
 import asyncio
 import re
 import shutil
-import subprocess
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -185,21 +184,30 @@ async def test_outbox_eviction_alert_once_and_delivered_once_a_coordinator_appea
 
 
 @pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
+def small_disk(tmp_path: Path, mount_tmpfs: Callable[[Path, str], Path]) -> Path:
     """An 8 MiB tmpfs; request it before `start_agent` so the agent stops before umount."""
-    mount_point = tmp_path / "small-disk"
-    mount_point.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs", str(mount_point)],
-        capture_output=True,
-        text=True,
-        check=False,
+    return mount_tmpfs(tmp_path / "small-disk", "8m")
+
+
+async def start_agent_on(
+    small_disk: Path, start_agent: Callable[..., Agent], keys: Path, min_free_bytes: int
+) -> tuple[Agent, Path]:
+    """An agent whose data_dir (and outbox, without a broker: alerts are queued on the small
+    disk itself) is on `small_disk`, checking the disk every 0.1 s."""
+    _, _, coord_pub = generate_keypair(keys, name="coordinator")
+    device_key, _, _ = generate_keypair(keys, name="device")
+    data_dir = small_disk / "data"
+    agent = await asyncio.to_thread(
+        start_agent,
+        {
+            "device": {"data_dir": str(data_dir), "private_key": str(device_key)},
+            "sync": {"coordinator_public_key": coord_pub},
+            "telemetry": {"interval_s": 0.1, "batch_s": 60.0},
+            "alerts": {"disk_min_free_bytes": min_free_bytes},
+            "kernels": {"backend": "numpy"},
+        },
     )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs for data_dir (needs root): {done.stderr.strip()}")
-    yield mount_point
-    if subprocess.run(["umount", str(mount_point)], check=False).returncode != 0:
-        subprocess.run(["umount", "--lazy", str(mount_point)], check=True)
+    return agent, data_dir
 
 
 def fill(path: Path, size: int) -> None:
@@ -210,20 +218,7 @@ def fill(path: Path, size: int) -> None:
 async def test_disk_low_alert_once_and_recovery_on_a_small_file_system(
     small_disk: Path, start_agent: Callable[..., Agent], tmp_path: Path
 ) -> None:
-    _, _, coord_pub = generate_keypair(tmp_path / "keys", name="coordinator")
-    device_key, _, _ = generate_keypair(tmp_path / "keys", name="device")
-    data_dir = small_disk / "data"
-    agent = await asyncio.to_thread(
-        start_agent,
-        {
-            "device": {"data_dir": str(data_dir), "private_key": str(device_key)},
-            # An outbox without a broker: the alerts are queued on the small disk itself.
-            "sync": {"coordinator_public_key": coord_pub},
-            "telemetry": {"interval_s": 0.1, "batch_s": 60.0},
-            "alerts": {"disk_min_free_bytes": 4 * MIB},
-            "kernels": {"backend": "numpy"},
-        },
-    )
+    agent, data_dir = await start_agent_on(small_disk, start_agent, tmp_path / "keys", 4 * MIB)
     free_at_start = shutil.disk_usage(data_dir).free
     assert free_at_start - 5 * MIB < 4 * MIB < free_at_start  # the filler will cross it
     await asyncio.sleep(0.5)  # five disk checks with space to spare
@@ -276,19 +271,7 @@ async def test_alert_refused_by_a_full_disk_is_stored_once_space_returns(
     small_disk: Path, start_agent: Callable[..., Agent], tmp_path: Path
 ) -> None:
     """A full disk refuses disk_low itself; it waits in line and goes out before disk_ok."""
-    _, _, coord_pub = generate_keypair(tmp_path / "keys", name="coordinator")
-    device_key, _, _ = generate_keypair(tmp_path / "keys", name="device")
-    data_dir = small_disk / "data"
-    agent = await asyncio.to_thread(
-        start_agent,
-        {
-            "device": {"data_dir": str(data_dir), "private_key": str(device_key)},
-            "sync": {"coordinator_public_key": coord_pub},
-            "telemetry": {"interval_s": 0.1, "batch_s": 60.0},
-            "alerts": {"disk_min_free_bytes": 3 * MIB},
-            "kernels": {"backend": "numpy"},
-        },
-    )
+    agent, data_dir = await start_agent_on(small_disk, start_agent, tmp_path / "keys", 3 * MIB)
     await asyncio.sleep(0.3)
     filler = data_dir / "filler"
     await asyncio.to_thread(fill_up, filler)

@@ -3,7 +3,6 @@ new messages are refused with StorageFull, and it takes messages again once spac
 
 from __future__ import annotations
 
-import subprocess
 import time
 
 import pytest
@@ -21,19 +20,8 @@ def sealer(kind, seq, created_ms, body):
 
 
 @pytest.fixture
-def small_disk(tmp_path):
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    proc = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a 2 MiB tmpfs (needs root): {proc.stderr.strip()}")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
+def small_disk(tmp_path, mount_tmpfs):
+    return mount_tmpfs(tmp_path / "disk", "2m")
 
 
 def _fill_until_full(box: Outbox, kind: Kind = Kind.ALERT) -> list[int]:
