@@ -4,7 +4,9 @@ Renewal: a certificate expiring within dgdm_cert_renew_days is signed again on t
 (the broker's and a device's), a fresh one is left alone, and the handlers that apply it are
 notified. Revocation: every certificate issued to a device in dgdm_revoked_devices goes on
 the CRL, and mosquitto, restarted with the rendered config, refuses that device over TLS
-while other devices still connect.
+while other devices still connect. The CA's own end: nothing it signs outlives it, a CA
+that expires within the renewal window stops the play, and after the rotation the README
+describes every certificate is signed again.
 """
 
 from __future__ import annotations
@@ -190,3 +192,110 @@ def test_the_agent_role_refuses_a_revoked_device(fleet: Fleet) -> None:
     assert result.returncode != 0, output[-6000:]
     assert f"{DEVICE_ID} is in dgdm_revoked_devices" in output
     assert recap(result)["changed"] == 0
+
+
+CA_EXPIRES = "expires on"
+ROTATE_CA = "Rotate the CA: move ca.key, ca.pem, index.txt*, crlnumber*, crl.pem and newcerts/"
+# What the README's rotation moves out of the PKI directory (CA_EXPIRES's message too).
+CA_FILES = ("ca.key", "ca.pem", "index.txt*", "crlnumber*", "crl.pem", "newcerts")
+
+
+class OtherFleet:
+    """A PKI directory and a root prefix of its own, so that the session's fleet is untouched."""
+
+    def __init__(self, fleet: Fleet, name: str) -> None:
+        self.fleet = fleet
+        self.pki = fleet.base / name / "pki"
+        self.prefix = fleet.base / name / "root"
+
+    def play(
+        self,
+        playbook: str | Path = "site.yml",
+        groups: tuple[str, ...] = ("dgdm_broker",),
+        **v: object,
+    ) -> subprocess.CompletedProcess[str]:
+        return self.fleet.play(
+            playbook, groups, dgdm_pki_dir=str(self.pki), dgdm_prefix=str(self.prefix), **v
+        )
+
+    def issue(self, *devices: str, **v: object) -> subprocess.CompletedProcess[str]:
+        """Client certificates from the dgdm_tls_client role alone (no broker role in the run)."""
+        return self.play(ISSUE_CLIENT_CERTS, dgdm_test_devices=list(devices), **v)
+
+    def box_cert(self, device: str) -> x509.Certificate:
+        return load_cert(self.prefix / "boxes" / device / "etc/dgdm/tls/client.pem")
+
+
+@pytest.fixture(scope="module")
+def short_ca(fleet: Fleet) -> OtherFleet:
+    """A fleet whose CA lasts 60 days: the broker's certificate, its CRL and a device's."""
+    other = OtherFleet(fleet, "short-ca")
+    assert_ok(other.play(dgdm_ca_days=60))
+    assert_ok(other.issue("edge-capped"))
+    return other
+
+
+def test_nothing_the_ca_signs_outlives_it(short_ca: OtherFleet) -> None:
+    ca = load_cert(short_ca.pki / "ca.pem")
+    assert 59.9 < days_left(ca) <= 60
+    # 825 days asked for, cut to the CA's end.
+    for cert in (
+        short_ca.pki / "certs/broker-localhost.pem",
+        short_ca.pki / "clients/edge-capped.pem",
+    ):
+        assert load_cert(cert).not_valid_after_utc == ca.not_valid_after_utc, cert
+    assert short_ca.box_cert("edge-capped").not_valid_after_utc == ca.not_valid_after_utc
+    crl = x509.load_pem_x509_crl((short_ca.pki / "crl.pem").read_bytes())
+    assert crl.next_update_utc is not None
+    until_ca_end = ca.not_valid_after_utc - crl.next_update_utc
+    assert datetime.timedelta(0) <= until_ca_end < datetime.timedelta(hours=1)
+
+
+def test_a_ca_expiring_within_the_renewal_window_stops_the_play(fleet: Fleet) -> None:
+    other = OtherFleet(fleet, "expiring-ca")
+
+    broker = other.play(dgdm_ca_days=20)  # within the default 30-day window
+
+    output = broker.stdout + broker.stderr
+    assert broker.returncode != 0, output[-6000:]
+    assert f"The fleet CA {other.pki}/ca.pem {CA_EXPIRES}" in output, output[-6000:]
+    assert "within dgdm_cert_renew_days (30 days)" in output
+    assert ROTATE_CA in output
+    # Stopped before it signed anything or touched the box.
+    assert not (other.pki / "certs").exists()
+    assert not other.prefix.exists()
+    # The dgdm_tls_client role refuses too, where the broker role did not run first.
+    device = other.issue("edge-late")
+    output = device.stdout + device.stderr
+    assert device.returncode != 0, output[-6000:]
+    assert ROTATE_CA in output
+    assert not (other.pki / "clients" / "edge-late.pem").exists()
+    assert not other.prefix.exists()
+
+
+def test_after_a_ca_rotation_every_certificate_is_signed_again(short_ca: OtherFleet) -> None:
+    """The README's rotation: move the CA's files aside, run the playbook."""
+    old_ca = load_cert(short_ca.pki / "ca.pem")
+    retired = short_ca.pki / "retired-ca"
+    retired.mkdir()
+    for pattern in CA_FILES:
+        for path in short_ca.pki.glob(pattern):
+            shutil.move(path, retired)
+
+    assert_ok(short_ca.play())
+    assert_ok(short_ca.issue("edge-capped"))
+
+    ca = load_cert(short_ca.pki / "ca.pem")
+    assert ca.public_key() != old_ca.public_key()
+    assert 3649 < days_left(ca) <= 3650
+    installed = {
+        "broker": load_cert(short_ca.prefix / "etc/mosquitto/dgdm/server.pem"),
+        "device": short_ca.box_cert("edge-capped"),
+    }
+    for name, cert in installed.items():
+        cert.verify_directly_issued_by(ca)
+        assert 824 < days_left(cert) <= 825, name
+    for ca_copy in ("etc/mosquitto/dgdm/ca.pem", "boxes/edge-capped/etc/dgdm/tls/ca.pem"):
+        assert load_cert(short_ca.prefix / ca_copy) == ca, ca_copy
+    crl = x509.load_pem_x509_crl((short_ca.prefix / "etc/mosquitto/dgdm/crl.pem").read_bytes())
+    assert crl.is_signature_valid(ca.public_key())  # type: ignore[arg-type]
