@@ -6,23 +6,30 @@ notified. Revocation: every certificate issued to a device in dgdm_revoked_devic
 the CRL, and mosquitto, restarted with the rendered config, refuses that device over TLS
 while other devices still connect. The CA's own end: nothing it signs outlives it, a CA
 that expires within the renewal window stops the play, and after the rotation the README
-describes every certificate is signed again.
+describes every certificate is signed again. A box whose device id changes gets a new key
+and a certificate for the new id.
 """
 
 from __future__ import annotations
 
 import datetime
+import queue
 import shutil
 import signal
 import socket
 import ssl
 import struct
 import subprocess
+import threading
 import time
 from pathlib import Path
 
+import paho.mqtt.client as mqtt
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import NameOID
+from paho.mqtt.enums import CallbackAPIVersion
 
 from .conftest import DEVICE_ID, Fleet, changed_tasks, handlers_run, recap
 
@@ -200,6 +207,11 @@ ROTATE_CA = "Rotate the CA: move ca.key, ca.pem, index.txt*, crlnumber*, crl.pem
 CA_FILES = ("ca.key", "ca.pem", "index.txt*", "crlnumber*", "crl.pem", "newcerts")
 
 
+def common_name(cert: x509.Certificate) -> str:
+    (attribute,) = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(attribute.value)
+
+
 class OtherFleet:
     """A PKI directory and a root prefix of its own, so that the session's fleet is untouched."""
 
@@ -299,3 +311,94 @@ def test_after_a_ca_rotation_every_certificate_is_signed_again(short_ca: OtherFl
         assert load_cert(short_ca.prefix / ca_copy) == ca, ca_copy
     crl = x509.load_pem_x509_crl((short_ca.prefix / "etc/mosquitto/dgdm/crl.pem").read_bytes())
     assert crl.is_signature_valid(ca.public_key())  # type: ignore[arg-type]
+
+
+def spki(cert_or_key_file: x509.Certificate | Path) -> bytes:
+    """The public key of a certificate, or of a private key file, as PEM."""
+    if isinstance(cert_or_key_file, x509.Certificate):
+        public = cert_or_key_file.public_key()
+    else:
+        public = serialization.load_pem_private_key(
+            cert_or_key_file.read_bytes(), None
+        ).public_key()
+    return public.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def delivered_to_itself(fleet: Fleet, tls_dir: Path, topics: list[str]) -> list[str]:
+    """Topics of the fleet broker's messages a device gets back after publishing to `topics`.
+
+    The device subscribes to all of dgdm/v1/#; the ACL lets through its own subtree only. The
+    last topic must be allowed: once it arrives, anything the broker let through came before.
+    """
+    received: queue.Queue[str] = queue.Queue()
+    subscribed = threading.Event()
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="renamed", protocol=mqtt.MQTTv5)
+    client.tls_set(
+        ca_certs=str(tls_dir / "ca.pem"),
+        certfile=str(tls_dir / "client.pem"),
+        keyfile=str(tls_dir / "client.key"),
+    )
+    client.on_message = lambda _c, _u, msg: received.put(msg.topic)
+    client.on_subscribe = lambda *_: subscribed.set()
+    client.connect("127.0.0.1", fleet.broker_port)
+    client.loop_start()
+    try:
+        client.subscribe("dgdm/v1/#", qos=1)
+        assert subscribed.wait(timeout=5)
+        for topic in topics:
+            client.publish(topic, b"x", qos=1).wait_for_publish(timeout=5)
+        got = [received.get(timeout=5)]
+        while got[-1] != topics[-1]:
+            got.append(received.get(timeout=5))
+        return got
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+@pytest.mark.timeout(600)
+def test_a_new_device_id_gets_a_new_key_and_a_certificate_for_it(fleet: Fleet) -> None:
+    """The agent role on a box of its own; then the inventory gives it another device id."""
+    prefix = fleet.base / "renamed-box"
+    tls_dir = prefix / "etc/dgdm/tls"
+    assert_ok(
+        fleet.play(
+            groups=("dgdm_agents",), dgdm_prefix=str(prefix), dgdm_agent_device_id="edge-old"
+        )
+    )
+    old_key = spki(tls_dir / "client.key")
+    assert common_name(load_cert(tls_dir / "client.pem")) == "edge-old"
+
+    renamed = fleet.play(
+        groups=("dgdm_agents",), dgdm_prefix=str(prefix), dgdm_agent_device_id="edge-new"
+    )
+
+    assert_ok(renamed)
+    cert = load_cert(tls_dir / "client.pem")
+    assert common_name(cert) == "edge-new"
+    assert common_name(load_cert(fleet.pki / "clients" / "edge-new.pem")) == "edge-new"
+    assert spki(tls_dir / "client.key") == spki(cert) != old_key
+    assert "dgdm_agent : Restart dgdm-agent" in handlers_run(renamed)
+    # The broker's ACL (dgdm/v1/%u/#) now keys off the new id: the old id's topics are closed.
+    assert delivered_to_itself(
+        fleet, tls_dir, ["dgdm/v1/edge-old/result", "dgdm/v1/edge-new/result"]
+    ) == ["dgdm/v1/edge-new/result"]
+
+
+def test_a_renamed_broker_gets_a_new_key_and_a_certificate_for_its_name(fleet: Fleet) -> None:
+    other = OtherFleet(fleet, "renamed-broker")
+    assert_ok(other.play())
+    server = other.prefix / "etc/mosquitto/dgdm"
+    old_key = spki(server / "server.key")
+
+    renamed = other.play(dgdm_broker_server_name="mqtt.renamed.test")
+
+    assert_ok(renamed)
+    cert = load_cert(server / "server.pem")
+    assert common_name(cert) == "mqtt.renamed.test"
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert names.get_values_for_type(x509.DNSName) == ["mqtt.renamed.test"]
+    assert spki(server / "server.key") == spki(cert) != old_key
+    assert handlers_run(renamed) == ["dgdm_broker : Reload mosquitto"]
