@@ -524,12 +524,15 @@ class MqttClient:
         bind_callbacks(client, functools.partial(self._on_ack, conn), self._deliver)
 
     def _in_loop(self, fn: Callable[..., None], *args: Any) -> None:
-        """paho calls socket hooks from the connect worker thread too; hop to the loop."""
+        """paho calls socket hooks from the connect worker thread too; hop to the loop. A
+        client collected after its loop closed (paho's __del__ closes the socket, from any
+        thread) has nobody left to tell."""
         assert self._loop is not None
         if threading.get_ident() == self._loop_thread:
             fn(*args)
         else:
-            self._loop.call_soon_threadsafe(fn, *args)
+            with contextlib.suppress(RuntimeError):  # the loop is closed
+                self._loop.call_soon_threadsafe(fn, *args)
 
     # -- the wire ------------------------------------------------------------------------
 
