@@ -132,7 +132,7 @@ def _scanned_graph(data: bytes, decode: Callable[[bytes], Any], limits: Limits) 
     directed = _parse_directed(extra.get("directed", False))
     method = parse_method(extra.get("method"))
     graph_id = _parse_graph_id(extra.get("graph_id"))
-    features = np.frombuffer(x, np.float64).reshape(n, width) if has_features else None
+    features = np.frombuffer(x, np.float64).reshape(n, width) if has_features else np.zeros((n, 0))
     adjacency = _ADJACENCIES.get(
         n,
         np.frombuffer(rows, np.int64),
@@ -140,8 +140,7 @@ def _scanned_graph(data: bytes, decode: Callable[[bytes], Any], limits: Limits) 
         np.frombuffer(weights, np.float64),
         directed,
     )
-    x_matrix = features if features is not None else np.zeros((n, 0))
-    return Graph(tuple(ids), adjacency, x_matrix, directed, graph_id, method)
+    return Graph(tuple(ids), adjacency, features, directed, graph_id, method)
 
 
 def parse_graph(obj: Any, limits: Limits | None = None) -> Graph:
