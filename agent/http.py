@@ -10,6 +10,7 @@ before a body is read.
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import hmac
 import importlib.resources
@@ -28,6 +29,7 @@ from dgdm.agent.jsonio import dumps, dumps_answer_chunked
 from dgdm.agent.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from dgdm.agent.openapi import openapi_document
 from dgdm.kernels.errors import BackendError, GraphError, UnknownTopology
+from dgdm.sync.errors import OutboxError, OutboxFull, StorageFull
 from dgdm.sync.settings import is_loopback
 
 if TYPE_CHECKING:
@@ -47,6 +49,7 @@ _HTTP_CODES = {
     413: "too_large",
     415: "unsupported_media_type",
     422: "invalid",
+    500: "internal",
     503: "unavailable",
 }
 # Up to this many embedding values are encoded on the loop (well under a millisecond);
@@ -108,7 +111,13 @@ _REFUSALS: tuple[tuple[type[Exception], int, str, str], ...] = (
     (QueueFull, 503, "busy", str(QueueFull.retry_after_s)),
     (ShuttingDown, 503, "shutting_down", "5"),
     (BackendError, 503, "backend_unavailable", "5"),
+    # 507: the result was computed but could not be stored; everything stored before stays.
+    (StorageFull, 507, "storage_full", "60"),
+    (OutboxFull, 507, "outbox_full", "60"),
+    (OutboxError, 503, "store_unavailable", "5"),
 )
+# A write that finds no room (a registered topology's file): the same answer as the outbox's.
+_NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
 _REFUSED = tuple(kind for kind, *_ in _REFUSALS)
 
 
@@ -126,9 +135,23 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return error_response(exc.status, code, _sentence(exc), headers)
     except _REFUSED as exc:
         api = _translate(exc)
-        if request.path.endswith("/diffuse"):
-            request.app[AGENT].metrics.diffusion_errors.labels(api.code).inc()
-        return error_response(api.status, api.code, api.message, api.headers)
+    except OSError as exc:
+        if exc.errno not in _NO_SPACE:
+            return _internal(request, exc)
+        api = ApiError(507, "storage_full", "the disk is full: nothing was stored", **_LATER)
+    except Exception as exc:  # noqa: BLE001 - a bug still answers JSON, and is logged
+        return _internal(request, exc)
+    if request.path.endswith("/diffuse"):
+        request.app[AGENT].metrics.diffusion_errors.labels(api.code).inc()
+    return error_response(api.status, api.code, api.message, api.headers)
+
+
+_LATER = {"Retry-After": "60"}
+
+
+def _internal(request: web.Request, exc: Exception) -> web.Response:
+    log.error("request failed", extra={"path": request.path, "error": repr(exc)}, exc_info=exc)
+    return error_response(500, "internal", "the agent failed on this request (see its log)")
 
 
 def _sentence(exc: web.HTTPException) -> str:
