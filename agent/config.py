@@ -62,6 +62,8 @@ class KernelsSettings:
     max_nodes: int = setting(100_000, minimum=1)
     max_edges: int = setting(2_000_000, minimum=0)
     max_features: int = setting(1024, minimum=1)
+    # Concurrent OIP requests on one topology within this window share one backend call.
+    batch_window_us: int = setting(200, minimum=0, maximum=1_000_000)
 
 
 @dataclass(frozen=True)
