@@ -49,6 +49,8 @@ class Snapshot:
     tpu_present: bool = False
     tpu_temp_c: float | None = None
     queue_depth: int = 0
+    backend_failures: dict[str, int] = field(default_factory=dict)  # per backend name
+    active_backend: str = "none"
 
 
 class _SnapshotCollector(Collector):
@@ -93,6 +95,21 @@ class _SnapshotCollector(Collector):
         yield GaugeMetricFamily(
             "dgdm_queue_depth", "Diffusions running or waiting.", value=s.queue_depth
         )
+        failures = CounterMetricFamily(
+            "dgdm_backend_failures",
+            "Diffusion runs that failed on a backend (each fell back to the next one).",
+            labels=["backend"],
+        )
+        active = GaugeMetricFamily(
+            "dgdm_backend_active",
+            "1 for the backend that answered last (or would answer next).",
+            labels=["backend"],
+        )
+        for name, count in s.backend_failures.items():
+            failures.add_metric([name], count)
+            active.add_metric([name], int(name == s.active_backend))
+        yield failures
+        yield active
 
 
 class AgentMetrics:

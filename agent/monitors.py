@@ -21,10 +21,17 @@ if TYPE_CHECKING:
 log = logging.getLogger("dgdm.agent")
 LAG_PERIOD_S = 0.25
 BROKER_PERIOD_S = 1.0
+BACKENDS_PERIOD_S = 1.0
 
 
 def loops(agent: Agent) -> list[Coroutine[Any, Any, None]]:
-    jobs = [tpu_loop(agent), telemetry_loop(agent), lag_loop(agent), broker_loop(agent)]
+    jobs = [
+        tpu_loop(agent),
+        telemetry_loop(agent),
+        lag_loop(agent),
+        broker_loop(agent),
+        backends_loop(agent),
+    ]
     if agent.notifier.watchdog_interval_s:
         jobs.append(watchdog_loop(agent))
     return jobs
@@ -159,6 +166,36 @@ def check_broker(agent: Agent, now: float) -> None:
         message = f"Broker unreachable for {int(offline_s)} s."
         details = {"offline_s": round(offline_s, 1)}
         agent.alerts.condition(Alert("broker_unreachable", WARNING, message, details))
+
+
+# -- backends -----------------------------------------------------------------------------
+
+
+async def backends_loop(agent: Agent) -> None:
+    while True:
+        await asyncio.sleep(BACKENDS_PERIOD_S)
+        check_backends(agent)
+
+
+def check_backends(agent: Agent) -> None:
+    """`backend_failed` while any backend's last run failed (the engine fell back); its
+    recovery once each of them has answered again. Repeats are deduplicated by the policy."""
+    failing = failing_backends(agent.engine.backends_status())
+    if not failing:
+        agent.alerts.resolved(
+            "backend_failed",
+            Alert("backend_recovered", INFO, "Every failed backend answers again."),
+        )
+        return
+    names = sorted(failing)
+    message = f"Backend {', '.join(names)} failed at run time: diffusions fall back."
+    details = {"backends": names, "reasons": failing}
+    agent.alerts.condition(Alert("backend_failed", WARNING, message, details))
+
+
+def failing_backends(statuses: list[dict[str, Any]]) -> dict[str, str]:
+    """Backend name -> its last error, for each whose last run failed."""
+    return {b["name"]: b.get("last_error", "") for b in statuses if b.get("failing")}
 
 
 def eviction_alert(kind: Any, count: int) -> Alert:

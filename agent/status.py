@@ -90,6 +90,8 @@ async def metrics_text(agent: Agent) -> bytes:
         tpu_present=bool(reading and reading.present),
         tpu_temp_c=reading.temp_c if reading else None,
         queue_depth=agent.work.in_flight,
+        backend_failures={b["name"]: b["failures"] for b in agent.engine.backends_status()},
+        active_backend=agent.active_backend(),
     )
     agent.metrics.thermal_throttled.set(int(bool(agent.tpu and agent.tpu.protecting)))
     return agent.metrics.render(snapshot)

@@ -99,6 +99,9 @@ class _Slot:
     healthy: bool = True
     failures: int = 0
     fallbacks: int = 0
+    # Its last run failed (a re-probe makes it eligible again; only a run clears this).
+    failing: bool = False
+    last_error: str = ""
     backoff: float = FIRST_BACKOFF_S
     next_probe: float = 0.0
 
@@ -405,8 +408,10 @@ class Engine:
         with self._lock:
             slot.failures += 1
             slot.healthy = False
+            slot.failing = True
+            slot.last_error = str(exc) or type(exc).__name__
             self._version += 1
-            slot.reason = f"failed at run time: {exc}"
+            slot.reason = f"failed at run time: {slot.last_error}"
             self._back_off(slot, self._clock())
             loaded = self._runners.pop((problem.key, slot.name), None)
         if loaded is not None:
@@ -422,6 +427,7 @@ class Engine:
             self._counts["diffusions"] += 1
             self._last_backend = slot.name
             slot.backoff = FIRST_BACKOFF_S
+            slot.failing = False
             if fell_back:
                 slot.fallbacks += 1
 
@@ -474,6 +480,8 @@ class Engine:
                     "failures": s.failures,
                     "fallbacks": s.fallbacks,
                     "healthy": s.healthy,
+                    "failing": s.failing,
+                    "last_error": s.last_error,
                     "excluded": s.name in self._excluded,
                 }
                 for s in self._slots
