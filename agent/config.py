@@ -7,6 +7,7 @@ module only declares the sections and the checks that span several keys. Any pro
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -17,6 +18,7 @@ from dgdm.sync.settings import is_loopback, load_settings, setting
 DEFAULT_PATH = Path("/etc/dgdm/agent.toml")
 MIB = 1 << 20
 DEVICE_ID_PATTERN = r"[A-Za-z0-9._-]{1,64}"
+HOST_NAME_PATTERN = r"[A-Za-z0-9.-]{1,253}|[0-9A-Fa-f:.]{2,45}"
 DEFAULT_DATA_DIR = Path("/var/lib/dgdm")
 DEFAULT_PRIVATE_KEY = Path("/etc/dgdm/device.key")
 
@@ -34,6 +36,8 @@ class HttpSettings:
     port: int = setting(8080, minimum=0, maximum=65535)
     token: str | None = setting(None, secret=True)
     max_body_bytes: int = setting(64 * MIB, minimum=1024)
+    # Host names (besides loopback ones and the bind address) requests may be addressed to.
+    allowed_hosts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -124,6 +128,9 @@ def check(config: AgentConfig) -> None:
     """Rules spanning several keys, each naming the key a user has to fix."""
     if not is_loopback(config.http.bind) and not config.http.token:
         raise ConfigError("http.token", "is required when http.bind is not a loopback address")
+    for i, name in enumerate(config.http.allowed_hosts):
+        if not re.fullmatch(HOST_NAME_PATTERN, name):
+            raise ConfigError(f"http.allowed_hosts[{i}]", "must be a host name or address")
     sync = config.sync
     if sync.broker_url and not sync.coordinator_public_key:
         raise ConfigError("sync.coordinator_public_key", "is required when sync.broker_url is set")

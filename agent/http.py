@@ -21,12 +21,13 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from dgdm.agent import __version__
+from dgdm.agent import __version__, hosts
 from dgdm.agent import status as state
 from dgdm.agent.answers import http_answer, outbox_json
 from dgdm.agent.errors import BadJson, NoOutbox, QueueFull, ShuttingDown
 from dgdm.agent.jsonio import dumps, dumps_answer_chunked
 from dgdm.agent.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from dgdm.agent.oip import add_oip_routes
 from dgdm.agent.openapi import openapi_document
 from dgdm.kernels.errors import BackendError, GraphError, UnknownTopology
 from dgdm.sync.errors import OutboxError, OutboxFull, StorageFull
@@ -48,6 +49,7 @@ _HTTP_CODES = {
     405: "method_not_allowed",
     413: "too_large",
     415: "unsupported_media_type",
+    421: "bad_host",
     422: "invalid",
     500: "internal",
     503: "unavailable",
@@ -162,6 +164,24 @@ def _sentence(exc: web.HTTPException) -> str:
     if exc.status == 413:
         return "request body is larger than http.max_body_bytes"
     return exc.reason
+
+
+@web.middleware
+async def host_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """DNS rebinding: answer only requests addressed to this box by a name it trusts."""
+    http = request.app[AGENT].config.http
+    if not hosts.allowed(request.headers.get("Host"), http.bind, _extra_hosts(http.allowed_hosts)):
+        raise ApiError(
+            421,
+            "bad_host",
+            "the Host header must name a loopback address, http.bind or one of http.allowed_hosts",
+        )
+    return await handler(request)
+
+
+@functools.lru_cache(maxsize=4)
+def _extra_hosts(names: tuple[str, ...]) -> frozenset[str]:
+    return frozenset(hosts.hostname(name) for name in names)
 
 
 @web.middleware
@@ -317,8 +337,9 @@ ROUTES = (
 def make_app(agent: Agent) -> web.Application:
     app = web.Application(
         client_max_size=agent.config.http.max_body_bytes,
-        middlewares=[errors_middleware, auth_middleware],
+        middlewares=[errors_middleware, host_middleware, auth_middleware],
     )
     app[AGENT] = agent
     app.add_routes(ROUTES)
+    add_oip_routes(app, agent)
     return app
