@@ -1,0 +1,146 @@
+"""Micro-batching of diffusions on one operator (`kernels.batch_window_us`, SPEC §4.1).
+
+Feature sets for the same key (graph id + operator version) that arrive within the window
+are fused into one backend call on `[X1 | X2 | ...]`: the operator acts on every feature
+column alone, so the columns split back are what separate calls would give, while the
+call's fixed costs (thread hop, lock, int8 quantise/invoke) are paid once. The first set of
+a batch opens the window; the batch runs when it closes or as soon as the next set would
+take it past `max_width` columns (the engine's `kernels.max_features`). A window of 0 runs
+each request on its own (its own B feature sets still share one call).
+
+Timing: the event loop's selector sleeps in whole milliseconds, so a timer alone would hold
+a lone request ~1 ms for a 200 us window. The last stretch of the window is therefore
+waited out with `call_soon` turns, each of which still polls the sockets (so requests
+arriving meanwhile join); a lone request waits the window and no more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Awaitable, Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Generic, Protocol, TypeVar
+
+import numpy as np
+
+# Below this much time left, spin loop turns instead of arming a timer (see the docstring).
+_TIMER_SLACK_S = 0.0015
+
+
+class HasEmbedding(Protocol):
+    @property
+    def embedding(self) -> np.ndarray: ...
+
+
+K = TypeVar("K", bound=Hashable)
+R = TypeVar("R", bound=HasEmbedding)
+
+
+@dataclass
+class _Batch(Generic[R]):
+    deadline: float
+    parts: list[np.ndarray] = field(default_factory=list)
+    waiters: list[asyncio.Future[tuple[R, np.ndarray]]] = field(default_factory=list)
+    width: int = 0
+
+
+class Batcher(Generic[K, R]):
+    """`run(key, x)` diffuses an (N, F) float32 array; `diffuse` is what callers await."""
+
+    def __init__(
+        self, run: Callable[[K, np.ndarray], Awaitable[R]], window_s: float, max_width: int
+    ) -> None:
+        self._run = run
+        self.window_s = window_s
+        self.max_width = max_width
+        self.calls = 0  # backend calls made, for tests and benchmarks
+        self._open: dict[K, _Batch[R]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def diffuse(self, key: K, parts: Sequence[np.ndarray]) -> list[tuple[R, np.ndarray]]:
+        """Diffuse each (N, F_i) part; answers in order, each with its own columns."""
+        if self.window_s <= 0:
+            out: list[tuple[R, np.ndarray]] = []
+            for chunk in _chunks(parts, self.max_width):
+                out += await self._call(key, chunk)
+            return out
+        loop = asyncio.get_running_loop()
+        return list(await asyncio.gather(*(self._join(loop, key, part) for part in parts)))
+
+    def _join(
+        self, loop: asyncio.AbstractEventLoop, key: K, part: np.ndarray
+    ) -> asyncio.Future[tuple[R, np.ndarray]]:
+        batch = self._open.get(key)
+        if batch is not None and batch.width + part.shape[1] > self.max_width:
+            self._start(key)
+            batch = None
+        if batch is None:
+            batch = _Batch(loop.time() + self.window_s)
+            self._open[key] = batch
+            self._wake(loop, key, batch)
+        waiter: asyncio.Future[tuple[R, np.ndarray]] = loop.create_future()
+        batch.parts.append(part)
+        batch.waiters.append(waiter)
+        batch.width += part.shape[1]
+        return waiter
+
+    def _wake(self, loop: asyncio.AbstractEventLoop, key: K, batch: _Batch[R]) -> None:
+        if self._open.get(key) is not batch:
+            return  # already started because it was full
+        left = batch.deadline - loop.time()
+        if left <= 0:
+            self._start(key)
+        elif left > _TIMER_SLACK_S:
+            loop.call_later(left - _TIMER_SLACK_S, self._wake, loop, key, batch)
+        else:
+            loop.call_soon(self._wake, loop, key, batch)
+
+    def _start(self, key: K) -> None:
+        batch = self._open.pop(key)
+        task = asyncio.get_running_loop().create_task(self._settle(key, batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _settle(self, key: K, batch: _Batch[R]) -> None:
+        """Run one fused call and hand every waiter its columns (or the call's error)."""
+        try:
+            pieces = await self._call(key, batch.parts)
+        except asyncio.CancelledError:
+            for waiter in batch.waiters:
+                waiter.cancel()
+            raise
+        except Exception as exc:  # noqa: BLE001 - every waiter gets the call's own error
+            for waiter in batch.waiters:
+                if not waiter.done():
+                    waiter.set_exception(exc)
+            return
+        for waiter, piece in zip(batch.waiters, pieces, strict=True):
+            if not waiter.done():  # a waiter whose client went away is cancelled
+                waiter.set_result(piece)
+
+    async def _call(self, key: K, parts: Sequence[np.ndarray]) -> list[tuple[R, np.ndarray]]:
+        x = parts[0] if len(parts) == 1 else np.hstack(parts)
+        self.calls += 1
+        result = await self._run(key, x)
+        return [(result, z) for z in split_columns(result.embedding, parts)]
+
+
+def split_columns(z: np.ndarray, parts: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """`z` of `[X1 | X2 | ...]` cut back into one block of columns per part."""
+    bounds = np.cumsum([0, *(p.shape[1] for p in parts)])
+    return [z[:, a:b] for a, b in itertools.pairwise(bounds)]
+
+
+def _chunks(parts: Sequence[np.ndarray], max_width: int) -> list[list[np.ndarray]]:
+    """Consecutive parts grouped into calls of at most `max_width` columns (a wider part
+    goes alone)."""
+    chunks: list[list[np.ndarray]] = []
+    width = 0
+    for part in parts:
+        if not chunks or width + part.shape[1] > max_width:
+            chunks.append([])
+            width = 0
+        chunks[-1].append(part)
+        width += part.shape[1]
+    return chunks
