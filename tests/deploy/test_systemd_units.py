@@ -160,3 +160,16 @@ def test_agent_unit_has_what_the_service_relies_on() -> None:
     assert "@system-service" in many["SystemCallFilter"]
     assert "PrivateDevices" not in one, "PrivateDevices=yes would hide /dev/apex_0"
     assert "ProcSubset" not in one, "ProcSubset=pid hides /proc/stat and /proc/meminfo"
+
+
+@pytest.mark.parametrize("name", ["dgdm-agent.service", "dgdm-coordinator.service"])
+def test_unit_bounds_memory_tasks_and_files_on_purpose(name: str) -> None:
+    """Each bound set (not inherited: 1024 files let 1,010 half-open connections stop it)."""
+    one = dict(unit_settings((UNITS / name).read_text()))
+    size = {"K": 2**10, "M": 2**20, "G": 2**30}
+    high, peak = (int(one[k][:-1]) * size[one[k][-1]] for k in ("MemoryHigh", "MemoryMax"))
+    assert 0 < high < peak
+    assert 64 <= int(one["TasksMax"]) <= 4096
+    # A single number: soft = hard, as the service cannot call setrlimit (~@resources).
+    assert int(one["LimitNOFILE"]) >= 8192
+    assert "@resources" in one["SystemCallFilter"]  # the reason soft = hard
