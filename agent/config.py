@@ -50,6 +50,8 @@ class SyncSettings:
     username: str | None = setting(None)
     password: str | None = setting(None, secret=True)
     mqtt_version: Literal["5", "3.1.1"] = setting("5")
+    # "paho" is the stock paho-mqtt wire, for a broker quirk the lean one meets (mqtt_wire.py).
+    wire: Literal["lean", "paho"] = setting("lean")
     max_outbox_bytes: int = setting(256 * MIB, minimum=64 * 1024)
     encrypt_telemetry: bool = setting(True)
     receipt_timeout_s: float = setting(60.0, minimum=1.0, maximum=86400.0)
@@ -66,6 +68,10 @@ class KernelsSettings:
     max_nodes: int = setting(100_000, minimum=1)
     max_edges: int = setting(2_000_000, minimum=0)
     max_features: int = setting(1024, minimum=1)
+    # Registered topologies (PUT /graphs/{id}), kept in memory and in cache_dir: bounded
+    # so that a local client cannot fill either, and start-up stays quick.
+    max_topologies: int = setting(64, minimum=0)
+    max_topology_bytes: int = setting(256 * MIB, minimum=0)
     # Concurrent OIP requests on one topology within this window share one backend call.
     batch_window_us: int = setting(200, minimum=0, maximum=1_000_000)
 

@@ -182,7 +182,7 @@ class Agent:
     # -- parts ----------------------------------------------------------------------------
 
     def _open_engine(self) -> None:
-        from dgdm.kernels.engine import Engine
+        from dgdm.kernels.engine import Engine, RegistryLimits
         from dgdm.kernels.graph import Limits
 
         k = self.config.kernels
@@ -193,7 +193,10 @@ class Agent:
             max_body_bytes=self.config.http.max_body_bytes,
         )
         cache_dir = k.cache_dir or self.config.device.data_dir / "cache"
-        self.engine = Engine(backend=k.backend, cache_dir=cache_dir, limits=limits)
+        registry = RegistryLimits(k.max_topologies, k.max_topology_bytes)
+        self.engine = Engine(
+            backend=k.backend, cache_dir=cache_dir, limits=limits, registry=registry
+        )
         self.jobs = EngineJobs(self.engine, limits, self.work, self._parser)
 
     async def _prepare_http(self) -> None:

@@ -118,6 +118,13 @@ class _Topology:
     directed: bool
     problem: Problem
 
+    @property
+    def nbytes(self) -> int:
+        """What it holds in memory (A and T in CSR, the node ids); its file is about half."""
+        arrays = (self.adjacency, self.problem.t)
+        csr = sum(a.data.nbytes + a.indices.nbytes + a.indptr.nbytes for a in arrays)
+        return int(csr) + len(json.dumps(list(self.node_ids)))
+
     def describe(self) -> dict[str, Any]:
         return {
             "graph_id": self.graph_id,
@@ -157,8 +164,10 @@ class Engine:
         *,
         backends: Sequence[Backend] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        registry: RegistryLimits | None = None,
     ) -> None:
         self.limits = limits or Limits()
+        self.registry = registry or RegistryLimits()
         self._cache_dir = Path(cache_dir) if cache_dir is not None else None
         self._clock = clock
         self._lock = threading.RLock()
@@ -168,6 +177,9 @@ class Engine:
         self._excluded: frozenset[str] = frozenset()
         self._runners: OrderedDict[tuple[str, str], _Loaded] = OrderedDict()
         self._topologies: dict[str, _Topology] = {}
+        # Cached topologies left unloaded at start-up (over the limits): graph_id -> key.
+        # They stay in the index and on disk, for a restart with larger limits.
+        self._unloaded: dict[str, str] = {}
         self._problems: OrderedDict[str, Problem] = OrderedDict()
         self._counts = {"diffusions": 0, "reprobes": 0, "precision_skips": 0}
         self._orders: dict[tuple[str, str], tuple[int, list[_Slot]]] = {}
@@ -551,11 +563,12 @@ class Engine:
     def unregister(self, graph_id: str) -> None:
         with self._lock:
             topology = self._topologies.pop(graph_id, None)
-            if topology is None:
+            key = topology.problem.key if topology else self._unloaded.pop(graph_id, None)
+            if key is None:
                 raise UnknownTopology(f"no topology is registered as {graph_id!r}")
-            self._drop_runners(topology.problem.key)
+            self._drop_runners(key)
             self._write_index()
-        self._remove_file(topology.problem.key)
+        self._remove_file(key)
 
     def topologies(self) -> list[dict[str, Any]]:
         with self._lock:
@@ -568,15 +581,30 @@ class Engine:
             raise UnknownTopology(f"no topology is registered as {graph_id!r}") from None
 
     def _store(self, topology: _Topology) -> None:
+        with self._lock:
+            self._check_room(topology)
         self._save(topology)
         with self._lock:
+            try:
+                self._check_room(topology)  # again: another registration may have won
+            except GraphError:
+                self._remove_file(topology.problem.key)
+                raise
             old = self._topologies.get(topology.graph_id)
+            old_key = old.problem.key if old else self._unloaded.pop(topology.graph_id, None)
             self._topologies[topology.graph_id] = topology
             self._write_index()
-        if old is not None and old.problem.key != topology.problem.key:
+        if old_key is not None and old_key != topology.problem.key:
             with self._lock:
-                self._drop_runners(old.problem.key)
-            self._remove_file(old.problem.key)
+                self._drop_runners(old_key)
+            self._remove_file(old_key)
+
+    def _check_room(self, topology: _Topology) -> None:
+        """GraphError (413) naming the limit a new or replaced topology would pass."""
+        others = [t for gid, t in self._topologies.items() if gid != topology.graph_id]
+        refusal = self.registry.refusal(len(others), sum(t.nbytes for t in others), topology.nbytes)
+        if refusal is not None:
+            raise GraphError("graph_id", refusal, code="too_large")
 
     def _drop_runners(self, key: str) -> None:
         for cache_key in [k for k in self._runners if k[0] == key]:
@@ -615,14 +643,16 @@ class Engine:
         if folder is None:
             return
         folder.mkdir(parents=True, exist_ok=True)
-        index = {gid: t.problem.key for gid, t in self._topologies.items()}
+        index = {**self._unloaded, **{gid: t.problem.key for gid, t in self._topologies.items()}}
         payload = json.dumps(index, sort_keys=True).encode()
         _atomic_write(folder / "index.json", lambda f: f.write(payload))
 
     def _remove_file(self, key: str) -> None:
         folder = self._registry_dir()
         with self._lock:
-            in_use = any(t.problem.key == key for t in self._topologies.values())
+            in_use = key in self._unloaded.values() or any(
+                t.problem.key == key for t in self._topologies.values()
+            )
         if folder is not None and not in_use:
             (folder / f"{key}.npz").unlink(missing_ok=True)
 
@@ -635,11 +665,58 @@ class Engine:
         except (OSError, ValueError) as exc:
             log.warning("ignoring unreadable topology index %s: %s", folder, exc)
             return
+        over: dict[str, list[str]] = {}
         for graph_id, key in index.items():
+            path = folder / f"{_safe(key)}.npz"
             try:
-                self._topologies[graph_id] = _read_topology(folder / f"{_safe(key)}.npz")
+                # The file's size first: one too large for what is left is never read.
+                limit = self._room_for(path.stat().st_size)
+                if limit is None:
+                    topology = _read_topology(path)
+                    limit = self._room_for(topology.nbytes)
             except (OSError, ValueError, KeyError, KernelError) as exc:
                 log.warning("ignoring cached topology %s: %s", graph_id, exc)
+                continue
+            if limit is None:
+                self._topologies[graph_id] = topology
+            else:
+                self._unloaded[graph_id] = key
+                over.setdefault(limit, []).append(graph_id)
+        for limit, graph_ids in over.items():
+            log.warning(
+                "cached topologies not loaded: over %s (kept on disk for larger limits)",
+                limit,
+                extra={"graph_ids": graph_ids, "limit": limit},
+            )
+
+    def _room_for(self, nbytes: int) -> str | None:
+        """The limit one more topology of `nbytes` would pass at start-up, or None."""
+        used = sum(t.nbytes for t in self._topologies.values())
+        refusal = self.registry.refusal(len(self._topologies), used, nbytes)
+        return None if refusal is None else refusal.split(" ", 1)[0]
+
+
+@dataclass(frozen=True)
+class RegistryLimits:
+    """Bounds on registered topologies, named as the agent's config keys. None: unbounded."""
+
+    max_topologies: int | None = None
+    max_bytes: int | None = None
+
+    def refusal(self, count: int, used_bytes: int, new_bytes: int) -> str | None:
+        """Why one more topology of `new_bytes` beside `count` of `used_bytes` does not fit;
+        the sentence starts with the key to raise. None when it fits."""
+        if self.max_topologies is not None and count >= self.max_topologies:
+            return (
+                f"kernels.max_topologies ({self.max_topologies}) topologies are registered: "
+                "delete one first"
+            )
+        if self.max_bytes is not None and used_bytes + new_bytes > self.max_bytes:
+            return (
+                f"kernels.max_topology_bytes ({self.max_bytes}) would be passed: this "
+                f"topology needs {new_bytes} bytes and {used_bytes} are in use"
+            )
+        return None
 
 
 def _read_topology(path: Path) -> _Topology:
