@@ -1,0 +1,373 @@
+"""The Open Inference Protocol v2 on the agent (SPEC §4.1): a registered topology is a model.
+
+`add_oip_routes(app, agent)` adds the `/v2` routes and one outer middleware that gives every
+`/v2` answer the protocol's error form `{"error": "<sentence>"}`: refusals raised here, and
+the app's own (401 from its auth middleware, 404/405 from the router) rewritten. The health
+routes are answered before the app's auth, as `/healthz` is; everything else under `/v2`
+goes through it. Diffusions go through a `Batcher`, so concurrent requests on one topology
+share a backend call; a PATCH between a request's version check and its run is caught by a
+second check after the run (the answer would otherwise name the wrong version).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+import numpy as np
+from aiohttp import web
+
+from dgdm.agent import __version__, topologies
+from dgdm.agent import status as state
+from dgdm.agent.answers import result_body
+from dgdm.agent.batcher import Batcher
+from dgdm.agent.errors import BadJson, NoOutbox, QueueFull, ShuttingDown
+from dgdm.agent.jsonio import dumps, loads
+from dgdm.agent.oip_codec import (
+    DATATYPE,
+    INPUT,
+    OUTPUT,
+    InferRequest,
+    OipRequestError,
+    encode_infer,
+    error_body,
+    parse_infer,
+)
+from dgdm.kernels.errors import BackendError, GraphError, UnknownTopology
+from dgdm.sync.errors import OutboxError
+
+if TYPE_CHECKING:
+    from dgdm.agent.runtime import Agent
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
+BODY_TYPES = frozenset({"application/json", "application/octet-stream"})
+# Bodies and answers above these sizes are decoded / encoded in a thread: JSON numbers cost
+# ~1 us each, which would stall every other request on the loop.
+INLINE_BODY_BYTES = 64 * 1024
+INLINE_ENCODE_VALUES = 20_000
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Key = tuple[str, str]  # graph id, operator version
+
+
+class OipError(Exception):
+    """A refusal on a `/v2` path: status and the sentence the client shows."""
+
+    def __init__(self, status: int, sentence: str, **headers: str) -> None:
+        super().__init__(sentence)
+        self.status = status
+        self.sentence = sentence
+        self.headers = headers
+
+
+@dataclass(frozen=True)
+class _Models:
+    agent: Agent
+    batcher: Batcher[Key, Any]
+
+
+MODELS: web.AppKey[_Models] = web.AppKey("oip_models")
+
+
+def add_oip_routes(app: web.Application, agent: Agent) -> None:
+    kernels = agent.config.kernels
+    run = _runner(agent)
+    batcher: Batcher[Key, Any] = Batcher(run, kernels.batch_window_us / 1e6, kernels.max_features)
+    app[MODELS] = _Models(agent, batcher)
+    app.middlewares.insert(0, oip_middleware)
+    app.add_routes(ROUTES)
+
+
+# -- errors -------------------------------------------------------------------------------
+
+
+def oip_error(status: int, sentence: str, headers: Any = None) -> web.Response:
+    return web.Response(
+        status=status, body=error_body(sentence), content_type="application/json", headers=headers
+    )
+
+
+@web.middleware
+async def oip_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if not request.path.startswith("/v2"):
+        return await handler(request)
+    if request.path in OPEN_PATHS:
+        try:
+            return await request.match_info.handler(request)
+        except web.HTTPException as exc:  # 405: another method on an open path
+            if exc.status < 400:
+                raise
+            return oip_error(exc.status, exc.reason, _kept_headers(exc.headers))
+    response = await handler(request)
+    if response.status < 400 or not isinstance(response, web.Response):
+        return response
+    return _rewritten(response)
+
+
+def _refusals(handler: Handler) -> Handler:
+    """A handler whose `OipError` becomes its answer (the app's own error middleware would
+    take any other exception for a bug)."""
+
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except OipError as exc:
+            return oip_error(exc.status, exc.sentence, exc.headers)
+
+    return wrapped
+
+
+def _rewritten(response: web.Response) -> web.Response:
+    """The app's `{"error": code, "message": sentence}` as `{"error": sentence}`."""
+    try:
+        sentence = str(loads(response.body)["message"])  # type: ignore[arg-type]
+    except (BadJson, KeyError, TypeError):
+        return response
+    return oip_error(response.status, sentence, _kept_headers(response.headers))
+
+
+def _kept_headers(headers: Any) -> dict[str, str]:
+    kept = ("Allow", "WWW-Authenticate", "Retry-After")
+    return {k: headers[k] for k in kept if k in headers}
+
+
+def _refusal(exc: Exception) -> OipError:
+    """What the agent and the engine raise, as a protocol refusal."""
+    if isinstance(exc, GraphError):
+        return OipError(413 if exc.code == "too_large" else 400, str(exc))
+    if isinstance(exc, (BadJson, NoOutbox)):
+        return OipError(400, str(exc))
+    if isinstance(exc, UnknownTopology):
+        return OipError(404, str(exc))
+    if isinstance(exc, QueueFull):
+        return OipError(503, str(exc), **{"Retry-After": str(QueueFull.retry_after_s)})
+    if isinstance(exc, (ShuttingDown, BackendError)):
+        return OipError(503, str(exc), **{"Retry-After": "5"})
+    if isinstance(exc, OutboxError):  # StorageFull, OutboxFull: computed but not stored
+        return OipError(503, f"the results could not be queued: {exc}", **{"Retry-After": "60"})
+    raise exc
+
+
+_REFUSED = (
+    GraphError,
+    BadJson,
+    NoOutbox,
+    UnknownTopology,
+    QueueFull,
+    ShuttingDown,
+    BackendError,
+    OutboxError,
+)
+
+
+# -- models -------------------------------------------------------------------------------
+
+
+def _model(agent: Agent, name: str, version: str | None) -> dict[str, Any]:
+    """The registered topology `name`, which must be at `version` when one is asked."""
+    try:
+        topo = topologies.topology(agent.engine.topologies(), name)
+    except UnknownTopology:
+        raise OipError(
+            404, f"unknown model {name!r}: register it with PUT /graphs/{{id}}"
+        ) from None
+    if version is not None and version != topo["key"]:
+        raise OipError(404, f"model {name!r} has no version {version!r} (it is at {topo['key']})")
+    return topo
+
+
+def _feature_width(topo: dict[str, Any]) -> int:
+    """The registered feature width, or -1 (any) when the topology came without features."""
+    width = topo.get("features")
+    return width if type(width) is int and width > 0 else -1
+
+
+def _runner(agent: Agent) -> Callable[[Key, np.ndarray], Awaitable[Any]]:
+    async def run(key: Key, x: np.ndarray) -> Any:
+        graph_id, version = key
+        _model(agent, graph_id, version)
+        jobs = agent.jobs
+        assert jobs is not None  # set before the app listens
+        result = await jobs.work.run(agent.engine.diffuse_registered, graph_id, x)
+        _model(agent, graph_id, version)  # a PATCH during the run: not this version's answer
+        return result
+
+    return run
+
+
+# -- handlers -----------------------------------------------------------------------------
+
+
+async def server_metadata(request: web.Request) -> web.Response:
+    body = {"name": "dgdm", "version": __version__, "extensions": ["binary_tensor_data"]}
+    return _json(body)
+
+
+async def live(request: web.Request) -> web.Response:
+    return _json({"live": True})
+
+
+async def ready(request: web.Request) -> web.Response:
+    ok, checks = await state.health(request.app[MODELS].agent)
+    if not ok:
+        failing = ", ".join(sorted(name for name, good in checks.items() if not good))
+        raise OipError(503, f"the agent is not ready (failing checks: {failing})")
+    return _json({"ready": True})
+
+
+async def model_metadata(request: web.Request) -> web.Response:
+    name, version = _path(request)
+    topo = _model(request.app[MODELS].agent, name, version)
+    shape = [-1, int(topo["nodes"]), _feature_width(topo)]
+    tensor = {"datatype": DATATYPE, "shape": shape}
+    return _json(
+        {
+            "name": name,
+            "versions": [topo["key"]],
+            "platform": "dgdm",
+            "inputs": [{"name": INPUT, **tensor}],
+            "outputs": [{"name": OUTPUT, **tensor}],
+        }
+    )
+
+
+async def model_ready(request: web.Request) -> web.Response:
+    name, version = _path(request)
+    topo = _model(request.app[MODELS].agent, name, version)
+    return _json({"name": name, "version": topo["key"], "ready": True})
+
+
+async def infer(request: web.Request) -> web.Response:
+    name, version = _path(request)
+    models = request.app[MODELS]
+    topo = _model(models.agent, name, version)
+    req = await _request(request)
+    parts = _feature_sets(req.x, topo, models.agent.config.kernels.max_features)
+    if req.queue and models.agent.outbox is None:
+        raise OipError(400, "parameters.queue needs an outbox: set sync.coordinator_public_key")
+    key = (name, topo["key"])
+    try:
+        pieces = await models.batcher.diffuse(key, parts)
+        seqs = await _finish(models.agent, pieces, queue=req.queue)
+    except _REFUSED as exc:
+        raise _refusal(exc) from exc
+    z = np.stack([z for _, z in pieces]) if req.x.ndim == 3 else pieces[0][1]
+    return await _answer(name, key[1], req, z, seqs)
+
+
+def _path(request: web.Request) -> tuple[str, str | None]:
+    return request.match_info["name"], request.match_info.get("version")
+
+
+async def _request(request: web.Request) -> InferRequest:
+    header_length = _header_length(request)
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise OipError(413, "the request body is larger than http.max_body_bytes") from None
+    try:
+        if len(body) > INLINE_BODY_BYTES and header_length is None:
+            return await asyncio.to_thread(parse_infer, body, header_length)
+        return parse_infer(body, header_length)
+    except OipRequestError as exc:
+        raise OipError(400, str(exc)) from None
+
+
+def _header_length(request: web.Request) -> int | None:
+    """Inference-Header-Content-Length, once the request passed the cross-site checks."""
+    _check_same_site(request)
+    raw = request.headers.get(HEADER_LENGTH)
+    if raw is None:  # tritonclient.http.aio sends a JSON-only body as octet-stream too
+        return None
+    if not raw.isdigit():
+        raise OipError(400, f"{HEADER_LENGTH} must be a number of bytes, not {raw!r}")
+    return int(raw)
+
+
+def _check_same_site(request: web.Request) -> None:
+    """A web page may POST to a loopback agent without a token: browsers send the form and
+    text/plain types without asking first, and every cross-site POST carries Origin.
+    Inference clients send neither (tritonclient sends no Content-Type at all)."""
+    if "Content-Type" in request.headers and request.content_type not in BODY_TYPES:
+        raise OipError(
+            400, f"unsupported content type {request.content_type!r}: send application/json"
+        )
+    origin = request.headers.get("Origin")
+    if origin is not None and urlsplit(origin).netloc != request.host:
+        raise OipError(400, f"cross-site requests are refused (Origin {origin!r})")
+
+
+def _feature_sets(x: np.ndarray, topo: dict[str, Any], max_features: int) -> list[np.ndarray]:
+    """x as one (N, F) array per feature set, checked against the model."""
+    n, f = x.shape[-2], x.shape[-1]
+    if n != topo["nodes"]:
+        raise OipError(
+            400,
+            f"input {INPUT} has N = {n} rows but model {topo['graph_id']!r} has "
+            f"{topo['nodes']} nodes",
+        )
+    width = _feature_width(topo)
+    if width > 0 and f != width:
+        raise OipError(400, f"input {INPUT} has F = {f} features but the model takes {width}")
+    if f > max_features:
+        raise OipError(413, f"input {INPUT} has F = {f} features, over kernels.max_features")
+    return [x] if x.ndim == 2 else list(x)
+
+
+async def _finish(agent: Agent, pieces: list[tuple[Any, np.ndarray]], *, queue: bool) -> list[int]:
+    """Count each feature set's diffusion; queue one result per set when asked."""
+    for result, _ in pieces:
+        agent.latency.record(result.latency_ms)
+        agent.metrics.count_diffusion(result.backend, "oip", result.latency_ms / 1000.0)
+    if not queue:
+        return []
+    from dgdm.sync.envelope import Kind
+
+    results = [
+        dataclasses.replace(r, job_id=os.urandom(16).hex(), embedding=np.ascontiguousarray(z))
+        for r, z in pieces
+    ]
+    return list(
+        await asyncio.gather(*(agent.enqueue(Kind.RESULT, result_body(r)) for r in results))
+    )
+
+
+async def _answer(
+    name: str, version: str, req: InferRequest, z: np.ndarray, seqs: list[int]
+) -> web.Response:
+    params = {"outbox_seq": seqs} if seqs else None
+    args = (name, version, req.request_id, z)
+    if req.binary_output or z.size <= INLINE_ENCODE_VALUES:
+        body, length = encode_infer(*args, binary=req.binary_output, parameters=params)
+    else:
+        body, length = await asyncio.to_thread(
+            lambda: encode_infer(*args, binary=False, parameters=params)
+        )
+    if length is None:
+        return web.Response(body=body, content_type="application/json")
+    headers = {HEADER_LENGTH: str(length)}
+    return web.Response(body=body, content_type="application/octet-stream", headers=headers)
+
+
+def _json(obj: Any) -> web.Response:
+    return web.Response(body=dumps(obj), content_type="application/json")
+
+
+_MODEL = "/v2/models/{name}"
+_VERSION = _MODEL + "/versions/{version}"
+ROUTES = (
+    web.get("/v2", _refusals(server_metadata)),
+    web.get("/v2/health/live", _refusals(live)),
+    web.get("/v2/health/ready", _refusals(ready)),
+    web.get(_MODEL, _refusals(model_metadata)),
+    web.get(_VERSION, _refusals(model_metadata)),
+    web.get(_MODEL + "/ready", _refusals(model_ready)),
+    web.get(_VERSION + "/ready", _refusals(model_ready)),
+    web.post(_MODEL + "/infer", _refusals(infer)),
+    web.post(_VERSION + "/infer", _refusals(infer)),
+)
