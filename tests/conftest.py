@@ -24,6 +24,9 @@ import pytest
 
 from dgdm.sync.broker import Broker
 
+# The private PostgreSQL cluster fixtures (pg_cluster, pg_database, fresh_pg).
+pytest_plugins = ["tests.pg"]
+
 _ids = itertools.count(1)
 
 

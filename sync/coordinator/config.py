@@ -53,10 +53,21 @@ class HttpSection:
 
 
 @dataclass(frozen=True)
+class StoreSection:
+    """SPEC §7.1; opened by `stores.open_store`. The URL never holds the password."""
+
+    # Unset: SQLite at <coordinator.data_dir>/coordinator.db.
+    url: str | None = None
+    password: str | None = setting(None, secret=True)
+    retention_days: int = setting(30, minimum=1, maximum=100 * 365)
+
+
+@dataclass(frozen=True)
 class CoordinatorConfig:
     coordinator: CoordinatorSection = field(default_factory=CoordinatorSection)
     mqtt: MqttSection = field(default_factory=MqttSection)
     http: HttpSection = field(default_factory=HttpSection)
+    store: StoreSection = field(default_factory=StoreSection)
 
 
 def load_config(

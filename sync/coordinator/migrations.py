@@ -1,0 +1,196 @@
+"""One versioned schema for both coordinator stores (SPEC §7.1 "Schema").
+
+`schema_version` holds one row per applied migration. Whichever process opens a store first
+applies the missing migrations, in order, inside one transaction under a lock, so replicas
+starting together neither race nor apply a step twice: `pg_advisory_xact_lock` on
+PostgreSQL (released by the commit), `BEGIN IMMEDIATE` on SQLite (the write lock). A store
+whose schema is newer than this code knows is refused with `SchemaTooNew`: an old replica
+must not write rows a newer one no longer reads.
+
+A new migration is appended to `MIGRATIONS` with its statements for both dialects; a
+released migration is never edited (stores out there have applied it).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from dgdm.sync.errors import ConfigError
+
+if TYPE_CHECKING:
+    import psycopg
+    from typing_extensions import LiteralString
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    description: str
+    sqlite: tuple[str, ...]
+    postgres: tuple[str, ...]
+
+
+# Version 1 is the schema SqliteStore created before migrations existed; `IF NOT EXISTS`
+# lets such a database adopt it without change.
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        1,
+        "devices, messages unique by (device_id, kind, seq), commands",
+        sqlite=(
+            """CREATE TABLE IF NOT EXISTS devices (
+                device_id TEXT PRIMARY KEY,
+                public_key TEXT NOT NULL,
+                first_seen_ms INTEGER,
+                last_seen_ms INTEGER,
+                online INTEGER NOT NULL DEFAULT 0,
+                status_ms INTEGER,
+                agent_version TEXT,
+                backend TEXT,
+                down_seq INTEGER NOT NULL DEFAULT 0,
+                added_ms INTEGER NOT NULL
+            )""",
+            """CREATE TABLE IF NOT EXISTS messages (
+                id INTEGER PRIMARY KEY AUTOINCREMENT,
+                device_id TEXT NOT NULL,
+                kind INTEGER NOT NULL,
+                seq INTEGER NOT NULL,
+                created_ms INTEGER NOT NULL,
+                received_ms INTEGER NOT NULL,
+                body TEXT NOT NULL,
+                UNIQUE (device_id, kind, seq)
+            )""",
+            "CREATE INDEX IF NOT EXISTS messages_by_device_kind ON messages (device_id, kind, id)",
+            """CREATE TABLE IF NOT EXISTS commands (
+                device_id TEXT NOT NULL,
+                seq INTEGER NOT NULL,
+                body TEXT NOT NULL,
+                created_ms INTEGER NOT NULL,
+                reply TEXT,
+                replied_ms INTEGER,
+                PRIMARY KEY (device_id, seq)
+            )""",
+        ),
+        # Bodies are the JSON text, as on SQLite, not jsonb: jsonb refuses what JSON text
+        # carries fine (a "\u0000" escape, a lone surrogate), so one hostile body would fail
+        # its whole batch; dashboards can still query `body::jsonb`. bigint everywhere a
+        # device or clock supplies the number (seqs are < 2^63, SPEC §6).
+        postgres=(
+            """CREATE TABLE devices (
+                device_id text PRIMARY KEY,
+                public_key text NOT NULL,
+                first_seen_ms bigint,
+                last_seen_ms bigint,
+                online integer NOT NULL DEFAULT 0,
+                status_ms bigint,
+                agent_version text,
+                backend text,
+                down_seq bigint NOT NULL DEFAULT 0,
+                added_ms bigint NOT NULL
+            )""",
+            """CREATE TABLE messages (
+                id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+                device_id text NOT NULL,
+                kind smallint NOT NULL,
+                seq bigint NOT NULL,
+                created_ms bigint NOT NULL,
+                received_ms bigint NOT NULL,
+                body text NOT NULL,
+                UNIQUE (device_id, kind, seq)
+            )""",
+            "CREATE INDEX messages_by_device_kind ON messages (device_id, kind, id)",
+            """CREATE TABLE commands (
+                device_id text NOT NULL,
+                seq bigint NOT NULL,
+                body text NOT NULL,
+                created_ms bigint NOT NULL,
+                reply text,
+                replied_ms bigint,
+                PRIMARY KEY (device_id, seq)
+            )""",
+        ),
+    ),
+)
+
+SCHEMA_VERSION_TABLE = (
+    "CREATE TABLE IF NOT EXISTS schema_version ("
+    " version INTEGER PRIMARY KEY, description TEXT NOT NULL, applied_ms BIGINT NOT NULL)"
+)
+_RECORD_SQLITE = "INSERT INTO schema_version (version, description, applied_ms) VALUES (?, ?, ?)"
+_RECORD_PG = "INSERT INTO schema_version (version, description, applied_ms) VALUES (%s, %s, %s)"
+# Any constant both sides agree on; it only has to differ from other advisory locks taken
+# in the same database ("dgdm" in ASCII).
+PG_LOCK_KEY = 0x6467646D
+
+
+class SchemaTooNew(ConfigError):
+    """The store was migrated by a newer dgdm-edge than this one (start-up stops, exit 2)."""
+
+    def __init__(self, found: int, known: int) -> None:
+        super().__init__(
+            "store.url",
+            f"the store's schema is version {found}, newer than the {known} this dgdm-edge "
+            "knows: upgrade dgdm-edge on this host (a newer coordinator migrated the store)",
+        )
+        self.found = found
+        self.known = known
+
+
+def pending(current: int, migrations: Sequence[Migration] = MIGRATIONS) -> list[Migration]:
+    """The migrations still to apply to a store at `current` (0: a new store), in order."""
+    known = migrations[-1].version
+    if current > known:
+        raise SchemaTooNew(current, known)
+    return [m for m in migrations if m.version > current]
+
+
+def migrate_sqlite(db: sqlite3.Connection, migrations: Sequence[Migration] = MIGRATIONS) -> int:
+    """Bring a SQLite database (an autocommit connection) up to date; returns its version."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        db.execute(SCHEMA_VERSION_TABLE)
+        current = db.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()[0]
+        todo = pending(int(current), migrations)
+        for migration in todo:
+            for statement in migration.sqlite:
+                db.execute(statement)
+            db.execute(_RECORD_SQLITE, _row(migration))
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    return todo[-1].version if todo else int(current)
+
+
+def migrate_postgres(
+    conn: psycopg.Connection[Any], migrations: Sequence[Migration] = MIGRATIONS
+) -> int:
+    """Bring a PostgreSQL database up to date; returns its version. The advisory lock is
+    taken before anything is read or created: concurrent `CREATE TABLE IF NOT EXISTS` is
+    not safe on PostgreSQL."""
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (PG_LOCK_KEY,))
+        # Created only when missing: a role with table rights but no CREATE on the schema
+        # (least privilege) can then open a store that is already up to date.
+        if _pg_scalar(conn, "SELECT to_regclass('schema_version')") is None:
+            conn.execute(SCHEMA_VERSION_TABLE)
+        current = int(_pg_scalar(conn, "SELECT coalesce(max(version), 0) FROM schema_version"))
+        todo = pending(current, migrations)
+        for migration in todo:
+            for statement in migration.postgres:
+                conn.execute(statement)
+            conn.execute(_RECORD_PG, _row(migration))
+    return todo[-1].version if todo else current
+
+
+def _pg_scalar(conn: psycopg.Connection[Any], sql: LiteralString) -> Any:
+    row = conn.execute(sql).fetchone()
+    assert row is not None  # a SELECT of one value returns one row
+    return row[0]
+
+
+def _row(migration: Migration) -> tuple[int, str, int]:
+    return (migration.version, migration.description, time.time_ns() // 1_000_000)

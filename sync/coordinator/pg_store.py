@@ -1,0 +1,366 @@
+"""The coordinator's PostgreSQL store: the `Store` protocol on psycopg 3 and psycopg_pool,
+for several coordinator replicas sharing one database (SPEC §7.1).
+
+Semantics are SqliteStore's: a batch is one transaction (a receipt is published only after
+its commit), messages are unique by (device_id, kind, seq) and a duplicate is counted,
+ignored and still receipted. What replicas add:
+
+- Each batch first locks the rows of the devices it touches, in device-id order (so two
+  replicas never deadlock), and takes their receipt seqs there with
+  `UPDATE ... down_seq = down_seq + 1 RETURNING`: one counter per device in the database,
+  so two replicas never hand out the same down-seq. The lock also orders a device's rows:
+  a batch that touches a device waits for the one before it to commit, so `messages.id`
+  grows in commit order per device and a `results_since` cursor never skips a row that
+  committed late.
+- A replica's registry sees another's enrolments by polling `public_keys()` every 5 s
+  (Registry.REFRESH_S): one index-free scan of the small devices table.
+- PostgreSQL going away raises `StoreUnavailable` within `timeout_s` instead of hanging
+  (connect timeout, TCP keepalives and user timeout, a statement timeout); the pool checks
+  a connection before lending it and reconnects by itself when the server is back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from operator import itemgetter
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg import errors
+from psycopg.rows import dict_row
+from psycopg_pool import ConnectionPool
+
+from dgdm.sync.coordinator.migrations import migrate_postgres
+from dgdm.sync.coordinator.store import Incoming, StoreResult
+from dgdm.sync.coordinator.stores import StoreUnavailable
+from dgdm.sync.envelope import Kind
+from dgdm.sync.errors import ConfigError
+
+T = TypeVar("T")
+BIGINT_MAX = 2**63 - 1
+# A batch that lost a deadlock or serialisation race is simply run again (it is all or
+# nothing); more than a few losses in a row means something else is wrong.
+RETRIES = 3
+
+_INSERT = (
+    "INSERT INTO messages (device_id, kind, seq, created_ms, received_ms, body)"
+    " SELECT * FROM unnest(%s::text[], %s::smallint[], %s::bigint[], %s::bigint[],"
+    " %s::bigint[], %s::text[]) ON CONFLICT DO NOTHING"
+)
+_INSERT_ONE = (
+    "INSERT INTO messages (device_id, kind, seq, created_ms, received_ms, body)"
+    " VALUES (%s, %s, %s, %s, %s, '{}') ON CONFLICT DO NOTHING"
+)
+# Lock in device-id order, then touch and allocate each device's receipt seq.
+_LOCK_TOUCH_SEQ = (
+    "WITH locked AS (SELECT device_id FROM devices WHERE device_id = ANY(%s)"
+    " ORDER BY device_id FOR UPDATE)"
+    " UPDATE devices AS d SET last_seen_ms = %s,"
+    " first_seen_ms = coalesce(d.first_seen_ms, %s), down_seq = d.down_seq + 1"
+    " FROM locked WHERE d.device_id = locked.device_id RETURNING d.device_id, d.down_seq"
+)
+_MESSAGE_COLUMNS = "SELECT id, kind, seq, created_ms, received_ms, body FROM messages"
+
+
+class PgStore:
+    def __init__(
+        self,
+        conninfo: str,
+        password: str | None = None,
+        *,
+        timeout_s: float = 5.0,
+        pool_size: int = 2,
+        display: str | None = None,
+    ) -> None:
+        """`conninfo` is a libpq URL or key=value string without a password; `display` is
+        how errors and repr name the store (the URL: it never holds the password)."""
+        self._display = display or "the PostgreSQL store"
+        self._password = password
+        seconds = max(1, math.ceil(timeout_s))
+        kwargs: dict[str, Any] = {
+            "connect_timeout": seconds,
+            "keepalives": 1,
+            "keepalives_idle": seconds,
+            "keepalives_interval": 1,
+            "keepalives_count": 3,
+            "tcp_user_timeout": seconds * 1000,
+            "options": f"-c statement_timeout={max(30, 6 * seconds) * 1000}",
+            "application_name": "dgdm-coordinator",
+        }
+        if password is not None:
+            kwargs["password"] = password
+        with self._connect_for_startup(conninfo, kwargs) as conn:
+            try:
+                self.schema_version = migrate_postgres(conn)
+            except errors.InsufficientPrivilege as exc:
+                raise ConfigError(
+                    "store.url",
+                    f"{self._display}: the schema needs migrating but this role may not "
+                    f"create tables ({self._scrub(exc)}); open the store once as its owner",
+                ) from exc
+        self._pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
+            conninfo,
+            kwargs=kwargs,
+            min_size=1,
+            max_size=pool_size,
+            timeout=timeout_s,
+            reconnect_timeout=timeout_s,
+            check=ConnectionPool.check_connection,
+            name="dgdm-store",
+            open=False,
+        )
+        self._pool.open(wait=False)
+
+    def __repr__(self) -> str:
+        return f"PgStore({self._display})"
+
+    def close(self) -> None:
+        self._pool.close()
+
+    # -- start-up ----------------------------------------------------------------------
+
+    def _connect_for_startup(self, conninfo: str, kwargs: dict[str, Any]) -> Any:
+        """One direct connection, so that a bad URL or password is told apart (SPEC §7.1:
+        exit 2 naming `store.url` or `store.password`) instead of a pool timing out."""
+        try:
+            return psycopg.connect(conninfo, **kwargs)
+        except psycopg.OperationalError as exc:
+            raise self._startup_error(exc) from None
+
+    def _startup_error(self, exc: psycopg.OperationalError) -> ConfigError:
+        reason = self._scrub(exc)
+        if exc.sqlstate == errors.InvalidPassword.sqlstate or "no password supplied" in reason:
+            return ConfigError("store.password", f"refused by {self._display}: {reason}")
+        if exc.sqlstate == errors.InvalidCatalogName.sqlstate:
+            return ConfigError("store.url", f"{self._display}: {reason}")
+        return ConfigError("store.url", f"cannot connect to {self._display}: {reason}")
+
+    def _scrub(self, exc: BaseException) -> str:
+        """The server's reason on one line, without the password should it ever echo it."""
+        text = " ".join(str(exc).split())
+        text = text.rsplit(" failed: ", 1)[-1]
+        if self._password:
+            text = text.replace(self._password, "***")
+        return text
+
+    # -- plumbing ----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[psycopg.Connection[Any]]:
+        """A pooled connection in a transaction, committed when the block ends."""
+        try:
+            with self._pool.connection() as conn:
+                yield conn
+        except errors.TransactionRollback:
+            raise
+        except psycopg.OperationalError as exc:
+            raise StoreUnavailable(f"{self._display} is unavailable: {self._scrub(exc)}") from exc
+
+    def _retrying(self, fn: Callable[[psycopg.Connection[Any]], T]) -> T:
+        for attempt in range(RETRIES):
+            try:
+                with self._tx() as conn:
+                    return fn(conn)
+            except errors.TransactionRollback:
+                if attempt == RETRIES - 1:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _rows(self, sql: str, params: tuple[Any, ...]) -> list[dict[str, Any]]:
+        with self._tx() as conn, conn.cursor(row_factory=dict_row) as cur:
+            cur.execute(sql, params)
+            return cur.fetchall()
+
+    # -- registry ----------------------------------------------------------------------
+
+    def add_device(self, device_id: str, public_key: str) -> None:
+        with self._tx() as conn:
+            conn.execute(
+                "INSERT INTO devices (device_id, public_key, added_ms) VALUES (%s, %s, %s)"
+                " ON CONFLICT (device_id) DO UPDATE SET public_key = excluded.public_key",
+                (device_id, public_key, _now_ms()),
+            )
+
+    def devices(self) -> list[dict[str, Any]]:
+        return self._rows("SELECT * FROM devices ORDER BY device_id", ())
+
+    def device(self, device_id: str) -> dict[str, Any] | None:
+        rows = self._rows("SELECT * FROM devices WHERE device_id = %s", (device_id,))
+        return rows[0] if rows else None
+
+    def remove_device(self, device_id: str) -> bool:
+        """As SqliteStore: the key is cleared (its messages are refused), the row stays."""
+        with self._tx() as conn:
+            cur = conn.execute(
+                "UPDATE devices SET public_key = '', online = 0"
+                " WHERE device_id = %s AND public_key <> ''",
+                (device_id,),
+            )
+            return cur.rowcount == 1
+
+    def public_keys(self) -> dict[str, str]:
+        with self._tx() as conn:
+            rows = conn.execute(
+                "SELECT device_id, public_key FROM devices WHERE public_key <> ''"
+            ).fetchall()
+        return dict(rows)
+
+    def set_status(self, device_id: str, status: dict[str, Any], now_ms: int) -> None:
+        online = 1 if status.get("state") == "online" else 0
+        with self._tx() as conn:
+            conn.execute(
+                "UPDATE devices SET online = %s, status_ms = %s, agent_version = %s,"
+                " backend = %s, first_seen_ms = coalesce(first_seen_ms, %s), last_seen_ms = %s"
+                " WHERE device_id = %s",
+                (
+                    online,
+                    _bigint_or_none(status.get("ts_ms")),
+                    _str_or_none(status.get("agent_version")),
+                    _str_or_none(status.get("backend")),
+                    now_ms,
+                    now_ms,
+                    device_id,
+                ),
+            )
+
+    # -- ingest ------------------------------------------------------------------------
+
+    def store_batch(self, items: list[Incoming], now_ms: int) -> StoreResult:
+        rows = sorted(
+            (
+                (i.device_id, int(i.kind), i.seq, i.created_ms, now_ms, _dumps(i.body))
+                for i in items
+                if i.kind is not Kind.REPLY
+            ),
+            key=itemgetter(0, 1, 2),  # one insert order for every replica
+        )
+        replies = [i for i in items if i.kind is Kind.REPLY]
+        devices = sorted({i.device_id for i in items})
+
+        def run(conn: psycopg.Connection[Any]) -> StoreResult:
+            seqs = conn.execute(_LOCK_TOUCH_SEQ, (devices, now_ms, now_ms)).fetchall()
+            stored = 0
+            if rows:
+                columns = [list(c) for c in zip(*rows, strict=True)]
+                stored = conn.execute(_INSERT, columns).rowcount
+            stored += self._store_replies(conn, replies, now_ms)
+            return StoreResult(stored, len(items) - stored, dict(seqs))
+
+        return self._retrying(run)
+
+    @staticmethod
+    def _store_replies(conn: psycopg.Connection[Any], replies: list[Incoming], now_ms: int) -> int:
+        """A reply is stored with its command; a second copy of the same reply is a duplicate."""
+        stored = 0
+        for item in replies:
+            cur = conn.execute(
+                _INSERT_ONE, (item.device_id, int(item.kind), item.seq, item.created_ms, now_ms)
+            )
+            if cur.rowcount != 1:
+                continue
+            stored += 1
+            conn.execute(
+                "UPDATE commands SET reply = %s, replied_ms = %s WHERE device_id = %s AND seq = %s",
+                (
+                    _dumps(item.body),
+                    now_ms,
+                    item.device_id,
+                    _bigint_or_none(item.body.get("cmd_seq")),
+                ),
+            )
+        return stored
+
+    # -- commands ----------------------------------------------------------------------
+
+    def new_command(self, device_id: str, body: dict[str, Any], now_ms: int) -> int:
+        def run(conn: psycopg.Connection[Any]) -> int:
+            row = conn.execute(
+                "UPDATE devices SET down_seq = down_seq + 1 WHERE device_id = %s"
+                " RETURNING down_seq",
+                (device_id,),
+            ).fetchone()
+            if row is None:
+                raise KeyError(device_id)
+            conn.execute(
+                "INSERT INTO commands (device_id, seq, body, created_ms) VALUES (%s, %s, %s, %s)",
+                (device_id, row[0], _dumps(body), now_ms),
+            )
+            return int(row[0])
+
+        return self._retrying(run)
+
+    def command(self, device_id: str, seq: int) -> dict[str, Any] | None:
+        if _bigint_or_none(seq) is None:
+            return None
+        rows = self._rows(
+            "SELECT seq, body, created_ms, reply, replied_ms FROM commands"
+            " WHERE device_id = %s AND seq = %s",
+            (device_id, seq),
+        )
+        if not rows:
+            return None
+        row = rows[0]
+        reply = json.loads(row["reply"]) if row["reply"] else None
+        return {
+            "seq": row["seq"],
+            "command": json.loads(row["body"]),
+            "created_ms": row["created_ms"],
+            "status": "replied" if reply is not None else "pending",
+            "reply": reply,
+            "replied_ms": row["replied_ms"],
+        }
+
+    # -- queries -----------------------------------------------------------------------
+
+    def results_since(self, device_id: str, cursor: int, limit: int) -> list[dict[str, Any]]:
+        return self._messages(
+            f"{_MESSAGE_COLUMNS} WHERE device_id = %s AND kind = %s AND id > %s"
+            " ORDER BY id LIMIT %s",
+            (device_id, int(Kind.RESULT), min(cursor, BIGINT_MAX), limit),
+        )
+
+    def latest(self, device_id: str, kind: Kind, limit: int) -> list[dict[str, Any]]:
+        return self._messages(
+            f"{_MESSAGE_COLUMNS} WHERE device_id = %s AND kind = %s ORDER BY id DESC LIMIT %s",
+            (device_id, int(kind), limit),
+        )
+
+    def count(self) -> int:
+        with self._tx() as conn:
+            row = conn.execute("SELECT count(*) FROM messages").fetchone()
+        return int(row[0]) if row else 0
+
+    def _messages(self, sql: str, params: tuple[Any, ...]) -> list[dict[str, Any]]:
+        rows = self._rows(sql, params)
+        for row in rows:
+            row["cursor"] = row.pop("id")
+            row["kind"] = Kind(row["kind"]).name.lower()
+            row["body"] = json.loads(row["body"])
+        return rows
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+# As SqliteStore's: the same JSON text in both stores.
+_dumps = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def _bigint_or_none(value: Any) -> int | None:
+    """A device-supplied integer, or None when it is not one or does not fit a bigint."""
+    if (
+        isinstance(value, int)
+        and not isinstance(value, bool)
+        and -BIGINT_MAX <= value <= BIGINT_MAX
+    ):
+        return value
+    return None
+
+
+def _str_or_none(value: Any) -> str | None:
+    return value[:200] if isinstance(value, str) else None
