@@ -297,7 +297,7 @@ static int feature_row(Cursor *c, Scan *g)
         do {
             if (!buf_reserve(&g->x, sizeof(double))) return 0;
             if (!finite_number(c, (double *)(g->x.data + g->x.len))) return 0;
-            g->x.len += sizeof(double);
+            g->x.len += (Py_ssize_t)sizeof(double);
             count++;
         } while (eat(c, ','));
         if (!eat(c, ']')) return 0;
@@ -471,6 +471,7 @@ static PyObject *as_bytearray(const Buf *b)
 
 static PyObject *scan(PyObject *module, PyObject *arg)
 {
+    (void)module;
     Py_buffer view;
     if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0) return NULL;
     Cursor c = {(const char *)view.buf, (const char *)view.buf + view.len};
@@ -513,7 +514,7 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "_graphscan",
     "The plain node/edge graph JSON form read straight into arrays (None: not plain).", -1,
-    methods,
+    methods, NULL, NULL, NULL, NULL,
 };
 
 PyMODINIT_FUNC PyInit__graphscan(void) { return PyModule_Create(&module); }
