@@ -3,10 +3,11 @@
 `add_oip_routes(app, agent)` adds the `/v2` routes and one outer middleware that gives every
 `/v2` answer the protocol's error form `{"error": "<sentence>"}`: refusals raised here, and
 the app's own (401 from its auth middleware, 404/405 from the router) rewritten. The health
-routes are answered before the app's auth, as `/healthz` is; everything else under `/v2`
-goes through it. Diffusions go through a `Batcher`, so concurrent requests on one topology
-share a backend call; a PATCH between a request's version check and its run is caught by a
-second check after the run (the answer would otherwise name the wrong version).
+routes are answered before the app's auth (open, as `/healthz` is), with the app's Host
+check repeated; everything else under `/v2` goes through both. Diffusions go through a
+`Batcher`, so concurrent requests on one topology share a backend call; a PATCH between a
+request's version check and its run is caught by a second check after the run (the answer
+would otherwise name the wrong version).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from urllib.parse import urlsplit
 import numpy as np
 from aiohttp import web
 
-from dgdm.agent import __version__, topologies
+from dgdm.agent import __version__, hosts, topologies
 from dgdm.agent import status as state
 from dgdm.agent.answers import result_body
 from dgdm.agent.batcher import Batcher
@@ -97,6 +98,8 @@ async def oip_middleware(request: web.Request, handler: Handler) -> web.StreamRe
     if not request.path.startswith("/v2"):
         return await handler(request)
     if request.path in OPEN_PATHS:
+        if not _host_allowed(request):
+            return oip_error(421, "the Host header must name this box (see http.allowed_hosts)")
         try:
             return await request.match_info.handler(request)
         except web.HTTPException as exc:  # 405: another method on an open path
@@ -107,6 +110,13 @@ async def oip_middleware(request: web.Request, handler: Handler) -> web.StreamRe
     if response.status < 400 or not isinstance(response, web.Response):
         return response
     return _rewritten(response)
+
+
+def _host_allowed(request: web.Request) -> bool:
+    """The app's DNS-rebinding check, which the open paths skip along with its auth."""
+    http = request.app[MODELS].agent.config.http
+    extra = frozenset(hosts.hostname(name) for name in http.allowed_hosts)
+    return hosts.allowed(request.headers.get("Host"), http.bind, extra)
 
 
 def _refusals(handler: Handler) -> Handler:

@@ -235,6 +235,10 @@ def test_token_and_body_limit(start_agent: Any) -> None:
         denied = agent.get(path, headers={"Authorization": "Bearer wrong"})
         assert denied.status == 401
         assert denied.json() == {"error": "a valid bearer token is required"}
+    for path in ("/v2/health/live", "/v2"):
+        rebound = agent.get(path, headers={"Host": "evil.example", "Authorization": ""})
+        assert rebound.status == 421
+        assert set(rebound.json()) == {"error"}
     anonymous = client(agent)
     assert anonymous.is_server_live()
     status, message = refusal(lambda: anonymous.get_model_metadata("ring"))
