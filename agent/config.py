@@ -13,7 +13,13 @@ from pathlib import Path
 from typing import Literal
 
 from dgdm.sync.errors import ConfigError
-from dgdm.sync.settings import is_loopback, load_settings, setting
+from dgdm.sync.settings import (
+    BROKER_URL_HINT,
+    BROKER_URL_PATTERN,
+    is_loopback,
+    load_settings,
+    setting,
+)
 
 DEFAULT_PATH = Path("/etc/dgdm/agent.toml")
 MIB = 1 << 20
@@ -42,7 +48,7 @@ class HttpSettings:
 
 @dataclass(frozen=True)
 class SyncSettings:
-    broker_url: str | None = setting(None, pattern=r"mqtts?://[^\s/]+(:\d+)?/?")
+    broker_url: str | None = setting(None, pattern=BROKER_URL_PATTERN, pattern_hint=BROKER_URL_HINT)
     coordinator_public_key: str | None = setting(None)
     ca_file: Path | None = None
     cert_file: Path | None = None

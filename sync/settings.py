@@ -44,15 +44,18 @@ def setting(
     minimum: float | None = None,
     maximum: float | None = None,
     pattern: str | None = None,
+    pattern_hint: str | None = None,
     secret: bool = False,
     help: str = "",
 ) -> Any:
-    """A dataclass field carrying the checks the loader applies to it."""
+    """A dataclass field carrying the checks the loader applies to it. `pattern_hint` is
+    the sentence a value not matching `pattern` is refused with (default: the pattern)."""
     meta = {
         "choices": choices,
         "minimum": minimum,
         "maximum": maximum,
         "pattern": pattern,
+        "pattern_hint": pattern_hint,
         "secret": secret,
         "help": help,
     }
@@ -92,6 +95,15 @@ def summary(settings: Any) -> dict[str, Any]:
             shown[f.name] = value
         out[section.name] = shown
     return out
+
+
+# mqtt[s]://host[:port] and nothing else: no user:pass@ (a URL is logged, shown in /status
+# and pasted into bug reports; credentials go in username/password or a credential file).
+BROKER_URL_PATTERN = r"mqtts?://[^\s/@]+(:\d+)?/?"
+BROKER_URL_HINT = (
+    "must be mqtt://host[:port] or mqtts://host[:port], without user:pass@ "
+    "(set the username and password keys instead)"
+)
 
 
 def is_loopback(host: str) -> bool:
@@ -280,7 +292,7 @@ def _check(value: Any, name: str, meta: Mapping[str, Any]) -> None:
         raise ConfigError(name, f"must be <= {high}")
     pattern = meta.get("pattern")
     if pattern is not None and not re.fullmatch(pattern, str(value)):
-        raise ConfigError(name, f"must match {pattern}")
+        raise ConfigError(name, meta.get("pattern_hint") or f"must match {pattern}")
 
 
 def _read_secret(path: Path, name: str) -> str:

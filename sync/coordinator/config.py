@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from dgdm.sync.settings import load_settings, setting
+from dgdm.sync.settings import BROKER_URL_HINT, BROKER_URL_PATTERN, load_settings, setting
 
 DEFAULT_PATH = Path("/etc/dgdm/coordinator.toml")
 MIB = 1024 * 1024
@@ -28,7 +28,9 @@ class CoordinatorSection:
 
 @dataclass(frozen=True)
 class MqttSection:
-    broker_url: str = setting("mqtt://127.0.0.1:1883", pattern=r"mqtts?://[^\s/]+(:\d+)?/?")
+    broker_url: str = setting(
+        "mqtt://127.0.0.1:1883", pattern=BROKER_URL_PATTERN, pattern_hint=BROKER_URL_HINT
+    )
     ca_file: Path | None = None
     cert_file: Path | None = None
     key_file: Path | None = None
