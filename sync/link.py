@@ -6,6 +6,8 @@ message, and the decisions of what to send and resend live in `link_state.SendSt
 Commands are decrypted, checked (key id, device, ttl, replay) and executed at most once:
 the seq is persisted before `on_command` runs; the reply is queued in the outbox (kind 17).
 A retained `status` says online at every connect; the will (and a clean stop) says offline.
+The link also follows the coordinators' presence (presence.py) and resends what may have
+reached nobody when one (re)appears after a broker lost its sessions.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from dgdm.sync import presence
 from dgdm.sync.crypto import LinkKeys
 from dgdm.sync.envelope import Envelope, Kind, check_command, open_envelope, receipt_ranges
 from dgdm.sync.errors import EnvelopeError, OutboxError, TransportError
@@ -77,11 +80,17 @@ class DeviceLink:
         self._topics = {kind: kind_topic(device_id, kind) for kind in Kind}
         self.state = SendState(receipt_timeout_s, max_unreceipted)
         will = Will(self._topic(STATUS), status_payload("offline", agent_version, self.backend))
+        self.presence = presence.PresenceView()
         self.mqtt = MqttClient(
             _with_will(options, will),
             on_message=self._on_message,
+            on_retained=self._on_retained,
             on_connect=self._on_connect,
-            subscriptions=((self._topic("cmd"), 1), (self._topic("receipt"), 1)),
+            subscriptions=(
+                (self._topic("cmd"), 1),
+                (self._topic("receipt"), 1),
+                (presence.FILTER, 1),
+            ),
         )
         self.last_sync_ms: int | None = None
         self.counters: collections.Counter[str] = collections.Counter()
@@ -144,6 +153,8 @@ class DeviceLink:
             "resent": self.state.resent_total,
             "window": self.mqtt.window,
             "pubacks": self.mqtt.acked,
+            "wire": self.mqtt.active_wire,
+            "coordinators_online": len(self.presence.online),
             **dict(self.counters),
         }
 
@@ -154,6 +165,7 @@ class DeviceLink:
 
     async def _on_connect(self, session_present: bool) -> None:
         self.state.reconnected()
+        self.presence.connected()
         self._wake.set()
         self._spawn(self._publish_status("online"))
 
@@ -186,7 +198,9 @@ class DeviceLink:
             now = time.monotonic()
             if now - last_tick >= TICK_S:
                 last_tick = now
-                self.counters["receipt_timeouts"] += self.state.expire(now)
+                late, gaps = self.state.expire(now)
+                self.counters["receipt_timeouts"] += late
+                self.counters["gap_resends"] += gaps
             if self.state.window_full():
                 self._wake.clear()
                 await self._wait_for_news()
@@ -222,7 +236,7 @@ class DeviceLink:
             if self.state.should_send(msg.seq):
                 # No future per message: a PUBACK changes nothing here (SPEC §5).
                 await self.mqtt.send(self._topics[msg.kind], msg.payload)
-                self.state.mark_sent(msg.priority, msg.seq, time.monotonic())
+                self.state.mark_sent(msg.priority, msg.seq, time.monotonic(), msg.kind)
             if not self.state.advance(msg.priority, msg.seq, generation):
                 return
 
@@ -235,7 +249,39 @@ class DeviceLink:
 
     # -- incoming ---------------------------------------------------------------------------
 
+    def _on_retained(self, topic: str, payload: bytes) -> None:
+        if topic.startswith(presence.PREFIX + "/"):
+            self._on_presence(topic, payload, retained=True)
+        else:
+            self._on_message(topic, payload)
+
+    def _on_presence(self, topic: str, payload: bytes, *, retained: bool) -> None:
+        seen = presence.parse(topic, payload)
+        if seen is None:
+            if payload:  # an empty one is a presence cleared by an operator
+                self._reject("bad_presence", topic, "not a coordinator presence")
+            return
+        if self.presence.observe(seen, retained):
+            log.info(
+                "coordinator %s is %s (incarnation %s): resending what may have reached nobody",
+                seen.coordinator_id,
+                seen.state,
+                seen.incarnation,
+            )
+            self._spawn(self._resend_lost(time.monotonic()))
+
+    async def _resend_lost(self, seen_at: float) -> None:
+        """After 0-2 s (a fleet must not resend in the same millisecond), what was sent
+        before the coordinator appeared and is still unreceipted goes again, through the
+        window and the bandwidth cap like any send."""
+        await asyncio.sleep(presence.resend_delay())
+        self.counters["presence_resends"] += self.state.presumed_lost(seen_at)
+        self._wake.set()
+
     def _on_message(self, topic: str, payload: bytes) -> None:
+        if topic.startswith(presence.PREFIX + "/"):
+            self._on_presence(topic, payload, retained=False)
+            return
         suffix = topic.rsplit("/", 1)[-1]
         try:
             env = open_envelope(
@@ -265,7 +311,7 @@ class DeviceLink:
             self._reject(exc.reason, "receipt", str(exc))
             return
         was_full = self.state.window_full()
-        self.state.receipted(ranges)
+        self.state.receipted(ranges, time.monotonic())
         if was_full and not self.state.window_full():
             self._wake.set()
         self.counters["receipts"] += 1

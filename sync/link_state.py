@@ -4,7 +4,12 @@ The outbox is read in send order (priority, then seq) through a cursor. A messag
 "sent" from its publish until a receipt covers it; a PUBACK changes nothing here, because
 only the coordinator's receipt makes a message safe (SPEC §5). A message leaves the sent
 set — and is sent again — when its receipt is late (`receipt_timeout_s`) or the connection
-is replaced (everything unreceipted goes again). Whenever something earlier in send order
+is replaced (everything unreceipted goes again). Two faster signals say a message was lost
+while the broker PUBACKed it: a gap (`receipted`: a receipt covers a message of a kind sent
+after one of the same kind that no receipt covered; the coordinator stores each device's
+messages of one kind in arrival order, so after `GAP_GRACE_S` the earlier one was dropped),
+and a coordinator that (re)appeared (`presumed_lost`, decided in presence.py): what was sent
+before it appeared may have gone to nobody. Whenever something earlier in send order
 needs sending (a resend, or a newly queued more urgent message) the cursor rewinds to it;
 pages re-read after a rewind skip what is still in the sent set.
 
@@ -19,6 +24,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 Cursor = tuple[int, int]  # (priority, seq) of the last message passed in send order
+# A gap is lost only this long after it was seen: with several coordinators (a shared
+# subscription) one device's messages are split among them, and a slower one's receipt
+# for the earlier message may still be on its way.
+GAP_GRACE_S = 1.0
+# Gap resends per `expire` call (once a second): a coordinator that drops on purpose (over
+# quota) must not turn every receipt into a burst of resends.
+MAX_GAP_RESENDS = 500
 
 
 @dataclass(frozen=True)
@@ -60,8 +72,15 @@ class SendState:
         self.max_seq_seen = 0
         self._sent: dict[int, tuple[int, float]] = {}  # seq -> (priority, sent at)
         self._again: set[int] = set()  # seqs that go out again: counted as resends
+        # Per kind, the unreceipted seqs of this connection in send order (dicts keep
+        # insertion order; a resend is inserted again at the end) -> their send number.
+        self._lanes: dict[int, dict[int, int]] = {}
+        self._sends = 0
+        self._gaps: dict[int, float] = {}  # seq -> when a later send of its kind was receipted
+        self._gap_resent: set[int] = set()  # at most one gap resend per seq per connection
         self.sent_total = 0
         self.resent_total = 0
+        self.gap_resent_total = 0
 
     # -- queries -----------------------------------------------------------------------
 
@@ -87,8 +106,10 @@ class SendState:
     def seen(self, seq: int) -> None:
         self.max_seq_seen = max(self.max_seq_seen, seq)
 
-    def mark_sent(self, priority: int, seq: int, now: float) -> None:
+    def mark_sent(self, priority: int, seq: int, now: float, kind: int) -> None:
         self._sent[seq] = (priority, now)
+        self._sends += 1
+        self._lanes.setdefault(kind, {})[seq] = self._sends
         self.sent_total += 1
         if seq in self._again:
             self._again.discard(seq)
@@ -113,28 +134,73 @@ class SendState:
         """A new connection: what the last one PUBACKed may be lost; send it all again."""
         self._again.update(self._sent)
         self._sent.clear()
+        self._lanes.clear()
+        self._gaps.clear()
+        self._gap_resent.clear()
         self.cursor = None
         self.generation += 1
 
-    def expire(self, now: float) -> int:
-        """Forget sends whose receipt is overdue, rewinding to the earliest; returns count."""
+    def expire(self, now: float) -> tuple[int, int]:
+        """Forget sends whose receipt is overdue, and gaps older than GAP_GRACE_S (at most
+        MAX_GAP_RESENDS), rewinding to the earliest; returns (late, gaps) counts."""
         deadline = now - self.receipt_timeout_s
-        late = [(priority, seq) for seq, (priority, at) in self._sent.items() if at <= deadline]
-        for _, seq in late:
-            del self._sent[seq]
-            self._again.add(seq)
-        if late:
-            self.rewind(*min(late))
-        return len(late)
+        late = [seq for seq, (_, at) in self._sent.items() if at <= deadline]
+        gaps = [
+            seq for seq, at in self._gaps.items() if at <= now - GAP_GRACE_S and seq in self._sent
+        ][:MAX_GAP_RESENDS]
+        self._gap_resent.update(gaps)
+        self.gap_resent_total += len(gaps)
+        gone = set(late) | set(gaps)
+        self._forget(gone)
+        return len(gone) - len(gaps), len(gaps)
 
-    def receipted(self, ranges: Iterable[tuple[int, int]]) -> None:
+    def presumed_lost(self, sent_before: float) -> int:
+        """A coordinator (re)appeared at `sent_before`: what was sent until then may have
+        gone to nobody, so whatever of it is still unreceipted goes again; returns count."""
+        lost = {seq for seq, (_, at) in self._sent.items() if at <= sent_before}
+        self._forget(lost)
+        return len(lost)
+
+    def _forget(self, seqs: set[int]) -> None:
+        """Out of the sent set and into the resend set, rewinding to the earliest."""
+        if not seqs:
+            return
+        earliest = min((self._sent[seq][0], seq) for seq in seqs)
+        for seq in seqs:
+            del self._sent[seq]
+            self._gaps.pop(seq, None)
+            self._again.add(seq)
+        for lane in self._lanes.values():
+            for seq in seqs & lane.keys():
+                del lane[seq]
+        self.rewind(*earliest)
+
+    def receipted(self, ranges: Iterable[tuple[int, int]], now: float) -> int:
         """Receipted seqs are done: out of the sent set, and out of the resend set too (a
-        receipt that lands after a reconnect covers messages that will never be read again)."""
+        receipt that lands after a reconnect covers messages that will never be read again).
+        A seq of a kind sent on this connection before a receipted one of the same kind is a
+        gap (the coordinator keeps each device's kind in order); returns the new gaps."""
+        done: list[int] = []
         for first, last in ranges:
             for seq in _within(self._sent, first, last):
                 del self._sent[seq]
+                done.append(seq)
             for seq in _within(self._again, first, last):
                 self._again.discard(seq)
+        new_gaps = 0
+        for lane in self._lanes.values():
+            latest = max((lane[seq] for seq in done if seq in lane), default=0)
+            for seq in done:
+                lane.pop(seq, None)
+            for seq, order in lane.items():
+                if order > latest:
+                    break
+                if seq not in self._gaps and seq not in self._gap_resent:
+                    self._gaps[seq] = now
+                    new_gaps += 1
+        for seq in done:
+            self._gaps.pop(seq, None)
+        return new_gaps
 
 
 def _within(seqs: dict[int, tuple[int, float]] | set[int], first: int, last: int) -> list[int]:

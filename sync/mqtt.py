@@ -7,7 +7,8 @@ MQTT 5 Receive Maximum) and for the bandwidth cap, then returns a future that re
 the PUBACK: callers pipeline many publishes and await the acknowledgements as they come.
 `send()` is the same without the future, for a sender that learns of delivery some other
 way (the device link: only a coordinator receipt counts). The packets move through a wire
-(mqtt_wire.py): stock paho, or the lean wire that handles PUBLISH and PUBACK itself.
+(mqtt_wire.py): stock paho, or the lean wire that handles PUBLISH and PUBACK itself
+(`MqttOptions.wire`, the `wire` config key; lean where this paho has its hooks).
 
 Each connection gets a fresh paho client. The session lives on at the broker (clean start
 off, a session expiry interval); what this side has not seen acknowledged is failed with
@@ -29,7 +30,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as paho
@@ -49,8 +50,14 @@ MQTT5_MAX_RECEIVE = 65535
 MISC_INTERVAL_S = 1.0
 DRAIN_POLL_S = 0.01
 FAILURE_REASON = 0x80  # MQTT 5 reason codes from 0x80 up are failures
-# The lean wire when this paho has its hooks; tests set it False to run the stock wire.
-LEAN_WIRE = lean_wire_supported()
+# CONNACK codes saying the broker does not take this protocol version: MQTT 5's
+# "Unsupported Protocol Version", and 3.1.1's "unacceptable protocol version" (what a 3.1.1
+# broker answers an MQTT 5 CONNECT with, if it answers at all).
+UNSUPPORTED_PROTOCOL = (0x84, 0x01)
+NOT_MQTT5_HINT = (
+    'the broker may not speak MQTT 5: set mqtt_version = "3.1.1"'
+    " (sync.mqtt_version on an agent, mqtt.mqtt_version on a coordinator)"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,12 +88,13 @@ class MqttOptions:
     connect_timeout_s: float = 10.0
     backoff_initial_s: float = 0.5
     backoff_max_s: float = 60.0
+    wire: Literal["lean", "paho"] = "lean"
 
 
 def options_from_settings(section: Any, client_id: str, **overrides: Any) -> MqttOptions:
     """MqttOptions from a settings section with the SPEC §7 key names (agent `[sync]`,
     coordinator `[mqtt]`): broker_url, ca_file, cert_file, key_file, username, password,
-    mqtt_version and, when present, bandwidth_bytes_per_s and session_expiry_s."""
+    mqtt_version and, when present, bandwidth_bytes_per_s, session_expiry_s and wire."""
     if not section.broker_url:
         raise ConfigError("sync.broker_url", "is required to connect to a broker")
     values: dict[str, Any] = {
@@ -100,6 +108,7 @@ def options_from_settings(section: Any, client_id: str, **overrides: Any) -> Mqt
         "password": section.password,
         "bandwidth_bytes_per_s": getattr(section, "bandwidth_bytes_per_s", 0),
         "session_expiry_s": getattr(section, "session_expiry_s", MqttOptions.session_expiry_s),
+        "wire": getattr(section, "wire", MqttOptions.wire),
     }
     values.update(overrides)
     return MqttOptions(**values)
@@ -204,6 +213,8 @@ class MqttClient:
 
     `subscriptions` are (topic filter, qos) pairs subscribed at every connect;
     `on_connect(session_present)` runs after that (e.g. to publish a retained status).
+    `on_retained`, when given, gets the messages the broker sends from its retained store
+    (RETAIN set on delivery: the state as of our subscribe) instead of `on_message`.
     """
 
     def __init__(
@@ -212,15 +223,20 @@ class MqttClient:
         *,
         on_message: MessageHandler | None = None,
         on_connect: ConnectHandler | None = None,
+        on_retained: MessageHandler | None = None,
         subscriptions: tuple[tuple[str, int], ...] = (),
     ) -> None:
         if options.mqtt_version not in ("5", "3.1.1"):
             raise ConfigError("sync.mqtt_version", "must be '5' or '3.1.1'")
+        if options.wire not in ("lean", "paho"):
+            raise ConfigError("sync.wire", "must be 'lean' or 'paho'")
         self.options = options
         self.endpoint = parse_broker_url(options.url)
         self.subscriptions = subscriptions
         self._on_message = on_message
         self._on_connect = on_connect
+        self._on_retained = on_retained
+        self._reading_paused = False
         self._conn: _Connection | None = None
         self._connected = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None
@@ -249,6 +265,25 @@ class MqttClient:
     @property
     def inflight(self) -> int:
         return len(self._conn.pending) if self._conn else 0
+
+    @property
+    def active_wire(self) -> str:
+        """The wire in use: `options.wire`, or "paho" when this paho lacks the lean hooks."""
+        return "lean" if self.options.wire == "lean" and lean_wire_supported() else "paho"
+
+    def pause_reading(self) -> None:
+        """Stop reading the socket, on this connection and the next ones, until
+        `resume_reading()`: backpressure for a receiver whose queues are full (the broker
+        holds the rest; nothing received is lost). Keep it shorter than the keepalive: a
+        PINGRESP is not read either, and paho drops a link that does not answer."""
+        self._reading_paused = True
+        if self._conn is not None and self._conn.wire is not None:
+            self._conn.wire.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._reading_paused = False
+        if self._conn is not None and self._conn.wire is not None:
+            self._conn.wire.resume_reading()
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -390,7 +425,14 @@ class MqttClient:
             session_present, receive_max = await asyncio.wait_for(
                 conn.connack, self.options.connect_timeout_s
             )
-        except (OSError, ssl.SSLError, ValueError, asyncio.TimeoutError) as exc:
+        except asyncio.TimeoutError as exc:
+            self._close(conn, "connect failed")
+            hint = f"; {NOT_MQTT5_HINT}" if self.options.mqtt_version == "5" else ""
+            raise TransportError(
+                f"cannot connect to {self.options.url}: no CONNACK within "
+                f"{self.options.connect_timeout_s:g} s{hint}"
+            ) from exc
+        except (OSError, ssl.SSLError, ValueError) as exc:
             self._close(conn, "connect failed")
             raise TransportError(f"cannot connect to {self.options.url}: {exc!r}") from exc
         except TransportError:
@@ -407,6 +449,8 @@ class MqttClient:
         conn.slots = asyncio.Semaphore(window)
         self.connects += 1
         self._connected.set()
+        if self._reading_paused and conn.wire is not None:
+            conn.wire.pause_reading()
         conn.misc_task = asyncio.create_task(self._misc(conn))
         log.info(
             "mqtt connected to %s as %s (session_present=%s, window=%d)",
@@ -540,7 +584,7 @@ class MqttClient:
         if conn.closed.is_set() or sock.fileno() < 0:
             return
         assert self._loop is not None
-        if LEAN_WIRE:
+        if self.active_wire == "lean":
             conn.wire = LeanWire(
                 conn.client,
                 sock,
@@ -573,14 +617,24 @@ class MqttClient:
         fut = conn.connack
         if fut is None or fut.done():
             return
-        if rc.is_failure:
-            fut.set_exception(TransportError(f"broker refused the connection: {rc}"))
+        if rc.is_failure or rc.value in UNSUPPORTED_PROTOCOL:
+            hint = ""
+            if self.options.mqtt_version == "5" and rc.value in UNSUPPORTED_PROTOCOL:
+                hint = f"; {NOT_MQTT5_HINT}"
+            fut.set_exception(TransportError(f"broker refused the connection: {rc}{hint}"))
             return
         receive_max = getattr(props, "ReceiveMaximum", None) if props is not None else None
         fut.set_result((bool(flags.session_present), int(receive_max or MQTT5_MAX_RECEIVE)))
 
     def _on_disconnected(self, conn: _Connection, rc: Any) -> None:
         self.last_error = f"disconnected: {rc}"
+        if conn.connack is not None and not conn.connack.done():
+            # Closed before any CONNACK: how some 3.1.1 brokers answer an MQTT 5 CONNECT.
+            hint = f"; {NOT_MQTT5_HINT}" if self.options.mqtt_version == "5" else ""
+            _fail(
+                conn.connack,
+                TransportError(f"the broker closed the connection before CONNACK{hint}"),
+            )
         conn.closed.set()
 
     def _on_ack(self, conn: _Connection, mid: int, reason: int) -> None:
@@ -597,11 +651,12 @@ class MqttClient:
             if fut is not None and not fut.done():
                 fut.set_result(None)
 
-    def _deliver(self, topic: str, payload: bytes) -> None:
-        if self._on_message is None:
+    def _deliver(self, topic: str, payload: bytes, retained: bool) -> None:
+        handler = self._on_retained if retained and self._on_retained else self._on_message
+        if handler is None:
             return
         try:
-            self._on_message(topic, payload)
+            handler(topic, payload)
         except Exception:  # a handler bug must not take the connection down with it
             log.exception("mqtt message handler failed for %s", topic)
 

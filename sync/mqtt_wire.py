@@ -42,7 +42,9 @@ from paho.mqtt.enums import MQTTErrorCode
 log = logging.getLogger(__name__)
 
 AckHandler = Callable[[int, int], None]  # (mid, reason code): on PUBACK
-PublishHandler = Callable[[str, bytes], None]  # (topic, payload): on an incoming PUBLISH
+# (topic, payload, retained): on an incoming PUBLISH; `retained` is its RETAIN flag, set
+# only on what the broker sends from its retained store because we just subscribed.
+PublishHandler = Callable[[str, bytes, bool], None]
 
 PUBLISH = 0x30
 PUBACK = 0x40
@@ -89,6 +91,14 @@ class Wire(Protocol):
         """The socket is closing: send what can be sent at once, stop watching the fd."""
         ...
 
+    def pause_reading(self) -> None:
+        """Stop reading the socket (backpressure: the broker then holds the messages)."""
+        ...
+
+    def resume_reading(self) -> None:
+        """Read again, starting with whatever was received before the pause."""
+        ...
+
 
 def bind_callbacks(client: paho.Client, on_ack: AckHandler, on_message: PublishHandler) -> None:
     """paho's own PUBACK and PUBLISH callbacks, for packets that paho handles."""
@@ -101,7 +111,7 @@ def bind_callbacks(client: paho.Client, on_ack: AckHandler, on_message: PublishH
             log.warning("dropped a message whose topic is not UTF-8: %r", msg._topic)
             return
         # A received payload is always bytes (paho slices struct.unpack's bytes).
-        on_message(topic, bytes(msg.payload))
+        on_message(topic, bytes(msg.payload), bool(msg.retain))
 
     client.on_message = message
 
@@ -117,11 +127,24 @@ class PahoWire:
         self.sock = sock
         self.loop = loop
         self.fd: int | None = sock.fileno()
+        self.paused = False
         loop.add_reader(self.fd, self._readable)
 
     @property
     def unsent(self) -> int:
         return int(self.client.want_write())
+
+    def pause_reading(self) -> None:
+        if self.fd is not None and not self.paused:
+            self.loop.remove_reader(self.fd)
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        if self.fd is not None and self.paused:
+            self.loop.add_reader(self.fd, self._readable)
+            # TLS may hold decrypted records the socket no longer signals.
+            self.loop.call_soon(self._readable)
+        self.paused = False
 
     def publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> int:
         info = self.client.publish(topic, payload, qos=qos, retain=retain)
@@ -134,7 +157,9 @@ class PahoWire:
         # keep reading while bytes are waiting: one loop wake-up per burst, not per packet.
         # TLS may hold decrypted records the socket no longer signals: drain those too.
         for _ in range(READ_BURST):
-            if self.client.loop_read() != MQTTErrorCode.MQTT_ERR_SUCCESS or self.fd is None:
+            if self.fd is None or self.paused:
+                return
+            if self.client.loop_read() != MQTTErrorCode.MQTT_ERR_SUCCESS:
                 return
             if isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
                 continue
@@ -151,7 +176,8 @@ class PahoWire:
 
     def close(self) -> None:
         if self.fd is not None:
-            self.loop.remove_reader(self.fd)
+            if not self.paused:
+                self.loop.remove_reader(self.fd)
             self.loop.remove_writer(self.fd)
             self.fd = None
 
@@ -325,6 +351,7 @@ class LeanWire:
         self._fed = 0
         self._eof = False
         self._error: OSError | None = None
+        self.paused = False
         client._sock_recv = self._paho_recv  # type: ignore[method-assign]
         client._sock_send = self._paho_send  # type: ignore[method-assign,assignment]
         loop.add_reader(self.fd, self._readable)
@@ -332,6 +359,19 @@ class LeanWire:
     @property
     def unsent(self) -> int:
         return len(self._out) + int(self.client.want_write())
+
+    def pause_reading(self) -> None:
+        """Also stops handling frames already buffered (even in the middle of a read: a
+        message handler may pause); they stay in the input buffer for `resume_reading`."""
+        if self.fd is not None and not self.paused:
+            self.loop.remove_reader(self.fd)
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        if self.fd is not None and self.paused:
+            self.loop.add_reader(self.fd, self._readable)
+            self.loop.call_soon(self._readable)  # the buffered frames, without new bytes
+        self.paused = False
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -413,7 +453,7 @@ class LeanWire:
     # -- reading ---------------------------------------------------------------------------
 
     def _readable(self) -> None:
-        if self.fd is None:  # closed since this call was scheduled (TLS pending() below)
+        if self.fd is None or self.paused:  # closed or paused since this was scheduled
             return
         self._recv()
         try:
@@ -423,6 +463,10 @@ class LeanWire:
             log.warning("mqtt stream from the broker is malformed: %s", exc)
             rest, self._in = bytes(self._in), bytearray()
             self._to_paho(rest)
+        if self.paused:
+            # The rest of the input waits for resume_reading; so does end of stream.
+            self._flush()
+            return
         if self.fd is not None and (self._eof or self._error is not None):
             self._to_paho(b"")
         if self.fd is not None:
@@ -455,7 +499,7 @@ class LeanWire:
         buf, v5 = self._in, self.v5
         pos, size = 0, len(buf)
         try:
-            while pos < size and self.fd is not None:
+            while pos < size and self.fd is not None and not self.paused:
                 frame = next_frame(buf, pos)
                 if frame is None:
                     break
@@ -482,7 +526,7 @@ class LeanWire:
         if msg is None:
             return False
         topic, mid, payload = msg
-        self.on_message(topic, payload)
+        self.on_message(topic, payload, bool(cmd & 1))
         if mid:
             self._out += encode_puback(mid)
         return True
@@ -521,7 +565,8 @@ class LeanWire:
                 for _ in range(CLOSE_DISCARD_READS):
                     if not self.sock.recv_into(self._chunk):
                         break
-        self.loop.remove_reader(self.fd)
+        if not self.paused:
+            self.loop.remove_reader(self.fd)
         if self._writer:
             self.loop.remove_writer(self.fd)
         self.fd = None

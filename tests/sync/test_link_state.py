@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import threading
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dgdm.sync.link_state import Cursor, ReadPlan, SendState
+from dgdm.sync.link_state import GAP_GRACE_S, MAX_GAP_RESENDS, Cursor, ReadPlan, SendState
 
 
 def _state() -> SendState:
     return SendState(receipt_timeout_s=10.0, max_unreceipted=3)
 
 
-def _send(state: SendState, priority: int, seq: int, now: float = 0.0) -> None:
+def _send(state: SendState, priority: int, seq: int, now: float = 0.0, kind: int = 1) -> None:
     plan = state.plan()
     assert state.should_send(seq)
-    state.mark_sent(priority, seq, now)
+    state.mark_sent(priority, seq, now, kind)
     assert state.advance(priority, seq, plan.generation)
 
 
@@ -60,7 +61,7 @@ def test_the_window_holds_unreceipted_sends_and_receipts_free_it() -> None:
         _send(state, 3, seq)
     assert state.window_full()
     assert not state.should_send(2)
-    state.receipted([(1, 2)])
+    state.receipted([(1, 2)], 0.0)
     assert not state.window_full()
     assert state.unreceipted == 1
     assert state.should_send(2)
@@ -71,12 +72,12 @@ def test_late_receipts_resend_from_the_earliest_and_count_as_resends() -> None:
     _send(state, 3, 1, now=0.0)
     _send(state, 1, 2, now=0.0)
     _send(state, 3, 3, now=8.0)
-    assert state.expire(now=10.0) == 2
+    assert state.expire(now=10.0) == (2, 0)
     assert state.plan().cursor == (1, 1)  # rewound to just before (1, 2)
     assert state.should_send(1)
     assert state.should_send(2)
     assert not state.should_send(3)
-    state.mark_sent(1, 2, 11.0)
+    state.mark_sent(1, 2, 11.0, 1)
     assert (state.sent_total, state.resent_total) == (4, 1)
 
 
@@ -90,7 +91,7 @@ def test_a_reconnect_sends_everything_unreceipted_again_from_the_start() -> None
     assert plan.cursor is None
     assert plan.generation == generation + 1
     assert state.unreceipted == 0
-    state.receipted([(2, 2)])  # receipted meanwhile: not counted as a resend later
+    state.receipted([(2, 2)], 0.0)  # receipted meanwhile: not counted as a resend later
     _send(state, 3, 1)
     _send(state, 3, 2)
     assert state.resent_total == 1
@@ -132,3 +133,84 @@ def test_find_urgent_is_the_first_new_message_of_a_more_urgent_tier(
     assert len(reads) <= priority
     if all(r[0] >= priority for r in ordered):
         assert len(reads) <= 1  # only the cursor's tier queued: one read answers
+
+
+# -- lost while PUBACKed: gaps (issue 19 item 5) --------------------------------------------
+# Rows: sends as (seq, kind) in send order on one connection, the receipted seqs, and the
+# seqs that are gaps: unreceipted, of a kind one of whose LATER sends was receipted.
+GAP_TABLE = [
+    ([(1, 1), (2, 1), (3, 1)], [2, 3], [1]),  # the first result was dropped
+    ([(1, 1), (2, 1), (3, 1)], [1, 2], []),  # a prefix: the rest is still on its way
+    ([(1, 1), (2, 2), (3, 1)], [3], [1]),  # same kind only: 2 (another kind) waits
+    ([(1, 1), (2, 2), (3, 2)], [3], [2]),
+    ([(1, 1), (2, 2)], [2], []),  # kinds are independent (alerts overtake results)
+    ([(1, 1), (2, 1), (3, 1), (4, 1)], [4], [1, 2, 3]),
+    ([(5, 1), (3, 1)], [5], []),  # 3 was sent after 5 (a resend): not a gap
+    ([], [7], []),  # a receipt for something of an earlier connection
+]
+
+
+@pytest.mark.parametrize(("sends", "receipted", "gaps"), GAP_TABLE)
+def test_a_gap_in_the_receipts_of_a_kind_is_lost_after_the_grace(
+    sends: list[tuple[int, int]], receipted: list[int], gaps: list[int]
+) -> None:
+    state = SendState(receipt_timeout_s=60.0, max_unreceipted=100)
+    for seq, kind in sends:
+        _send(state, kind, seq, kind=kind)
+    assert state.receipted([(s, s) for s in receipted], now=10.0) == len(gaps)
+    assert state.expire(now=10.0 + GAP_GRACE_S / 2) == (0, 0)  # a slower replica may answer
+    assert state.expire(now=10.0 + GAP_GRACE_S) == (0, len(gaps))
+    for seq in gaps:
+        assert state.should_send(seq)
+    sent = {seq for seq, _ in sends}
+    assert state.unreceipted == len(sent - set(receipted)) - len(gaps)
+
+
+def test_a_gap_receipted_within_the_grace_is_not_resent() -> None:
+    state = _state()
+    _send(state, 3, 1)
+    _send(state, 3, 2)
+    assert state.receipted([(2, 2)], now=5.0) == 1
+    state.receipted([(1, 1)], now=5.5)  # another coordinator's receipt came after all
+    assert state.expire(now=5.0 + GAP_GRACE_S) == (0, 0)
+
+
+def test_a_gap_is_resent_once_per_connection_then_waits_for_the_timeout() -> None:
+    state = SendState(receipt_timeout_s=60.0, max_unreceipted=100)
+    _send(state, 3, 1, now=0.0)
+    _send(state, 3, 2, now=0.0)
+    state.receipted([(2, 2)], now=1.0)
+    assert state.expire(now=1.0 + GAP_GRACE_S) == (0, 1)
+    _send(state, 3, 1, now=3.0)  # the resend, dropped again (a coordinator over quota)
+    _send(state, 3, 4, now=3.0)
+    assert state.receipted([(4, 4)], now=4.0) == 0  # no second fast resend
+    assert state.expire(now=30.0) == (0, 0)
+    assert state.expire(now=63.0) == (1, 0)  # the receipt timeout still holds
+    state.reconnected()  # a new connection: gaps may be resent once again
+    _send(state, 3, 1, now=70.0)
+    _send(state, 3, 5, now=70.0)
+    assert state.receipted([(5, 5)], now=71.0) == 1
+
+
+def test_gap_resends_are_rate_limited_per_tick() -> None:
+    state = SendState(receipt_timeout_s=600.0, max_unreceipted=10 * MAX_GAP_RESENDS)
+    total = 2 * MAX_GAP_RESENDS + 1
+    for seq in range(1, total + 1):
+        _send(state, 3, seq)
+    assert state.receipted([(total, total)], now=0.0) == total - 1
+    assert state.expire(now=GAP_GRACE_S)[1] == MAX_GAP_RESENDS
+    assert state.expire(now=GAP_GRACE_S + 1)[1] == MAX_GAP_RESENDS
+    assert state.gap_resent_total == 2 * MAX_GAP_RESENDS
+
+
+def test_a_coordinator_appearing_resends_what_was_sent_before_it() -> None:
+    state = SendState(receipt_timeout_s=60.0, max_unreceipted=100)
+    _send(state, 3, 1, now=1.0)
+    _send(state, 1, 2, now=2.0)
+    _send(state, 3, 3, now=5.0)  # after the coordinator appeared (at 4.0): it got that
+    state.receipted([(1, 1)], now=4.5)
+    assert state.presumed_lost(sent_before=4.0) == 1
+    assert state.should_send(2)
+    assert not state.should_send(3)
+    assert state.plan().cursor == (1, 1)  # rewound: it goes next, paced like any send
+    assert state.presumed_lost(sent_before=4.0) == 0

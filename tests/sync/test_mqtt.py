@@ -10,7 +10,6 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from dgdm.sync import mqtt
 from dgdm.sync.broker import Broker
 from dgdm.sync.errors import ConfigError, TransportError
 from dgdm.sync.mqtt import Backoff, MqttClient, MqttOptions, TokenBucket, Will, parse_broker_url
@@ -18,11 +17,13 @@ from dgdm.sync.mqtt_wire import LeanWire, PahoWire
 
 from .conftest import eventually
 
+_WIRE = {"name": "lean"}  # what `_options` asks for unless told otherwise
+
 
 @pytest.fixture(params=["lean", "paho"])
 def wire(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Run the test over the lean wire and over stock paho (its fallback)."""
-    monkeypatch.setattr(mqtt, "LEAN_WIRE", request.param == "lean")
+    """Run the test over the lean wire and over stock paho (`MqttOptions.wire`)."""
+    monkeypatch.setitem(_WIRE, "name", request.param)
     return str(request.param)
 
 
@@ -32,6 +33,7 @@ def _options(broker: Broker, client_id: str, **kw) -> MqttOptions:
         kw.setdefault("ca_file", tls.ca_file)
         kw.setdefault("cert_file", tls.client_cert)
         kw.setdefault("key_file", tls.client_key)
+    kw.setdefault("wire", _WIRE["name"])
     return MqttOptions(url=broker.url, client_id=client_id, backoff_initial_s=0.05, **kw)
 
 
@@ -306,3 +308,90 @@ def test_bad_broker_url_names_the_key(url: str) -> None:
 def test_broker_url_defaults() -> None:
     assert parse_broker_url("mqtts://example.org").port == 8883
     assert parse_broker_url("mqtt://h:1884").tls is False
+
+
+async def test_paused_reading_delivers_nothing_until_resumed_and_loses_nothing(
+    mqtt_broker: Broker, unique_id: str, wire: str
+) -> None:
+    topic = f"t/{unique_id}"
+    sub, pub, inbox = await _pair(mqtt_broker, unique_id, topic)
+    paused_at: list[int] = []
+
+    def pause_midway(t: str, payload: bytes) -> None:
+        inbox(t, payload)
+        if len(inbox.items) == 10:  # a handler pauses in the middle of a burst of frames
+            sub.pause_reading()
+            paused_at.append(len(inbox.items))
+
+    sub._on_message = pause_midway
+    try:
+        for i in range(500):
+            await pub.send(topic, b"%04d" % i)
+        await eventually(lambda: pub.inflight == 0, 5, "the PUBACKs")
+        await asyncio.sleep(0.5)
+        assert len(inbox.items) == 10  # nothing delivered while paused
+        sub.resume_reading()
+        await inbox.wait_for(500)
+        assert [p for _, p in inbox.items] == [b"%04d" % i for i in range(500)]
+        assert sub.connected
+    finally:
+        await pub.stop()
+        await sub.stop()
+
+
+async def test_retained_messages_go_to_on_retained_and_live_ones_to_on_message(
+    mqtt_broker: Broker, unique_id: str, wire: str
+) -> None:
+    topic = f"t/{unique_id}/r"
+    pub = MqttClient(_options(mqtt_broker, f"{unique_id}-pub"))
+    await pub.start()
+    await pub.wait_connected(5)
+    await (await pub.publish(topic, b"before", retain=True))
+    live, retained = Inbox(), Inbox()
+    sub = MqttClient(
+        _options(mqtt_broker, f"{unique_id}-sub"),
+        on_message=live,
+        on_retained=retained,
+        subscriptions=((topic, 1),),
+    )
+    try:
+        await sub.start()
+        await retained.wait_for(1)
+        await (await pub.publish(topic, b"after", retain=True))
+        await live.wait_for(1)
+        assert (retained.items, live.items) == ([(topic, b"before")], [(topic, b"after")])
+    finally:
+        await (await pub.publish(topic, b"", retain=True))
+        await pub.stop()
+        await sub.stop()
+
+
+def test_the_wire_is_chosen_by_option_and_checked() -> None:
+    assert MqttClient(MqttOptions("mqtt://127.0.0.1:1", "c", wire="paho")).active_wire == "paho"
+    assert MqttClient(MqttOptions("mqtt://127.0.0.1:1", "c")).active_wire == "lean"
+    with pytest.raises(ConfigError, match=r"sync\.wire"):
+        MqttClient(MqttOptions("mqtt://127.0.0.1:1", "c", wire="fast"))  # type: ignore[arg-type]
+
+
+async def test_a_broker_without_mqtt5_gets_an_error_naming_the_setting(
+    tmp_path, unique_id: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """amqtt (the demo extra) speaks 3.1.1 only; an MQTT 5 CONNECT gets no CONNACK."""
+    pytest.importorskip("amqtt", reason="amqtt (the demo extra) is not installed")
+    broker = Broker(tmp_path / "amqtt", engine="amqtt").start()
+    try:
+        client = MqttClient(
+            MqttOptions(broker.url, unique_id, mqtt_version="5", connect_timeout_s=1.0)
+        )
+        await client.start()
+        with pytest.raises(TransportError) as failed:
+            await client.wait_connected(4)
+        await client.stop()
+        assert 'may not speak MQTT 5: set mqtt_version = "3.1.1"' in str(failed.value)
+        assert "sync.mqtt_version" in caplog.text
+        ok = MqttClient(MqttOptions(broker.url, f"{unique_id}-3", mqtt_version="3.1.1"))
+        await ok.start()
+        await ok.wait_connected(5)  # the setting it names does work
+        await ok.stop()
+    finally:
+        broker.stop()
