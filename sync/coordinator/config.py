@@ -37,6 +37,8 @@ class MqttSection:
     username: str | None = None
     password: str | None = setting(None, secret=True)
     mqtt_version: Literal["5", "3.1.1"] = setting("5")
+    # "paho" is the stock paho-mqtt wire, for a broker quirk the lean one meets (mqtt_wire.py).
+    wire: Literal["lean", "paho"] = setting("lean")
     client_id: str | None = setting(None, pattern=r"[A-Za-z0-9._-]{1,64}")
     # Coordinators sharing a group split the traffic. A persistent session of a stopped
     # member keeps its share (the broker queues for it) until it expires or comes back.

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from dgdm.sync import presence
 from dgdm.sync.coordinator.config import CoordinatorConfig
 from dgdm.sync.coordinator.metrics import Metrics
 from dgdm.sync.coordinator.registry import Registry
@@ -37,7 +38,7 @@ from dgdm.sync.envelope import (
     valid_device_id,
 )
 from dgdm.sync.errors import EnvelopeError, SyncError, TransportError
-from dgdm.sync.mqtt import MqttClient, options_from_settings
+from dgdm.sync.mqtt import MqttClient, Will, options_from_settings
 from dgdm.sync.topics import (
     STATUS,
     UPLINK_KINDS,
@@ -110,9 +111,14 @@ class Coordinator:
         await self._db(self.registry.reload)
         self._online = {d["device_id"] for d in await self._db(self.store.devices) if d["online"]}
         self.metrics.devices_online.set(len(self._online))
+        self.presence = presence.Announcer(cfg.id)
         self.mqtt = MqttClient(
-            self._mqtt_options(), on_message=self._on_message, subscriptions=self._subscriptions()
+            self._mqtt_options(self.presence),
+            on_message=self._on_message,
+            on_connect=self.presence.online,
+            subscriptions=self._subscriptions(),
         )
+        self.presence.client = self.mqtt
         await self.mqtt.start()
         self._tasks = [asyncio.create_task(self._flush_forever(), name="coord-flush")]
         if http:
@@ -134,6 +140,7 @@ class Coordinator:
             await self._http.cleanup()
             self._http = None
         if self.mqtt is not None:
+            await self.presence.offline()  # after the last flush: nothing received is lost
             await self.mqtt.stop()
         if self._store is not None:
             await self._db(self._store.close)
@@ -143,10 +150,14 @@ class Coordinator:
         assert self.mqtt is not None
         await self.mqtt.wait_connected(timeout)
 
-    def _mqtt_options(self) -> Any:
+    def _mqtt_options(self, announcer: presence.Announcer | None = None) -> Any:
+        """The broker connection; with `announcer`, its will says the presence was lost."""
         m = self.config.mqtt
         client_id = m.client_id or f"dgdm-coordinator-{self.config.coordinator.id}"
-        return options_from_settings(m, client_id)
+        extra: dict[str, Any] = {}
+        if announcer is not None:
+            extra["will"] = Will(announcer.topic, announcer.will_payload())
+        return options_from_settings(m, client_id, **extra)
 
     def _subscriptions(self) -> tuple[tuple[str, int], ...]:
         shared = self.config.mqtt.mqtt_version == "5"
