@@ -2,7 +2,8 @@
 
 Every record carries ts, level, logger and msg, plus the `extra={...}` fields of the call.
 Fields whose names look like secrets are replaced, so a token or password handed to a log
-call by mistake never reaches the journal.
+call by mistake never reaches the journal. Warnings a peer can trigger at will (a rejected
+incoming envelope) pass at most once per reason a minute.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import json
 import logging
 import sys
 import time
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
 from typing import Any
 
 _SECRET_WORDS = ("token", "password", "secret", "private", "authorization", "key")
@@ -47,10 +50,78 @@ def redact(name: str, value: Any) -> Any:
     return value
 
 
+class RepeatLimiter:
+    """At most one event per key per `period_s`. Pure: `allow(key, now)` is None to hold
+    the event back, else how many of that key were held back since the last one let
+    through. At most `max_keys` keys are remembered (the oldest forgotten first)."""
+
+    def __init__(self, period_s: float = 60.0, max_keys: int = 256) -> None:
+        self.period_s = period_s
+        self.max_keys = max_keys
+        self._keys: OrderedDict[Hashable, tuple[float, int]] = OrderedDict()
+
+    def allow(self, key: Hashable, now: float) -> int | None:
+        last = self._keys.get(key)
+        if last is not None and now - last[0] < self.period_s:
+            self._keys[key] = (last[0], last[1] + 1)
+            return None
+        self._keys[key] = (now, 0)
+        self._keys.move_to_end(key)
+        while len(self._keys) > self.max_keys:
+            self._keys.popitem(last=False)
+        return 0 if last is None else last[1]
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+class RepeatFilter(logging.Filter):
+    """Lets one record per key (`key(record)`, None: not limited) through a minute; the
+    next one carries `suppressed`, how many were held back in between."""
+
+    def __init__(
+        self,
+        key: Callable[[logging.LogRecord], Hashable | None],
+        limiter: RepeatLimiter | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__()
+        self._key = key
+        self._limiter = limiter or RepeatLimiter()
+        self._clock = clock
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = self._key(record)
+        if key is None:
+            return True
+        held_back = self._limiter.allow(key, self._clock())
+        if held_back is None:
+            return False
+        if held_back:
+            record.suppressed = held_back
+        return True
+
+
+# The link logs one warning per rejected incoming envelope ("dropped envelope on TOPIC:
+# REASON (detail)"): a hostile or broken peer can send thousands a second. One line per
+# reason a minute is enough (dgdm_envelopes_rejected_total counts every one). The reason is
+# one of a fixed set of codes (sync.errors.EnvelopeError), so the keys stay few.
+_REJECT_LOGGER = "dgdm.sync.link"
+_REJECT_TEMPLATE = "dropped envelope on %s: %s (%s)"
+
+
+def rejected_envelope_key(record: logging.LogRecord) -> Hashable | None:
+    if record.name != _REJECT_LOGGER or record.msg != _REJECT_TEMPLATE:
+        return None
+    args = record.args if isinstance(record.args, tuple) else ()
+    return ("rejected", args[1]) if len(args) == 3 else None
+
+
 def setup(level: str = "info", stream: Any = None) -> None:
     """Route the root logger to stdout as JSON; called once at start-up."""
     handler = logging.StreamHandler(stream or sys.stdout)
     handler.setFormatter(JsonFormatter())
+    handler.addFilter(RepeatFilter(rejected_envelope_key))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

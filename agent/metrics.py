@@ -51,6 +51,7 @@ class Snapshot:
     queue_depth: int = 0
     backend_failures: dict[str, int] = field(default_factory=dict)  # per backend name
     active_backend: str = "none"
+    envelopes_rejected: dict[str, int] = field(default_factory=dict)  # per reason code
 
 
 class _SnapshotCollector(Collector):
@@ -110,6 +111,14 @@ class _SnapshotCollector(Collector):
             active.add_metric([name], int(name == s.active_backend))
         yield failures
         yield active
+        rejected = CounterMetricFamily(
+            "dgdm_envelopes_rejected",
+            "Incoming envelopes (commands, receipts) dropped, by reason.",
+            labels=["reason"],
+        )
+        for reason, count in sorted(s.envelopes_rejected.items()):
+            rejected.add_metric([reason], count)
+        yield rejected
 
 
 class AgentMetrics:

@@ -92,9 +92,17 @@ async def metrics_text(agent: Agent) -> bytes:
         queue_depth=agent.work.in_flight,
         backend_failures={b["name"]: b["failures"] for b in agent.engine.backends_status()},
         active_backend=agent.active_backend(),
+        envelopes_rejected=_rejected(link),
     )
     agent.metrics.thermal_throttled.set(int(bool(agent.tpu and agent.tpu.protecting)))
     return agent.metrics.render(snapshot)
+
+
+def _rejected(link: Any) -> dict[str, int]:
+    """The link counts each rejection as `rejected_<reason>`."""
+    counters = getattr(link, "counters", None) or {}
+    prefix = "rejected_"
+    return {k[len(prefix) :]: v for k, v in counters.items() if k.startswith(prefix)}
 
 
 def _seconds(ms: int | None) -> float | None:
