@@ -54,7 +54,9 @@ def broker_json(agent: Agent) -> dict[str, Any]:
     if agent.link is None:
         return {"configured": bool(agent.config.sync.broker_url), "connected": False}
     last = getattr(agent.link, "last_sync_ms", None)
-    return {"configured": True, "connected": bool(agent.link.connected), "last_sync_ms": last}
+    wire = agent.link.mqtt.active_wire  # sync.wire, or "paho" where lean is unsupported
+    connected = bool(agent.link.connected)
+    return {"configured": True, "connected": connected, "last_sync_ms": last, "wire": wire}
 
 
 async def health(agent: Agent) -> tuple[bool, dict[str, Any]]:
