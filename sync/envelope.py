@@ -34,6 +34,9 @@ TAG_BYTES = 16
 KEY_ID_BYTES = 4
 MAX_DEVICE_ID_BYTES = 64
 UINT64_MAX = 2**64 - 1
+# SPEC §6 puts uint64 on the wire, but stores (SQLite INTEGER, PostgreSQL bigint) hold
+# signed 64 bits: a receiver refuses larger seqs and times rather than fail at insert.
+INT63_MAX = 2**63 - 1
 
 # magic, version, flags, kind, priority, key id, seq, created_ms, nonce, device id length
 _FIXED = struct.Struct(">2sBBBB4sQQ12sB")
@@ -123,6 +126,37 @@ class Header:
 class Envelope:
     header: Header
     body: dict[str, Any]
+    body_bytes: int = 0  # the JSON text's size (after inflation): what decoding it cost
+
+
+@dataclass(frozen=True)
+class BodyLimits:
+    """What a receiver lets one body cost before `json.loads` builds it.
+
+    `max_ratio` (inflated / compressed) applies only above `ratio_floor` bytes, where a
+    zlib bomb starts to matter; `max_depth` and `max_containers` bound the objects the
+    parser would create (a few KiB of `[],` would otherwise become a million lists).
+    """
+
+    max_bytes: int = 64 * 1024 * 1024
+    max_ratio: int | None = None
+    ratio_floor: int = 64 * 1024
+    max_depth: int = 512
+    max_containers: int | None = None
+
+
+class SealedEnvelopeError(EnvelopeError):
+    """Refused after the tag verified: the device's own key sealed it, so its header can be
+    trusted (a receiver may record and receipt it rather than have it resent forever).
+    `sample` is the start of the decrypted body, for the record."""
+
+    def __init__(self, reason: str, message: str, header: Header, sample: bytes) -> None:
+        super().__init__(reason, message)
+        self.header = header
+        self.sample = sample
+
+
+SAMPLE_BYTES = 512
 
 
 def valid_device_id(device_id: str) -> bool:
@@ -280,12 +314,15 @@ def open_envelope(
     max_bytes: int = DEFAULT_MAX_BYTES,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     allow_plaintext_telemetry: bool = False,
+    limits: BodyLimits | None = None,
 ) -> Envelope:
-    """Validate, decrypt and decode. Every failure is an EnvelopeError with a reason code.
+    """Validate, decrypt and decode. Every failure is an EnvelopeError with a reason code;
+    a failure after the tag verified is a `SealedEnvelopeError`.
 
     `expected_device` is the device id from the topic; `key_id` the one this receiver holds
     for that device (None skips the check). Plaintext is accepted only for telemetry and
-    only when `allow_plaintext_telemetry`.
+    only when `allow_plaintext_telemetry`. `limits` (default: `max_body_bytes` only) bounds
+    what decoding the body may cost. A seq or created_ms above INT63_MAX is malformed.
     """
     if len(data) > max_bytes:
         raise EnvelopeError("too_large", f"envelope is {len(data)} bytes, limit {max_bytes}")
@@ -297,9 +334,25 @@ def open_envelope(
     payload = _decrypt(
         data, header, end, key=key, key_id=key_id, allow_plaintext=allow_plaintext_telemetry
     )
-    if header.compressed:
-        payload = _inflate(payload, max_body_bytes)
-    return Envelope(header, decode_body(payload))
+    bounds = limits or BodyLimits(max_bytes=max_body_bytes)
+    try:
+        _check_header_ints(header)
+        plain = _inflate(payload, bounds) if header.compressed else payload
+        _check_body_size(plain, bounds)
+        if limits is not None:  # a scan only where the receiver asked for one
+            check_structure(plain, limits)
+        return Envelope(header, decode_body(plain), len(plain))
+    except EnvelopeError as exc:
+        if not header.encrypted:
+            raise
+        raise SealedEnvelopeError(exc.reason, str(exc), header, payload[:SAMPLE_BYTES]) from exc
+
+
+def _check_header_ints(header: Header) -> None:
+    if header.seq > INT63_MAX:
+        raise EnvelopeError("malformed", f"seq {header.seq} is above 2^63-1")
+    if header.created_ms > INT63_MAX:
+        raise EnvelopeError("malformed", f"created_ms {header.created_ms} is above 2^63-1")
 
 
 def _decrypt(
@@ -329,25 +382,76 @@ def _decrypt(
         raise EnvelopeError("bad_tag", "authentication tag does not verify") from exc
 
 
-def _inflate(payload: bytes, max_body_bytes: int) -> bytes:
+def _inflate(payload: bytes, limits: BodyLimits) -> bytes:
     """Decompress with a hard cap, so a small zlib bomb cannot take the memory."""
+    cap = limits.max_bytes
+    if limits.max_ratio is not None:
+        cap = min(cap, max(limits.ratio_floor, len(payload) * limits.max_ratio))
     inflater = zlib.decompressobj()
     try:
-        plain = inflater.decompress(payload, max_body_bytes + 1)
+        plain = inflater.decompress(payload, cap + 1)
     except zlib.error as exc:
         raise EnvelopeError("bad_body", f"body is not valid zlib: {exc}") from exc
-    if len(plain) > max_body_bytes:
-        raise EnvelopeError("bad_body", f"decompressed body exceeds {max_body_bytes} bytes")
+    if len(plain) > limits.max_bytes:
+        raise EnvelopeError("too_large", f"decompressed body exceeds {limits.max_bytes} bytes")
+    if len(plain) > cap:
+        raise EnvelopeError(
+            "bad_body", f"body inflates more than {limits.max_ratio}:1 beyond {cap} bytes"
+        )
     if not inflater.eof or inflater.unused_data:
         raise EnvelopeError("bad_body", "zlib stream is truncated or has trailing bytes")
     return plain
 
 
+def _check_body_size(plain: bytes, limits: BodyLimits) -> None:
+    if len(plain) > limits.max_bytes:
+        raise EnvelopeError("too_large", f"body is {len(plain)} bytes, limit {limits.max_bytes}")
+
+
+# Escapes first (so that `\"` cannot end a string early), then whole strings: what is
+# left of valid JSON is structure, numbers and literals, and its brackets are real.
+_ESCAPE = re.compile(rb"\\.", re.DOTALL)
+_STRING = re.compile(rb'"[^"]*"')
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_DEPTH_STEP = {ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1}
+
+
+def check_structure(plain: bytes, limits: BodyLimits) -> None:
+    """Refuse a body whose nesting or number of arrays and objects is beyond `limits`,
+    by a byte scan, before the parser allocates any of it."""
+    if b"[" not in plain[1:] and b"{" not in plain[1:]:
+        return
+    bare = _STRING.sub(b"", _ESCAPE.sub(b"", plain)) if b'"' in plain else plain
+    brackets = bare.translate(None, _NOT_BRACKETS)
+    opened = len(brackets) - brackets.count(b"]") - brackets.count(b"}")
+    if limits.max_containers is not None and opened > limits.max_containers:
+        raise EnvelopeError(
+            "bad_body", f"body has {opened} arrays and objects, limit {limits.max_containers}"
+        )
+    depth = 0
+    for byte in brackets:
+        depth += _DEPTH_STEP[byte]
+        if depth > limits.max_depth:
+            raise EnvelopeError("bad_body", f"body nests deeper than {limits.max_depth}")
+
+
+class _NonFinite(ValueError):
+    pass
+
+
+def _refuse_constant(name: str) -> Any:
+    raise _NonFinite(name)
+
+
 def decode_body(payload: bytes) -> dict[str, Any]:
+    """The JSON object; NaN and Infinity are not JSON (RFC 8259) and are refused here, so
+    nothing downstream ever has to serialise them."""
     try:
-        body = json.loads(payload.decode("utf-8"))
+        body = json.loads(payload.decode("utf-8"), parse_constant=_refuse_constant)
     except UnicodeDecodeError as exc:
         raise EnvelopeError("bad_body", "body is not UTF-8") from exc
+    except _NonFinite as exc:
+        raise EnvelopeError("bad_body", f"body holds {exc}, which is not JSON") from exc
     except (ValueError, RecursionError) as exc:
         raise EnvelopeError("bad_body", "body is not valid JSON") from exc
     if not isinstance(body, dict):

@@ -33,7 +33,8 @@ json_values = st.recursive(
     max_leaves=20,
 )
 bodies = st.dictionaries(st.text(max_size=12), json_values, max_size=8)
-uint64 = st.integers(0, 2**64 - 1)
+# What a receiver accepts: SPEC §6 is uint64 on the wire, but stores hold signed 64 bits.
+int63 = st.integers(0, 2**63 - 1)
 
 
 def _open(data: bytes, **kw) -> env.Envelope:
@@ -103,8 +104,8 @@ def test_compression_flag_and_auto_choice() -> None:
 @settings(max_examples=80, deadline=None)
 @given(
     kind=st.sampled_from(list(Kind)),
-    seq=uint64,
-    created=uint64,
+    seq=int63,
+    created=int63,
     device=device_ids,
     body=bodies,
     encrypt=st.booleans(),
@@ -283,7 +284,7 @@ def test_zlib_bomb_is_capped() -> None:
     bomb = zlib.compress(b'{"a":"' + b"a" * (8 * 1024 * 1024) + b'"}', 9)
     assert len(bomb) < 20_000
     data = _plain_telemetry(bomb, env.FLAG_COMPRESSED)
-    assert _reason(data, allow_plaintext_telemetry=True, max_body_bytes=1024 * 1024) == "bad_body"
+    assert _reason(data, allow_plaintext_telemetry=True, max_body_bytes=1024 * 1024) == "too_large"
     assert (
         _open(data, allow_plaintext_telemetry=True, max_body_bytes=16 * 1024 * 1024).body["a"][:3]
         == "aaa"
@@ -411,3 +412,80 @@ def test_auto_compression_only_when_it_shrinks_the_body(body) -> None:
         assert len(data) - 40 < len(plain)
     else:
         assert data[40:] == plain
+
+
+@pytest.mark.parametrize("field", ["seq", "created_ms"])
+@pytest.mark.parametrize("value", [2**63, 2**64 - 1])
+def test_a_uint64_above_int63_is_malformed_and_said_to_be_sealed(field, value) -> None:
+    fields = {"seq": 1, "created_ms": 1, field: value}
+    data = env.seal(
+        Kind.RESULT, fields["seq"], fields["created_ms"], "dev-1", {}, key=KEY, key_id=KEY_ID
+    )
+    with pytest.raises(env.SealedEnvelopeError) as err:
+        _open(data)
+    assert err.value.reason == "malformed"
+    assert getattr(err.value.header, field) == value
+    assert (
+        env.open_envelope(
+            env.seal(Kind.RESULT, 2**63 - 1, 2**63 - 1, "d", {}, key=KEY, key_id=KEY_ID),
+            key=KEY,
+            key_id=KEY_ID,
+            expected_device="d",
+        ).header.seq
+        == 2**63 - 1
+    )
+
+
+def test_a_forged_tag_is_never_said_to_be_sealed() -> None:
+    data = bytearray(env.seal(Kind.RESULT, 2**63, 1, "dev-1", {}, key=KEY, key_id=KEY_ID))
+    data[-1] ^= 1
+    with pytest.raises(EnvelopeError) as err:
+        _open(bytes(data))
+    assert not isinstance(err.value, env.SealedEnvelopeError)
+    assert err.value.reason == "bad_tag"
+
+
+@pytest.mark.parametrize("text", [b'{"a":NaN}', b'{"a":[Infinity]}', b'{"a":-Infinity}'])
+def test_nan_and_infinity_are_not_json(text) -> None:
+    with pytest.raises(EnvelopeError) as err:
+        env.decode_body(text)
+    assert err.value.reason == "bad_body"
+    assert "not JSON" in str(err.value)
+
+
+LIMITS = env.BodyLimits(
+    max_bytes=1 << 20, max_ratio=100, ratio_floor=1024, max_depth=8, max_containers=100
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "ok"),
+    [
+        (b'{"a":' + b"[" * 7 + b"]" * 7 + b"}", True),  # depth 8 with the outer object
+        (b'{"a":' + b"[" * 8 + b"]" * 8 + b"}", False),
+        (b'{"a":"' + b"[" * 50 + b'"}', True),  # brackets inside a string are text
+        (b'{"a":"\\"[[[[[[[[[[[[","b":1}', True),  # escaped quotes do not end strings
+        (b'{"a":"\\\\","b":' + b"[" * 9 + b"]" * 9 + b"}", False),  # an escaped backslash does
+        (b'{"a":[' + b"[]," * 99 + b"[]]}", False),  # 101 containers
+        (b'{"a":[' + b"[]," * 97 + b"[]]}", True),  # 100
+        (b'{"a":1.5e3,"b":"x"}', True),
+    ],
+)
+def test_structure_scan_counts_only_real_brackets(text, ok) -> None:
+    json.loads(text)  # each case is valid JSON
+    if ok:
+        env.check_structure(text, LIMITS)
+    else:
+        with pytest.raises(EnvelopeError) as err:
+            env.check_structure(text, LIMITS)
+        assert err.value.reason == "bad_body"
+
+
+def test_inflation_ratio_is_capped_beyond_the_floor() -> None:
+    small = zlib.compress(b'{"a":"' + b"0" * 1000 + b'"}')
+    big = zlib.compress(b'{"a":"' + b"0" * 200_000 + b'"}')
+    assert env._inflate(small, LIMITS)
+    with pytest.raises(EnvelopeError) as err:
+        env._inflate(big, LIMITS)
+    assert err.value.reason == "bad_body"
+    assert "100:1" in str(err.value)
