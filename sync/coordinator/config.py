@@ -24,6 +24,9 @@ class CoordinatorSection:
     receipt_interval_ms: int = setting(200, minimum=1, maximum=60_000)
     receipt_batch: int = setting(500, minimum=1, maximum=100_000)
     max_envelope_bytes: int = setting(16 * MIB, minimum=1024)
+    # The largest result body (inflated JSON) accepted: embeddings are nodes x features x 4
+    # bytes in base64 (x 4/3) plus node ids; 32 MiB holds 100,000 nodes x 48 features.
+    max_result_body_bytes: int = setting(32 * MIB, minimum=64 * 1024, maximum=1024 * MIB)
 
 
 @dataclass(frozen=True)

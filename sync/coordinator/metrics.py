@@ -17,6 +17,12 @@ class Metrics:
         self.rejects = Counter(
             "dgdm_rejects", "Input dropped, by reason", ["reason"], registry=self.registry
         )
+        self.quarantined = Counter(
+            "dgdm_quarantined",
+            "Authenticated envelopes refused, recorded in quarantine and receipted, by reason",
+            ["reason"],
+            registry=self.registry,
+        )
         self.receipts = Counter("dgdm_receipts_sent", "Receipts published", registry=self.registry)
         self.commands = Counter("dgdm_commands_sent", "Commands published", registry=self.registry)
         self.devices_online = Gauge(

@@ -4,15 +4,20 @@
 `SqliteStore` uses WAL with synchronous=FULL: a receipt is only published after the batch
 it covers has committed, so "receipted" means "on disk". Messages are unique by
 (device_id, kind, seq); a duplicate is counted and ignored but still receipted, so the
-device can delete it. Cloud -> device seqs (commands and receipts share the direction)
-come from a persisted per-device counter, so they are never reused.
+device can delete it. A message that cannot be stored (an integer beyond 64 bits, a
+non-finite number, a refused body) is kept in `quarantine` instead and never costs the
+other rows of its batch. The file, its WAL and the data dir are the owner's only.
+Cloud -> device seqs (commands and receipts share the direction) come from a persisted
+per-device counter, so they are never reused.
 
 All methods block; the service calls them from one worker thread.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -34,7 +39,8 @@ CREATE TABLE IF NOT EXISTS devices (
     agent_version TEXT,
     backend TEXT,
     down_seq INTEGER NOT NULL DEFAULT 0,
-    added_ms INTEGER NOT NULL
+    added_ms INTEGER NOT NULL,
+    plaintext_telemetry INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS messages (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -56,7 +62,23 @@ CREATE TABLE IF NOT EXISTS commands (
     replied_ms INTEGER,
     PRIMARY KEY (device_id, seq)
 );
+CREATE TABLE IF NOT EXISTS quarantine (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    device_id TEXT NOT NULL,
+    kind INTEGER NOT NULL,
+    seq TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    received_ms INTEGER NOT NULL,
+    sample TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS quarantine_by_device ON quarantine (device_id, id);
 """
+# Columns added after the first release: (table, column, definition) for ALTER TABLE.
+MIGRATIONS = (("devices", "plaintext_telemetry", "INTEGER NOT NULL DEFAULT 0"),)
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# Enough to see what a device sends wrong; a hostile device cannot fill the disk with it.
+QUARANTINE_PER_DEVICE = 1000
+SAMPLE_CHARS = 512
 
 
 class Incoming(NamedTuple):
@@ -69,20 +91,59 @@ class Incoming(NamedTuple):
     body: dict[str, Any]
 
 
+class Quarantined(NamedTuple):
+    """A message refused after it was authenticated (or at insert): recorded, not stored."""
+
+    device_id: str
+    kind: Kind
+    seq: int
+    reason: str
+    sample: str
+
+
 @dataclass(frozen=True)
 class StoreResult:
     stored: int
     duplicates: int
     receipt_seqs: dict[str, int]  # device -> the down seq allocated for its receipt
+    # Rows of `items` that could not be stored and went to quarantine instead.
+    quarantined: tuple[Quarantined, ...] = ()
+
+
+def quarantine_record(
+    device_id: str, kind: Kind, seq: int, reason: str, *, message: str, sample: bytes
+) -> Quarantined:
+    """What is kept of a refused message: why, and the start of its bytes."""
+    text = sample[:SAMPLE_CHARS].decode("utf-8", "backslashreplace")
+    return Quarantined(device_id, kind, seq, reason, f"{message}: {text}"[:SAMPLE_CHARS])
+
+
+def merge_results(results: list[StoreResult]) -> StoreResult:
+    """Several transactions of one ingest as one: a device's receipt takes its last seq."""
+    receipt_seqs: dict[str, int] = {}
+    for result in results:
+        receipt_seqs.update(result.receipt_seqs)
+    return StoreResult(
+        sum(r.stored for r in results),
+        sum(r.duplicates for r in results),
+        receipt_seqs,
+        tuple(q for r in results for q in r.quarantined),
+    )
 
 
 class Store(Protocol):
-    def add_device(self, device_id: str, public_key: str) -> None: ...
+    def add_device(
+        self, device_id: str, public_key: str, *, plaintext_telemetry: bool = False
+    ) -> None: ...
+    def plaintext_telemetry(self, device_id: str) -> bool: ...
     def remove_device(self, device_id: str) -> bool: ...
     def devices(self) -> list[dict[str, Any]]: ...
     def device(self, device_id: str) -> dict[str, Any] | None: ...
     def public_keys(self) -> dict[str, str]: ...
-    def store_batch(self, items: list[Incoming], now_ms: int) -> StoreResult: ...
+    def store_batch(
+        self, items: list[Incoming], now_ms: int, quarantine: Iterable[Quarantined] = ()
+    ) -> StoreResult: ...
+    def quarantined(self, device_id: str, limit: int = 100) -> list[dict[str, Any]]: ...
     def set_status(self, device_id: str, status: dict[str, Any], now_ms: int) -> None: ...
     def new_command(self, device_id: str, body: dict[str, Any], now_ms: int) -> int: ...
     def command(self, device_id: str, seq: int) -> dict[str, Any] | None: ...
@@ -94,13 +155,22 @@ class Store(Protocol):
 class SqliteStore:
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _private_files(self.path)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA busy_timeout=5000")
         self._db.executescript(SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Add columns a file made by an older release lacks (idempotent; each is one
+        statement, so a crash leaves the column either added or not)."""
+        for table, column, definition in MIGRATIONS:
+            have = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            if column not in have:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
 
     def close(self) -> None:
         with self._lock:
@@ -108,13 +178,27 @@ class SqliteStore:
 
     # -- registry ----------------------------------------------------------------------
 
-    def add_device(self, device_id: str, public_key: str) -> None:
+    def add_device(
+        self, device_id: str, public_key: str, *, plaintext_telemetry: bool = False
+    ) -> None:
+        """Enrol (or re-enrol: a new key, and the plaintext flag as given now)."""
         with self._lock, self._db:
             self._db.execute(
-                "INSERT INTO devices (device_id, public_key, added_ms) VALUES (?, ?, ?) "
-                "ON CONFLICT (device_id) DO UPDATE SET public_key = excluded.public_key",
-                (device_id, public_key, _now_ms()),
+                "INSERT INTO devices (device_id, public_key, added_ms, plaintext_telemetry)"
+                " VALUES (?, ?, ?, ?) ON CONFLICT (device_id) DO UPDATE SET"
+                " public_key = excluded.public_key,"
+                " plaintext_telemetry = excluded.plaintext_telemetry",
+                (device_id, public_key, _now_ms(), int(plaintext_telemetry)),
             )
+
+    def plaintext_telemetry(self, device_id: str) -> bool:
+        """Whether the device was enrolled as sending plaintext telemetry (default no)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT plaintext_telemetry FROM devices WHERE device_id = ? AND public_key != ''",
+                (device_id,),
+            ).fetchone()
+        return bool(row and row[0])
 
     def devices(self) -> list[dict[str, Any]]:
         return self._rows("SELECT * FROM devices ORDER BY device_id", ())
@@ -149,7 +233,7 @@ class SqliteStore:
                 " WHERE device_id = ?",
                 (
                     online,
-                    _int_or_none(status.get("ts_ms")),
+                    _int64_or_none(status.get("ts_ms")),
                     _str_or_none(status.get("agent_version")),
                     _str_or_none(status.get("backend")),
                     now_ms,
@@ -160,46 +244,96 @@ class SqliteStore:
 
     # -- ingest ------------------------------------------------------------------------
 
-    def store_batch(self, items: list[Incoming], now_ms: int) -> StoreResult:
-        rows = [
-            (i.device_id, int(i.kind), i.seq, i.created_ms, now_ms, _dumps(i.body))
-            for i in items
-            if i.kind is not Kind.REPLY
-        ]
-        devices = sorted({i.device_id for i in items})
+    def store_batch(
+        self, items: list[Incoming], now_ms: int, quarantine: Iterable[Quarantined] = ()
+    ) -> StoreResult:
+        """Store `items` in one transaction and record `quarantine`; an item that cannot be
+        stored is quarantined alone. Every device of either list gets a receipt seq."""
+        given = list(quarantine)
+        refused: list[Quarantined] = []  # items this store could not take
+        rows: list[tuple[Any, ...]] = []
+        replies: list[tuple[Incoming, str]] = []
+        for item in items:
+            try:
+                text = _row_text(item)
+            except _Refused as exc:
+                refused.append(_quarantined(item, exc.reason, str(exc)))
+                continue
+            if item.kind is Kind.REPLY:
+                replies.append((item, text))
+            else:
+                rows.append(
+                    (item.device_id, int(item.kind), item.seq, item.created_ms, now_ms, text)
+                )
+        devices = sorted({i.device_id for i in items} | {q.device_id for q in given})
         with self._lock, self._db:
             self._db.execute("BEGIN IMMEDIATE")
             before = self._db.total_changes
-            self._db.executemany(
-                "INSERT OR IGNORE INTO messages"
-                " (device_id, kind, seq, created_ms, received_ms, body) VALUES (?, ?, ?, ?, ?, ?)",
-                rows,
-            )
+            refused += self._insert_messages(rows, items)
             stored = self._db.total_changes - before
-            stored += self._store_replies([i for i in items if i.kind is Kind.REPLY], now_ms)
+            stored += self._store_replies(replies, now_ms)
+            self._quarantine(given + refused, now_ms)
             self._touch(devices, now_ms)
             receipt_seqs = {d: self._next_down_seq(d) for d in devices}
-        return StoreResult(stored, len(items) - stored, receipt_seqs)
+        duplicates = len(items) - len(refused) - stored
+        return StoreResult(stored, duplicates, receipt_seqs, tuple(given + refused))
 
-    def _store_replies(self, replies: list[Incoming], now_ms: int) -> int:
+    def _insert_messages(
+        self, rows: list[tuple[Any, ...]], items: list[Incoming]
+    ) -> list[Quarantined]:
+        """All rows at once; should the database refuse one, row by row, so it fails alone."""
+        self._db.execute("SAVEPOINT batch")
+        try:
+            self._db.executemany(_INSERT, rows)
+        except (sqlite3.Error, OverflowError, ValueError):
+            self._db.execute("ROLLBACK TO batch")
+        else:
+            self._db.execute("RELEASE batch")
+            return []
+        self._db.execute("RELEASE batch")
+        by_key = {(i.device_id, int(i.kind), i.seq): i for i in items}
+        refused = []
+        for row in rows:
+            try:
+                self._db.execute(_INSERT, row)
+            except (sqlite3.Error, OverflowError, ValueError) as exc:
+                refused.append(_quarantined(by_key[row[:3]], "store_error", str(exc)))
+        return refused
+
+    def _store_replies(self, replies: list[tuple[Incoming, str]], now_ms: int) -> int:
         """A reply is stored with its command; a second copy of the same reply is a duplicate."""
         stored = 0
-        for item in replies:
-            cmd_seq = item.body.get("cmd_seq")
+        for item, text in replies:
             before = self._db.total_changes
             self._db.execute(
-                "INSERT OR IGNORE INTO messages"
-                " (device_id, kind, seq, created_ms, received_ms, body) VALUES (?, ?, ?, ?, ?, ?)",
-                (item.device_id, int(item.kind), item.seq, item.created_ms, now_ms, "{}"),
+                _INSERT, (item.device_id, int(item.kind), item.seq, item.created_ms, now_ms, "{}")
             )
             if self._db.total_changes == before:
                 continue
             stored += 1
             self._db.execute(
                 "UPDATE commands SET reply = ?, replied_ms = ? WHERE device_id = ? AND seq = ?",
-                (_dumps(item.body), now_ms, item.device_id, _int_or_none(cmd_seq)),
+                (text, now_ms, item.device_id, _int64_or_none(item.body.get("cmd_seq"))),
             )
         return stored
+
+    def _quarantine(self, refused: list[Quarantined], now_ms: int) -> None:
+        self._db.executemany(
+            "INSERT INTO quarantine (device_id, kind, seq, reason, received_ms, sample)"
+            " SELECT ?, ?, ?, ?, ?, ? WHERE"
+            " (SELECT count(*) FROM quarantine WHERE device_id = ?) < ?",
+            [(*_quarantine_row(q, now_ms), q.device_id, QUARANTINE_PER_DEVICE) for q in refused],
+        )
+
+    def quarantined(self, device_id: str, limit: int = 100) -> list[dict[str, Any]]:
+        rows = self._rows(
+            "SELECT kind, seq, reason, received_ms, sample FROM quarantine"
+            " WHERE device_id = ? ORDER BY id LIMIT ?",
+            (device_id, limit),
+        )
+        for row in rows:
+            row["kind"] = Kind(row["kind"]).name.lower()
+        return rows
 
     def _touch(self, devices: Iterable[str], now_ms: int) -> None:
         self._db.executemany(
@@ -290,8 +424,66 @@ def _now_ms() -> int:
 _dumps = json.JSONEncoder(separators=(",", ":")).encode
 
 
-def _int_or_none(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+_dumps_strict = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+_INSERT = (
+    "INSERT OR IGNORE INTO messages"
+    " (device_id, kind, seq, created_ms, received_ms, body) VALUES (?, ?, ?, ?, ?, ?)"
+)
+
+
+class _Refused(ValueError):
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def _row_text(item: Incoming) -> str:
+    """The body as stored, after the checks SQLite and JSON readers need: 64-bit integers
+    (SQLite raises OverflowError beyond them) and finite numbers (`Infinity` is not JSON,
+    and the API must always answer JSON)."""
+    for name, value in (("seq", item.seq), ("created_ms", item.created_ms)):
+        if not 0 <= value <= INT64_MAX:
+            raise _Refused("malformed", f"{name} {value} is outside 0..2^63-1")
+    if item.kind is Kind.REPLY:
+        cmd_seq = item.body.get("cmd_seq")
+        if isinstance(cmd_seq, int) and not INT64_MIN <= cmd_seq <= INT64_MAX:
+            raise _Refused("malformed", f"reply cmd_seq {cmd_seq} is beyond 64 bits")
+    try:
+        return _dumps_strict(item.body)
+    except ValueError as exc:
+        raise _Refused("bad_body", f"body is not storable JSON: {exc}") from exc
+
+
+def _quarantined(item: Incoming, reason: str, message: str) -> Quarantined:
+    sample = json.dumps(item.body, default=str)[:SAMPLE_CHARS]
+    return Quarantined(item.device_id, item.kind, item.seq, reason, f"{message}: {sample}")
+
+
+def _quarantine_row(q: Quarantined, now_ms: int) -> tuple[Any, ...]:
+    return (q.device_id, int(q.kind), str(q.seq), q.reason, now_ms, q.sample[:SAMPLE_CHARS])
+
+
+def _private_files(path: Path) -> None:
+    """The data dir 0700 and the database 0600 whatever the umask; SQLite creates the WAL
+    and SHM files with the database's mode, so they follow. Looser existing files (an older
+    release, a copy) are tightened."""
+    if not path.parent.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(path.parent, 0o700)  # mkdir's mode would be cut by an odd umask
+    os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
+    for name in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        with contextlib.suppress(FileNotFoundError):
+            st = name.stat()
+            if st.st_mode & 0o077 and st.st_uid == os.geteuid():
+                os.chmod(name, 0o600)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _int64_or_none(value: Any) -> int | None:
+    return value if _is_int(value) and INT64_MIN <= value <= INT64_MAX else None
 
 
 def _str_or_none(value: Any) -> str | None:
