@@ -23,14 +23,28 @@ from typing import Any
 
 from dgdm.sync import presence
 from dgdm.sync.coordinator.config import CoordinatorConfig
+from dgdm.sync.coordinator.limits import RECEIPT_BATCH_BYTES, limits_by_kind
+from dgdm.sync.coordinator.lograte import QUARANTINE_LOG
 from dgdm.sync.coordinator.metrics import Metrics
 from dgdm.sync.coordinator.registry import Registry
-from dgdm.sync.coordinator.store import Incoming, SqliteStore, Store, StoreResult
+from dgdm.sync.coordinator.store import (
+    Incoming,
+    Quarantined,
+    SqliteStore,
+    Store,
+    StoreResult,
+    merge_results,
+    quarantine_record,
+)
 from dgdm.sync.crypto import load_private_key
 from dgdm.sync.envelope import (
+    FLAG_ENCRYPTED,
     KEY_ID_BYTES,
     TOPIC_SUFFIX,
+    BodyLimits,
+    Envelope,
     Kind,
+    SealedEnvelopeError,
     decode_body,
     open_envelope,
     ranges_from_seqs,
@@ -238,44 +252,100 @@ class Coordinator:
         for kind, count in batch.kinds.items():
             self.metrics.messages_in.labels(kind=kind.name.lower()).inc(count)
         self.metrics.duplicates.inc(result.duplicates)
+        now_s = time.monotonic()
+        for q in result.quarantined:
+            self._reject(q.reason)
+            self.metrics.quarantined.labels(reason=q.reason).inc()
+            if QUARANTINE_LOG.allow(q.device_id, now_s):
+                log.warning(
+                    "quarantined %s seq %s from %s (%s; %d more since the last such line)",
+                    q.kind.name.lower(),
+                    q.seq,
+                    q.device_id,
+                    q.sample[:200],
+                    QUARANTINE_LOG.take_suppressed(q.device_id),
+                )
         await self._send_receipts(batch.seqs, result)
 
     def _ingest(
         self, raw: list[tuple[str, Kind, bytes]], now_ms: int
     ) -> tuple[_Batch, StoreResult]:
-        """On the database thread: decrypt and check every envelope, then one commit."""
+        """On the database thread: decrypt and check every envelope, then commit.
+
+        A bad envelope fails alone: unauthenticated ones are rejected (no receipt); one the
+        device's key sealed but that is refused (an integer beyond 64 bits, a body over its
+        bounds) is quarantined and receipted, so the device stops resending it. Only sealed
+        envelopes' seqs are receipted: a plaintext one may be forged, and its seq would make
+        the device delete the real message. `batch.incoming` is the transaction being
+        filled: every RECEIPT_BATCH_BYTES of decoded bodies is committed, so their memory
+        stays bounded however large the batch.
+        """
         batch = _Batch([], {}, {}, collections.Counter())
+        limits = limits_by_kind(self.config)
+        quarantine: list[Quarantined] = []
+        results: list[StoreResult] = []
+        body_bytes = 0
         for device_id, kind, payload in raw:
             try:
-                item = self._open(device_id, kind, payload)
+                item, env = self._open(device_id, kind, payload, limits)
+            except SealedEnvelopeError as exc:
+                header = exc.header
+                quarantine.append(
+                    quarantine_record(
+                        device_id,
+                        header.kind,
+                        header.seq,
+                        exc.reason,
+                        message=str(exc),
+                        sample=exc.sample,
+                    )
+                )
+                batch.seqs.setdefault(device_id, []).append(header.seq)
+                continue
             except EnvelopeError as exc:
                 batch.rejects[exc.reason] = batch.rejects.get(exc.reason, 0) + 1
                 log.debug("rejected envelope from %s: %s", device_id, exc)
                 continue
             batch.incoming.append(item)
             batch.kinds[kind] += 1
-            batch.seqs.setdefault(device_id, []).append(item.seq)
-        result = self.store.store_batch(batch.incoming, now_ms)
-        return batch, result
+            if env.header.encrypted:
+                batch.seqs.setdefault(device_id, []).append(item.seq)
+            body_bytes += env.body_bytes
+            if body_bytes >= RECEIPT_BATCH_BYTES:
+                results.append(self.store.store_batch(batch.incoming, now_ms, quarantine))
+                batch.incoming, quarantine, body_bytes = [], [], 0
+        if batch.incoming or quarantine or not results:
+            results.append(self.store.store_batch(batch.incoming, now_ms, quarantine))
+        return batch, merge_results(results)
 
-    def _open(self, device_id: str, kind: Kind, payload: bytes) -> Incoming:
+    def _open(
+        self, device_id: str, kind: Kind, payload: bytes, limits: dict[Kind, BodyLimits]
+    ) -> tuple[Incoming, Envelope]:
         assert self.registry is not None
         keys = self.registry.keys_for(device_id, _key_id(payload))
         if keys is None:
             raise EnvelopeError("unknown_device", f"device {device_id!r} is not enrolled")
+        # Plaintext only from a device enrolled as sending it (a store lookup, made only
+        # for a plaintext envelope): anyone on the path could have written it.
+        plaintext = len(payload) > 3 and not payload[3] & FLAG_ENCRYPTED
         env = open_envelope(
             payload,
             key=keys.up,
             key_id=keys.key_id,
             expected_device=device_id,
             max_bytes=self.config.coordinator.max_envelope_bytes,
-            allow_plaintext_telemetry=True,
+            allow_plaintext_telemetry=plaintext
+            and kind is Kind.TELEMETRY
+            and self.store.plaintext_telemetry(device_id),
+            limits=limits[kind],
         )
         if env.header.kind is not kind:
-            raise EnvelopeError(
-                "bad_kind", f"{env.header.kind.name.lower()} on a {kind.name} topic"
-            )
-        return Incoming(device_id, kind, env.header.seq, env.header.created_ms, env.body)
+            message = f"{env.header.kind.name.lower()} on a {kind.name.lower()} topic"
+            if env.header.encrypted:
+                raise SealedEnvelopeError("bad_kind", message, env.header, b"")
+            raise EnvelopeError("bad_kind", message)
+        item = Incoming(device_id, kind, env.header.seq, env.header.created_ms, env.body)
+        return item, env
 
     async def _send_receipts(self, seqs: dict[str, list[int]], result: StoreResult) -> None:
         assert self.registry is not None
