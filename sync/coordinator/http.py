@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import math
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -29,6 +30,7 @@ COORDINATOR: web.AppKey[Coordinator] = web.AppKey("coordinator")
 MAX_RESULTS = 1000
 RECENT_ALERTS = 20
 MAX_BODY_BYTES = 64 * 1024 * 1024
+INT63_MAX = 2**63 - 1  # store integers are signed 64-bit; a larger seq cannot exist
 
 
 def _error(status: int, message: str, field: str | None = None) -> web.Response:
@@ -160,9 +162,32 @@ async def get_results(request: web.Request) -> web.Response:
     return web.json_response({"results": rows, "next": cursor})
 
 
+class _NotJson(ValueError):
+    pass
+
+
+def _refuse_constant(name: str) -> Any:
+    raise _NotJson(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _NotJson(f"{text} is beyond a double")
+    return value
+
+
+def _strict_loads(text: str) -> Any:
+    """RFC 8259 JSON only: NaN, Infinity and numbers that overflow to them are refused, so
+    nothing stored or sent on can make a later answer invalid JSON."""
+    return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+
+
 async def _command_body(request: web.Request) -> dict[str, Any] | web.Response:
     try:
-        body = await request.json()
+        body = await request.json(loads=_strict_loads)
+    except _NotJson as exc:
+        return _error(400, f"body is not valid JSON: {exc}", "body")
     except ValueError:
         return _error(400, "body is not valid JSON", "body")
     if not isinstance(body, dict):
@@ -174,7 +199,7 @@ async def _command_body(request: web.Request) -> dict[str, Any] | web.Response:
 
 
 async def post_command(request: web.Request) -> web.Response:
-    from dgdm.sync.coordinator.service import DEFAULT_TTL_MS, BadCommand
+    from dgdm.sync.coordinator.service import DEFAULT_TTL_MS, BadCommand, UnknownDevice
 
     found = await _device_or_404(request)
     if isinstance(found, web.Response):
@@ -189,6 +214,8 @@ async def post_command(request: web.Request) -> web.Response:
         )
     except BadCommand as exc:
         return _error(422, str(exc), exc.field)
+    except UnknownDevice:  # enrolled once (the row stays) but removed since
+        return _error(404, f"device {device_id!r} is not enrolled", "device_id")
     except TransportError as exc:
         return _error(503, f"broker unavailable: {exc}", None)
     return web.json_response({"seq": seq, "device_id": device_id}, status=202)
@@ -203,6 +230,8 @@ async def get_command(request: web.Request) -> web.Response:
         seq = int(request.match_info["seq"])
     except ValueError:
         return _error(404, "command seq must be an integer", "seq")
+    if not 1 <= seq <= INT63_MAX:
+        return _error(404, f"command seq must be from 1 to {INT63_MAX}", "seq")
     command = await coordinator.command(device_id, seq)
     if command is None:
         return _error(404, f"no command {seq} for {device_id!r}", "seq")
