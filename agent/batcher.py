@@ -11,7 +11,9 @@ each request on its own (its own B feature sets still share one call).
 Timing: the event loop's selector sleeps in whole milliseconds, so a timer alone would hold
 a lone request ~1 ms for a 200 us window. The last stretch of the window is therefore
 waited out with `call_soon` turns, each of which still polls the sockets (so requests
-arriving meanwhile join); a lone request waits the window and no more.
+arriving meanwhile join); a lone request waits the window and no more. Once a second set
+has joined, a plain timer does (a busy loop wakes on time anyway, and spinning would take
+the CPU from the requests still coming).
 """
 
 from __future__ import annotations
@@ -91,6 +93,10 @@ class Batcher(Generic[K, R]):
         left = batch.deadline - loop.time()
         if left <= 0:
             self._start(key)
+        elif len(batch.parts) > 1:
+            # Not a lone request any more: a timer that fires a little late costs no lone
+            # request anything, and spinning would take the CPU from the requests coming.
+            loop.call_later(left, self._wake, loop, key, batch)
         elif left > _TIMER_SLACK_S:
             loop.call_later(left - _TIMER_SLACK_S, self._wake, loop, key, batch)
         else:

@@ -46,9 +46,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--features", type=int, default=16)
     parser.add_argument("--backend", default="auto", help="the agent's kernels.backend")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument(
+        "--oip",
+        action="store_true",
+        help="the Open Inference Protocol against the JSON routes, and batching (needs wrk)",
+    )
+    parser.add_argument(
+        "--window-us", type=int, default=200, help="with --oip: kernels.batch_window_us"
+    )
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.oip:
+        from dgdm.agent import oip_bench
+
+        return oip_bench.main(args)
     body = bench_graph(args.nodes, args.features)
     args.wrk = _wrk_path(args.client)
     generator = f"{_wrk_version(args.wrk)}, 1 thread" if args.wrk else "aiohttp client process"

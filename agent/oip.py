@@ -52,6 +52,8 @@ BODY_TYPES = frozenset({"application/json", "application/octet-stream"})
 # ~1 us each, which would stall every other request on the loop.
 INLINE_BODY_BYTES = 64 * 1024
 INLINE_ENCODE_VALUES = 20_000
+INLINE_MAX_MS = 0.5
+MAX_REMEMBERED = 256
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Key = tuple[str, str]  # graph id, operator version
 
@@ -77,7 +79,7 @@ MODELS: web.AppKey[_Models] = web.AppKey("oip_models")
 
 def add_oip_routes(app: web.Application, agent: Agent) -> None:
     kernels = agent.config.kernels
-    run = _runner(agent)
+    run = _Runs(agent)
     batcher: Batcher[Key, Any] = Batcher(run, kernels.batch_window_us / 1e6, kernels.max_features)
     app[MODELS] = _Models(agent, batcher)
     app.middlewares.insert(0, oip_middleware)
@@ -197,17 +199,36 @@ def _feature_width(topo: dict[str, Any]) -> int:
     return width if type(width) is int and width > 0 else -1
 
 
-def _runner(agent: Agent) -> Callable[[Key, np.ndarray], Awaitable[Any]]:
-    async def run(key: Key, x: np.ndarray) -> Any:
+class _Runs:
+    """The batcher's backend call. A call whose last measured cost, scaled to this width,
+    is at most INLINE_MAX_MS runs on the loop, as `EngineJobs` does for small graphs: a
+    thread hop costs more than a 100-node diffusion, and on two cores a worker and the
+    loop then trade the GIL. Anything else, and the first call on a version, goes to a
+    worker; a slow inline run sends the next one back there."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        self._ms_per_column: dict[Key, float] = {}
+
+    async def __call__(self, key: Key, x: np.ndarray) -> Any:
         graph_id, version = key
-        _model(agent, graph_id, version)
-        jobs = agent.jobs
+        _model(self.agent, graph_id, version)
+        jobs = self.agent.jobs
         assert jobs is not None  # set before the app listens
-        result = await jobs.work.run(agent.engine.diffuse_registered, graph_id, x)
-        _model(agent, graph_id, version)  # a PATCH during the run: not this version's answer
+        cost = self._ms_per_column.get(key)
+        if cost is not None and cost * x.shape[1] <= INLINE_MAX_MS:
+            jobs.work.check_accepting()
+            result = self.agent.engine.diffuse_registered(graph_id, x)
+        else:
+            result = await jobs.work.run(self.agent.engine.diffuse_registered, graph_id, x)
+        self._remember(key, result.latency_ms / x.shape[1])
+        _model(self.agent, graph_id, version)  # a PATCH during the run: not this version's
         return result
 
-    return run
+    def _remember(self, key: Key, ms_per_column: float) -> None:
+        if key not in self._ms_per_column and len(self._ms_per_column) >= MAX_REMEMBERED:
+            self._ms_per_column.clear()  # old versions and deleted graphs: start afresh
+        self._ms_per_column[key] = ms_per_column
 
 
 # -- handlers -----------------------------------------------------------------------------

@@ -1,0 +1,204 @@
+"""`dgdm bench http --oip`: the Open Inference Protocol against the JSON routes, with wrk.
+
+In one run, for one registered 100-node, F = 16 topology (`--nodes`, `--features`): an
+aiohttp hello-world (reads the body, answers a small JSON: the ceiling), OIP binary infer,
+OIP JSON infer, `POST /graphs/{id}/diffuse` and the one-off `POST /diffuse`, each with wrk
+(`--connections`, the body from a file, a lua script for the headers); then the batching
+figures: OIP binary with `kernels.batch_window_us` = 0 against the configured window at the
+same connections, a B = 64 batch in one request, and a lone client's latency (one
+connection) with and without the window. Requests/s, diffusions/s, p50, p99, ratio to the
+ceiling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dgdm.agent import bench as http_bench
+
+TARGETS = {"binary_diffusions_per_s": 10_000, "ratio": 0.5, "p99_ms": 10.0, "b64_per_s": 50_000}
+BATCH = 64
+LUA = """local f = assert(io.open(%s, "rb"))
+wrk.method = "POST"
+wrk.body = f:read("*all")
+f:close()
+%s
+"""
+
+
+def main(args: argparse.Namespace) -> int:
+    args.wrk = http_bench._wrk_path("wrk")
+    with tempfile.TemporaryDirectory(prefix="dgdm-bench-oip-") as tmp:
+        work = Path(tmp)
+        bodies = write_bodies(work, args.nodes, args.features)
+        rows = [("hello-world ceiling", 1, _ceiling(args, work, bodies))]
+        rows += _agent_rows(args, work, bodies, args.window_us, full=True)
+        rows += _agent_rows(args, work, bodies, 0, full=False)
+    ceiling = rows[0][2]["rps"]
+    results = [
+        {"target": name, "diffusions_per_s": round(m["rps"] * per, 1), **m,
+         "ratio": round(m["rps"] / max(ceiling, 1e-9), 3)}
+        for name, per, m in rows
+    ]  # fmt: skip
+    if args.json:
+        print(json.dumps({"connections": args.connections, "rows": results}, indent=2))
+    else:
+        _print(args, results)
+    return 0
+
+
+def write_bodies(work: Path, n: int, f: int) -> dict[str, tuple[Path, dict[str, str]]]:
+    """Each target's body file and extra headers."""
+    graph = json.loads(http_bench.bench_graph(n, f))
+    x = np.array([node["features"] for node in graph["nodes"]], dtype=np.float32)
+    batch = np.random.default_rng(9).random((BATCH, n, f), dtype=np.float32)
+    json_type = {"Content-Type": "application/json"}
+    bodies = {
+        "register": (json.dumps(graph).encode(), json_type),
+        "graph": (http_bench.bench_graph(n, f), json_type),
+        "registered": (json.dumps({"x": x.tolist()}).encode(), json_type),
+        "oip_json": (_oip_json(x), json_type),
+        "oip_binary": _oip_binary(x),
+        "oip_b64": _oip_binary(batch),
+    }
+    out = {}
+    for name, (body, headers) in bodies.items():
+        (work / f"{name}.body").write_bytes(body)
+        out[name] = (work / f"{name}.body", headers)
+    return out
+
+
+def _oip_json(x: np.ndarray) -> bytes:
+    tensor = {"name": "x", "datatype": "FP32", "shape": list(x.shape), "data": x.ravel().tolist()}
+    return json.dumps({"inputs": [tensor]}).encode()
+
+
+def _oip_binary(x: np.ndarray) -> tuple[bytes, dict[str, str]]:
+    tensor: dict[str, Any] = {"name": "x", "datatype": "FP32", "shape": list(x.shape)}
+    tensor["parameters"] = {"binary_data_size": x.nbytes}
+    header = json.dumps({"inputs": [tensor], "parameters": {"binary_data_output": True}})
+    return header.encode() + x.tobytes(), {"Inference-Header-Content-Length": str(len(header))}
+
+
+# -- runs ---------------------------------------------------------------------------------
+
+
+def _ceiling(args: argparse.Namespace, work: Path, bodies: Any) -> dict[str, Any]:
+    from dgdm.sync.broker import free_port
+
+    port = free_port()
+    code = f"from dgdm.agent.oip_bench import serve_hello; serve_hello({port})"
+    server = http_bench._spawn([sys.executable, "-c", code], work / "hello.log")
+    try:
+        http_bench._wait_http(f"http://127.0.0.1:{port}/healthz", server, 20.0)
+        return _wrk(args, work, f"http://127.0.0.1:{port}/hello", bodies["oip_binary"])
+    finally:
+        http_bench._stop(server)
+
+
+def _agent_rows(
+    args: argparse.Namespace, work: Path, bodies: Any, window_us: int, *, full: bool
+) -> list[tuple[str, int, dict[str, Any]]]:
+    from dgdm.sync.broker import free_port
+
+    port = free_port()
+    folder = work / f"agent-{window_us}"
+    config = work / f"agent-{window_us}.toml"
+    config.write_text(
+        f'[device]\nid = "bench"\ndata_dir = "{folder}"\n[http]\nport = {port}\n'
+        f'[kernels]\nbackend = "{args.backend}"\nbatch_window_us = {window_us}\n'
+        '[log]\nlevel = "warning"\n',
+        encoding="utf-8",
+    )
+    argv = [sys.executable, "-m", "dgdm.agent", "agent", "--config", str(config)]
+    agent = http_bench._spawn(argv, work / f"agent-{window_us}.log")
+    base = f"http://127.0.0.1:{port}"
+    infer = f"{base}/v2/models/bench/infer"
+    tag = f"window {window_us} us"
+    try:
+        http_bench._wait_http(f"{base}/healthz", agent, 30.0)
+        _register(f"{base}/graphs/bench", bodies["register"][0].read_bytes())
+        rows = [(f"OIP binary, {tag}", 1, _wrk(args, work, infer, bodies["oip_binary"]))]
+        if full:
+            rows.append((f"OIP JSON, {tag}", 1, _wrk(args, work, infer, bodies["oip_json"])))
+            graphs = f"{base}/graphs/bench/diffuse"
+            rows.append(
+                ("JSON /graphs/{id}/diffuse", 1, _wrk(args, work, graphs, bodies["registered"]))
+            )
+            rows.append(
+                ("JSON POST /diffuse", 1, _wrk(args, work, f"{base}/diffuse", bodies["graph"]))
+            )
+        rows.append(
+            (f"OIP binary B={BATCH}, {tag}", BATCH, _wrk(args, work, infer, bodies["oip_b64"]))
+        )
+        lone = _wrk(args, work, infer, bodies["oip_binary"], connections=1)
+        rows.append((f"OIP binary lone client, {tag}", 1, lone))
+        return rows
+    finally:
+        http_bench._stop(agent)
+
+
+def _register(url: str, body: bytes) -> None:
+    headers = {"Content-Type": "application/json"}
+    req = urllib.request.Request(url, data=body, method="PUT", headers=headers)  # noqa: S310
+    with urllib.request.urlopen(req, timeout=30) as r:  # noqa: S310 - loopback http
+        r.read()
+
+
+def _wrk(
+    args: argparse.Namespace,
+    work: Path,
+    url: str,
+    body: tuple[Path, dict[str, str]],
+    connections: int | None = None,
+) -> dict[str, Any]:
+    path, headers = body
+    script = work / f"{path.stem}.lua"
+    lines = "\n".join(f"wrk.headers[{json.dumps(k)}] = {json.dumps(v)}" for k, v in headers.items())
+    script.write_text(LUA % (json.dumps(str(path)), lines), encoding="utf-8")
+    conns = connections or args.connections
+    argv = [args.wrk, "-t1", f"-c{conns}", "--latency", "-s", str(script), url]
+    if args.warmup > 0:
+        subprocess.run([*argv[:3], f"-d{max(1, round(args.warmup))}s", *argv[3:]],
+                       capture_output=True, check=True)  # fmt: skip
+    out = subprocess.run([*argv[:3], f"-d{max(1, round(args.duration))}s", *argv[3:]],
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    time.sleep(0.2)
+    return http_bench.parse_wrk(out.stdout)
+
+
+def serve_hello(port: int) -> None:
+    """The ceiling: aiohttp reads the body and answers a small JSON, nothing else."""
+    from aiohttp import web
+
+    async def hello(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response({"hello": "world"})
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    app = web.Application(client_max_size=64 * 2**20)
+    app.router.add_post("/hello", hello)
+    app.router.add_get("/healthz", healthz)
+    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
+
+
+def _print(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
+    print(f"dgdm bench http --oip: wrk 1 thread, {args.connections} connections "
+          f"(lone client: 1), {args.nodes} nodes x {args.features} features")  # fmt: skip
+    print(f"{'':40}{'req/s':>9}{'diff/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'ratio':>7}{'err':>5}")
+    for r in rows:
+        figures = f"{r['p50_ms']:>9.3f}{r['p99_ms']:>9.3f}{r['ratio']:>7.2f}{r['errors']:>5}"
+        print(f"{r['target']:40}{r['rps']:>9.0f}{r['diffusions_per_s']:>10.0f}{figures}")
+    print(f"targets: {TARGETS}")
