@@ -46,6 +46,12 @@ def _register_coordinator(subparsers: argparse._SubParsersAction[argparse.Argume
     add = dev_actions.add_parser("add", help="enrol a device with its public key")
     add.add_argument("device_id")
     add.add_argument("--public-key", required=True, help="base64 of the raw 32-byte X25519 key")
+    add.add_argument(
+        "--plaintext-telemetry",
+        action="store_true",
+        help="accept its unencrypted telemetry (sync.encrypt_telemetry = false); never receipted,"
+        " since anyone on the path could forge it",
+    )
     _config_arg(add, nested=True)
     add.set_defaults(func=_devices_add)
     remove = dev_actions.add_parser(
@@ -98,10 +104,13 @@ def _devices_add(args: argparse.Namespace) -> int:
         raise ConfigError("--public-key", str(exc)) from exc
     _, store = _open_store(args)
     try:
-        store.add_device(args.device_id, args.public_key)
+        store.add_device(
+            args.device_id, args.public_key, plaintext_telemetry=args.plaintext_telemetry
+        )
     finally:
         store.close()
-    print(f"enrolled {args.device_id}")
+    plaintext = " (plaintext telemetry accepted)" if args.plaintext_telemetry else ""
+    print(f"enrolled {args.device_id}{plaintext}")
     return 0
 
 
