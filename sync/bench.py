@@ -8,6 +8,9 @@ One run on a private loopback mosquitto:
 3. drain: 100,000 messages queued while offline, then the link connects: time to empty;
 4. enqueue: durable enqueue rate (`dgdm.sync.bench_outbox.bench_enqueue`): the agent's path
    (`enqueue_async` from coroutines) and, for comparison, per-call threads.
+Resends in runs 2 and 3 (receipt timeouts, receipt gaps, coordinator presence) are counted:
+each is a duplicate at the coordinator unless the first copy was lost, and nothing is lost
+here, so they must stay <= 1 % of the messages.
 The raw run is paho as fast as it goes by itself: its own loop_read/loop_write in the
 process's only thread, a 1,000-message window, no paho limits, same MQTT 5 as the link.
 Targets: full >= 50 % of raw, drain <= 20 s, enqueue >= 20,000 msg/s.
@@ -58,12 +61,13 @@ def run(root: Path, messages: int, drain: int, repeat: int) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     with Broker(root / "broker") as broker:
         raw = [_raw_once(ctx, broker.url, messages, i) for i in range(repeat)]
-        full, drain_s = asyncio.run(
+        full, drain_s, resent = asyncio.run(
             _sync_runs(ctx, root, broker.url, n=messages, drain=drain, repeat=repeat)
         )
     rates = _enqueue_rates(root)
     enqueue = rates["msg_s"]
     raw_rate, full_rate = statistics.median(raw), statistics.median(full)
+    resent_pct = 100 * resent / max(1, messages * repeat + drain)
     return {
         "payload_bytes": PAYLOAD_BYTES,
         "messages": messages,
@@ -75,6 +79,8 @@ def run(root: Path, messages: int, drain: int, repeat: int) -> dict[str, Any]:
         "drain_messages": drain,
         "drain_s": round(drain_s, 2),
         "drain_msg_s": round(drain / drain_s),
+        "resent": resent,
+        "resent_pct": round(resent_pct, 3),
         "enqueue_msg_s": round(enqueue),
         "enqueue_threads_msg_s": round(rates["grouped_msg_s"]),
         "enqueue_many_msg_s": round(rates["enqueue_many_msg_s"]),
@@ -84,6 +90,7 @@ def run(root: Path, messages: int, drain: int, repeat: int) -> dict[str, Any]:
             "full_over_raw>=0.5": full_rate / raw_rate >= 0.5,
             "drain_100k<=20s": drain_s * 100_000 / max(drain, 1) <= 20,
             "enqueue>=20000": enqueue >= 20_000,
+            "resent<=1%": resent_pct <= 1.0,
         },
     }
 
@@ -93,6 +100,7 @@ def _print(report: dict[str, Any]) -> None:
     print(f"full path enqueue->store->receipt->delete: {report['full_msg_s']} msg/s")
     print(f"full / raw: {report['full_over_raw']:.0%}")
     print(f"drain {report['drain_messages']} after an outage: {report['drain_s']} s")
+    print(f"resent (duplicates at most): {report['resent']} ({report['resent_pct']}%)")
     print(
         f"durable enqueue: {report['enqueue_msg_s']} msg/s async (agent path), "
         f"{report['enqueue_threads_msg_s']} per-call threads, "
@@ -284,7 +292,7 @@ class _Device:
 
 async def _sync_runs(
     ctx: Any, root: Path, url: str, *, n: int, drain: int, repeat: int
-) -> tuple[list[float], float]:
+) -> tuple[list[float], float, int]:
     from dgdm.sync.crypto import generate_keypair
 
     coord_key, _, coord_public = generate_keypair(root / "coord", name="coordinator")
@@ -302,13 +310,14 @@ async def _sync_runs(
         await link.start()
         await link.mqtt.wait_connected(10)
         full = [await _full_once(device, link, n) for _ in range(repeat)]
+        resent = link.state.resent_total
         await link.stop()
-        drain_s = await _drain_once(device, drain)
+        drain_s, drain_resent = await _drain_once(device, drain)
     finally:
         stop.set()
         await asyncio.to_thread(proc.join, 30)
         device.outbox.close()
-    return full, drain_s
+    return full, drain_s, resent + drain_resent
 
 
 async def _wait_empty(device: _Device) -> None:
@@ -324,7 +333,7 @@ async def _full_once(device: _Device, link: Any, n: int) -> float:
     return n / (time.monotonic() - start)
 
 
-async def _drain_once(device: _Device, n: int) -> float:
+async def _drain_once(device: _Device, n: int) -> tuple[float, int]:
     await device.fill(n)
     link = device.link()
     start = time.monotonic()
@@ -332,7 +341,7 @@ async def _drain_once(device: _Device, n: int) -> float:
     await _wait_empty(device)
     elapsed = time.monotonic() - start
     await link.stop()
-    return elapsed
+    return elapsed, link.state.resent_total
 
 
 # -- 4. enqueue ------------------------------------------------------------------------------

@@ -24,10 +24,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 Cursor = tuple[int, int]  # (priority, seq) of the last message passed in send order
-# A gap is lost only this long after it was seen: with several coordinators (a shared
-# subscription) one device's messages are split among them, and a slower one's receipt
-# for the earlier message may still be on its way.
+# A gap is lost only this long after it was seen, or twice the recent receipt latency if
+# that is longer: with several coordinators (a shared subscription) one device's messages
+# are split among them, and a slower one's receipt for the earlier message may still be on
+# its way.
 GAP_GRACE_S = 1.0
+LATENCY_DECAY = 0.9  # per receipt: the latency estimate follows a slow coordinator at once
 # Gap resends per `expire` call (once a second): a coordinator that drops on purpose (over
 # quota) must not turn every receipt into a burst of resends.
 MAX_GAP_RESENDS = 500
@@ -81,6 +83,7 @@ class SendState:
         self.sent_total = 0
         self.resent_total = 0
         self.gap_resent_total = 0
+        self.receipt_latency_s = 0.0  # a decaying maximum of send -> receipt
 
     # -- queries -----------------------------------------------------------------------
 
@@ -145,9 +148,10 @@ class SendState:
         MAX_GAP_RESENDS), rewinding to the earliest; returns (late, gaps) counts."""
         deadline = now - self.receipt_timeout_s
         late = [seq for seq, (_, at) in self._sent.items() if at <= deadline]
-        gaps = [
-            seq for seq, at in self._gaps.items() if at <= now - GAP_GRACE_S and seq in self._sent
-        ][:MAX_GAP_RESENDS]
+        gap_deadline = now - max(GAP_GRACE_S, 2 * self.receipt_latency_s)
+        gaps = [seq for seq, at in self._gaps.items() if at <= gap_deadline and seq in self._sent][
+            :MAX_GAP_RESENDS
+        ]
         self._gap_resent.update(gaps)
         self.gap_resent_total += len(gaps)
         gone = set(late) | set(gaps)
@@ -181,12 +185,14 @@ class SendState:
         A seq of a kind sent on this connection before a receipted one of the same kind is a
         gap (the coordinator keeps each device's kind in order); returns the new gaps."""
         done: list[int] = []
+        oldest = now
         for first, last in ranges:
             for seq in _within(self._sent, first, last):
-                del self._sent[seq]
+                oldest = min(oldest, self._sent.pop(seq)[1])
                 done.append(seq)
             for seq in _within(self._again, first, last):
                 self._again.discard(seq)
+        self.receipt_latency_s = max(now - oldest, self.receipt_latency_s * LATENCY_DECAY)
         new_gaps = 0
         for lane in self._lanes.values():
             latest = max((lane[seq] for seq in done if seq in lane), default=0)

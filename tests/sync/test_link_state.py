@@ -157,9 +157,9 @@ def test_a_gap_in_the_receipts_of_a_kind_is_lost_after_the_grace(
     state = SendState(receipt_timeout_s=60.0, max_unreceipted=100)
     for seq, kind in sends:
         _send(state, kind, seq, kind=kind)
-    assert state.receipted([(s, s) for s in receipted], now=10.0) == len(gaps)
-    assert state.expire(now=10.0 + GAP_GRACE_S / 2) == (0, 0)  # a slower replica may answer
-    assert state.expire(now=10.0 + GAP_GRACE_S) == (0, len(gaps))
+    assert state.receipted([(s, s) for s in receipted], now=0.25) == len(gaps)
+    assert state.expire(now=0.25 + GAP_GRACE_S / 2) == (0, 0)  # a slower replica may answer
+    assert state.expire(now=0.25 + GAP_GRACE_S) == (0, len(gaps))
     for seq in gaps:
         assert state.should_send(seq)
     sent = {seq for seq, _ in sends}
@@ -168,8 +168,8 @@ def test_a_gap_in_the_receipts_of_a_kind_is_lost_after_the_grace(
 
 def test_a_gap_receipted_within_the_grace_is_not_resent() -> None:
     state = _state()
-    _send(state, 3, 1)
-    _send(state, 3, 2)
+    _send(state, 3, 1, now=4.9)
+    _send(state, 3, 2, now=4.9)
     assert state.receipted([(2, 2)], now=5.0) == 1
     state.receipted([(1, 1)], now=5.5)  # another coordinator's receipt came after all
     assert state.expire(now=5.0 + GAP_GRACE_S) == (0, 0)
@@ -179,11 +179,11 @@ def test_a_gap_is_resent_once_per_connection_then_waits_for_the_timeout() -> Non
     state = SendState(receipt_timeout_s=60.0, max_unreceipted=100)
     _send(state, 3, 1, now=0.0)
     _send(state, 3, 2, now=0.0)
-    state.receipted([(2, 2)], now=1.0)
-    assert state.expire(now=1.0 + GAP_GRACE_S) == (0, 1)
+    state.receipted([(2, 2)], now=0.1)
+    assert state.expire(now=0.1 + GAP_GRACE_S) == (0, 1)
     _send(state, 3, 1, now=3.0)  # the resend, dropped again (a coordinator over quota)
     _send(state, 3, 4, now=3.0)
-    assert state.receipted([(4, 4)], now=4.0) == 0  # no second fast resend
+    assert state.receipted([(4, 4)], now=3.1) == 0  # no second fast resend
     assert state.expire(now=30.0) == (0, 0)
     assert state.expire(now=63.0) == (1, 0)  # the receipt timeout still holds
     state.reconnected()  # a new connection: gaps may be resent once again
@@ -214,3 +214,14 @@ def test_a_coordinator_appearing_resends_what_was_sent_before_it() -> None:
     assert not state.should_send(3)
     assert state.plan().cursor == (1, 1)  # rewound: it goes next, paced like any send
     assert state.presumed_lost(sent_before=4.0) == 0
+
+
+def test_the_gap_grace_follows_a_slow_coordinator() -> None:
+    state = SendState(receipt_timeout_s=60.0, max_unreceipted=100)
+    _send(state, 3, 1, now=0.0)
+    _send(state, 3, 2, now=0.0)
+    _send(state, 3, 3, now=0.0)
+    assert state.receipted([(3, 3)], now=4.0) == 2  # a 4 s receipt latency
+    assert state.expire(now=4.0 + GAP_GRACE_S) == (0, 0)
+    assert state.expire(now=4.0 + 7.9) == (0, 0)
+    assert state.expire(now=4.0 + 8.0) == (0, 2)
