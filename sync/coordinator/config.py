@@ -65,7 +65,8 @@ class StoreSection:
 
     # Unset: SQLite at <coordinator.data_dir>/coordinator.db.
     url: str | None = None
-    password: str | None = setting(None, secret=True)
+    # Not in repr either, so a logged or printed config never shows it.
+    password: str | None = field(default=None, repr=False, metadata={"secret": True})
     retention_days: int = setting(30, minimum=1, maximum=100 * 365)
 
 

@@ -27,11 +27,25 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
+class AddColumn:
+    """A column added after a release; a no-op where it exists already (SQLite has no
+    `ADD COLUMN IF NOT EXISTS`, and a file of an older release may have it from its own
+    `CREATE TABLE`)."""
+
+    table: str
+    column: str
+    definition: str
+
+
+Step = str | AddColumn
+
+
+@dataclass(frozen=True)
 class Migration:
     version: int
     description: str
-    sqlite: tuple[str, ...]
-    postgres: tuple[str, ...]
+    sqlite: tuple[Step, ...]
+    postgres: tuple[Step, ...]
 
 
 # Version 1 is the schema SqliteStore created before migrations existed; `IF NOT EXISTS`
@@ -113,6 +127,37 @@ MIGRATIONS: tuple[Migration, ...] = (
             )""",
         ),
     ),
+    Migration(
+        2,
+        "devices.plaintext_telemetry, quarantine of refused rows",
+        sqlite=(
+            AddColumn("devices", "plaintext_telemetry", "INTEGER NOT NULL DEFAULT 0"),
+            """CREATE TABLE IF NOT EXISTS quarantine (
+                id INTEGER PRIMARY KEY AUTOINCREMENT,
+                device_id TEXT NOT NULL,
+                kind INTEGER NOT NULL,
+                seq TEXT NOT NULL,
+                reason TEXT NOT NULL,
+                received_ms INTEGER NOT NULL,
+                sample TEXT NOT NULL
+            )""",
+            "CREATE INDEX IF NOT EXISTS quarantine_by_device ON quarantine (device_id, id)",
+        ),
+        # seq is text: a quarantined seq may be the one that did not fit 64 bits.
+        postgres=(
+            AddColumn("devices", "plaintext_telemetry", "integer NOT NULL DEFAULT 0"),
+            """CREATE TABLE quarantine (
+                id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+                device_id text NOT NULL,
+                kind smallint NOT NULL,
+                seq text NOT NULL,
+                reason text NOT NULL,
+                received_ms bigint NOT NULL,
+                sample text NOT NULL
+            )""",
+            "CREATE INDEX quarantine_by_device ON quarantine (device_id, id)",
+        ),
+    ),
 )
 
 SCHEMA_VERSION_TABLE = (
@@ -155,8 +200,8 @@ def migrate_sqlite(db: sqlite3.Connection, migrations: Sequence[Migration] = MIG
         current = db.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()[0]
         todo = pending(int(current), migrations)
         for migration in todo:
-            for statement in migration.sqlite:
-                db.execute(statement)
+            for step in migration.sqlite:
+                _sqlite_step(db, step)
             db.execute(_RECORD_SQLITE, _row(migration))
         db.execute("COMMIT")
     except BaseException:
@@ -180,10 +225,25 @@ def migrate_postgres(
         current = int(_pg_scalar(conn, "SELECT coalesce(max(version), 0) FROM schema_version"))
         todo = pending(current, migrations)
         for migration in todo:
-            for statement in migration.postgres:
-                conn.execute(statement)
+            for step in migration.postgres:
+                conn.execute(_pg_step(step))
             conn.execute(_RECORD_PG, _row(migration))
     return todo[-1].version if todo else current
+
+
+def _sqlite_step(db: sqlite3.Connection, step: Step) -> None:
+    if isinstance(step, str):
+        db.execute(step)
+        return
+    have = {row[1] for row in db.execute(f"PRAGMA table_info({step.table})")}
+    if step.column not in have:
+        db.execute(f"ALTER TABLE {step.table} ADD COLUMN {step.column} {step.definition}")
+
+
+def _pg_step(step: Step) -> Any:
+    if isinstance(step, str):
+        return step
+    return f"ALTER TABLE {step.table} ADD COLUMN IF NOT EXISTS {step.column} {step.definition}"
 
 
 def _pg_scalar(conn: psycopg.Connection[Any], sql: LiteralString) -> Any:

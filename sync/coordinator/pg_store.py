@@ -25,8 +25,7 @@ import contextlib
 import json
 import math
 import time
-from collections.abc import Callable, Iterator
-from operator import itemgetter
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 import psycopg
@@ -35,7 +34,16 @@ from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
 from dgdm.sync.coordinator.migrations import migrate_postgres
-from dgdm.sync.coordinator.store import Incoming, StoreResult
+from dgdm.sync.coordinator.store import (
+    QUARANTINE_PER_DEVICE,
+    Incoming,
+    Quarantined,
+    StoreResult,
+    _quarantine_row,
+    _quarantined,
+    _Refused,
+    _row_text,
+)
 from dgdm.sync.coordinator.stores import StoreUnavailable
 from dgdm.sync.envelope import Kind
 from dgdm.sync.errors import ConfigError
@@ -46,10 +54,18 @@ BIGINT_MAX = 2**63 - 1
 # nothing); more than a few losses in a row means something else is wrong.
 RETRIES = 3
 
+# Ingest goes through COPY into a per-connection staging table, then one INSERT ... ON
+# CONFLICT DO NOTHING: measured 1.5-2x faster than an unnest() of arrays or executemany()
+# in a pipeline for batches of 500 (README). ON COMMIT DELETE ROWS empties it every batch.
+_STAGING = (
+    "CREATE TEMP TABLE IF NOT EXISTS incoming (device_id text, kind smallint, seq bigint,"
+    " created_ms bigint, received_ms bigint, body text) ON COMMIT DELETE ROWS"
+)
+_COPY = "COPY incoming (device_id, kind, seq, created_ms, received_ms, body) FROM STDIN"
+# Sorted: every replica inserts conflicting keys in one order.
 _INSERT = (
     "INSERT INTO messages (device_id, kind, seq, created_ms, received_ms, body)"
-    " SELECT * FROM unnest(%s::text[], %s::smallint[], %s::bigint[], %s::bigint[],"
-    " %s::bigint[], %s::text[]) ON CONFLICT DO NOTHING"
+    " SELECT * FROM incoming ORDER BY device_id, kind, seq ON CONFLICT DO NOTHING"
 )
 _INSERT_ONE = (
     "INSERT INTO messages (device_id, kind, seq, created_ms, received_ms, body)"
@@ -63,6 +79,13 @@ _LOCK_TOUCH_SEQ = (
     " first_seen_ms = coalesce(d.first_seen_ms, %s), down_seq = d.down_seq + 1"
     " FROM locked WHERE d.device_id = locked.device_id RETURNING d.device_id, d.down_seq"
 )
+# Capped per device (the device's row is locked by then, so replicas cannot overshoot).
+_QUARANTINE = (
+    "INSERT INTO quarantine (device_id, kind, seq, reason, received_ms, sample)"
+    " SELECT %s, %s, %s, %s, %s, %s WHERE"
+    " (SELECT count(*) FROM quarantine WHERE device_id = %s) < %s"
+)
+_PASSWORD_REFUSED = ("password authentication failed", "no password supplied")
 _MESSAGE_COLUMNS = "SELECT id, kind, seq, created_ms, received_ms, body FROM messages"
 
 
@@ -110,6 +133,7 @@ class PgStore:
             timeout=timeout_s,
             reconnect_timeout=timeout_s,
             check=ConnectionPool.check_connection,
+            configure=_configure,
             name="dgdm-store",
             open=False,
         )
@@ -132,10 +156,12 @@ class PgStore:
             raise self._startup_error(exc) from None
 
     def _startup_error(self, exc: psycopg.OperationalError) -> ConfigError:
+        # libpq reports a failed connection without a SQLSTATE, so the server's (English,
+        # the lc_messages default) sentence is what tells the cases apart.
         reason = self._scrub(exc)
-        if exc.sqlstate == errors.InvalidPassword.sqlstate or "no password supplied" in reason:
+        if any(s in reason for s in _PASSWORD_REFUSED):
             return ConfigError("store.password", f"refused by {self._display}: {reason}")
-        if exc.sqlstate == errors.InvalidCatalogName.sqlstate:
+        if "does not exist" in reason:
             return ConfigError("store.url", f"{self._display}: {reason}")
         return ConfigError("store.url", f"cannot connect to {self._display}: {reason}")
 
@@ -177,13 +203,26 @@ class PgStore:
 
     # -- registry ----------------------------------------------------------------------
 
-    def add_device(self, device_id: str, public_key: str) -> None:
+    def add_device(
+        self, device_id: str, public_key: str, *, plaintext_telemetry: bool = False
+    ) -> None:
+        """Enrol (or re-enrol: a new key, and the plaintext flag as given now)."""
         with self._tx() as conn:
             conn.execute(
-                "INSERT INTO devices (device_id, public_key, added_ms) VALUES (%s, %s, %s)"
-                " ON CONFLICT (device_id) DO UPDATE SET public_key = excluded.public_key",
-                (device_id, public_key, _now_ms()),
+                "INSERT INTO devices (device_id, public_key, added_ms, plaintext_telemetry)"
+                " VALUES (%s, %s, %s, %s) ON CONFLICT (device_id) DO UPDATE SET"
+                " public_key = excluded.public_key,"
+                " plaintext_telemetry = excluded.plaintext_telemetry",
+                (device_id, public_key, _now_ms(), int(plaintext_telemetry)),
             )
+
+    def plaintext_telemetry(self, device_id: str) -> bool:
+        with self._tx() as conn:
+            row = conn.execute(
+                "SELECT plaintext_telemetry FROM devices WHERE device_id = %s AND public_key <> ''",
+                (device_id,),
+            ).fetchone()
+        return bool(row and row[0])
 
     def devices(self) -> list[dict[str, Any]]:
         return self._rows("SELECT * FROM devices ORDER BY device_id", ())
@@ -229,34 +268,63 @@ class PgStore:
 
     # -- ingest ------------------------------------------------------------------------
 
-    def store_batch(self, items: list[Incoming], now_ms: int) -> StoreResult:
-        rows = sorted(
-            (
-                (i.device_id, int(i.kind), i.seq, i.created_ms, now_ms, _dumps(i.body))
-                for i in items
-                if i.kind is not Kind.REPLY
-            ),
-            key=itemgetter(0, 1, 2),  # one insert order for every replica
-        )
-        replies = [i for i in items if i.kind is Kind.REPLY]
-        devices = sorted({i.device_id for i in items})
+    def store_batch(
+        self, items: list[Incoming], now_ms: int, quarantine: Iterable[Quarantined] = ()
+    ) -> StoreResult:
+        """As SqliteStore.store_batch: one transaction; an item failing SqliteStore's row
+        checks (64-bit range, storable JSON) is quarantined alone. After those checks
+        PostgreSQL has nothing left to refuse (bigints, ASCII JSON text), so a database
+        error fails the whole batch: nothing is receipted and the devices resend it."""
+        given = list(quarantine)
+        refused: list[Quarantined] = []
+        rows: list[tuple[Any, ...]] = []
+        replies: list[tuple[Incoming, str]] = []
+        for item in items:
+            try:
+                text = _row_text(item)
+            except _Refused as exc:
+                refused.append(_quarantined(item, exc.reason, str(exc)))
+                continue
+            if item.kind is Kind.REPLY:
+                replies.append((item, text))
+            else:
+                rows.append(
+                    (item.device_id, int(item.kind), item.seq, item.created_ms, now_ms, text)
+                )
+        devices = sorted({i.device_id for i in items} | {q.device_id for q in given})
+        held = given + refused
 
         def run(conn: psycopg.Connection[Any]) -> StoreResult:
             seqs = conn.execute(_LOCK_TOUCH_SEQ, (devices, now_ms, now_ms)).fetchall()
             stored = 0
             if rows:
-                columns = [list(c) for c in zip(*rows, strict=True)]
-                stored = conn.execute(_INSERT, columns).rowcount
+                with conn.cursor() as cur:
+                    with cur.copy(_COPY) as copy:
+                        for row in rows:
+                            copy.write_row(row)
+                    stored = cur.execute(_INSERT).rowcount
             stored += self._store_replies(conn, replies, now_ms)
-            return StoreResult(stored, len(items) - stored, dict(seqs))
+            if held:
+                with conn.cursor() as cur:
+                    cur.executemany(
+                        _QUARANTINE,
+                        [
+                            (*_quarantine_row(q, now_ms), q.device_id, QUARANTINE_PER_DEVICE)
+                            for q in held
+                        ],
+                    )
+            duplicates = len(items) - len(refused) - stored
+            return StoreResult(stored, duplicates, dict(seqs), tuple(held))
 
         return self._retrying(run)
 
     @staticmethod
-    def _store_replies(conn: psycopg.Connection[Any], replies: list[Incoming], now_ms: int) -> int:
+    def _store_replies(
+        conn: psycopg.Connection[Any], replies: list[tuple[Incoming, str]], now_ms: int
+    ) -> int:
         """A reply is stored with its command; a second copy of the same reply is a duplicate."""
         stored = 0
-        for item in replies:
+        for item, text in replies:
             cur = conn.execute(
                 _INSERT_ONE, (item.device_id, int(item.kind), item.seq, item.created_ms, now_ms)
             )
@@ -265,14 +333,19 @@ class PgStore:
             stored += 1
             conn.execute(
                 "UPDATE commands SET reply = %s, replied_ms = %s WHERE device_id = %s AND seq = %s",
-                (
-                    _dumps(item.body),
-                    now_ms,
-                    item.device_id,
-                    _bigint_or_none(item.body.get("cmd_seq")),
-                ),
+                (text, now_ms, item.device_id, _bigint_or_none(item.body.get("cmd_seq"))),
             )
         return stored
+
+    def quarantined(self, device_id: str, limit: int = 100) -> list[dict[str, Any]]:
+        rows = self._rows(
+            "SELECT kind, seq, reason, received_ms, sample FROM quarantine"
+            " WHERE device_id = %s ORDER BY id LIMIT %s",
+            (device_id, limit),
+        )
+        for row in rows:
+            row["kind"] = Kind(row["kind"]).name.lower()
+        return rows
 
     # -- commands ----------------------------------------------------------------------
 
@@ -341,6 +414,12 @@ class PgStore:
             row["kind"] = Kind(row["kind"]).name.lower()
             row["body"] = json.loads(row["body"])
         return rows
+
+
+def _configure(conn: psycopg.Connection[Any]) -> None:
+    """Each pooled connection gets its staging table once (a temp table is per session)."""
+    conn.execute(_STAGING)
+    conn.commit()
 
 
 def _now_ms() -> int:

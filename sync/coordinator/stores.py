@@ -155,8 +155,8 @@ def _open_sqlite(path: Path) -> Store:
         store = SqliteStore(path)
     except (OSError, sqlite3.Error) as exc:
         raise ConfigError("store.url", f"cannot open the SQLite store {path}: {exc}") from None
-    # SqliteStore creates its own tables; this records them as schema version 1 and refuses
-    # a newer schema (until SqliteStore runs migrate_sqlite itself).
+    # SqliteStore still creates its own tables; this records their version in
+    # schema_version and refuses a newer schema (until SqliteStore runs migrate_sqlite).
     try:
         with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as db:
             migrate_sqlite(db)

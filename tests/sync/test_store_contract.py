@@ -4,6 +4,7 @@ uniqueness under concurrent replicas, and the shared migrations."""
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
@@ -13,8 +14,19 @@ from typing import Any
 import pytest
 
 from dgdm.sync.coordinator.config import CoordinatorConfig, CoordinatorSection, StoreSection
-from dgdm.sync.coordinator.migrations import MIGRATIONS, SchemaTooNew
-from dgdm.sync.coordinator.store import Incoming, SqliteStore, Store
+from dgdm.sync.coordinator.migrations import (
+    MIGRATIONS,
+    SchemaTooNew,
+    migrate_postgres,
+    migrate_sqlite,
+)
+from dgdm.sync.coordinator.store import (
+    QUARANTINE_PER_DEVICE,
+    Incoming,
+    Quarantined,
+    SqliteStore,
+    Store,
+)
 from dgdm.sync.coordinator.stores import open_store
 from dgdm.sync.envelope import Kind
 
@@ -230,18 +242,56 @@ def test_replies_complete_their_command_once(store: Store) -> None:
     assert store.command("edge-2", 1) is None
 
 
-def test_a_reply_with_a_cmd_seq_past_64_bits_fails_alone(store: Store, request: Any) -> None:
-    if isinstance(store, SqliteStore):
-        request.applymarker(
-            pytest.mark.xfail(
-                raises=OverflowError,
-                reason="SqliteStore binds the device's cmd_seq as is: 2**80 fails the batch",
-            )
-        )
+def test_a_row_that_cannot_be_stored_is_quarantined_alone(store: Store) -> None:
     store.add_device("edge-1", KEY_A)
-    hostile = Incoming("edge-1", Kind.REPLY, 1, NOW, {"cmd_seq": 2**80})
-    result = store.store_batch([hostile, msg("edge-1", Kind.RESULT, 1)], NOW)
-    assert (result.stored, result.duplicates) == (2, 0)
+    store.add_device("edge-2", KEY_B)
+    given = Quarantined("edge-2", Kind.TELEMETRY, 9, "bad_tag", "sealed but refused: ...")
+    batch = [
+        Incoming("edge-1", Kind.REPLY, 1, NOW, {"cmd_seq": 2**80}),
+        Incoming("edge-1", Kind.RESULT, 2, NOW, {"x": float("nan")}),
+        Incoming("edge-1", Kind.RESULT, 2**64, NOW, {}),
+        msg("edge-1", Kind.RESULT, 1),
+    ]
+    result = store.store_batch(batch, NOW, [given])
+    assert (result.stored, result.duplicates) == (1, 0)
+    assert result.receipt_seqs == {"edge-1": 1, "edge-2": 1}  # both get their receipt
+    assert [(q.device_id, q.seq, q.reason) for q in result.quarantined] == [
+        ("edge-2", 9, "bad_tag"),
+        ("edge-1", 1, "malformed"),
+        ("edge-1", 2, "bad_body"),
+        ("edge-1", 2**64, "malformed"),
+    ]
+    rows = store.quarantined("edge-1")
+    assert [(r["kind"], r["seq"], r["reason"]) for r in rows] == [
+        ("reply", "1", "malformed"),
+        ("result", "2", "bad_body"),
+        ("result", str(2**64), "malformed"),
+    ]
+    assert all(r["received_ms"] == NOW for r in rows)
+    assert store.quarantined("edge-2", limit=5)[0]["sample"] == "sealed but refused: ..."
+    assert [r["seq"] for r in store.latest("edge-1", Kind.RESULT, 10)] == [1]
+
+
+def test_quarantine_is_capped_per_device(store: Store) -> None:
+    store.add_device("edge-1", KEY_A)
+    flood = [
+        Quarantined("edge-1", Kind.ALERT, n, "bad_tag", "x")
+        for n in range(QUARANTINE_PER_DEVICE + 50)
+    ]
+    store.store_batch([], NOW, flood)
+    assert len(store.quarantined("edge-1", limit=10**6)) == QUARANTINE_PER_DEVICE
+
+
+def test_the_plaintext_telemetry_flag_follows_the_latest_enrolment(store: Store) -> None:
+    store.add_device("edge-1", KEY_A, plaintext_telemetry=True)
+    assert store.plaintext_telemetry("edge-1") is True
+    assert store.device("edge-1")["plaintext_telemetry"] == 1  # type: ignore[index]
+    store.add_device("edge-1", KEY_B)  # re-enrolled without the flag: off
+    assert store.plaintext_telemetry("edge-1") is False
+    store.add_device("edge-1", KEY_B, plaintext_telemetry=True)
+    store.remove_device("edge-1")
+    assert store.plaintext_telemetry("edge-1") is False  # a removed device has no rights
+    assert store.plaintext_telemetry("never") is False
 
 
 # -- replicas --------------------------------------------------------------------------------
@@ -346,3 +396,43 @@ def test_a_newer_schema_is_refused_with_a_clear_message(opener: Opener) -> None:
     assert info.value.key == "store.url"
     assert f"version {newer}, newer than the {MIGRATIONS[-1].version}" in str(info.value)
     assert "upgrade dgdm-edge" in str(info.value)
+
+
+@pytest.mark.parametrize("flavour", ["sqlite", "postgres"])
+def test_a_store_of_an_older_version_is_migrated_in_order(
+    flavour: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """A store left at version 1 (before the quarantine and the plaintext flag) with an
+    enrolled device: opening it applies the later migrations and keeps the device."""
+    v1 = MIGRATIONS[:1]
+    if flavour == "sqlite":
+        path = tmp_path / "coord" / "coordinator.db"
+        path.parent.mkdir()
+        with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as db:
+            migrate_sqlite(db, v1)
+            db.execute(
+                "INSERT INTO devices (device_id, public_key, added_ms) VALUES ('edge-1', ?, 0)",
+                (KEY_A,),
+            )
+        config = _config(tmp_path, None, None)
+    else:
+        cluster = request.getfixturevalue("pg_cluster")
+        database = request.getfixturevalue("pg_database")
+        import psycopg
+
+        with psycopg.connect(cluster.url(database), password=cluster.password) as conn:
+            migrate_postgres(conn, v1)
+            conn.execute(
+                "INSERT INTO devices (device_id, public_key, added_ms) VALUES ('edge-1', %s, 0)",
+                (KEY_A,),
+            )
+        config = _config(tmp_path, cluster.url(database), cluster.password)
+    store = open_store(config)
+    try:
+        assert _versions(store) == [m.version for m in MIGRATIONS]
+        assert store.public_keys() == {"edge-1": KEY_A}
+        assert store.plaintext_telemetry("edge-1") is False
+        store.store_batch([], NOW, [Quarantined("edge-1", Kind.RESULT, 1, "bad_tag", "x")])
+        assert len(store.quarantined("edge-1")) == 1
+    finally:
+        store.close()

@@ -1,0 +1,187 @@
+"""What only the PostgreSQL store has: the server going away and coming back, a
+least-privilege role, replicas migrating at once, and its ingest rate against SQLite's."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dgdm.sync.coordinator.migrations import MIGRATIONS
+from dgdm.sync.coordinator.store import Incoming, SqliteStore, Store
+from dgdm.sync.coordinator.stores import StoreUnavailable
+from dgdm.sync.envelope import Kind
+from dgdm.sync.errors import ConfigError
+
+pg_store = pytest.importorskip("dgdm.sync.coordinator.pg_store")
+PgStore = pg_store.PgStore
+
+KEY = "A" * 43 + "="
+NOW = 1_700_000_000_000
+
+
+def result(seq: int, device: str = "edge-1") -> Incoming:
+    return Incoming(device, Kind.RESULT, seq, NOW, {"z": [[0.25, 0.5]], "seq": seq})
+
+
+def test_postgres_going_away_raises_store_unavailable_and_ingest_resumes(fresh_pg: Any) -> None:
+    db = fresh_pg.create_database()
+    store = PgStore(fresh_pg.url(db), fresh_pg.password, timeout_s=2.0)
+    try:
+        store.add_device("edge-1", KEY)
+        assert store.store_batch([result(1)], NOW).stored == 1
+        fresh_pg.stop(immediate=True)  # like a crash: no shutdown checkpoint
+        for call in (lambda: store.store_batch([result(2)], NOW), store.public_keys):
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailable) as info:
+                call()
+            assert time.monotonic() - started < 10  # an error, not a hang
+            assert fresh_pg.password not in str(info.value)
+        fresh_pg.start()  # same port and data; the pool reconnects by itself
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                again = store.store_batch([result(2)], NOW)
+                break
+            except StoreUnavailable:
+                assert time.monotonic() < deadline, "the store did not come back"
+                time.sleep(0.2)
+        # The failed call committed nothing: seq 2 is new now, not a duplicate.
+        assert (again.stored, again.duplicates) == (1, 0)
+        assert store.count() == 2
+    finally:
+        store.close()
+
+
+def test_a_least_privilege_role_runs_the_store_after_the_owner_migrated(pg_cluster: Any) -> None:
+    """The grants README/Ansible give the coordinator's role: DML on its tables, nothing
+    else (no CREATE, no ownership). The owner (or a first start as owner) migrates."""
+    tag = f"{os.getpid()}_{time.monotonic_ns() % 10**6}"
+    owner, app = f"owner_{tag}", f"app_{tag}"
+    pg_cluster.sql(f"CREATE ROLE {owner} LOGIN PASSWORD 'owner-pw'")
+    pg_cluster.sql(f"CREATE ROLE {app} LOGIN PASSWORD 'app-pw'")
+    db = pg_cluster.create_database("lp")
+    pg_cluster.sql(f'ALTER DATABASE "{db}" OWNER TO {owner}')
+    pg_cluster.sql(f"ALTER SCHEMA public OWNER TO {owner}", database=db)
+    pg_cluster.sql(f'GRANT CONNECT ON DATABASE "{db}" TO {app}')
+    pg_cluster.sql(
+        f"REVOKE CREATE ON SCHEMA public FROM PUBLIC; GRANT USAGE ON SCHEMA public TO {app}",
+        database=db,
+    )
+
+    # Before the owner migrated, the app role cannot create the tables: a clear start-up error.
+    with pytest.raises(ConfigError) as info:
+        PgStore(pg_cluster.url(db, user=app), "app-pw")
+    assert info.value.key == "store.url"
+    assert "may not create tables" in info.value.message
+
+    PgStore(pg_cluster.url(db, user=owner), "owner-pw").close()
+    grants = (
+        f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {app};"
+        f" GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO {app}"
+    )
+    pg_cluster.sql(grants, database=db)
+    store = PgStore(pg_cluster.url(db, user=app), "app-pw")
+    try:
+        store.add_device("edge-1", KEY)
+        seq = store.new_command("edge-1", {"cmd": "ping"}, NOW)
+        reply = Incoming("edge-1", Kind.REPLY, 1, NOW, {"cmd_seq": seq})
+        assert store.store_batch([result(1), reply], NOW).stored == 2
+        assert store.command("edge-1", seq)["status"] == "replied"
+        assert store.remove_device("edge-1")
+    finally:
+        store.close()
+
+
+def test_replicas_starting_at_once_migrate_once(pg_cluster: Any, pg_database: str) -> None:
+    stores: list[Any] = []
+    failures: list[BaseException] = []
+    go = threading.Barrier(4)
+
+    def start() -> None:
+        go.wait()
+        try:
+            stores.append(PgStore(pg_cluster.url(pg_database), pg_cluster.password))
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=start) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        assert failures == []
+        with stores[0]._tx() as conn:
+            versions = [r[0] for r in conn.execute("SELECT version FROM schema_version")]
+        assert versions == [m.version for m in MIGRATIONS]
+    finally:
+        for s in stores:
+            s.close()
+
+
+def test_public_keys_stays_cheap_for_a_large_fleet(pg_cluster: Any, pg_database: str) -> None:
+    """Each replica's Registry polls public_keys() every 5 s (SPEC §7.1: a change holds on
+    all replicas within 5 s); for 5,000 devices that must cost milliseconds."""
+    store = PgStore(pg_cluster.url(pg_database), pg_cluster.password)
+    try:
+        with store._tx() as conn:
+            conn.execute(
+                "INSERT INTO devices (device_id, public_key, added_ms)"
+                " SELECT 'edge-' || n, %s, 0 FROM generate_series(1, 5000) AS n",
+                (KEY,),
+            )
+        timings = []
+        for _ in range(5):
+            started = time.perf_counter()
+            keys = store.public_keys()
+            timings.append(time.perf_counter() - started)
+        assert len(keys) == 5000
+        print(f"public_keys() for 5,000 devices: median {sorted(timings)[2] * 1000:.1f} ms")
+        assert sorted(timings)[2] < 0.5
+    finally:
+        store.close()
+
+
+def _ingest_rate(store: Store, rows: int, batch: int, devices: int) -> float:
+    for d in range(devices):
+        store.add_device(f"edge-{d}", KEY)
+    body = {"job_id": "j", "backend": "numpy", "latency_ms": 1.5, "embedding": [[0.125] * 8] * 4}
+    batches = [
+        [
+            Incoming(f"edge-{n % devices}", Kind.RESULT, n, NOW, body)
+            for n in range(start, start + batch)
+        ]
+        for start in range(0, rows, batch)
+    ]
+    started = time.perf_counter()
+    for items in batches:
+        assert store.store_batch(items, NOW).stored == batch
+    return rows / (time.perf_counter() - started)
+
+
+@pytest.mark.bench
+def test_postgres_ingest_rate_against_sqlite(
+    tmp_path: Path, pg_cluster: Any, pg_database: str
+) -> None:
+    """pytest -m bench tests/sync/test_pg_store.py -s: the same 50,000 results in batches of
+    500 from 100 devices into each store, fsync on in both (SQLite synchronous=FULL)."""
+    rows, batch, devices = 50_000, 500, 100
+    sqlite = SqliteStore(tmp_path / "bench.db")
+    pg = PgStore(pg_cluster.url(pg_database), pg_cluster.password)
+    try:
+        sqlite_rate = _ingest_rate(sqlite, rows, batch, devices)
+        pg_rate = _ingest_rate(pg, rows, batch, devices)
+    finally:
+        sqlite.close()
+        pg.close()
+    ratio = pg_rate / sqlite_rate
+    print(
+        f"\ningest {rows} rows in batches of {batch}: SQLite {sqlite_rate:,.0f}/s,"
+        f" PostgreSQL {pg_rate:,.0f}/s, ratio {ratio:.2f}"
+    )
+    assert ratio >= 0.70
