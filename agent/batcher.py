@@ -8,12 +8,13 @@ a batch opens the window; the batch runs when it closes or as soon as the next s
 take it past `max_width` columns (the engine's `kernels.max_features`). A window of 0 runs
 each request on its own (its own B feature sets still share one call).
 
-Timing: the event loop's selector sleeps in whole milliseconds, so a timer alone would hold
-a lone request ~1 ms for a 200 us window. The last stretch of the window is therefore
-waited out with `call_soon` turns, each of which still polls the sockets (so requests
-arriving meanwhile join); a lone request waits the window and no more. Once a second set
-has joined, a plain timer does (a busy loop wakes on time anyway, and spinning would take
-the CPU from the requests still coming).
+A batch also closes early, once the loop has run `QUIET_TURNS` turns in which nobody
+joined it: each turn polls the sockets, so a quiet turn means no request is on its way
+right now, and waiting out the window would only add latency (a closed-loop client, e.g.
+wrk with 32 connections, sends nothing new until it is answered). A lone request thus waits
+a few loop turns (microseconds), a burst is fused whole, and a steady stream is cut into
+batches of at most the window. Timers are not used: the selector sleeps in whole
+milliseconds, five times a 200 us window.
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ from typing import Generic, Protocol, TypeVar
 
 import numpy as np
 
-# Below this much time left, spin loop turns instead of arming a timer (see the docstring).
-_TIMER_SLACK_S = 0.0015
+# Loop turns without a new member after which a batch runs before its window is over: a
+# request read in one turn reaches the batcher in the next, so one quiet turn can be a
+# request in transit; two are not.
+QUIET_TURNS = 2
 
 
 class HasEmbedding(Protocol):
@@ -80,27 +83,23 @@ class Batcher(Generic[K, R]):
         if batch is None:
             batch = _Batch(loop.time() + self.window_s)
             self._open[key] = batch
-            self._wake(loop, key, batch)
+            loop.call_soon(self._wake, loop, key, batch, 0, 0)
         waiter: asyncio.Future[tuple[R, np.ndarray]] = loop.create_future()
         batch.parts.append(part)
         batch.waiters.append(waiter)
         batch.width += part.shape[1]
         return waiter
 
-    def _wake(self, loop: asyncio.AbstractEventLoop, key: K, batch: _Batch[R]) -> None:
+    def _wake(
+        self, loop: asyncio.AbstractEventLoop, key: K, batch: _Batch[R], seen: int, quiet: int
+    ) -> None:
         if self._open.get(key) is not batch:
             return  # already started because it was full
-        left = batch.deadline - loop.time()
-        if left <= 0:
+        quiet = quiet + 1 if len(batch.parts) == seen else 0
+        if quiet >= QUIET_TURNS or loop.time() >= batch.deadline:
             self._start(key)
-        elif len(batch.parts) > 1:
-            # Not a lone request any more: a timer that fires a little late costs no lone
-            # request anything, and spinning would take the CPU from the requests coming.
-            loop.call_later(left, self._wake, loop, key, batch)
-        elif left > _TIMER_SLACK_S:
-            loop.call_later(left - _TIMER_SLACK_S, self._wake, loop, key, batch)
         else:
-            loop.call_soon(self._wake, loop, key, batch)
+            loop.call_soon(self._wake, loop, key, batch, len(batch.parts), quiet)
 
     def _start(self, key: K) -> None:
         batch = self._open.pop(key)
