@@ -234,3 +234,9 @@ def test_zlib_garbage_from_an_unknown_device_is_a_plain_reject(rig) -> None:
     batch, _ = rig.ingest([("nobody", Kind.TELEMETRY, junk)])
     assert batch.seqs == {}
     assert rig.store.quarantined("nobody") == []
+
+
+def test_a_status_time_beyond_64_bits_is_dropped_not_raised(rig) -> None:
+    rig.store.set_status("good", {"state": "online", "ts_ms": 2**64}, 5)
+    row = rig.store.device("good")
+    assert (row["online"], row["status_ms"], row["last_seen_ms"]) == (1, None, 5)
