@@ -188,3 +188,55 @@ def test_postgres_ingest_rate_against_sqlite(
         f" PostgreSQL {pg_rate:,.0f}/s, ratio {ratio:.2f}"
     )
     assert ratio >= 0.70
+
+
+async def test_two_coordinators_share_one_postgres_store(
+    sync_rig: Any, mqtt_broker: Any, pg_cluster: Any, pg_database: str
+) -> None:
+    """The real service on PgStore: two replicas in one share group over a real mosquitto.
+    Every result is stored once and receipted; a command posted on A is answered from the
+    store whichever replica ingested its reply."""
+    import asyncio
+    import dataclasses
+
+    from dgdm.sync.coordinator.service import Coordinator
+
+    from .conftest import eventually
+
+    async def pong(seq: int, body: dict[str, Any]) -> dict[str, Any]:
+        return {"pong": True}
+
+    rig = sync_rig(mqtt_broker)
+    device = rig.device("d", on_command=pong)
+    base = rig.config()
+    replicas = []
+    for name in ("a", "b"):
+        mqtt = dataclasses.replace(base.mqtt, client_id=f"{base.mqtt.client_id}-{name}")
+        store = PgStore(pg_cluster.url(pg_database), pg_cluster.password)
+        replicas.append(Coordinator(dataclasses.replace(base, mqtt=mqtt), store=store))
+    a, b = replicas
+    try:
+        for replica in replicas:
+            await replica.start(http=False)
+            await replica.wait_connected(10)
+        await a.add_device(device.device_id, device.public_b64)  # b learns it from the store
+        await device.start()
+        seqs = [device.enqueue(Kind.RESULT, {"n": n}) for n in range(40)]
+        await eventually(lambda: device.queued() == 0, what="outbox drained by receipts")
+        assert a.store.count() == 40  # type: ignore[attr-defined]
+        rows = a.store.results_since(device.device_id, 0, 100)
+        assert sorted(r["seq"] for r in rows) == seqs
+        seq = await a.send_command(device.device_id, "ping", {}, 60_000)
+        for _ in range(500):
+            got = await a.command(device.device_id, seq)
+            if got is not None and got["status"] == "replied":
+                break
+            await asyncio.sleep(0.02)
+        assert got is not None
+        assert got["reply"]["data"] == {"pong": True}
+        # The other replica answers the same from the store.
+        assert await b.command(device.device_id, seq) == got
+    finally:
+        await device.link.stop()
+        for replica in replicas:
+            await replica.stop()
