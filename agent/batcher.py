@@ -137,6 +137,23 @@ def split_columns(z: np.ndarray, parts: Sequence[np.ndarray]) -> list[np.ndarray
     return [z[:, a:b] for a, b in itertools.pairwise(bounds)]
 
 
+def side_by_side(sets: np.ndarray, max_width: int) -> list[np.ndarray]:
+    """B feature sets (B, N, F) as few (N, k * F) blocks as fit `max_width` columns: set b
+    is columns b * F .. (b + 1) * F of its block. One copy, not B slices stacked."""
+    b, n, f = sets.shape
+    per_block = max(1, max_width // f)
+    return [
+        np.ascontiguousarray(sets[i : i + per_block].transpose(1, 0, 2)).reshape(n, -1)
+        for i in range(0, b, per_block)
+    ]
+
+
+def sets_of(blocks: Sequence[np.ndarray], f: int) -> np.ndarray:
+    """`side_by_side` undone: (N, k * F) blocks back to (B, N, F)."""
+    n = blocks[0].shape[0]
+    return np.concatenate([z.reshape(n, -1, f).transpose(1, 0, 2) for z in blocks])
+
+
 def _chunks(parts: Sequence[np.ndarray], max_width: int) -> list[list[np.ndarray]]:
     """Consecutive parts grouped into calls of at most `max_width` columns (a wider part
     goes alone)."""

@@ -26,7 +26,7 @@ from aiohttp import web
 from dgdm.agent import __version__, hosts, topologies
 from dgdm.agent import status as state
 from dgdm.agent.answers import result_body
-from dgdm.agent.batcher import Batcher
+from dgdm.agent.batcher import Batcher, sets_of, side_by_side
 from dgdm.agent.errors import BadJson, NoOutbox, QueueFull, ShuttingDown
 from dgdm.agent.jsonio import dumps, loads
 from dgdm.agent.oip_codec import (
@@ -278,17 +278,21 @@ async def infer(request: web.Request) -> web.Response:
     models = request.app[MODELS]
     topo = _model(models.agent, name, version)
     req = await _request(request)
-    parts = _feature_sets(req.x, topo, models.agent.config.kernels.max_features)
+    max_features = models.agent.config.kernels.max_features
+    sets = _feature_sets(req.x, topo, max_features)
     if req.queue and models.agent.outbox is None:
         raise OipError(400, "parameters.queue needs an outbox: set sync.coordinator_public_key")
     key = (name, topo["key"])
     try:
-        pieces = await models.batcher.diffuse(key, parts)
-        seqs = await _finish(models.agent, pieces, queue=req.queue)
+        pieces = await models.batcher.diffuse(key, side_by_side(sets, max_features))
+        z = sets_of([z for _, z in pieces], sets.shape[2])
+        per_block = max(1, max_features // sets.shape[2])
+        seqs = await _finish(
+            models.agent, [(pieces[b // per_block][0], z[b]) for b in range(len(z))], req.queue
+        )
     except _REFUSED as exc:
         raise _refusal(exc) from exc
-    z = np.stack([z for _, z in pieces]) if req.x.ndim == 3 else pieces[0][1]
-    return await _answer(name, key[1], req, z, seqs)
+    return await _answer(name, key[1], req, z if req.x.ndim == 3 else z[0], seqs)
 
 
 def _path(request: web.Request) -> tuple[str, str | None]:
@@ -333,8 +337,8 @@ def _check_same_site(request: web.Request) -> None:
         raise OipError(400, f"cross-site requests are refused (Origin {origin!r})")
 
 
-def _feature_sets(x: np.ndarray, topo: dict[str, Any], max_features: int) -> list[np.ndarray]:
-    """x as one (N, F) array per feature set, checked against the model."""
+def _feature_sets(x: np.ndarray, topo: dict[str, Any], max_features: int) -> np.ndarray:
+    """x as (B, N, F) feature sets, checked against the model."""
     n, f = x.shape[-2], x.shape[-1]
     if n != topo["nodes"]:
         raise OipError(
@@ -347,11 +351,12 @@ def _feature_sets(x: np.ndarray, topo: dict[str, Any], max_features: int) -> lis
         raise OipError(400, f"input {INPUT} has F = {f} features but the model takes {width}")
     if f > max_features:
         raise OipError(413, f"input {INPUT} has F = {f} features, over kernels.max_features")
-    return [x] if x.ndim == 2 else list(x)
+    return x if x.ndim == 3 else x[None]
 
 
-async def _finish(agent: Agent, pieces: list[tuple[Any, np.ndarray]], *, queue: bool) -> list[int]:
-    """Count each feature set's diffusion; queue one result per set when asked."""
+async def _finish(agent: Agent, pieces: list[tuple[Any, np.ndarray]], queue: bool) -> list[int]:
+    """Count each feature set's diffusion (its call's result, its z); queue one result per
+    set when asked."""
     for result, _ in pieces:
         agent.latency.record(result.latency_ms)
         agent.metrics.count_diffusion(result.backend, "oip", result.latency_ms / 1000.0)

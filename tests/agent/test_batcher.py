@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dgdm.agent.batcher import Batcher, split_columns
+from dgdm.agent.batcher import Batcher, sets_of, side_by_side, split_columns
 from dgdm.kernels.engine import Engine
 from dgdm.kernels.graph import parse_graph
 
@@ -186,3 +186,16 @@ def test_split_columns_undoes_hstack(widths: list[int]) -> None:
     parts = [rng.random((4, w)) for w in widths]
     for part, back in zip(parts, split_columns(np.hstack(parts), parts), strict=True):
         np.testing.assert_array_equal(part, back)
+
+
+@given(
+    b=st.integers(1, 9),
+    f=st.integers(1, 5),
+    max_width=st.integers(1, 20),
+)
+def test_side_by_side_and_back(b: int, f: int, max_width: int) -> None:
+    sets = np.random.default_rng(b * f).random((b, 3, f))
+    blocks = side_by_side(sets, max_width)
+    assert all(block.shape[1] <= max(max_width, f) for block in blocks)
+    np.testing.assert_array_equal(np.hstack(blocks), np.hstack(list(sets)))
+    np.testing.assert_array_equal(sets_of(blocks, f), sets)
