@@ -30,6 +30,30 @@ class CoordinatorSection:
 
 
 @dataclass(frozen=True)
+class IngestSection:
+    """Fair share between devices (per-device quotas and queue bounds, see quota.py and
+    fairqueue.py). Rates are per device; a device's message over its rate is dropped without
+    a receipt and resent by the device later. The telemetry rate leaves room for a box that
+    drains a week of offline backlog (one batch a minute) in well under an hour."""
+
+    result_per_s: float = setting(2000.0, minimum=0.01)
+    telemetry_per_s: float = setting(20.0, minimum=0.01)
+    alert_per_s: float = setting(20.0, minimum=0.01)
+    reply_per_s: float = setting(200.0, minimum=0.01)
+    bytes_per_s: int = setting(8 * MIB, minimum=1024)
+    # A bucket holds this many seconds of its rate (at least 100 messages / 1 MiB).
+    burst_s: float = setting(30.0, minimum=1.0, maximum=3600.0)
+    device_queue_messages: int = setting(2_000, minimum=1)
+    device_queue_bytes: int = setting(8 * MIB, minimum=64 * 1024)
+    queue_messages: int = setting(200_000, minimum=100)
+    queue_bytes: int = setting(128 * MIB, minimum=MIB)
+    # One store transaction holds at most receipt_batch messages and about this much work.
+    batch_work_ms: int = setting(200, minimum=10, maximum=10_000)
+    batch_bytes: int = setting(16 * MIB, minimum=64 * 1024)
+    flooding_alert_s: float = setting(300.0, minimum=1.0)
+
+
+@dataclass(frozen=True)
 class MqttSection:
     broker_url: str = setting(
         "mqtt://127.0.0.1:1883", pattern=BROKER_URL_PATTERN, pattern_hint=BROKER_URL_HINT
@@ -68,6 +92,20 @@ class StoreSection:
     # Not in repr either, so a logged or printed config never shows it.
     password: str | None = field(default=None, repr=False, metadata={"secret": True})
     retention_days: int = setting(30, minimum=1, maximum=100 * 365)
+    # Per kind (0: retention_days). Commands and quarantined messages follow retention_days.
+    telemetry_retention_days: int = setting(0, minimum=0, maximum=100 * 365)
+    result_retention_days: int = setting(0, minimum=0, maximum=100 * 365)
+    alert_retention_days: int = setting(0, minimum=0, maximum=100 * 365)
+    # Telemetry older than this keeps one message per device per downsample_minutes
+    # (0: never downsampled).
+    downsample_after_days: int = setting(7, minimum=0, maximum=100 * 365)
+    downsample_minutes: int = setting(15, minimum=1, maximum=24 * 60)
+    # Stored message bytes per device; beyond it the device's oldest telemetry, then
+    # alerts, then results are pruned (0: no quota). See housekeeping.py.
+    device_quota_bytes: int = setting(1024 * MIB, minimum=0)
+    housekeeping_interval_s: float = setting(60.0, minimum=1.0, maximum=24 * 3600.0)
+    # Rows per housekeeping transaction: small, so ingest never waits long behind one.
+    prune_batch: int = setting(1000, minimum=1, maximum=100_000)
 
 
 @dataclass(frozen=True)
@@ -76,6 +114,7 @@ class CoordinatorConfig:
     mqtt: MqttSection = field(default_factory=MqttSection)
     http: HttpSection = field(default_factory=HttpSection)
     store: StoreSection = field(default_factory=StoreSection)
+    ingest: IngestSection = field(default_factory=IngestSection)
 
 
 def load_config(

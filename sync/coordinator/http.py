@@ -5,6 +5,7 @@ GET  /devices/{id}                     one device, its latest telemetry and rece
 GET  /devices/{id}/results?since=C     results after cursor C (`next` is the new cursor)
 POST /devices/{id}/commands            {"cmd", "args", "ttl_ms"} -> 202 {"seq"}
 GET  /devices/{id}/commands/{seq}      the command and, once it arrived, its reply
+GET  /ingest                           fair-share state: queue, flooding devices, top talkers
 GET  /metrics                          Prometheus text format
 
 Errors are JSON `{"error", "field"}` with 400/401/404/422/503, never a traceback.
@@ -65,6 +66,7 @@ def make_app(coordinator: Any) -> web.Application:
     app.router.add_post("/devices/{device_id}/commands", post_command)
     app.router.add_get("/devices/{device_id}/commands/{seq}", get_command)
     app.router.add_get("/metrics", get_metrics)
+    app.router.add_get("/ingest", get_ingest)
     return app
 
 
@@ -236,6 +238,13 @@ async def get_command(request: web.Request) -> web.Response:
     if command is None:
         return _error(404, f"no command {seq} for {device_id!r}", "seq")
     return web.json_response(command)
+
+
+async def get_ingest(request: web.Request) -> web.Response:
+    """Fair-share state of this replica: queue depth, paused reading, flooding devices and
+    the top talkers (the devices refused most, bounded; no per-device metric series)."""
+    coordinator = request.app[COORDINATOR]
+    return web.json_response(await coordinator.on_main_loop(coordinator.ingest_view))
 
 
 async def get_metrics(request: web.Request) -> web.Response:

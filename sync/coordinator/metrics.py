@@ -15,7 +15,31 @@ class Metrics:
             "dgdm_duplicates", "Envelopes received again and ignored", registry=self.registry
         )
         self.rejects = Counter(
-            "dgdm_rejects", "Input dropped, by reason", ["reason"], registry=self.registry
+            "dgdm_coordinator_rejects",
+            "Input dropped, by reason (rate_limited, device_queue_full, queue_full, bad_tag, ...)",
+            ["reason"],
+            registry=self.registry,
+        )
+        # Fair share (no per-device series: the top talkers are in GET /ingest).
+        self.queue_messages = Gauge(
+            "dgdm_coordinator_ingest_queue_messages",
+            "Messages received and waiting for a store transaction",
+            registry=self.registry,
+        )
+        self.queue_bytes = Gauge(
+            "dgdm_coordinator_ingest_queue_bytes",
+            "Bytes of envelopes waiting for a store transaction",
+            registry=self.registry,
+        )
+        self.reading_paused = Gauge(
+            "dgdm_coordinator_reading_paused",
+            "1 while the ingest queue is full and the broker socket is not read",
+            registry=self.registry,
+        )
+        self.flooding_alerts = Counter(
+            "dgdm_coordinator_flooding_alerts",
+            "device_flooding alerts raised (once per device per ingest.flooding_alert_s)",
+            registry=self.registry,
         )
         self.quarantined = Counter(
             "dgdm_quarantined",

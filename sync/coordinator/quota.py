@@ -65,6 +65,8 @@ class Verdict:
 
 
 ADMIT = Verdict(True)
+REFUSE = Verdict(False)
+REFUSE_AND_ALERT = Verdict(False, alert=True)
 
 
 class Quotas:
@@ -102,13 +104,13 @@ class Quotas:
                 del self.talkers[name]
         last = self._alerted.get(device_id)
         if last is not None and now - last < self.policy.alert_every_s:
-            return Verdict(False)
+            return REFUSE
         if len(self._alerted) >= MAX_TALKERS:
             self._alerted = {
                 d: t for d, t in self._alerted.items() if now - t < self.policy.alert_every_s
             }
         self._alerted[device_id] = now
-        return Verdict(False, alert=True)
+        return REFUSE_AND_ALERT
 
     def _forget_full(self, now: float) -> None:
         """Forget buckets that have refilled; if that frees too little (many ids, all busy),

@@ -16,16 +16,21 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import functools
+import inspect
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dgdm.sync import presence
-from dgdm.sync.coordinator.config import CoordinatorConfig
+from dgdm.sync.coordinator.config import CoordinatorConfig, IngestSection
+from dgdm.sync.coordinator.fairqueue import FairQueue, Queued, QueueLimits
 from dgdm.sync.coordinator.limits import RECEIPT_BATCH_BYTES, limits_by_kind
 from dgdm.sync.coordinator.lograte import QUARANTINE_LOG
 from dgdm.sync.coordinator.metrics import Metrics
+from dgdm.sync.coordinator.quota import QuotaPolicy, Quotas, Rate
 from dgdm.sync.coordinator.registry import Registry
 from dgdm.sync.coordinator.store import (
     Incoming,
@@ -61,6 +66,9 @@ from dgdm.sync.topics import (
     kind_topic,
     parse_topic,
 )
+
+if TYPE_CHECKING:
+    from dgdm.sync.coordinator.api_thread import ApiThread
 
 log = logging.getLogger(__name__)
 
@@ -98,13 +106,25 @@ class Coordinator:
         self.metrics = Metrics()
         self._store = store
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="coord-db")
-        self._pending: list[tuple[str, Kind, bytes]] = []
+        # API reads run beside ingest, on their own threads and connection (SQLite WAL
+        # readers, a pool on PostgreSQL), so a long ingest transaction never delays them.
+        self._read_executor = concurrent.futures.ThreadPoolExecutor(
+            2, thread_name_prefix="coord-read"
+        )
+        self._reader: Store | None = None
+        ingest = config.ingest
+        self._queue = FairQueue(queue_limits(ingest))
+        self._quotas = Quotas(quota_policy(ingest))
+        self._reading_paused = False
+        self._rejected: collections.Counter[str] = collections.Counter()
+        self._seconds_per_message = 0.0  # measured store cost, to size a ~batch_work_ms batch
         self._flush_now = asyncio.Event()
         self._online: set[str] = set()
         self._routes: dict[str, tuple[str, str] | None] = {}  # topic -> parse_topic(topic)
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Future[Any]] = set()
-        self._http: Any = None
+        self._api: ApiThread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.http_port: int | None = None
         self.mqtt: MqttClient | None = None
         self.registry: Registry | None = None
@@ -118,9 +138,11 @@ class Coordinator:
 
     async def start(self, *, http: bool = True) -> None:
         cfg = self.config.coordinator
+        self._loop = asyncio.get_running_loop()
         private = load_private_key(cfg.private_key)
         if self._store is None:
             self._store = await self._db(SqliteStore, cfg.data_dir / "coordinator.db")
+        self._reader = await self._db(_reader_for, self.store)
         self.registry = Registry(private, self.store.public_keys)
         await self._db(self.registry.reload)
         self._online = {d["device_id"] for d in await self._db(self.store.devices) if d["online"]}
@@ -136,9 +158,10 @@ class Coordinator:
         await self.mqtt.start()
         self._tasks = [asyncio.create_task(self._flush_forever(), name="coord-flush")]
         if http:
-            from dgdm.sync.coordinator.http import start_http
+            from dgdm.sync.coordinator.api_thread import ApiThread
 
-            self._http, self.http_port = await start_http(self)
+            self._api = ApiThread(self)
+            self.http_port = await self._api.start()
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -148,17 +171,20 @@ class Coordinator:
         self._tasks = []
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
-        if self._pending:
+        while self._queue:
             await self._flush(self._take())
-        if self._http is not None:
-            await self._http.cleanup()
-            self._http = None
+        if self._api is not None:
+            await self._api.stop()
+            self._api = None
         if self.mqtt is not None:
             await self.presence.offline()  # after the last flush: nothing received is lost
             await self.mqtt.stop()
+        if self._reader is not None and self._reader is not self._store:
+            await self._db(self._reader.close)
         if self._store is not None:
             await self._db(self._store.close)
         self._executor.shutdown(wait=True)
+        self._read_executor.shutdown(wait=True)
 
     async def wait_connected(self, timeout: float | None = None) -> None:
         assert self.mqtt is not None
@@ -181,16 +207,36 @@ class Coordinator:
         ]
         return (*subs, (fleet_filter(STATUS, shared=False), 1))
 
+    async def on_main_loop(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Call `fn(*args)` (awaiting it if it is a coroutine function) on the ingest loop,
+        from any loop: the HTTP API runs on its own (api_thread.py)."""
+
+        async def call() -> Any:
+            result = fn(*args)
+            return await result if inspect.isawaitable(result) else result
+
+        assert self._loop is not None
+        try:
+            here = asyncio.get_running_loop()
+        except RuntimeError:
+            here = None
+        if here is self._loop:
+            return await call()
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(call(), self._loop))
+
     async def _db(self, fn: Any, *args: Any) -> Any:
         """Every store call runs on the one database thread, never on the loop."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     # -- fleet -----------------------------------------------------------------------------
 
-    async def add_device(self, device_id: str, public_key: str) -> None:
+    async def add_device(
+        self, device_id: str, public_key: str, *, plaintext_telemetry: bool = False
+    ) -> None:
         if not valid_device_id(device_id):
             raise BadCommand("device_id", "must match [A-Za-z0-9._-]{1,64}")
-        await self._db(self.store.add_device, device_id, public_key)
+        add = functools.partial(self.store.add_device, plaintext_telemetry=plaintext_telemetry)
+        await self._db(add, device_id, public_key)
         assert self.registry is not None
         await self._db(self.registry.reload)
 
@@ -212,9 +258,61 @@ class Coordinator:
         if kind not in UPLINK_KINDS:
             self._reject("bad_topic")
             return
-        self._pending.append((device_id, kind, payload))
-        if len(self._pending) >= self.config.coordinator.receipt_batch:
+        self._admit(device_id, kind, payload)
+
+    def _admit(self, device_id: str, kind: Kind, payload: bytes) -> None:
+        """Quota, then the device's bounded queue; a refusal gets no receipt, so an honest
+        device sends the message again later. When the whole queue is full, stop reading
+        the socket until it has drained (the broker holds the rest)."""
+        verdict = self._quotas.admit(device_id, kind, len(payload), time.monotonic())
+        if not verdict.admitted:
+            self._reject("rate_limited")
+            if verdict.alert:
+                self._flooding(device_id)
+            return
+        refused = self._queue.push(device_id, kind, payload)
+        if refused is not None:
+            self._reject(refused)
+            return
+        if len(self._queue) >= self.config.coordinator.receipt_batch:
             self._flush_now.set()
+        if self._queue.saturated and not self._reading_paused:
+            self._pause_reading(True)
+
+    def _pause_reading(self, paused: bool) -> None:
+        assert self.mqtt is not None
+        self._reading_paused = paused
+        self.metrics.reading_paused.set(int(paused))
+        if paused:
+            self.mqtt.pause_reading()
+            log.warning("ingest queue full (%d messages): reading paused", len(self._queue))
+        else:
+            self.mqtt.resume_reading()
+
+    def _flooding(self, device_id: str) -> None:
+        """The deduplicated `device_flooding` alert: once per device per flooding_alert_s."""
+        self.metrics.flooding_alerts.inc()
+        log.warning(
+            "device_flooding: %s sends beyond its quota; its excess is dropped unreceipted",
+            device_id,
+            extra={"alert": "device_flooding", "device_id": device_id},
+        )
+
+    def ingest_view(self) -> dict[str, Any]:
+        """Queue depths, paused reading, flooding devices and the top talkers (bounded)."""
+        now = time.monotonic()
+        return {
+            "queue": {
+                "messages": len(self._queue),
+                "bytes": self._queue.bytes,
+                "devices": self._queue.devices(),
+            },
+            "reading_paused": self._reading_paused,
+            "flooding": self._quotas.flooding(now),
+            "top_talkers": [
+                {"device_id": d, "refused": n} for d, n in self._quotas.top_talkers(10)
+            ],
+        }
 
     def _route(self, topic: str) -> tuple[str, str] | None:
         """parse_topic, remembered: a fleet has a handful of topics per device."""
@@ -227,26 +325,54 @@ class Coordinator:
             return parsed
 
     def _reject(self, reason: str, count: int = 1) -> None:
-        self.metrics.rejects.labels(reason=reason).inc(count)
+        """Counted here and added to the metric once per flush turn: under a flood this runs
+        for every message, and a labelled Prometheus increment costs a lock and lookups."""
+        self._rejected[reason] += count
+
+    def _count_rejects(self) -> None:
+        rejected, self._rejected = self._rejected, collections.Counter()
+        for reason, count in rejected.items():
+            self.metrics.rejects.labels(reason=reason).inc(count)
 
     async def _flush_forever(self) -> None:
         interval = self.config.coordinator.receipt_interval_ms / 1000
         while True:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._flush_now.wait(), interval)
+            if len(self._queue) < self.config.coordinator.receipt_batch:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._flush_now.wait(), interval)
             self._flush_now.clear()
-            if self._pending:
+            if self._queue:
                 try:
                     await self._flush(self._take())
                 except Exception:
                     log.exception("storing a batch failed; devices will resend it")
+                    await asyncio.sleep(interval)  # a store that is down is not hammered
+            if self._reading_paused and self._queue.resumable:
+                self._pause_reading(False)
+            self._count_rejects()
 
-    def _take(self) -> list[tuple[str, Kind, bytes]]:
-        batch, self._pending = self._pending, []
+    def _take(self) -> list[Queued]:
+        """One transaction's worth: at most receipt_batch messages, batch_bytes, and about
+        batch_work_ms of store work at the measured cost per message."""
+        ingest = self.config.ingest
+        limit = self.config.coordinator.receipt_batch
+        if self._seconds_per_message > 0:
+            budget = ingest.batch_work_ms / 1000 / self._seconds_per_message
+            limit = max(1, min(limit, int(budget)))
+        batch = self._queue.take(limit, ingest.batch_bytes)
+        self.metrics.queue_messages.set(len(self._queue))
+        self.metrics.queue_bytes.set(self._queue.bytes)
         return batch
 
-    async def _flush(self, raw: list[tuple[str, Kind, bytes]]) -> None:
+    async def _flush(self, raw: list[Queued]) -> None:
+        started = time.monotonic()
         batch, result = await self._db(self._ingest, raw, _now_ms())
+        per_message = (time.monotonic() - started) / max(1, len(raw))
+        self._seconds_per_message = (
+            per_message
+            if self._seconds_per_message == 0
+            else 0.8 * self._seconds_per_message + 0.2 * per_message
+        )
         for reason, count in batch.rejects.items():
             self._reject(reason, count)
         for kind, count in batch.kinds.items():
@@ -267,9 +393,7 @@ class Coordinator:
                 )
         await self._send_receipts(batch.seqs, result)
 
-    def _ingest(
-        self, raw: list[tuple[str, Kind, bytes]], now_ms: int
-    ) -> tuple[_Batch, StoreResult]:
+    def _ingest(self, raw: list[Queued], now_ms: int) -> tuple[_Batch, StoreResult]:
         """On the database thread: decrypt and check every envelope, then commit.
 
         A bad envelope fails alone: unauthenticated ones are rejected (no receipt); one the
@@ -402,6 +526,8 @@ class Coordinator:
         self, device_id: str, cmd: str, args: Any = None, ttl_ms: int = DEFAULT_TTL_MS
     ) -> int:
         """Store and publish a command; returns its seq (the reply arrives with it later)."""
+        if asyncio.get_running_loop() is not self._loop:
+            return int(await self.on_main_loop(self.send_command, device_id, cmd, args, ttl_ms))
         assert self.registry is not None
         assert self.mqtt is not None
         body = check_command_request(cmd, args, ttl_ms)
@@ -416,11 +542,13 @@ class Coordinator:
         return seq
 
     async def command(self, device_id: str, seq: int) -> dict[str, Any] | None:
-        return await self._db(self.store.command, device_id, seq)
+        return await self.query("command", device_id, seq)
 
     async def query(self, fn_name: str, *args: Any) -> Any:
-        """Run a read-only store query on the database thread (for the HTTP API)."""
-        return await self._db(getattr(self.store, fn_name), *args)
+        """Run a read-only store query for the HTTP API, beside ingest (never behind it)."""
+        reader = self._reader or self.store
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._read_executor, getattr(reader, fn_name), *args)
 
 
 def check_command_request(cmd: Any, args: Any, ttl_ms: Any) -> dict[str, Any]:
@@ -434,6 +562,42 @@ def check_command_request(cmd: Any, args: Any, ttl_ms: Any) -> dict[str, Any]:
     if cmd == "diffuse" and not isinstance(args.get("graph"), dict):
         raise BadCommand("args.graph", "diffuse needs a graph object (SPEC §3)")
     return {"cmd": cmd, "args": args, "ttl_ms": ttl_ms}
+
+
+def _reader_for(store: Store) -> Store:
+    """A second SQLite connection for reads (WAL: readers never wait for the writer); any
+    other store has a connection pool and is its own reader."""
+    if isinstance(store, SqliteStore):
+        return SqliteStore(store.path)
+    return store
+
+
+def queue_limits(ingest: IngestSection) -> QueueLimits:
+    return QueueLimits(
+        device_messages=ingest.device_queue_messages,
+        device_bytes=ingest.device_queue_bytes,
+        total_messages=ingest.queue_messages,
+        total_bytes=ingest.queue_bytes,
+    )
+
+
+def quota_policy(ingest: IngestSection) -> QuotaPolicy:
+    """Per-device rates from the config; a bucket holds burst_s of its rate, and at least
+    100 messages (1 MiB), so a device back from an outage starts with a sizeable burst."""
+
+    def rate(per_s: float, floor: float) -> Rate:
+        return Rate(per_s, max(floor, per_s * ingest.burst_s))
+
+    return QuotaPolicy(
+        messages={
+            Kind.RESULT: rate(ingest.result_per_s, 100),
+            Kind.TELEMETRY: rate(ingest.telemetry_per_s, 100),
+            Kind.ALERT: rate(ingest.alert_per_s, 100),
+            Kind.REPLY: rate(ingest.reply_per_s, 100),
+        },
+        bytes=rate(float(ingest.bytes_per_s), float(1 << 20)),
+        alert_every_s=ingest.flooding_alert_s,
+    )
 
 
 def _key_id(payload: bytes) -> bytes | None:

@@ -50,7 +50,8 @@ async def test_telemetry_results_and_commands_reach_the_coordinator(
     )
     await coordinator.start(http=False)
     try:
-        await coordinator.add_device(DEVICE, device_pub)
+        # enrolled as sending plaintext telemetry, as the agent is configured below
+        await coordinator.add_device(DEVICE, device_pub, plaintext_telemetry=True)
         sections = {
             "device": {"id": DEVICE, "private_key": str(device_key)},
             "sync": {

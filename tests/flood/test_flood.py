@@ -117,8 +117,8 @@ class Fleet:
 
 @pytest.fixture
 def fleet(tmp_path: Path) -> Iterator[Fleet]:
-    # mosquitto's own default queue bound (1,000 per client), as on a stock broker
-    broker = Broker(tmp_path / "broker", max_queued_messages=1000).start()
+    # the queue bound the dgdm_broker role sets (dgdm_broker_max_queued_messages)
+    broker = Broker(tmp_path / "broker", max_queued_messages=100_000).start()
     keys = tmp_path / "keys"
     coord_key, _, coord_pub = generate_keypair(keys, name="coordinator")
     a_key, _, a_pub = generate_keypair(keys, name="edge-a")
@@ -299,7 +299,18 @@ def test_one_device_flood_never_delays_another(fleet: Fleet) -> None:
     assert report["a_max_s"] <= 15, report
     assert peak_rss - idle_rss <= 200, report
     assert report["api_p99_ms"] <= 200, report
-    _, _metrics = fleet.api("/metrics")
+    with urllib.request.urlopen(
+        urllib.request.Request(
+            f"http://127.0.0.1:{fleet.coord_port}/metrics",
+            headers={"Authorization": f"Bearer {TOKEN}"},
+        ),
+        timeout=30,
+    ) as resp:
+        metrics = resp.read().decode()
+    assert 'dgdm_coordinator_rejects_total{reason="rate_limited"}' in metrics
+    _, ingest = fleet.api("/ingest")
+    assert ingest["flooding"] == ["edge-b"], ingest
+    assert ingest["top_talkers"][0]["device_id"] == "edge-b", ingest
     # B's stored telemetry stays within its quota: burst + rate x time
     b_rows = _stored_telemetry(fleet)
     allowed = TELEMETRY_PER_S * (BURST_S + flood["seconds"] + 10)

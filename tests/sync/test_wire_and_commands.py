@@ -62,7 +62,7 @@ async def test_bad_wire_input_is_rejected_and_counted(mqtt_broker, sync_rig) -> 
 
         def counted() -> bool:
             m = coordinator.metrics
-            values = {r: m.value("dgdm_rejects_total", reason=r) for r in rejected}
+            values = {r: m.value("dgdm_coordinator_rejects_total", reason=r) for r in rejected}
             return all(v >= 1 for v in values.values())
 
         await eventually(counted, what="every reject counted")
