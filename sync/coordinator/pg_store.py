@@ -145,6 +145,11 @@ class PgStore:
     def close(self) -> None:
         self._pool.close()
 
+    def ping(self) -> None:
+        """For /healthz: one round trip, or StoreUnavailable within `timeout_s`."""
+        with self._tx() as conn:
+            conn.execute("SELECT 1")
+
     # -- start-up ----------------------------------------------------------------------
 
     def _connect_for_startup(self, conninfo: str, kwargs: dict[str, Any]) -> Any:
