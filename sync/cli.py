@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from dgdm.sync.coordinator.config import CoordinatorConfig
-    from dgdm.sync.coordinator.store import SqliteStore
+    from dgdm.sync.coordinator.store import Store
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -83,12 +83,13 @@ def _run_coordinator(args: argparse.Namespace) -> int:
     return asyncio.run(serve(load_config(args.config)))
 
 
-def _open_store(args: argparse.Namespace) -> tuple[CoordinatorConfig, SqliteStore]:
+def _open_store(args: argparse.Namespace) -> tuple[CoordinatorConfig, Store]:
+    """The same `[store]` as the service (SPEC §7.1)."""
     from dgdm.sync.coordinator.config import load_config
-    from dgdm.sync.coordinator.store import SqliteStore
+    from dgdm.sync.coordinator.stores import open_store
 
     config = load_config(args.config)
-    return config, SqliteStore(config.coordinator.data_dir / "coordinator.db")
+    return config, open_store(config)
 
 
 def _devices_add(args: argparse.Namespace) -> int:

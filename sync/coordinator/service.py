@@ -41,6 +41,7 @@ from dgdm.sync.coordinator.store import (
     merge_results,
     quarantine_record,
 )
+from dgdm.sync.coordinator.stores import open_store
 from dgdm.sync.crypto import load_private_key
 from dgdm.sync.envelope import (
     FLAG_ENCRYPTED,
@@ -141,7 +142,7 @@ class Coordinator:
         self._loop = asyncio.get_running_loop()
         private = load_private_key(cfg.private_key)
         if self._store is None:
-            self._store = await self._db(SqliteStore, cfg.data_dir / "coordinator.db")
+            self._store = await self._db(open_store, self.config)
         self._reader = await self._db(_reader_for, self.store)
         self.registry = Registry(private, self.store.public_keys)
         await self._db(self.registry.reload)
