@@ -287,9 +287,11 @@ async def infer(request: web.Request) -> web.Response:
         pieces = await models.batcher.diffuse(key, side_by_side(sets, max_features))
         z = sets_of([z for _, z in pieces], sets.shape[2])
         per_block = max(1, max_features // sets.shape[2])
-        seqs = await _finish(
-            models.agent, [(pieces[b // per_block][0], z[b]) for b in range(len(z))], req.queue
-        )
+        _count(models.agent, [r for r, _ in pieces], per_block, len(z))
+        seqs = []
+        if req.queue:
+            per_set = [(pieces[b // per_block][0], z[b]) for b in range(len(z))]
+            seqs = await _queue(models.agent, per_set)
     except _REFUSED as exc:
         raise _refusal(exc) from exc
     return await _answer(name, key[1], req, z if req.x.ndim == 3 else z[0], seqs)
@@ -354,19 +356,24 @@ def _feature_sets(x: np.ndarray, topo: dict[str, Any], max_features: int) -> np.
     return x if x.ndim == 3 else x[None]
 
 
-async def _finish(agent: Agent, pieces: list[tuple[Any, np.ndarray]], queue: bool) -> list[int]:
-    """Count each feature set's diffusion (its call's result, its z); queue one result per
-    set when asked."""
-    for result, _ in pieces:
+def _count(agent: Agent, results: list[Any], per_block: int, sets: int) -> None:
+    """Each block's call once in the latency figures; its feature sets in the counter."""
+    for i, result in enumerate(results):
+        seconds = result.latency_ms / 1000.0
         agent.latency.record(result.latency_ms)
-        agent.metrics.count_diffusion(result.backend, "oip", result.latency_ms / 1000.0)
-    if not queue:
-        return []
+        agent.metrics.diffusions.labels(result.backend, "oip").inc(
+            min(per_block, sets - i * per_block)
+        )
+        agent.metrics.duration.labels(result.backend).observe(seconds)
+
+
+async def _queue(agent: Agent, per_set: list[tuple[Any, np.ndarray]]) -> list[int]:
+    """One result message (SPEC §6) per feature set, committed before the answer."""
     from dgdm.sync.envelope import Kind
 
     results = [
         dataclasses.replace(r, job_id=os.urandom(16).hex(), embedding=np.ascontiguousarray(z))
-        for r, z in pieces
+        for r, z in per_set
     ]
     return list(
         await asyncio.gather(*(agent.enqueue(Kind.RESULT, result_body(r)) for r in results))

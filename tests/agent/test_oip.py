@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from typing import Any
 
 import numpy as np
@@ -117,13 +118,21 @@ def test_batch_of_feature_sets_and_default_binary_output(
     shared_agent: Agent, models: dict[str, str]
 ) -> None:
     xs = np.random.default_rng(5).random((4, RING, 3), dtype=np.float32)
+    before = _oip_diffusions(shared_agent)
     result = client(shared_agent).infer("ring", [infer_input(xs, True)], model_version="")
+    assert _oip_diffusions(shared_agent) == before + 4  # one per feature set, one call
     assert result.get_response()["outputs"][0]["parameters"]["binary_data_size"] == xs.nbytes
     z = result.as_numpy("z")
     assert z.shape == xs.shape
     for b in range(4):
         expected = reference(shared_agent, "ring", xs[b])
         np.testing.assert_allclose(z[b], expected, rtol=1e-5, atol=1e-6)
+
+
+def _oip_diffusions(agent: Agent) -> float:
+    text = agent.get("/metrics").body.decode()
+    found = re.findall(r'^dgdm_diffusions_total\{[^}]*source="oip"[^}]*\} (\S+)$', text, re.M)
+    return sum(float(v) for v in found)
 
 
 async def test_async_client_concurrent_requests(
