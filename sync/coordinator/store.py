@@ -40,7 +40,8 @@ CREATE TABLE IF NOT EXISTS devices (
     backend TEXT,
     down_seq INTEGER NOT NULL DEFAULT 0,
     added_ms INTEGER NOT NULL,
-    plaintext_telemetry INTEGER NOT NULL DEFAULT 0
+    plaintext_telemetry INTEGER NOT NULL DEFAULT 0,
+    stored_bytes INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS messages (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -53,6 +54,7 @@ CREATE TABLE IF NOT EXISTS messages (
     UNIQUE (device_id, kind, seq)
 );
 CREATE INDEX IF NOT EXISTS messages_by_device_kind ON messages (device_id, kind, id);
+CREATE INDEX IF NOT EXISTS messages_by_kind_received ON messages (kind, received_ms);
 CREATE TABLE IF NOT EXISTS commands (
     device_id TEXT NOT NULL,
     seq INTEGER NOT NULL,
@@ -73,8 +75,25 @@ CREATE TABLE IF NOT EXISTS quarantine (
 );
 CREATE INDEX IF NOT EXISTS quarantine_by_device ON quarantine (device_id, id);
 """
-# Columns added after the first release: (table, column, definition) for ALTER TABLE.
-MIGRATIONS = (("devices", "plaintext_telemetry", "INTEGER NOT NULL DEFAULT 0"),)
+# Columns added after the first release: (table, column, definition, backfill or None).
+MIGRATIONS = (
+    ("devices", "plaintext_telemetry", "INTEGER NOT NULL DEFAULT 0", None),
+    (
+        "devices",
+        "stored_bytes",
+        "INTEGER NOT NULL DEFAULT 0",
+        "UPDATE devices SET stored_bytes = (SELECT coalesce(sum(length(body)), 0)"
+        " FROM messages WHERE messages.device_id = devices.device_id)",
+    ),
+)
+# A device's stored bytes (its message bodies; ASCII JSON, so length() is bytes) are kept
+# in devices.stored_bytes by every insert and delete here, per transaction (a trigger per
+# row halved the insert rate), for the per-device quota without scanning the table.
+_ADD_STORED_BYTES = (
+    "UPDATE devices SET stored_bytes = stored_bytes + n.bytes FROM"
+    " (SELECT device_id, sum(length(body)) AS bytes FROM messages WHERE id > ?"
+    " GROUP BY device_id) AS n WHERE devices.device_id = n.device_id"
+)
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 # Enough to see what a device sends wrong; a hostile device cannot fill the disk with it.
 QUARANTINE_PER_DEVICE = 1000
@@ -167,10 +186,14 @@ class SqliteStore:
     def _migrate(self) -> None:
         """Add columns a file made by an older release lacks (idempotent; each is one
         statement, so a crash leaves the column either added or not)."""
-        for table, column, definition in MIGRATIONS:
+        for table, column, definition, backfill in MIGRATIONS:
             have = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
             if column not in have:
-                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+                with self._db:
+                    self._db.execute("BEGIN IMMEDIATE")
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+                    if backfill:
+                        self._db.execute(backfill)
 
     def close(self) -> None:
         with self._lock:
@@ -268,10 +291,13 @@ class SqliteStore:
         devices = sorted({i.device_id for i in items} | {q.device_id for q in given})
         with self._lock, self._db:
             self._db.execute("BEGIN IMMEDIATE")
+            last_id = self._db.execute("SELECT coalesce(max(id), 0) FROM messages").fetchone()[0]
             before = self._db.total_changes
             refused += self._insert_messages(rows, items)
             stored = self._db.total_changes - before
             stored += self._store_replies(replies, now_ms)
+            if stored:
+                self._db.execute(_ADD_STORED_BYTES, (last_id,))
             self._quarantine(given + refused, now_ms)
             self._touch(devices, now_ms)
             receipt_seqs = {d: self._next_down_seq(d) for d in devices}
@@ -324,6 +350,105 @@ class SqliteStore:
             " (SELECT count(*) FROM quarantine WHERE device_id = ?) < ?",
             [(*_quarantine_row(q, now_ms), q.device_id, QUARANTINE_PER_DEVICE) for q in refused],
         )
+
+    # -- housekeeping (retention, downsampling, quota; see housekeeping.py) -------------
+
+    def prune(self, kind: Kind, older_than_ms: int, limit: int) -> int:
+        """Delete up to `limit` of the oldest `kind` messages received before
+        `older_than_ms` (Kind.COMMAND: commands created before it); the count deleted."""
+        with self._lock, self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            if kind is Kind.COMMAND:
+                return self._db.execute(
+                    "DELETE FROM commands WHERE rowid IN (SELECT rowid FROM commands"
+                    " WHERE created_ms < ? ORDER BY created_ms LIMIT ?)",
+                    (older_than_ms, limit),
+                ).rowcount
+            return self._delete_rows(
+                "WHERE kind = ? AND received_ms < ? ORDER BY received_ms LIMIT ?",
+                (int(kind), older_than_ms, limit),
+            )[0]
+
+    def prune_quarantine(self, older_than_ms: int, limit: int) -> int:
+        with self._lock, self._db:
+            return self._db.execute(
+                "DELETE FROM quarantine WHERE id IN (SELECT id FROM quarantine"
+                " WHERE received_ms < ? ORDER BY id LIMIT ?)",
+                (older_than_ms, limit),
+            ).rowcount
+
+    def telemetry_page(
+        self, after: tuple[int, int], before_ms: int, limit: int
+    ) -> list[tuple[int, int, str]]:
+        """(received_ms, id, device_id) of telemetry received before `before_ms`, in that
+        order, after the cursor `after` = (received_ms, id): the downsampler's reading."""
+        with self._lock:
+            return [
+                (int(r[0]), int(r[1]), str(r[2]))
+                for r in self._db.execute(
+                    "SELECT received_ms, id, device_id FROM messages"
+                    " WHERE kind = ? AND (received_ms, id) > (?, ?) AND received_ms < ?"
+                    " ORDER BY received_ms, id LIMIT ?",
+                    (int(Kind.TELEMETRY), after[0], after[1], before_ms, limit),
+                )
+            ]
+
+    def delete_messages(self, ids: list[int]) -> int:
+        with self._lock, self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            return self._delete_rows(f"WHERE id IN ({','.join('?' * len(ids))})", tuple(ids))[0]
+
+    def _delete_rows(self, where: str, params: tuple[Any, ...]) -> tuple[int, int]:
+        """Delete the messages `where` selects (a bounded page) and take their bytes off
+        their devices' stored_bytes; (rows, bytes) deleted. Inside the caller's transaction."""
+        rows = self._db.execute(
+            f"SELECT id, device_id, length(body) FROM messages {where}",  # noqa: S608
+            params,
+        ).fetchall()
+        if not rows:
+            return 0, 0
+        freed: dict[str, int] = {}
+        for _, device_id, size in rows:
+            freed[device_id] = freed.get(device_id, 0) + int(size)
+        ids = [r[0] for r in rows]
+        self._db.execute(
+            f"DELETE FROM messages WHERE id IN ({','.join('?' * len(ids))})",  # noqa: S608
+            ids,
+        )
+        self._db.executemany(
+            "UPDATE devices SET stored_bytes = max(0, stored_bytes - ?) WHERE device_id = ?",
+            [(size, device_id) for device_id, size in freed.items()],
+        )
+        return len(rows), sum(freed.values())
+
+    def storage_by_device(self, more_than: int) -> dict[str, int]:
+        """Devices whose stored message bytes exceed `more_than`."""
+        with self._lock:
+            return dict(
+                self._db.execute(
+                    "SELECT device_id, stored_bytes FROM devices WHERE stored_bytes > ?",
+                    (more_than,),
+                )
+            )
+
+    def prune_device(self, device_id: str, kind: Kind, limit: int) -> tuple[int, int]:
+        """Delete the device's `limit` oldest messages of `kind`; (rows, bytes) freed."""
+        with self._lock, self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            return self._delete_rows(
+                "WHERE device_id = ? AND kind = ? ORDER BY id LIMIT ?",
+                (device_id, int(kind), limit),
+            )
+
+    def size_bytes(self) -> int:
+        """The database's size on disk: its pages and its WAL."""
+        with self._lock:
+            pages = self._db.execute("PRAGMA page_count").fetchone()[0]
+            page_size = self._db.execute("PRAGMA page_size").fetchone()[0]
+        wal = self.path.with_name(self.path.name + "-wal")
+        with contextlib.suppress(FileNotFoundError):
+            return int(pages) * int(page_size) + wal.stat().st_size
+        return int(pages) * int(page_size)
 
     def quarantined(self, device_id: str, limit: int = 100) -> list[dict[str, Any]]:
         rows = self._rows(
