@@ -19,6 +19,7 @@ import dataclasses
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 import types
@@ -41,6 +42,7 @@ DOWN_S = 5.0
 RECOVERY_S = 15.0
 WAIT_S = 90.0  # longer than receipt_timeout_s: a failure says how long recovery really took
 HEAD_START_S = 1.0  # how long the first side is connected alone
+RECONNECT_S = 75.0  # the coordinator reconnects with the default backoff (up to 60 s)
 
 
 class Gate:
@@ -110,17 +112,17 @@ class AedesBroker:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> AedesBroker:
-        log = (self.work_dir / "aedes.log").open("ab")
         script = INTEROP_DIR / "aedes_broker.mjs"
         argv = ["node", str(script), str(self.port), str(self.modules)]
-        self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        with (self.work_dir / "aedes.log").open("ab") as log:
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"aedes exited: {(self.work_dir / 'aedes.log').read_text()}")
             with (
                 contextlib.suppress(OSError),
-                __import__("socket").create_connection(("127.0.0.1", self.port), 0.2),
+                socket.create_connection(("127.0.0.1", self.port), 0.2),
             ):
                 return self
             time.sleep(0.05)
@@ -187,8 +189,7 @@ def _matrix() -> list[Case]:
 # The default subset: every broker and protocol once, both wires and both orders covered.
 DEFAULT = {
     Case("mosquitto", "5", "lean", "agent"),
-    Case("mosquitto", "5", "paho", "coordinator"),
-    Case("mosquitto", "3.1.1", "lean", "coordinator"),
+    Case("mosquitto", "3.1.1", "paho", "coordinator"),
     Case("amqtt", "3.1.1", "lean", "agent"),
     Case("aedes", "3.1.1", "paho", "agent"),
 }
@@ -275,10 +276,10 @@ async def _scenario(case: Case, broker: Any, agent_gate: Gate, coord_gate: Gate,
         order.reverse()
     (gate1, client1), (gate2, client2) = order
     gate1.open = True
-    await client1.wait_connected(15)
+    await client1.wait_connected(RECONNECT_S)
     await asyncio.sleep(HEAD_START_S)
     gate2.open = True
-    await client2.wait_connected(15)
+    await client2.wait_connected(RECONNECT_S)
     both = time.monotonic()
 
     expected = FIRST + SECOND
