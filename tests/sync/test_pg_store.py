@@ -244,3 +244,55 @@ async def test_two_coordinators_share_one_postgres_store(
         await device.link.stop()
         for replica in replicas:
             await replica.stop()
+
+
+def test_a_cursor_never_skips_a_row_another_replica_commits_late(
+    pg_cluster: Any, pg_database: str
+) -> None:
+    """Replica A's batch for a device is held mid-transaction (a trigger waits on an
+    advisory lock the test holds) when replica B stores the same device's next result.
+    B must wait for A's commit: had B committed its higher id first, a `results_since`
+    reader would have passed it and never seen A's lower id."""
+    import psycopg
+
+    pg_cluster.sql(
+        "CREATE FUNCTION hold_seq_1() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+        " IF NEW.seq = 1 THEN PERFORM pg_advisory_xact_lock(4242); END IF; RETURN NEW; END $$",
+        database=pg_database,
+    )
+    a, b = (PgStore(pg_cluster.url(pg_database), pg_cluster.password) for _ in range(2))
+    gate = psycopg.connect(pg_cluster.url(pg_database), password=pg_cluster.password)
+    try:
+        a.add_device("edge-1", KEY)
+        pg_cluster.sql(
+            "CREATE TRIGGER hold BEFORE INSERT ON messages FOR EACH ROW"
+            " EXECUTE FUNCTION hold_seq_1()",
+            database=pg_database,
+        )
+        gate.execute("SELECT pg_advisory_lock(4242)")
+        done = {name: threading.Event() for name in "ab"}
+
+        def ingest(store: Any, seq: int, name: str) -> None:
+            store.store_batch([result(seq)], NOW)
+            done[name].set()
+
+        workers = [
+            threading.Thread(target=ingest, args=(a, 1, "a")),
+            threading.Thread(target=ingest, args=(b, 2, "b")),
+        ]
+        workers[0].start()
+        time.sleep(0.3)  # A is now inside its transaction, held by the trigger
+        workers[1].start()
+        assert not done["b"].wait(0.7), "B committed while A's batch for the device was open"
+        assert not done["a"].is_set()
+        gate.execute("SELECT pg_advisory_unlock(4242)")
+        assert done["a"].wait(10)
+        assert done["b"].wait(10)
+        for w in workers:
+            w.join()
+        rows = a.results_since("edge-1", 0, 10)
+        assert [r["seq"] for r in rows] == [1, 2]  # id order = commit order
+    finally:
+        gate.close()
+        a.close()
+        b.close()
