@@ -12,13 +12,22 @@
  *
  * Numbers are converted with PyOS_string_to_double, CPython's correctly rounded, locale-free
  * float(str); an integer literal converts to the same double as float(int(literal)).
+ *
+ * The scanner itself is plain C: node ids are handed to three host_* functions (the Python
+ * module at the end keeps them in a list and a dict, so Python decides what equal ids are).
+ * With DGDM_SCANNER_ONLY defined, only the scanner is compiled and the including file is the
+ * host: tests/native/ runs it that way on aarch64 and armv7 under qemu.
  */
 
+#ifndef DGDM_SCANNER_ONLY
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#endif
 #include <float.h>
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define MAX_NUMBER_CHARS 64 /* longer literals (rare) go the general way */
@@ -30,31 +39,46 @@ typedef struct {
 
 typedef struct { /* a growable byte buffer */
     char *data;
-    Py_ssize_t len, cap;
+    ptrdiff_t len, cap;
 } Buf;
 
-static int buf_reserve(Buf *b, Py_ssize_t extra)
+static int buf_reserve(Buf *b, ptrdiff_t extra)
 {
     if (b->len + extra <= b->cap) return 1;
-    Py_ssize_t cap = b->cap ? b->cap : 1024;
+    ptrdiff_t cap = b->cap ? b->cap : 1024;
     while (cap < b->len + extra) {
-        if (cap > PY_SSIZE_T_MAX / 2) return 0;
+        if (cap > PTRDIFF_MAX / 2) return 0;
         cap *= 2;
     }
-    char *data = PyMem_Realloc(b->data, (size_t)cap);
+    char *data = realloc(b->data, (size_t)cap);
     if (!data) return 0;
     b->data = data;
     b->cap = cap;
     return 1;
 }
 
-static int buf_put(Buf *b, const void *value, Py_ssize_t size)
+static int buf_put(Buf *b, const void *value, ptrdiff_t size)
 {
     if (!buf_reserve(b, size)) return 0;
     memcpy(b->data + b->len, value, (size_t)size);
     b->len += size;
     return 1;
 }
+
+/* A node id as written: an int literal (value) or a plain string (its bytes s, n). */
+typedef struct {
+    const char *s;
+    ptrdiff_t n;
+    int is_int;
+    long long value;
+} IdToken;
+
+/* The host keeps the node ids. Each returns 1, or 0 to decline the body (with a Python
+ * host, a MemoryError stays set and is raised). */
+static int host_add_id(void *host, const IdToken *id);
+static int host_index_ids(void *host); /* id -> row; 0 when an id repeats */
+static int host_find_id(void *host, const IdToken *id, int64_t *row);
+static int host_string_to_double(const char *text, char **stop, double *value);
 
 static void skip_ws(Cursor *c)
 {
@@ -73,7 +97,7 @@ static int eat(Cursor *c, char ch)
 }
 
 /* A string without escapes or control characters: its bytes (not yet UTF-8 checked). */
-static int plain_string(Cursor *c, const char **s, Py_ssize_t *n)
+static int plain_string(Cursor *c, const char **s, ptrdiff_t *n)
 {
     skip_ws(c);
     if (c->p >= c->end || *c->p != '"') return 0;
@@ -95,7 +119,7 @@ static int plain_string(Cursor *c, const char **s, Py_ssize_t *n)
 static int is_digit(const Cursor *c, const char *q) { return q < c->end && *q >= '0' && *q <= '9'; }
 
 /* A JSON number's literal (RFC 8259 grammar); *is_int when it has no fraction or exponent. */
-static int number_literal(Cursor *c, const char **s, Py_ssize_t *n, int *is_int)
+static int number_literal(Cursor *c, const char **s, ptrdiff_t *n, int *is_int)
 {
     skip_ws(c);
     const char *q = c->p;
@@ -179,52 +203,43 @@ static int finite_number(Cursor *c, double *out)
         value = negative ? -value : value;
     } else {
         char text[MAX_NUMBER_CHARS + 1];
-        Py_ssize_t n = q - start;
+        ptrdiff_t n = q - start;
         if (n > MAX_NUMBER_CHARS) return 0;
         memcpy(text, start, (size_t)n);
         text[n] = '\0';
         char *stop = NULL;
-        value = PyOS_string_to_double(text, &stop, NULL); /* overflow gives +-inf */
-        if (value == -1.0 && PyErr_Occurred()) {
-            PyErr_Clear();
-            return 0;
-        }
-        if (stop != text + n) return 0;
+        if (!host_string_to_double(text, &stop, &value) || stop != text + n) return 0;
     }
     if (!isfinite(value)) return 0;
     *out = (is_int && value == 0.0) ? 0.0 : value; /* float(int("-0")) is +0.0 */
     return 1;
 }
 
-/* A node id or edge endpoint: a new reference to an int (fits in int64) or str, else NULL
- * with no exception set. */
-static PyObject *node_id(Cursor *c, int *is_int, long long *as_int)
+/* A node id or edge endpoint: an int that fits in int64, or a string's bytes (not yet
+ * UTF-8 checked). */
+static int node_id(Cursor *c, IdToken *id)
 {
     skip_ws(c);
     if (c->p < c->end && *c->p == '"') {
-        const char *s;
-        Py_ssize_t n;
-        if (!plain_string(c, &s, &n)) return NULL;
-        PyObject *text = PyUnicode_DecodeUTF8(s, n, NULL);
-        if (!text) PyErr_Clear();
-        *is_int = 0;
-        return text;
+        id->is_int = 0;
+        return plain_string(c, &id->s, &id->n);
     }
     const char *s;
-    Py_ssize_t n;
+    ptrdiff_t n;
     int literal_int;
-    if (!number_literal(c, &s, &n, &literal_int) || !literal_int) return NULL;
-    Py_ssize_t digits = n - (s[0] == '-');
-    if (digits > 18) return NULL; /* beyond int64 is possible: the general path decides */
+    if (!number_literal(c, &s, &n, &literal_int) || !literal_int) return 0;
+    ptrdiff_t digits = n - (s[0] == '-');
+    if (digits > 18) return 0; /* beyond int64 is possible: the general path decides */
     long long value = 0;
     for (const char *q = s + (s[0] == '-'); q < s + n; q++) value = value * 10 + (*q - '0');
-    if (s[0] == '-') value = -value;
-    *is_int = 1;
-    *as_int = value;
-    return PyLong_FromLongLong(value);
+    id->is_int = 1;
+    id->value = s[0] == '-' ? -value : value;
+    id->s = s;
+    id->n = n;
+    return 1;
 }
 
-static int key_is(const char *s, Py_ssize_t n, const char *name)
+static int key_is(const char *s, ptrdiff_t n, const char *name)
 {
     return (size_t)n == strlen(name) && memcmp(s, name, (size_t)n) == 0;
 }
@@ -263,7 +278,7 @@ static int skip_value(Cursor *c, int depth)
         return eat(c, close);
     }
     const char *s;
-    Py_ssize_t n;
+    ptrdiff_t n;
     int is_int;
     if (ch == '-' || (ch >= '0' && ch <= '9')) return number_literal(c, &s, &n, &is_int);
     static const char *const words[] = {"true", "false", "null"};
@@ -278,26 +293,36 @@ static int skip_value(Cursor *c, int depth)
 }
 
 typedef struct {
-    PyObject *ids;   /* list of node ids */
-    PyObject *index; /* id -> row, built only when the ids are not 0..N-1 in order */
-    int identity;    /* ids are the ints 0..N-1 in order (so far) */
-    Py_ssize_t width; /* features per node; -1 until the first node says */
+    const char *start; /* NULL: absent */
+    ptrdiff_t len;
+} Span;
+
+static const char *const PASSED[] = {"directed", "method", "graph_id"};
+#define N_PASSED 3
+
+typedef struct {
+    void *host;       /* keeps the node ids */
+    ptrdiff_t n;      /* nodes so far */
+    int indexed;      /* the host has built id -> row */
+    int identity;     /* ids are the ints 0..N-1 in order (so far) */
+    ptrdiff_t width;  /* features per node; -1 until the first node says */
     int features;     /* nodes carry features (decided by the first node) */
     Buf x;            /* float64 (N, width) */
     Buf rows, cols;   /* int64 (E,) */
     Buf weights;      /* float64 (E,) */
+    Span passed[N_PASSED]; /* raw JSON of directed, method, graph_id */
 } Scan;
 
 /* "features": [numbers...] appended as one row of x. */
 static int feature_row(Cursor *c, Scan *g)
 {
     if (!eat(c, '[')) return 0;
-    Py_ssize_t count = 0;
+    ptrdiff_t count = 0;
     if (!eat(c, ']')) {
         do {
             if (!buf_reserve(&g->x, sizeof(double))) return 0;
             if (!finite_number(c, (double *)(g->x.data + g->x.len))) return 0;
-            g->x.len += (Py_ssize_t)sizeof(double);
+            g->x.len += (ptrdiff_t)sizeof(double);
             count++;
         } while (eat(c, ','));
         if (!eat(c, ']')) return 0;
@@ -306,24 +331,20 @@ static int feature_row(Cursor *c, Scan *g)
     return count == g->width;
 }
 
-static int scan_node(Cursor *c, Scan *g, Py_ssize_t row)
+static int scan_node(Cursor *c, Scan *g, ptrdiff_t row)
 {
     int has_id = 0, has_features = 0;
     if (!eat(c, '{')) return 0;
     if (eat(c, '}')) return 0; /* no id */
     do {
         const char *key;
-        Py_ssize_t n;
+        ptrdiff_t n;
         if (!plain_string(c, &key, &n) || !eat(c, ':')) return 0;
         if (key_is(key, n, "id") && !has_id) {
-            int is_int;
-            long long as_int = 0;
-            PyObject *id = node_id(c, &is_int, &as_int);
-            if (!id) return 0;
-            int ok = PyList_Append(g->ids, id) == 0;
-            Py_DECREF(id);
-            if (!ok) return 0;
-            g->identity = g->identity && is_int && as_int == row;
+            IdToken id;
+            if (!node_id(c, &id) || !host_add_id(g->host, &id)) return 0;
+            g->identity = g->identity && id.is_int && id.value == row;
+            g->n++;
             has_id = 1;
         } else if (key_is(key, n, "features") && !has_features) {
             if (g->features < 0) g->features = 1;
@@ -341,7 +362,7 @@ static int scan_node(Cursor *c, Scan *g, Py_ssize_t row)
 static int scan_nodes(Cursor *c, Scan *g)
 {
     if (!eat(c, '[') || eat(c, ']')) return 0; /* no nodes: the general path decides */
-    Py_ssize_t row = 0;
+    ptrdiff_t row = 0;
     do {
         if (!scan_node(c, g, row++)) return 0;
     } while (eat(c, ','));
@@ -351,37 +372,20 @@ static int scan_nodes(Cursor *c, Scan *g)
 /* id -> row for ids that are not 0..N-1; a repeated id sends the body the general way. */
 static int build_index(Scan *g)
 {
-    Py_ssize_t n = PyList_GET_SIZE(g->ids);
-    g->index = PyDict_New();
-    if (!g->index) return 0;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *row = PyLong_FromSsize_t(i);
-        if (!row) return 0;
-        int known = PyDict_Contains(g->index, PyList_GET_ITEM(g->ids, i));
-        int ok = known == 0 && PyDict_SetItem(g->index, PyList_GET_ITEM(g->ids, i), row) == 0;
-        Py_DECREF(row);
-        if (!ok) return 0;
-    }
-    return 1;
+    g->indexed = host_index_ids(g->host);
+    return g->indexed;
 }
 
 static int endpoint_row(Cursor *c, Scan *g, int64_t *row)
 {
-    int is_int;
-    long long as_int = 0;
-    PyObject *id = node_id(c, &is_int, &as_int);
-    if (!id) return 0;
+    IdToken id;
+    if (!node_id(c, &id)) return 0;
     if (g->identity) {
-        Py_DECREF(id);
-        if (!is_int || as_int < 0 || as_int >= PyList_GET_SIZE(g->ids)) return 0;
-        *row = as_int;
+        if (!id.is_int || id.value < 0 || id.value >= g->n) return 0;
+        *row = id.value;
         return 1;
     }
-    PyObject *found = PyDict_GetItemWithError(g->index, id); /* borrowed */
-    Py_DECREF(id);
-    if (!found) return 0;
-    *row = PyLong_AsLongLong(found);
-    return 1;
+    return host_find_id(g->host, &id, row);
 }
 
 static int scan_edge(Cursor *c, Scan *g)
@@ -392,7 +396,7 @@ static int scan_edge(Cursor *c, Scan *g)
     if (!eat(c, '{') || eat(c, '}')) return 0;
     do {
         const char *key;
-        Py_ssize_t n;
+        ptrdiff_t n;
         int bit;
         if (!plain_string(c, &key, &n) || !eat(c, ':')) return 0;
         if (key_is(key, n, "source"))
@@ -416,7 +420,7 @@ static int scan_edge(Cursor *c, Scan *g)
 
 static int scan_edges(Cursor *c, Scan *g)
 {
-    if (!g->identity && !g->index && !build_index(g)) return 0;
+    if (!g->identity && !g->indexed && !build_index(g)) return 0;
     if (!eat(c, '[')) return 0;
     if (eat(c, ']')) return 1;
     do {
@@ -427,14 +431,13 @@ static int scan_edges(Cursor *c, Scan *g)
 
 /* The top-level object: nodes and edges scanned (nodes must come first: edges need the
  * ids), directed / method / graph_id returned as raw spans for the caller to decode. */
-static int scan_body(Cursor *c, Scan *g, PyObject *extras)
+static int scan_body(Cursor *c, Scan *g)
 {
-    static const char *const passed[] = {"directed", "method", "graph_id"};
     int seen_nodes = 0, seen_edges = 0;
     if (!eat(c, '{') || eat(c, '}')) return 0;
     do {
         const char *key;
-        Py_ssize_t n;
+        ptrdiff_t n;
         if (!plain_string(c, &key, &n) || !eat(c, ':')) return 0;
         if (key_is(key, n, "nodes") && !seen_nodes) {
             if (!scan_nodes(c, g)) return 0;
@@ -446,27 +449,106 @@ static int scan_body(Cursor *c, Scan *g, PyObject *extras)
             seen_edges = 1;
             continue;
         }
-        const char *name = NULL;
-        for (size_t i = 0; i < 3; i++)
-            if (key_is(key, n, passed[i])) name = passed[i];
-        if (!name || PyDict_GetItemString(extras, name)) return 0; /* unknown or repeated */
+        Span *span = NULL;
+        for (size_t i = 0; i < N_PASSED; i++)
+            if (key_is(key, n, PASSED[i])) span = &g->passed[i];
+        if (!span || span->start) return 0; /* unknown or repeated */
         skip_ws(c);
         const char *start = c->p;
         if (!skip_value(c, 0)) return 0;
-        PyObject *span = PyBytes_FromStringAndSize(start, c->p - start);
-        int ok = span && PyDict_SetItemString(extras, name, span) == 0;
-        Py_XDECREF(span);
-        if (!ok) return 0;
+        span->start = start;
+        span->len = c->p - start;
     } while (eat(c, ','));
     if (!eat(c, '}') || !seen_nodes) return 0;
-    if (!g->identity && !g->index && !build_index(g)) return 0; /* ids unique, edges or not */
+    if (!g->identity && !g->indexed && !build_index(g)) return 0; /* ids unique, edges or not */
     skip_ws(c);
     return c->p == c->end;
+}
+
+static void scan_free(Scan *g)
+{
+    free(g->x.data);
+    free(g->rows.data);
+    free(g->cols.data);
+    free(g->weights.data);
+}
+
+#ifndef DGDM_SCANNER_ONLY
+/* The Python host: ids in a list, id -> row in a dict (built only when needed). */
+typedef struct {
+    PyObject *ids, *index;
+} PyHost;
+
+static PyObject *id_object(const IdToken *id)
+{
+    if (id->is_int) return PyLong_FromLongLong(id->value);
+    PyObject *text = PyUnicode_DecodeUTF8(id->s, id->n, NULL);
+    if (!text && !PyErr_ExceptionMatches(PyExc_MemoryError)) PyErr_Clear(); /* not UTF-8 */
+    return text;
+}
+
+static int host_add_id(void *host, const IdToken *id)
+{
+    PyObject *object = id_object(id);
+    if (!object) return 0;
+    int ok = PyList_Append(((PyHost *)host)->ids, object) == 0;
+    Py_DECREF(object);
+    return ok;
+}
+
+static int host_index_ids(void *host)
+{
+    PyHost *h = host;
+    Py_ssize_t n = PyList_GET_SIZE(h->ids);
+    h->index = PyDict_New();
+    if (!h->index) return 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *row = PyLong_FromSsize_t(i);
+        if (!row) return 0;
+        int known = PyDict_Contains(h->index, PyList_GET_ITEM(h->ids, i));
+        int ok = known == 0 && PyDict_SetItem(h->index, PyList_GET_ITEM(h->ids, i), row) == 0;
+        Py_DECREF(row);
+        if (!ok) return 0;
+    }
+    return 1;
+}
+
+static int host_find_id(void *host, const IdToken *id, int64_t *row)
+{
+    PyObject *object = id_object(id);
+    if (!object) return 0;
+    PyObject *found = PyDict_GetItemWithError(((PyHost *)host)->index, object); /* borrowed */
+    Py_DECREF(object);
+    if (!found) return 0;
+    *row = PyLong_AsLongLong(found);
+    return 1;
+}
+
+static int host_string_to_double(const char *text, char **stop, double *value)
+{
+    *value = PyOS_string_to_double(text, stop, NULL); /* overflow gives +-inf */
+    if (*value == -1.0 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return 0;
+    }
+    return 1;
 }
 
 static PyObject *as_bytearray(const Buf *b)
 {
     return PyByteArray_FromStringAndSize(b->data ? b->data : "", b->len);
+}
+
+static PyObject *passed_spans(const Scan *g)
+{
+    PyObject *extras = PyDict_New();
+    for (size_t i = 0; extras && i < N_PASSED; i++) {
+        if (!g->passed[i].start) continue;
+        PyObject *span = PyBytes_FromStringAndSize(g->passed[i].start, g->passed[i].len);
+        if (!span || PyDict_SetItemString(extras, PASSED[i], span) < 0) Py_CLEAR(extras);
+        Py_XDECREF(span);
+    }
+    return extras;
 }
 
 static PyObject *scan(PyObject *module, PyObject *arg)
@@ -475,33 +557,25 @@ static PyObject *scan(PyObject *module, PyObject *arg)
     Py_buffer view;
     if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0) return NULL;
     Cursor c = {(const char *)view.buf, (const char *)view.buf + view.len};
-    Scan g = {.identity = 1, .width = -1, .features = -1};
-    PyObject *extras = PyDict_New();
+    PyHost host = {PyList_New(0), NULL};
+    Scan g = {.host = &host, .identity = 1, .width = -1, .features = -1};
     PyObject *result = NULL;
-    g.ids = PyList_New(0);
-    if (!extras || !g.ids) goto done;
-    if (!scan_body(&c, &g, extras)) {
+    if (!host.ids) goto done;
+    if (!scan_body(&c, &g)) {
         if (PyErr_ExceptionMatches(PyExc_MemoryError)) goto done;
         PyErr_Clear();
         result = Py_NewRef(Py_None);
         goto done;
     }
-    result = Py_BuildValue("(OOnNNNN)", g.ids, g.features > 0 ? Py_True : Py_False,
-                           g.width < 0 ? 0 : g.width, as_bytearray(&g.x), as_bytearray(&g.rows),
-                           as_bytearray(&g.cols), as_bytearray(&g.weights));
-    if (result) {
-        PyObject *with_extras = Py_BuildValue("(NO)", result, extras);
-        result = with_extras;
-    }
+    result = Py_BuildValue("((OOnNNNN)N)", host.ids, g.features > 0 ? Py_True : Py_False,
+                           g.width < 0 ? (Py_ssize_t)0 : (Py_ssize_t)g.width,
+                           as_bytearray(&g.x), as_bytearray(&g.rows), as_bytearray(&g.cols),
+                           as_bytearray(&g.weights), passed_spans(&g));
 done:
     PyBuffer_Release(&view);
-    Py_XDECREF(g.ids);
-    Py_XDECREF(g.index);
-    Py_XDECREF(extras);
-    PyMem_Free(g.x.data);
-    PyMem_Free(g.rows.data);
-    PyMem_Free(g.cols.data);
-    PyMem_Free(g.weights.data);
+    Py_XDECREF(host.ids);
+    Py_XDECREF(host.index);
+    scan_free(&g);
     return result;
 }
 
@@ -518,3 +592,4 @@ static struct PyModuleDef module = {
 };
 
 PyMODINIT_FUNC PyInit__graphscan(void) { return PyModule_Create(&module); }
+#endif
