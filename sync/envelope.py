@@ -492,7 +492,8 @@ def check_command(envelope: Envelope, now_ms: int, last_executed_seq: int | None
 
 
 def receipt_ranges(body: Mapping[str, Any]) -> list[tuple[int, int]]:
-    """Validate a receipt body's inclusive ``ranges`` and return them as tuples."""
+    """Validate a receipt body's inclusive ``ranges`` and return them as tuples, clipped to
+    0..INT63_MAX: no outbox holds a larger seq, and SQLite cannot even compare with one."""
     ranges = body.get("ranges")
     if not isinstance(ranges, list):
         raise EnvelopeError("bad_body", "receipt field 'ranges' must be a list")
@@ -502,7 +503,8 @@ def receipt_ranges(body: Mapping[str, Any]) -> list[tuple[int, int]]:
             raise EnvelopeError("bad_body", "each receipt range must be [first_seq, last_seq]")
         if item[0] > item[1]:
             raise EnvelopeError("bad_body", f"receipt range {item} is reversed")
-        out.append((item[0], item[1]))
+        if item[0] <= INT63_MAX:
+            out.append((item[0], min(item[1], INT63_MAX)))
     return out
 
 
@@ -511,9 +513,11 @@ def _is_uint64(value: object) -> bool:
 
 
 def ranges_from_seqs(seqs: Iterable[int]) -> list[list[int]]:
-    """Collapse seqs into sorted inclusive [first, last] ranges for a receipt body."""
+    """Collapse seqs into sorted inclusive [first, last] ranges for a receipt body. A seq
+    above INT63_MAX is left out: no outbox can hold one (a quarantined envelope may carry
+    it), and a receiver's SQLite would fail on the whole receipt."""
     out: list[list[int]] = []
-    for seq in sorted(set(seqs)):
+    for seq in sorted({s for s in seqs if s <= INT63_MAX}):
         if out and seq == out[-1][1] + 1:
             out[-1][1] = seq
         else:

@@ -489,3 +489,9 @@ def test_inflation_ratio_is_capped_beyond_the_floor() -> None:
         env._inflate(big, LIMITS)
     assert err.value.reason == "bad_body"
     assert "100:1" in str(err.value)
+
+
+def test_receipts_never_carry_a_seq_no_outbox_can_hold() -> None:
+    assert env.ranges_from_seqs([3, 2**63, 2**64 - 1, 4]) == [[3, 4]]
+    body = {"ranges": [[1, 2], [5, 2**64 - 1], [2**63, 2**64 - 1]]}
+    assert env.receipt_ranges(body) == [(1, 2), (5, 2**63 - 1)]
