@@ -44,6 +44,17 @@ class HttpSettings:
     max_body_bytes: int = setting(64 * MIB, minimum=1024)
     # Host names (besides loopback ones and the bind address) requests may be addressed to.
     allowed_hosts: tuple[str, ...] = ()
+    # A connection must send a request's headers within this of opening or of its last
+    # response; an idle keep-alive connection is closed after it too.
+    header_timeout_s: float = setting(5.0, minimum=0.1, maximum=3600.0)
+    # After the first second a body must arrive at least this fast (a deadline by size).
+    body_min_bytes_per_s: int = setting(64 * 1024, minimum=1)
+    # Open connections: in total (also kept below the open-file limit) and per peer
+    # address; past a cap the longest idle one of its scope is closed.
+    max_connections: int = setting(1000, minimum=1)
+    max_connections_per_peer: int = setting(256, minimum=1)
+    # Request body bytes buffered across all requests; 0: 256 MiB or 1/8 of the memory.
+    max_inflight_body_bytes: int = setting(0, minimum=0)
 
 
 @dataclass(frozen=True)

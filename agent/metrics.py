@@ -52,6 +52,7 @@ class Snapshot:
     backend_failures: dict[str, int] = field(default_factory=dict)  # per backend name
     active_backend: str = "none"
     envelopes_rejected: dict[str, int] = field(default_factory=dict)  # per reason code
+    http_connections: int = 0
 
 
 class _SnapshotCollector(Collector):
@@ -119,6 +120,9 @@ class _SnapshotCollector(Collector):
         for reason, count in sorted(s.envelopes_rejected.items()):
             rejected.add_metric([reason], count)
         yield rejected
+        yield GaugeMetricFamily(
+            "dgdm_http_connections", "Open HTTP connections.", value=s.http_connections
+        )
 
 
 class AgentMetrics:
@@ -142,6 +146,13 @@ class AgentMetrics:
             "dgdm_queue_rejected", "Requests refused with 503: queue full.", registry=r
         )
         self.commands = Counter("dgdm_commands", "Commands executed.", ["cmd", "ok"], registry=r)
+        self.http_refused = Counter(
+            "dgdm_http_refused",
+            "HTTP connections or requests cut off by a limit (evicted_idle, refused_all_busy, "
+            "slow_body, body_budget).",
+            ["reason"],
+            registry=r,
+        )
         self.alerts = Counter("dgdm_alerts", "Alerts queued.", ["code"], registry=r)
         self.spool_files = Counter(
             "dgdm_spool_files", "Spool files processed.", ["result"], registry=r

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import signal
 import time
 from collections import deque
@@ -27,6 +28,7 @@ from dgdm.agent.answers import result_body
 from dgdm.agent.config import AgentConfig, load_config
 from dgdm.agent.diffusion import EngineJobs
 from dgdm.agent.errors import AgentError, NoOutbox
+from dgdm.agent.limits import BodyBudget, ConnectionTable, connection_cap, default_body_budget
 from dgdm.agent.metrics import AgentMetrics
 from dgdm.agent.reload import changed_settings, merge_reloadable
 from dgdm.agent.sdnotify import Notifier
@@ -56,6 +58,12 @@ class Agent:
         self.latency = LatencyWindow()
         self.notifier = Notifier(env)
         self.work = WorkQueue(config.kernels.workers, config.kernels.queue_size)
+        http = config.http
+        self.connections = ConnectionTable(http.max_connections, http.max_connections_per_peer)
+        self.body_budget = BodyBudget(
+            http.max_inflight_body_bytes
+            or default_body_budget(_memory_bytes(), http.max_body_bytes)
+        )
         self._parser = GraphParser()
         self.alerts = Alerts(
             AlertPolicy(config.alerts.repeat_s, config.alerts.max_per_minute), self._queue_alert
@@ -71,6 +79,7 @@ class Agent:
         self.loop_lag_s = 0.0
         self.offline_since: float | None = time.monotonic()
         self._runner: Any = None
+        self._listener: Any = None
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._side_tasks: set[asyncio.Task[Any]] = set()
@@ -97,7 +106,12 @@ class Agent:
             self._stop.set()
 
     async def start(self) -> None:
+        from dgdm.agent.listener import quiet_accept_errors, raise_fd_limit
+
         self._loop = asyncio.get_running_loop()
+        quiet_accept_errors(self._loop)
+        fd_limit = raise_fd_limit()
+        self.connections.max_total = connection_cap(self.config.http.max_connections, fd_limit)
         self.config.device.data_dir.mkdir(parents=True, exist_ok=True)
         # The engine (numpy, scipy, TFLite imports and backend probes) loads in a thread
         # while this one imports and builds the HTTP app: both are needed before listening.
@@ -160,6 +174,8 @@ class Agent:
         log.info("agent stopped", extra={"drained": drained, "in_flight": self.work.in_flight})
 
     async def _close_parts(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
         if self._runner is not None:
             await self._runner.cleanup()
         if self.outbox is not None:
@@ -205,21 +221,28 @@ class Agent:
         from dgdm.agent.http import make_app
 
         app = make_app(self)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
+        # keepalive_timeout also runs from a connection's opening and is not reset by data:
+        # it is the header deadline, for a new connection as for an idle keep-alive one.
+        self._runner = web.AppRunner(
+            app,
+            access_log=None,
+            shutdown_timeout=2.0,
+            keepalive_timeout=self.config.http.header_timeout_s,
+        )
         await self._runner.setup()
 
     async def _listen(self) -> None:
-        from aiohttp import web
+        from dgdm.agent.listener import Listener
 
         http = self.config.http
-        site = web.TCPSite(self._runner, http.bind, http.port)
+        closed = self.metrics.http_refused
+        self._listener = Listener(
+            self._runner.server, self.connections, lambda reason: closed.labels(reason).inc()
+        )
         try:
-            await site.start()
+            self.http_port = await self._listener.start(http.bind, http.port)
         except OSError as exc:
             raise AgentError(f"cannot listen on {http.bind}:{http.port}: {exc.strerror}") from exc
-        server = site._server  # aiohttp keeps the listening socket here; port 0 needs it
-        sockets = getattr(server, "sockets", None) or []
-        self.http_port = sockets[0].getsockname()[1] if sockets else http.port
 
     async def _start_link(self) -> None:
         on_command = functools.partial(remote.on_command, self)
@@ -328,6 +351,13 @@ class Agent:
         self.alerts.policy.max_per_minute = self.config.alerts.max_per_minute
         log.info("config reloaded", extra={"applied": applied, "needs_restart": ignored})
         self.notifier.status(f"reloaded: {', '.join(applied) or 'nothing changed'}")
+
+
+def _memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return None
 
 
 def _log_failure(task: asyncio.Task[Any]) -> None:

@@ -95,6 +95,7 @@ async def metrics_text(agent: Agent) -> bytes:
         backend_failures={b["name"]: b["failures"] for b in agent.engine.backends_status()},
         active_backend=agent.active_backend(),
         envelopes_rejected=_rejected(link),
+        http_connections=len(agent.connections),
     )
     agent.metrics.thermal_throttled.set(int(bool(agent.tpu and agent.tpu.protecting)))
     return agent.metrics.render(snapshot)

@@ -143,7 +143,9 @@ def launch(
     sections: dict[str, dict[str, Any]],
     env: dict[str, str] | None = None,
     wait: bool = True,
+    prefix: list[str] | None = None,
 ) -> AgentProcess:
+    """`prefix` runs the agent under another command (e.g. prlimit)."""
     port = free_port()
     data_dir = tmp_path / "data"
     sections = {
@@ -156,7 +158,10 @@ def launch(
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            agent_command(config), stdout=log, stderr=subprocess.STDOUT, env=full_env
+            [*(prefix or []), *agent_command(config)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=full_env,
         )
     agent = AgentProcess(
         proc, port, config, data_dir, log_path, sections["http"].get("token"), env or {}
