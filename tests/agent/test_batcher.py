@@ -17,8 +17,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dgdm.agent.batcher import Batcher, sets_of, side_by_side, split_columns
+from dgdm.agent.config import load_config
 from dgdm.kernels.engine import Engine
 from dgdm.kernels.graph import parse_graph
+from dgdm.sync.errors import ConfigError
 
 KARATE = Path(__file__).resolve().parents[2] / "fixtures" / "karate.json"
 KEY = ("club", "v1")
@@ -199,3 +201,12 @@ def test_side_by_side_and_back(b: int, f: int, max_width: int) -> None:
     assert all(block.shape[1] <= max(max_width, f) for block in blocks)
     np.testing.assert_array_equal(np.hstack(blocks), np.hstack(list(sets)))
     np.testing.assert_array_equal(sets_of(blocks, f), sets)
+
+
+def test_batch_window_config() -> None:
+    assert load_config(None, env={}).kernels.batch_window_us == 200
+    assert (
+        load_config(None, env={"DGDM__KERNELS__BATCH_WINDOW_US": "0"}).kernels.batch_window_us == 0
+    )
+    with pytest.raises(ConfigError, match=r"kernels\.batch_window_us"):
+        load_config(None, env={"DGDM__KERNELS__BATCH_WINDOW_US": "-1"})
