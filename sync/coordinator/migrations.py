@@ -35,6 +35,7 @@ class AddColumn:
     table: str
     column: str
     definition: str
+    backfill: str | None = None  # run once, right after the column was added
 
 
 Step = str | AddColumn
@@ -158,6 +159,30 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX quarantine_by_device ON quarantine (device_id, id)",
         ),
     ),
+    Migration(
+        3,
+        "devices.stored_bytes for the per-device quota, messages by (kind, received_ms)",
+        sqlite=(
+            AddColumn(
+                "devices",
+                "stored_bytes",
+                "INTEGER NOT NULL DEFAULT 0",
+                "UPDATE devices SET stored_bytes = (SELECT coalesce(sum(length(body)), 0)"
+                " FROM messages WHERE messages.device_id = devices.device_id)",
+            ),
+            "CREATE INDEX IF NOT EXISTS messages_by_kind_received ON messages (kind, received_ms)",
+        ),
+        postgres=(
+            AddColumn(
+                "devices",
+                "stored_bytes",
+                "bigint NOT NULL DEFAULT 0",
+                "UPDATE devices SET stored_bytes = (SELECT coalesce(sum(octet_length(body)), 0)"
+                " FROM messages WHERE messages.device_id = devices.device_id)",
+            ),
+            "CREATE INDEX messages_by_kind_received ON messages (kind, received_ms)",
+        ),
+    ),
 )
 
 SCHEMA_VERSION_TABLE = (
@@ -226,7 +251,8 @@ def migrate_postgres(
         todo = pending(current, migrations)
         for migration in todo:
             for step in migration.postgres:
-                conn.execute(_pg_step(step))
+                for statement in _pg_steps(step):
+                    conn.execute(statement)
             conn.execute(_RECORD_PG, _row(migration))
     return todo[-1].version if todo else current
 
@@ -238,12 +264,16 @@ def _sqlite_step(db: sqlite3.Connection, step: Step) -> None:
     have = {row[1] for row in db.execute(f"PRAGMA table_info({step.table})")}
     if step.column not in have:
         db.execute(f"ALTER TABLE {step.table} ADD COLUMN {step.column} {step.definition}")
+        if step.backfill:
+            db.execute(step.backfill)
 
 
-def _pg_step(step: Step) -> Any:
+def _pg_steps(step: Step) -> list[Any]:
+    """The statements of a step; a PostgreSQL migration runs once, so its backfill too."""
     if isinstance(step, str):
-        return step
-    return f"ALTER TABLE {step.table} ADD COLUMN IF NOT EXISTS {step.column} {step.definition}"
+        return [step]
+    add = f"ALTER TABLE {step.table} ADD COLUMN IF NOT EXISTS {step.column} {step.definition}"
+    return [add, step.backfill] if step.backfill else [add]
 
 
 def _pg_scalar(conn: psycopg.Connection[Any], sql: LiteralString) -> Any:

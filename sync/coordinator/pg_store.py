@@ -26,7 +26,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import psycopg
 from psycopg import errors
@@ -48,6 +48,9 @@ from dgdm.sync.coordinator.stores import StoreUnavailable
 from dgdm.sync.envelope import Kind
 from dgdm.sync.errors import ConfigError
 
+if TYPE_CHECKING:
+    from typing_extensions import LiteralString
+
 T = TypeVar("T")
 BIGINT_MAX = 2**63 - 1
 # A batch that lost a deadlock or serialisation race is simply run again (it is all or
@@ -62,14 +65,32 @@ _STAGING = (
     " created_ms bigint, received_ms bigint, body text) ON COMMIT DELETE ROWS"
 )
 _COPY = "COPY incoming (device_id, kind, seq, created_ms, received_ms, body) FROM STDIN"
-# Sorted: every replica inserts conflicting keys in one order.
+# Sorted: every replica inserts conflicting keys in one order. The rows really inserted
+# (not the duplicates) add their bytes to their device's stored_bytes (the quota's count,
+# as SqliteStore keeps it: once per transaction, not a trigger per row); the rows stored.
 _INSERT = (
-    "INSERT INTO messages (device_id, kind, seq, created_ms, received_ms, body)"
+    "WITH ins AS (INSERT INTO messages (device_id, kind, seq, created_ms, received_ms, body)"
     " SELECT * FROM incoming ORDER BY device_id, kind, seq ON CONFLICT DO NOTHING"
+    " RETURNING device_id, octet_length(body) AS bytes),"
+    " per AS (SELECT device_id, sum(bytes) AS bytes, count(*) AS n FROM ins GROUP BY device_id),"
+    " upd AS (UPDATE devices AS d SET stored_bytes = d.stored_bytes + per.bytes FROM per"
+    " WHERE d.device_id = per.device_id)"
+    " SELECT coalesce(sum(n), 0) FROM per"
 )
 _INSERT_ONE = (
     "INSERT INTO messages (device_id, kind, seq, created_ms, received_ms, body)"
     " VALUES (%s, %s, %s, %s, %s, '{}') ON CONFLICT DO NOTHING"
+)
+_ADD_BYTES = "UPDATE devices SET stored_bytes = stored_bytes + %s WHERE device_id = %s"
+# A page of messages deleted, and their bytes taken off their devices; (rows, bytes).
+# SKIP LOCKED: two replicas' housekeeping take different pages instead of queueing.
+_DELETE_PAGE = (
+    "WITH del AS (DELETE FROM messages WHERE id IN (SELECT id FROM messages {where}"
+    " FOR UPDATE SKIP LOCKED) RETURNING device_id, octet_length(body) AS bytes),"
+    " per AS (SELECT device_id, sum(bytes) AS bytes, count(*) AS n FROM del GROUP BY device_id),"
+    " upd AS (UPDATE devices AS d SET stored_bytes = greatest(0, d.stored_bytes - per.bytes)"
+    " FROM per WHERE d.device_id = per.device_id)"
+    " SELECT coalesce(sum(n), 0), coalesce(sum(bytes), 0) FROM per"
 )
 # Lock in device-id order, then touch and allocate each device's receipt seq.
 _LOCK_TOUCH_SEQ = (
@@ -307,7 +328,7 @@ class PgStore:
                     with cur.copy(_COPY) as copy:
                         for row in rows:
                             copy.write_row(row)
-                    stored = cur.execute(_INSERT).rowcount
+                    stored = int(_first(cur.execute(_INSERT)))
             stored += self._store_replies(conn, replies, now_ms)
             if held:
                 with conn.cursor() as cur:
@@ -336,11 +357,83 @@ class PgStore:
             if cur.rowcount != 1:
                 continue
             stored += 1
+            conn.execute(_ADD_BYTES, (len("{}"), item.device_id))
             conn.execute(
                 "UPDATE commands SET reply = %s, replied_ms = %s WHERE device_id = %s AND seq = %s",
                 (text, now_ms, item.device_id, _bigint_or_none(item.body.get("cmd_seq"))),
             )
         return stored
+
+    # -- housekeeping (housekeeping.py; SqliteStore's methods, in small transactions) ----
+
+    def prune(self, kind: Kind, older_than_ms: int, limit: int) -> int:
+        """Delete up to `limit` of the oldest `kind` messages received before
+        `older_than_ms` (Kind.COMMAND: commands created before it); the count deleted."""
+        if kind is Kind.COMMAND:
+            with self._tx() as conn:
+                return conn.execute(
+                    "DELETE FROM commands WHERE (device_id, seq) IN (SELECT device_id, seq"
+                    " FROM commands WHERE created_ms < %s ORDER BY created_ms LIMIT %s"
+                    " FOR UPDATE SKIP LOCKED)",
+                    (older_than_ms, limit),
+                ).rowcount
+        where = "WHERE kind = %s AND received_ms < %s ORDER BY received_ms LIMIT %s"
+        return self._delete_page(where, (int(kind), older_than_ms, limit))[0]
+
+    def prune_quarantine(self, older_than_ms: int, limit: int) -> int:
+        with self._tx() as conn:
+            return conn.execute(
+                "DELETE FROM quarantine WHERE id IN (SELECT id FROM quarantine"
+                " WHERE received_ms < %s ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED)",
+                (older_than_ms, limit),
+            ).rowcount
+
+    def telemetry_page(
+        self, after: tuple[int, int], before_ms: int, limit: int
+    ) -> list[tuple[int, int, str]]:
+        """(received_ms, id, device_id) of telemetry received before `before_ms`, in that
+        order, after the cursor `after` = (received_ms, id): the downsampler's reading."""
+        with self._tx() as conn:
+            rows = conn.execute(
+                "SELECT received_ms, id, device_id FROM messages"
+                " WHERE kind = %s AND (received_ms, id) > (%s, %s) AND received_ms < %s"
+                " ORDER BY received_ms, id LIMIT %s",
+                (int(Kind.TELEMETRY), after[0], after[1], before_ms, limit),
+            ).fetchall()
+        return [(int(r[0]), int(r[1]), str(r[2])) for r in rows]
+
+    def delete_messages(self, ids: list[int]) -> int:
+        return self._delete_page("WHERE id = ANY(%s)", (ids,))[0]
+
+    def storage_by_device(self, more_than: int) -> dict[str, int]:
+        """Devices whose stored message bytes exceed `more_than`."""
+        with self._tx() as conn:
+            rows = conn.execute(
+                "SELECT device_id, stored_bytes FROM devices WHERE stored_bytes > %s",
+                (more_than,),
+            ).fetchall()
+        return {str(d): int(b) for d, b in rows}
+
+    def prune_device(self, device_id: str, kind: Kind, limit: int) -> tuple[int, int]:
+        """Delete the device's `limit` oldest messages of `kind`; (rows, bytes) freed."""
+        where = "WHERE device_id = %s AND kind = %s ORDER BY id LIMIT %s"
+        return self._delete_page(where, (device_id, int(kind), limit))
+
+    def size_bytes(self) -> int:
+        """The database's size on disk (tables, indexes, TOAST; the WAL is the cluster's)."""
+        with self._tx() as conn:
+            return int(_first(conn.execute("SELECT pg_database_size(current_database())")))
+
+    def _delete_page(self, where: LiteralString, params: tuple[Any, ...]) -> tuple[int, int]:
+        sql = _DELETE_PAGE.format(where=where)
+
+        def run(conn: psycopg.Connection[Any]) -> tuple[int, int]:
+            row = conn.execute(sql, params).fetchone()
+            return (int(row[0]), int(row[1])) if row else (0, 0)
+
+        # An ingest batch locks devices in id order, a page's UPDATE in its own: a rare
+        # deadlock between them is run again.
+        return self._retrying(run)
 
     def quarantined(self, device_id: str, limit: int = 100) -> list[dict[str, Any]]:
         rows = self._rows(
@@ -419,6 +512,13 @@ class PgStore:
             row["kind"] = Kind(row["kind"]).name.lower()
             row["body"] = json.loads(row["body"])
         return rows
+
+
+def _first(cur: Any) -> Any:
+    """The one value a one-row, one-column statement returns."""
+    row = cur.fetchone()
+    assert row is not None
+    return row[0]
 
 
 def _configure(conn: psycopg.Connection[Any]) -> None:

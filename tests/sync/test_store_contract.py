@@ -5,6 +5,7 @@ uniqueness under concurrent replicas, and the shared migrations."""
 from __future__ import annotations
 
 import contextlib
+import json
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
@@ -436,3 +437,68 @@ def test_a_store_of_an_older_version_is_migrated_in_order(
         assert len(store.quarantined("edge-1")) == 1
     finally:
         store.close()
+
+
+# -- housekeeping (retention, downsampling, quota) -------------------------------------------
+
+
+def _bytes(*bodies: dict[str, Any]) -> int:
+    return sum(len(json.dumps(b, separators=(",", ":"))) for b in bodies)
+
+
+def test_stored_bytes_count_what_was_stored_and_pruning_gives_them_back(store: Store) -> None:
+    s: Any = store
+    s.add_device("edge-1", KEY_A)
+    s.add_device("edge-2", KEY_B)
+    old = [msg("edge-1", Kind.TELEMETRY, n) for n in range(1, 4)]
+    s.store_batch(old, NOW - 10_000)
+    new = [msg("edge-1", Kind.TELEMETRY, 4), msg("edge-1", Kind.RESULT, 1)]
+    s.store_batch([*new, old[0]], NOW)  # old[0] again: a duplicate adds nothing
+    reply = Incoming("edge-2", Kind.REPLY, 1, NOW, {"cmd_seq": 5})
+    s.store_batch([reply], NOW)  # a reply's row has the body '{}'
+    expected = _bytes(*(m.body for m in old + new))
+    assert s.storage_by_device(0) == {"edge-1": expected, "edge-2": 2}
+    assert s.storage_by_device(expected) == {}
+
+    # Retention: only telemetry received before the cut, oldest first, a page at a time.
+    assert s.prune(Kind.TELEMETRY, NOW - 1, 2) == 2
+    assert s.prune(Kind.TELEMETRY, NOW - 1, 2) == 1
+    assert s.prune(Kind.TELEMETRY, NOW - 1, 2) == 0
+    assert [r["seq"] for r in s.latest("edge-1", Kind.TELEMETRY, 10)] == [4]
+    assert s.storage_by_device(0)["edge-1"] == _bytes(*(m.body for m in new))
+
+    # Quota: the device's oldest rows of a kind, with the bytes they freed.
+    assert s.prune_device("edge-1", Kind.TELEMETRY, 10) == (1, _bytes(new[0].body))
+    assert s.prune_device("edge-1", Kind.TELEMETRY, 10) == (0, 0)
+    assert s.storage_by_device(0)["edge-1"] == _bytes(new[1].body)
+    assert s.size_bytes() > 0
+
+
+def test_commands_and_quarantine_are_pruned_by_age(store: Store) -> None:
+    s: Any = store
+    s.add_device("edge-1", KEY_A)
+    s.new_command("edge-1", {"cmd": "ping"}, NOW - 10_000)
+    s.new_command("edge-1", {"cmd": "ping"}, NOW)
+    assert s.prune(Kind.COMMAND, NOW - 1, 10) == 1
+    assert s.command("edge-1", 1) is None
+    assert s.command("edge-1", 2) is not None
+    s.store_batch([], NOW - 10_000, [Quarantined("edge-1", Kind.RESULT, 1, "bad_tag", "x")])
+    s.store_batch([], NOW, [Quarantined("edge-1", Kind.RESULT, 2, "bad_tag", "y")])
+    assert s.prune_quarantine(NOW - 1, 10) == 1
+    assert [r["seq"] for r in s.quarantined("edge-1")] == ["2"]
+
+
+def test_the_downsampler_pages_telemetry_and_deletes_what_it_picks(store: Store) -> None:
+    s: Any = store
+    s.add_device("edge-1", KEY_A)
+    for n in range(1, 6):
+        s.store_batch([msg("edge-1", Kind.TELEMETRY, n)], NOW + n)
+    s.store_batch([msg("edge-1", Kind.RESULT, 1)], NOW)
+    first = s.telemetry_page((0, 0), NOW + 5, 2)
+    assert [r[0] for r in first] == [NOW + 1, NOW + 2]
+    assert all(r[2] == "edge-1" for r in first)
+    rest = s.telemetry_page(first[-1][:2], NOW + 5, 10)
+    assert [r[0] for r in rest] == [NOW + 3, NOW + 4]  # received before NOW + 5 only
+    assert s.delete_messages([first[1][1], rest[0][1]]) == 2
+    assert [r["seq"] for r in s.latest("edge-1", Kind.TELEMETRY, 10)] == [5, 4, 1]
+    assert s.storage_by_device(0)["edge-1"] == _bytes(*({"n": n} for n in (1, 4, 5)), {"n": 1})
