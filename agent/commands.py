@@ -15,6 +15,7 @@ BENCHES = {
     "kernels": "dgdm.kernels.bench",
     "sync": "dgdm.sync.bench",
     "http": "dgdm.agent.bench",
+    "fleet": "dgdm.sync.bench_fleet",
 }
 
 

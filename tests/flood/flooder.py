@@ -1,77 +1,11 @@
-"""A hostile (or buggy) device with its own real key: valid sealed telemetry with fresh seqs,
-as fast as one plain socket gets it through the broker (pre-built MQTT 3.1.1 QoS 1 frames).
-
-Run as a process: `python flooder.py HOST PORT DEVICE_ID DEVICE_KEY COORD_PUB SECONDS OUT`.
-It prints nothing; OUT gets {"sent": N, "seconds": S} when it is done.
-"""
+"""The flood test's hostile device: `dgdm.sync.flood` run as a process by path
+(`python flooder.py HOST PORT DEVICE_ID DEVICE_KEY COORD_PUB SECONDS OUT`)."""
 
 from __future__ import annotations
 
-import json
-import socket
 import sys
-import time
-from pathlib import Path
 
-from dgdm.sync.crypto import derive_link_keys, load_private_key, load_public_key, raw_public
-from dgdm.sync.envelope import Kind, seal
-from dgdm.sync.mqtt_wire import encode_length, encode_publish, encode_topic
-
-FRAMES = 40_000
-CHUNK = 256
-
-
-def connect_frame(client_id: str) -> bytes:
-    cid = client_id.encode()
-    variable = b"\x00\x04MQTT\x04\x02\x00\x3c"  # 3.1.1, clean session, keepalive 60 s
-    payload = len(cid).to_bytes(2, "big") + cid
-    return b"\x10" + encode_length(len(variable) + len(payload)) + variable + payload
-
-
-def frames(device_id: str, key_path: str, coord_pub: str, seq_base: int) -> list[bytes]:
-    own = load_private_key(key_path)
-    peer = load_public_key(coord_pub)
-    keys = derive_link_keys(own, peer, device_id, raw_public(own), raw_public(peer))
-    topic = encode_topic(f"dgdm/v1/{device_id}/telemetry")
-    now = int(time.time() * 1000)
-    body = {"samples": [{"ts_ms": now, "cpu_percent": 1.0, "mem_used_bytes": 1}]}
-    out = []
-    for i in range(FRAMES):
-        env = seal(
-            Kind.TELEMETRY, seq_base + i, now, device_id, body, key=keys.up, key_id=keys.key_id
-        )
-        out.append(encode_publish(topic, i % 65535 + 1, env, qos=1, retain=False, v5=False))
-    return out
-
-
-def main() -> None:
-    host, port, device_id, key_path, coord_pub, seconds, out = sys.argv[1:8]
-    built = frames(device_id, key_path, coord_pub, int(time.time() * 1000) * 1000)
-    chunks = [b"".join(built[i : i + CHUNK]) for i in range(0, len(built), CHUNK)]
-    sock = socket.create_connection((host, int(port)))
-    sock.sendall(connect_frame(f"flood-{device_id}"))
-    sock.recv(4)  # CONNACK
-    sock.setblocking(False)
-    sent = 0
-    start = time.monotonic()
-    deadline = start + float(seconds)
-    i = 0
-    while time.monotonic() < deadline:
-        data = chunks[i % len(chunks)]
-        sock.setblocking(True)
-        sock.sendall(data)
-        sock.setblocking(False)
-        sent += CHUNK
-        i += 1
-        try:
-            while sock.recv(1 << 20):
-                pass
-        except BlockingIOError:
-            pass
-    elapsed = time.monotonic() - start
-    sock.close()
-    Path(out).write_text(json.dumps({"sent": sent, "seconds": elapsed}))
-
+from dgdm.sync.flood import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main(sys.argv[1:]))
