@@ -17,7 +17,7 @@ from dgdm.kernels.backends.base import Problem, RunOutput
 from dgdm.kernels.backends.numpy_backend import NumpyBackend
 from dgdm.kernels.backends.sparse_backend import SparseBackend
 from dgdm.kernels.diffusion import diffuse
-from dgdm.kernels.engine import Engine
+from dgdm.kernels.engine import Engine, RegistryLimits
 from dgdm.kernels.errors import (
     BackendError,
     BackendUnavailable,
@@ -438,3 +438,56 @@ def test_engine_start_imports_no_tflite_or_scipy_linalg() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[] True True"
+
+
+def test_registry_limits_hold_under_concurrent_registrations(tmp_path: Path, karate) -> None:
+    engine = Engine(
+        cache_dir=tmp_path, backends=[NumpyBackend()], registry=RegistryLimits(max_topologies=3)
+    )
+    refused: list[str] = []
+
+    def register(i: int) -> None:
+        graph = Graph(karate.node_ids, karate.adjacency * (1.0 + i), karate.x, False, f"g{i}")
+        try:
+            engine.register(graph)
+        except GraphError as exc:
+            refused.append(str(exc))
+
+    threads = [threading.Thread(target=register, args=(i,)) for i in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(engine.topologies()) == 3
+    assert len(refused) == 9
+    assert all("kernels.max_topologies (3)" in reason for reason in refused)
+    # No file is left behind by a refused registration, and the index names only the three.
+    assert len(list((tmp_path / "topologies").glob("*.npz"))) == 3
+    index = json.loads((tmp_path / "topologies" / "index.json").read_text())
+    assert sorted(index) == sorted(t["graph_id"] for t in engine.topologies())
+
+
+def test_registry_bytes_cap_counts_a_replacement_once(karate) -> None:
+    probe = Engine(backends=[NumpyBackend()])
+    probe.register(karate)
+    size = probe._topologies["karate"].nbytes
+    engine = Engine(backends=[NumpyBackend()], registry=RegistryLimits(max_bytes=size + size // 2))
+    engine.register(karate)
+    engine.register(karate)  # the same id again: replaces, fits
+    other = Graph(karate.node_ids, karate.adjacency * 2.0, karate.x, False, "other")
+    with pytest.raises(GraphError, match=r"kernels.max_topology_bytes"):
+        engine.register(other)
+
+
+def test_a_failing_backend_stays_failing_until_it_answers(karate) -> None:
+    flaky, clock = FlakyBackend(), Clock()
+    engine = Engine(backends=[flaky, NumpyBackend()], clock=clock)
+    flaky.broken = True
+    engine.diffuse(karate)
+    status = {s["name"]: s for s in engine.backends_status()}["flaky"]
+    assert status["failing"]
+    assert status["last_error"]
+    clock.now += 1.0
+    flaky.broken = False
+    engine.diffuse(karate)  # the re-probe passed and the run works: no longer failing
+    assert not {s["name"]: s for s in engine.backends_status()}["flaky"]["failing"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from dgdm.agent.limits import (
     BodyBudget,
     ConnectionTable,
@@ -72,3 +74,28 @@ def test_budget_and_caps() -> None:
     assert default_body_budget(24 << 30, 64 << 20) == 256 << 20
     assert default_body_budget(1 << 30, 64 << 20) == 128 << 20  # an eighth of a small box
     assert default_body_budget(256 << 20, 64 << 20) == 64 << 20  # never below one body
+
+
+def test_accept_failures_are_logged_once_per_period(caplog: Any) -> None:
+    import asyncio
+    import errno
+    import logging
+
+    from dgdm.agent.listener import quiet_accept_errors
+
+    loop = asyncio.new_event_loop()
+    try:
+        quiet_accept_errors(loop)
+        with caplog.at_level(logging.ERROR, logger="dgdm.agent"):
+            for _ in range(5000):  # what asyncio reports on every failed accept()
+                loop.call_exception_handler(
+                    {
+                        "message": "socket.accept() out of system resource",
+                        "exception": OSError(errno.EMFILE, "Too many open files"),
+                    }
+                )
+    finally:
+        loop.close()
+    lines = [r for r in caplog.records if "accept" in r.getMessage()]
+    assert len(lines) == 1
+    assert "Too many open files" in lines[0].error
