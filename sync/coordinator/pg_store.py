@@ -146,6 +146,14 @@ class PgStore:
                     f"{self._display}: the schema needs migrating but this role may not "
                     f"create tables ({self._scrub(exc)}); open the store once as its owner",
                 ) from exc
+            try:
+                _configure(conn)  # as every pooled connection will: refused now, not later
+            except errors.InsufficientPrivilege as exc:
+                raise ConfigError(
+                    "store.url",
+                    f"{self._display}: this role may not create the temporary staging table "
+                    f"({self._scrub(exc)}); GRANT TEMPORARY ON DATABASE to it",
+                ) from exc
         self._pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
             conninfo,
             kwargs=kwargs,

@@ -84,11 +84,17 @@ def test_a_least_privilege_role_runs_the_store_after_the_owner_migrated(pg_clust
     assert "may not create tables" in info.value.message
 
     PgStore(pg_cluster.url(db, user=owner), "owner-pw").close()
+    # Hardened clusters revoke TEMPORARY from PUBLIC; ingest stages batches in a temp table.
+    pg_cluster.sql(f'REVOKE TEMPORARY ON DATABASE "{db}" FROM PUBLIC')
     grants = (
         f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {app};"
         f" GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO {app}"
     )
     pg_cluster.sql(grants, database=db)
+    with pytest.raises(ConfigError) as info:
+        PgStore(pg_cluster.url(db, user=app), "app-pw")
+    assert (info.value.key, "GRANT TEMPORARY" in info.value.message) == ("store.url", True)
+    pg_cluster.sql(f'GRANT TEMPORARY ON DATABASE "{db}" TO {app}')
     store = PgStore(pg_cluster.url(db, user=app), "app-pw")
     try:
         store.add_device("edge-1", KEY)
