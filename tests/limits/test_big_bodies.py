@@ -17,6 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 KARATE = Path(__file__).resolve().parents[2] / "fixtures" / "karate.json"
 CLIENTS = 20
 BODY = 59_000_000
@@ -63,6 +65,7 @@ class BigBody(threading.Thread):
             self.answer += sock.recv(4096)
 
 
+@pytest.mark.slow
 def test_twenty_big_bodies_leave_rss_within_300_mb(start_agent: Callable[..., Any]) -> None:
     agent = start_agent({"http": {"token": TOKEN}, "kernels": {"backend": "numpy"}})
     small = json.dumps(json.loads(KARATE.read_text(encoding="utf-8"))).encode()

@@ -93,3 +93,12 @@ def test_a_slow_body_is_cut_off_and_a_fast_one_answered(start_agent: Callable[..
     metrics = agent.get("/metrics").body.decode()
     assert 'dgdm_http_refused_total{reason="slow_body"} 1.0' in metrics
     assert agent.proc.poll() is None
+
+
+def test_the_open_file_soft_limit_is_raised_to_the_hard_one(
+    start_agent: Callable[..., Any],
+) -> None:
+    agent = start_agent({"kernels": {"backend": "numpy"}}, prefix=["prlimit", "--nofile=256:4096"])
+    limits = Path(f"/proc/{agent.proc.pid}/limits").read_text()
+    line = next(row for row in limits.splitlines() if row.startswith("Max open files"))
+    assert line.split()[3:5] == ["4096", "4096"], line

@@ -20,6 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 KARATE = Path(__file__).resolve().parents[2] / "fixtures" / "karate.json"
 
 HALF_OPEN = 1100  # past the 1024 descriptors (the 1,010 plus what this agent holds less)
@@ -118,6 +120,7 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+@pytest.mark.slow
 def test_half_open_connections_leave_healthz_and_diffuse_answering(
     start_agent: Callable[..., Any],
 ) -> None:
