@@ -3,8 +3,9 @@
 Handlers check what they can cheaply (content type, query flags, path ids, size) and hand
 the body to the agent, which parses and diffuses it in a worker thread. Every refusal is a
 JSON `{"error", "message"}` with a 4xx status chosen by what was wrong; 503 means "busy or
-stopping, retry" and carries Retry-After. The bearer token, when required, is checked
-before a body is read.
+stopping, retry" and 507 "the disk is full, nothing stored", both with Retry-After. The
+Host header (421 unless this box's) and the bearer token, when required, are checked
+before a body is read; bodies in memory and their pace are bounded (agent/limits.py).
 """
 
 from __future__ import annotations

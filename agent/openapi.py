@@ -1,6 +1,7 @@
 """The OpenAPI description of the local HTTP endpoint, served at `/openapi.json` (SPEC §4).
 
-Every operation may answer a refusal: a JSON `{"error", "message"}` with a 4xx/503 status.
+Every operation may answer a refusal: a JSON `{"error", "message"}` with a 4xx status, or
+503 (busy, retry) / 507 (the disk is full).
 """
 
 from __future__ import annotations
