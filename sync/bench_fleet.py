@@ -285,7 +285,7 @@ def _run(fleet: Fleet, broker: Any, outboxes: Path) -> dict[str, Any]:
     if args.noisy_neighbour:
         flood_key = generate_keypair(keys, name=FLOODER)[0]
         enrol.append((FLOODER, _public(flood_key)))
-    _enrol(configs[0][0], enrol)
+    _enrol(configs[0][0], enrol, fleet.env)
     t_start = time.monotonic()
     fleet.replicas = [_start_replica(fleet, c, i) for i, c in enumerate(configs)]
     workers, pipes = _start_workers(args, broker.url, coord_pub, devices, outboxes)
@@ -391,12 +391,12 @@ def _write_config(fleet: Fleet, broker_url: str, coord_key: Path, index: int) ->
     return path, port
 
 
-def _enrol(config: Path, devices: list[tuple[str, str]]) -> None:
+def _enrol(config: Path, devices: list[tuple[str, str]], env: dict[str, str]) -> None:
     """Enrol every device in the shared store (what `devices add` does, in one process)."""
     from dgdm.sync.coordinator.config import load_config
     from dgdm.sync.coordinator.stores import open_store
 
-    store = open_store(load_config(config))
+    store = open_store(load_config(config), env=env)
     try:
         for device_id, public in devices:
             store.add_device(device_id, public)
