@@ -134,8 +134,10 @@ class BodyLimits:
     """What a receiver lets one body cost before `json.loads` builds it.
 
     `max_ratio` (inflated / compressed) applies only above `ratio_floor` bytes, where a
-    zlib bomb starts to matter; `max_depth` and `max_containers` bound the objects the
-    parser would create (a few KiB of `[],` would otherwise become a million lists).
+    zlib bomb starts to matter; `max_depth`, `max_containers` and `max_values` (array
+    elements and object members, counted by their commas) bound the objects the parser
+    would create (a few KiB of `[],` would otherwise become a million lists, 32 MiB of
+    `1.5,` 8 million floats).
     """
 
     max_bytes: int = 64 * 1024 * 1024
@@ -143,6 +145,7 @@ class BodyLimits:
     ratio_floor: int = 64 * 1024
     max_depth: int = 512
     max_containers: int | None = None
+    max_values: int | None = None
 
 
 class SealedEnvelopeError(EnvelopeError):
@@ -411,7 +414,7 @@ def _check_body_size(plain: bytes, limits: BodyLimits) -> None:
 # Escapes first (so that `\\"` cannot end a string early): then, in valid JSON, the pieces
 # between quotes alternate structure and string, and the structure's brackets are real.
 _ESCAPE = re.compile(rb"\\.", re.DOTALL)
-_NOT_MARKS = bytes(b for b in range(256) if b not in b'[]{}"')
+_NOT_MARKS = bytes(b for b in range(256) if b not in b'[]{},"')
 _ONE_BRACKET = bytes.maketrans(b"{}", b"[]")
 
 
@@ -423,8 +426,10 @@ def check_structure(plain: bytes, limits: BodyLimits) -> None:
     # Only quotes and brackets matter, in order: a short string even for a large body.
     marks = plain.translate(None, _NOT_MARKS)
     if b'"' in marks:
-        marks = b"".join(marks.split(b'"')[::2])
-    brackets = marks.translate(_ONE_BRACKET)
+        marks = _outside_strings(marks)
+    if limits.max_values is not None and marks.count(b",") >= limits.max_values:
+        raise EnvelopeError("bad_body", f"body has more than {limits.max_values} values")
+    brackets = marks.translate(_ONE_BRACKET, b",")
     opened = brackets.count(b"[")
     if limits.max_containers is not None and opened > limits.max_containers:
         raise EnvelopeError(
@@ -438,6 +443,21 @@ def check_structure(plain: bytes, limits: BodyLimits) -> None:
         if not brackets:
             return
     raise EnvelopeError("bad_body", f"body nests deeper than {limits.max_depth} (or is unbalanced)")
+
+
+_SCAN_CHUNK = 64 * 1024
+
+
+def _outside_strings(marks: bytes) -> bytes:
+    """The bytes of `marks` outside JSON strings (escapes already gone, so every quote opens
+    or closes one), a chunk at a time: a million strings never become a million pieces."""
+    out = []
+    inside = False
+    for start in range(0, len(marks), _SCAN_CHUNK):
+        pieces = marks[start : start + _SCAN_CHUNK].split(b'"')
+        out.append(b"".join(pieces[1 if inside else 0 :: 2]))
+        inside ^= len(pieces) % 2 == 0  # an odd number of quotes in this chunk
+    return b"".join(out)
 
 
 class _NonFinite(ValueError):

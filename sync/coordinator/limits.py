@@ -24,6 +24,10 @@ RESULT_RATIO_FLOOR = MIB
 MAX_DEPTH = 32
 # A result holds a handful of arrays and objects; telemetry three per sample.
 MAX_CONTAINERS = 16_384
+# Values (array elements, object members): a telemetry sample has ~15; a result one per
+# node id, so its bound admits 250,000 nodes (the agent's default max_nodes is 100,000).
+SMALL_MAX_VALUES = 32_768
+RESULT_MAX_VALUES = 262_144
 # Decoded bodies in one store transaction (Python objects cost up to ~15x their JSON
 # text, so this keeps a transaction's bodies under ~60 MB); a larger single message goes
 # alone.
@@ -38,6 +42,7 @@ def body_limits(config: CoordinatorConfig, kind: Kind) -> BodyLimits:
             ratio_floor=RESULT_RATIO_FLOOR,
             max_depth=MAX_DEPTH,
             max_containers=MAX_CONTAINERS,
+            max_values=RESULT_MAX_VALUES,
         )
     return BodyLimits(
         max_bytes=SMALL_BODY_BYTES,
@@ -45,6 +50,7 @@ def body_limits(config: CoordinatorConfig, kind: Kind) -> BodyLimits:
         ratio_floor=SMALL_RATIO_FLOOR,
         max_depth=MAX_DEPTH,
         max_containers=MAX_CONTAINERS,
+        max_values=SMALL_MAX_VALUES,
     )
 
 

@@ -240,3 +240,20 @@ def test_a_status_time_beyond_64_bits_is_dropped_not_raised(rig) -> None:
     rig.store.set_status("good", {"state": "online", "ts_ms": 2**64}, 5)
     row = rig.store.device("good")
     assert (row["online"], row["status_ms"], row["last_seen_ms"]) == (1, None, 5)
+
+
+def test_a_result_with_100k_node_ids_is_stored_but_a_million_floats_are_not(rig) -> None:
+    node_ids = [f"n{i}" for i in range(100_000)]
+    real = {"node_ids": node_ids, "embedding": {"shape": [100_000, 8], "b64": "AAAA"}}
+    floats = b'{"x":[' + b"1.5," * 1_000_000 + b"1.5]}"  # 4 MB: ~32 MB of floats decoded
+    batch, _ = rig.ingest(
+        [
+            ("good", Kind.RESULT, rig.sealed("good", Kind.RESULT, 1, real)),
+            ("bad", Kind.RESULT, rig.sealed("bad", Kind.RESULT, 2, floats, compress=False)),
+        ]
+    )
+    assert rig.stored("good", Kind.RESULT) == [1]
+    assert batch.seqs == {"good": [1], "bad": [2]}
+    (row,) = rig.store.quarantined("bad")
+    assert row["reason"] == "bad_body"
+    assert "values" in row["sample"]

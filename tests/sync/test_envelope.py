@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import struct
@@ -454,7 +455,12 @@ def test_nan_and_infinity_are_not_json(text) -> None:
 
 
 LIMITS = env.BodyLimits(
-    max_bytes=1 << 20, max_ratio=100, ratio_floor=1024, max_depth=8, max_containers=100
+    max_bytes=1 << 20,
+    max_ratio=100,
+    ratio_floor=1024,
+    max_depth=8,
+    max_containers=100,
+    max_values=200,
 )
 
 
@@ -469,6 +475,9 @@ LIMITS = env.BodyLimits(
         (b'{"a":[' + b"[]," * 99 + b"[]]}", False),  # 101 containers
         (b'{"a":[' + b"[]," * 97 + b"[]]}", True),  # 100
         (b'{"a":1.5e3,"b":"x"}', True),
+        (b'{"a":[' + b"1," * 200 + b"1]}", False),  # 201 values
+        (b'{"a":[' + b"1," * 199 + b"1]}", True),
+        (b'{"a":"' + b"1," * 500 + b'"}', True),  # commas inside a string are text
     ],
 )
 def test_structure_scan_counts_only_real_brackets(text, ok) -> None:
@@ -495,3 +504,44 @@ def test_receipts_never_carry_a_seq_no_outbox_can_hold() -> None:
     assert env.ranges_from_seqs([3, 2**63, 2**64 - 1, 4]) == [[3, 4]]
     body = {"ranges": [[1, 2], [5, 2**64 - 1], [2**63, 2**64 - 1]]}
     assert env.receipt_ranges(body) == [(1, 2), (5, 2**63 - 1)]
+
+
+def _stats(value: object) -> tuple[int, int, int]:
+    """(depth, containers, commas) of a JSON value, the reference for the byte scan."""
+    if isinstance(value, dict | list):
+        children = list(value.values()) if isinstance(value, dict) else value
+        inner = [_stats(c) for c in children]
+        depth = 1 + max((s[0] for s in inner), default=0)
+        return (
+            depth,
+            1 + sum(s[1] for s in inner),
+            max(len(children) - 1, 0) + sum(s[2] for s in inner),
+        )
+    return 0, 0, 0
+
+
+tricky_text = st.text(alphabet='[]{},"\\:ab\u00e9 ', max_size=8)
+tricky_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | tricky_text,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(tricky_text, inner, max_size=4),
+    max_leaves=30,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=st.dictionaries(tricky_text, tricky_json, max_size=4), pad=st.integers(0, 70_000))
+def test_structure_scan_agrees_with_the_parsed_value(value, pad) -> None:
+    # `pad` pushes the structure across the scan's 64 KiB chunks inside a long string.
+    body = {"pad": "[" * pad, **value} if pad else value
+    text = json.dumps(body, ensure_ascii=False).encode()
+    depth, containers, commas = _stats(body)
+    exact = env.BodyLimits(max_depth=depth, max_containers=containers, max_values=commas + 1)
+    env.check_structure(text, exact)
+    for tighter in (
+        dataclasses.replace(exact, max_depth=depth - 1),
+        dataclasses.replace(exact, max_containers=containers - 1),
+        dataclasses.replace(exact, max_values=commas),
+    ):
+        if tighter.max_depth >= 1:
+            with pytest.raises(EnvelopeError):
+                env.check_structure(text, tighter)
