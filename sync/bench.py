@@ -229,13 +229,24 @@ def _coordinator_config(root: Path, url: str, key: Path) -> Any:
         CoordinatorConfig,
         CoordinatorSection,
         HttpSection,
+        IngestSection,
         MqttSection,
     )
 
+    # One device is the whole fleet here: its quota and queue are the fleet's, so that the
+    # bench measures the sync path, not the fair-share limits (bench fleet measures those).
+    ingest = IngestSection(
+        telemetry_per_s=1e6,
+        bytes_per_s=1 << 30,
+        device_queue_messages=200_000,
+        device_queue_bytes=1 << 30,
+        queue_bytes=1 << 30,
+    )
     return CoordinatorConfig(
         CoordinatorSection(id="bench", data_dir=root / "coordinator", private_key=key),
         MqttSection(broker_url=url, client_id="bench-coordinator"),
         HttpSection(port=0),
+        ingest=ingest,
     )
 
 
