@@ -20,11 +20,11 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from dgdm.sync.coordinator.config import StoreSection
 from dgdm.sync.coordinator.lograte import LogRate
@@ -93,14 +93,24 @@ def quota_excess(usage: dict[str, int], quota_bytes: int) -> dict[str, int]:
     return {d: used - low for d, used in usage.items() if used > quota_bytes}
 
 
+# run(name, *args): call the store's method `name` on the thread that writes to it, so
+# housekeeping transactions queue between ingest transactions instead of contending.
+StoreCall = Callable[..., Awaitable[Any]]
+
+
 class Housekeeping:
     """`start()` after the coordinator started, `await stop()` before it stops."""
 
-    def __init__(self, coordinator: Any, clock: Any = time.time) -> None:
-        self.coordinator = coordinator
-        self.config: StoreSection = coordinator.config.store
+    def __init__(
+        self,
+        config: StoreSection,
+        registry: CollectorRegistry,
+        run: StoreCall,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self._run = run
         self._clock = clock
-        registry = coordinator.metrics.registry
         self.store_bytes = Gauge(
             "dgdm_coordinator_store_bytes", "Size of the store on disk", registry=registry
         )
@@ -162,7 +172,7 @@ class Housekeeping:
         return done
 
     async def _query(self, name: str, *args: Any) -> Any:
-        return await self.coordinator.query(name, *args)
+        return await self._run(name, *args)
 
     async def _pages(self, why: str, kind: Kind | None, name: str, *args: Any) -> int:
         """Call a store pruner until it deletes less than a page (or MAX_PAGES)."""

@@ -5,12 +5,14 @@ per-device quota and the store's size in /metrics. Pure decisions, then the real
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from dgdm.sync.coordinator.config import CoordinatorConfig, StoreSection
+from dgdm.sync.coordinator.config import StoreSection
 from dgdm.sync.coordinator.housekeeping import (
     DAY_MS,
     Housekeeping,
@@ -18,7 +20,7 @@ from dgdm.sync.coordinator.housekeeping import (
     plan,
     quota_excess,
 )
-from dgdm.sync.coordinator.service import Coordinator
+from dgdm.sync.coordinator.metrics import Metrics
 from dgdm.sync.coordinator.store import Incoming, SqliteStore
 from dgdm.sync.envelope import Kind
 
@@ -92,19 +94,27 @@ def test_prune_takes_only_the_old_rows_of_its_kind_oldest_first(store) -> None:
     assert [r["seq"] for r in store.results_since("a", 0, 10)] == [10]
 
 
-def _coordinator(tmp_path: Path, store: SqliteStore, **section: Any) -> Coordinator:
-    config = CoordinatorConfig(store=StoreSection(prune_batch=7, **section))
-    coordinator = Coordinator(config, store=store)
-    assert coordinator.store is store
-    return coordinator
+def _keeper(store: SqliteStore, **kw: Any) -> tuple[Housekeeping, Metrics]:
+    """Housekeeping on its own database thread, as the coordinator's writer thread runs it."""
+    clock = kw.pop("clock", time.time)
+    metrics = Metrics()
+    executor = concurrent.futures.ThreadPoolExecutor(1)
+
+    async def run(name: str, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(
+            executor, getattr(store, name), *args
+        )
+
+    keeper = Housekeeping(StoreSection(prune_batch=7, **kw), metrics.registry, run, clock)
+    return keeper, metrics
 
 
 async def test_a_pass_prunes_downsamples_enforces_the_quota_and_reports_the_size(
     tmp_path: Path, store
 ) -> None:
-    coordinator = _coordinator(
-        tmp_path, store, retention_days=30, downsample_after_days=7, downsample_minutes=15,
-        device_quota_bytes=20_000,
+    keeper, metrics = _keeper(
+        store, retention_days=30, downsample_after_days=7, downsample_minutes=15,
+        device_quota_bytes=20_000, clock=lambda: NOW_MS / 1000,
     )  # fmt: skip
     seq = iter(range(1, 10_000))
     # a: 40 days old (pruned), 10 days old one a minute for an hour (downsampled to 4)...
@@ -115,32 +125,27 @@ async def test_a_pass_prunes_downsamples_enforces_the_quota_and_reports_the_size
     # ... and b: recent, 300 messages of ~130 bytes (40 KB) against a 20 KB quota.
     store.store_batch([_telemetry("b", next(seq)) for _ in range(300)], NOW_MS - 1000)
     store.store_batch([Incoming("b", Kind.RESULT, 9999, 1, {"job_id": "keep"})], NOW_MS)
-    keeper = Housekeeping(coordinator, clock=lambda: NOW_MS / 1000)
-    try:
-        done = await keeper.run_once()
-        assert done["retention"] == 20
-        assert len(store.latest("a", Kind.TELEMETRY, 1000)) == 4  # one per 15 minutes
-        assert done["downsample"] == 56
-        b_bytes = store.storage_by_device(0)["b"]
-        assert 0 < b_bytes <= 20_000 * 0.9
-        assert [r["seq"] for r in store.results_since("b", 0, 10)] == [9999]  # telemetry first
-        remaining = [r["seq"] for r in store.latest("b", Kind.TELEMETRY, 1000)]
-        assert min(remaining) > 81  # the oldest went
-        metrics = coordinator.metrics.render().decode()
-        assert "dgdm_coordinator_store_bytes " in metrics
-        assert 'dgdm_coordinator_pruned_total{kind="telemetry",why="quota"}' in metrics
-        assert "dgdm_coordinator_devices_over_quota 1.0" in metrics
-        again = await keeper.run_once()
-        assert again == {"retention": 0, "downsample": 0, "quota": 0}
-        assert "dgdm_coordinator_devices_over_quota 0.0" in coordinator.metrics.render().decode()
-    finally:
-        coordinator._executor.shutdown(wait=True)
+    done = await keeper.run_once()
+    assert done["retention"] == 20
+    assert len(store.latest("a", Kind.TELEMETRY, 1000)) == 4  # one per 15 minutes
+    assert done["downsample"] == 56
+    b_bytes = store.storage_by_device(0)["b"]
+    assert 0 < b_bytes <= 20_000 * 0.9
+    assert [r["seq"] for r in store.results_since("b", 0, 10)] == [9999]  # telemetry first
+    remaining = [r["seq"] for r in store.latest("b", Kind.TELEMETRY, 1000)]
+    assert min(remaining) > 81  # the oldest went
+    rendered = metrics.render().decode()
+    assert "dgdm_coordinator_store_bytes " in rendered
+    assert 'dgdm_coordinator_pruned_total{kind="telemetry",why="quota"}' in rendered
+    assert "dgdm_coordinator_devices_over_quota 1.0" in rendered
+    again = await keeper.run_once()
+    assert again == {"retention": 0, "downsample": 0, "quota": 0}
+    assert "dgdm_coordinator_devices_over_quota 0.0" in metrics.render().decode()
 
 
 async def test_housekeeping_runs_in_the_background_and_stops(tmp_path: Path, store) -> None:
-    coordinator = _coordinator(tmp_path, store, housekeeping_interval_s=1.0)
-    store.store_batch([_telemetry("a", 1)], NOW_MS - 400 * DAY_MS)
-    keeper = Housekeeping(coordinator)
+    keeper, _ = _keeper(store, housekeeping_interval_s=1.0)
+    store.store_batch([_telemetry("a", 1)], time.time_ns() // 1_000_000 - 400 * DAY_MS)
     keeper.start()
     try:
         for _ in range(100):
@@ -150,4 +155,3 @@ async def test_housekeeping_runs_in_the_background_and_stops(tmp_path: Path, sto
         assert store.latest("a", Kind.TELEMETRY, 1) == []
     finally:
         await keeper.stop()
-        coordinator._executor.shutdown(wait=True)
