@@ -257,3 +257,18 @@ def test_a_result_with_100k_node_ids_is_stored_but_a_million_floats_are_not(rig)
     (row,) = rig.store.quarantined("bad")
     assert row["reason"] == "bad_body"
     assert "values" in row["sample"]
+
+
+def test_quarantine_log_lines_are_one_per_device_per_minute() -> None:
+    from dgdm.sync.coordinator.lograte import LogRate
+
+    rate = LogRate(60.0, max_keys=4)
+    assert rate.allow("a", 0.0)
+    assert not rate.allow("a", 59.9)
+    assert rate.allow("b", 59.9)  # another device has its own minute
+    assert not rate.allow("a", 30.0)
+    assert rate.take_suppressed("a") == 2
+    assert rate.allow("a", 60.0)
+    for key in "cdefgh":  # many ids: memory stays bounded, the stalest are forgotten
+        assert rate.allow(key, 61.0)
+    assert len(rate._last) <= 4
