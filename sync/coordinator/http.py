@@ -5,6 +5,7 @@ GET  /devices/{id}                     one device, its latest telemetry and rece
 GET  /devices/{id}/results?since=C     results after cursor C (`next` is the new cursor)
 POST /devices/{id}/commands            {"cmd", "args", "ttl_ms"} -> 202 {"seq"}
 GET  /devices/{id}/commands/{seq}      the command and, once it arrived, its reply
+GET  /devices/{id}/quarantine?limit=N  its refused messages (why, and their start)
 GET  /ingest                           fair-share state: queue, flooding devices, top talkers
 GET  /metrics                          Prometheus text format
 
@@ -65,6 +66,7 @@ def make_app(coordinator: Any) -> web.Application:
     app.router.add_get("/devices/{device_id}/results", get_results)
     app.router.add_post("/devices/{device_id}/commands", post_command)
     app.router.add_get("/devices/{device_id}/commands/{seq}", get_command)
+    app.router.add_get("/devices/{device_id}/quarantine", get_quarantine)
     app.router.add_get("/metrics", get_metrics)
     app.router.add_get("/ingest", get_ingest)
     return app
@@ -238,6 +240,17 @@ async def get_command(request: web.Request) -> web.Response:
     if command is None:
         return _error(404, f"no command {seq} for {device_id!r}", "seq")
     return web.json_response(command)
+
+
+async def get_quarantine(request: web.Request) -> web.Response:
+    found = await _device_or_404(request)
+    if isinstance(found, web.Response):
+        return found
+    coordinator, device_id, _ = found
+    limit = _int_param(request, "limit", 100, 1, MAX_RESULTS)
+    return web.json_response(
+        {"quarantine": await coordinator.query("quarantined", device_id, limit)}
+    )
 
 
 async def get_ingest(request: web.Request) -> web.Response:

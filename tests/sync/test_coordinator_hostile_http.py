@@ -10,6 +10,9 @@ from typing import Any
 import aiohttp
 import pytest
 
+from dgdm.sync.coordinator.store import quarantine_record
+from dgdm.sync.envelope import Kind
+
 from .conftest import eventually
 
 
@@ -114,3 +117,18 @@ async def test_a_command_with_huge_integers_in_args_is_stored_and_answered(api) 
         got = await _json(r)
     assert got["command"]["args"] == {"n": 2**80}
     await eventually(lambda: coordinator.metrics.value("dgdm_commands_sent_total") >= 1)
+
+
+async def test_the_quarantine_is_visible_per_device(api) -> None:
+    http, base, coordinator, device = api
+    record = quarantine_record(
+        device.device_id, Kind.REPLY, 3, "malformed", message="cmd_seq beyond 64 bits", sample=b"{}"
+    )
+    coordinator.store.store_batch([], 1, [record])
+    async with http.get(f"{base}/quarantine?limit=5") as response:
+        body = await _json(response)
+        assert response.status == 200, body
+    (row,) = body["quarantine"]
+    assert (row["kind"], row["seq"], row["reason"]) == ("reply", "3", "malformed")
+    async with http.get(f"{base}/quarantine?limit=99999999999999999999") as response:
+        assert response.status == 400
