@@ -129,7 +129,7 @@ def test_same_graph_or_same_error_as_the_general_path(
     assert_same(encode(doc, style), decode_name)
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
 @given(doc=documents(), data=st.data())
 def test_mutated_bodies_are_never_misread(doc: dict[str, Any], data: st.DataObject) -> None:
     """Bytes changed, cut or inserted anywhere: still the general path's answer."""
@@ -242,6 +242,7 @@ def test_limits_are_named_as_the_general_path_names_them() -> None:
     assert (kind, field, code) == ("error", "nodes", "too_large")
 
 
+@settings(suppress_health_check=[HealthCheck.too_slow])
 @given(doc=documents())
 def test_scanned_features_are_writeable_like_decoded_ones(doc: dict[str, Any]) -> None:
     assume(all("features" in node for node in doc["nodes"]))

@@ -102,6 +102,7 @@ def test_sanitized_scanner_short_run(sanitized_scanner: Path) -> None:
 
 
 @pytest.mark.sanitize
+@pytest.mark.timeout(7200)  # ~15 min on an idle core; far more on a loaded machine
 def test_sanitized_scanner_100k_inputs(sanitized_scanner: Path) -> None:
     out = fuzz(sanitized_scanner, 100_000, seed=12)
     assert inputs_run(out) >= 100_000
