@@ -8,7 +8,7 @@ import socket
 
 import paho.mqtt.client as paho
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from paho.mqtt import __version__ as paho_version
 from paho.mqtt import _packet
@@ -96,6 +96,9 @@ def test_a_missing_hook_falls_back_to_stock(monkeypatch: pytest.MonkeyPatch) -> 
 # -- encoding ------------------------------------------------------------------------------
 
 
+# Each example runs a paho client; on a loaded 2-core box the 200 ms deadline timed the
+# machine (1.7 s seen), not the code.
+@settings(deadline=None)
 @given(topics, mids, payloads, st.sampled_from([0, 1]), st.booleans(), st.booleans())
 def test_publish_bytes_are_paho_bytes(
     topic: str, mid: int, payload: bytes, qos: int, retain: bool, v5: bool
