@@ -443,7 +443,10 @@ def _start_workers(
             continue
         parent, child = ctx.Pipe()
         spec = WorkerSpec(broker_url, coord_pub, share, str(outboxes), drain_s)
-        proc = ctx.Process(target=run_worker, args=(spec, child), name=f"fleet-worker-{i}")
+        # daemon: a bench stopped early takes its workers with it
+        proc = ctx.Process(
+            target=run_worker, args=(spec, child), name=f"fleet-worker-{i}", daemon=True
+        )
         proc.start()
         child.close()
         workers.append(proc)

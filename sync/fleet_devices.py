@@ -25,6 +25,11 @@ from pathlib import Path
 from typing import Any
 
 CONNECT_CONCURRENCY = 100  # in-flight CONNECTs per worker: within mosquitto's listen backlog
+# Each Outbox's writer thread wakes every outbox.MAINTENANCE_INTERVAL_S (1 s) when idle, for
+# TTL eviction and disk-full recovery, which this bench sets up neither of. A device has
+# one such thread; a worker holds 1,000, whose wake-ups then fight the event loop for the
+# GIL until keepalives are missed (measured: 5,000 devices, load 750, half disconnected).
+OUTBOX_IDLE_TICK_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,9 @@ class WorkerSpec:
 
 def run_worker(spec: WorkerSpec, conn: Any) -> None:
     """The worker process's entry point (multiprocessing spawn target)."""
+    from dgdm.sync import outbox
+
+    outbox.MAINTENANCE_INTERVAL_S = OUTBOX_IDLE_TICK_S
     asyncio.run(_main(spec, conn))
 
 
