@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 import time
 
@@ -395,3 +396,19 @@ async def test_a_broker_without_mqtt5_gets_an_error_naming_the_setting(
         await ok.stop()
     finally:
         broker.stop()
+
+
+def test_the_wire_setting_reaches_the_client_from_agent_and_coordinator_config() -> None:
+    from dgdm.agent.config import load_config as agent_config
+    from dgdm.sync.coordinator.config import load_config as coordinator_config
+    from dgdm.sync.mqtt import options_from_settings
+
+    sync = agent_config(None, env={"DGDM__SYNC__WIRE": "paho"}).sync
+    agent = options_from_settings(dataclasses.replace(sync, broker_url="mqtt://127.0.0.1:1"), "a")
+    coordinator = options_from_settings(
+        coordinator_config(None, env={"DGDM__MQTT__WIRE": "paho"}).mqtt, "c"
+    )
+    assert MqttClient(agent).active_wire == MqttClient(coordinator).active_wire == "paho"
+    assert agent_config(None, env={}).sync.wire == "lean"
+    with pytest.raises(ConfigError, match=r"sync\.wire"):
+        agent_config(None, env={"DGDM__SYNC__WIRE": "fast"})
