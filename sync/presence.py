@@ -29,7 +29,12 @@ resend later, on the message of one presence (`observe`):
 
 The device then waits a random 0-2 s (`resend_delay`: a fleet must not resend in the same
 millisecond) and resends what it sent before the event and is still unreceipted.
-Everything here is pure: bytes and flags in, decisions out.
+
+Retained and live are told apart by the RETAIN flag on delivery: set only on what a broker
+sends from its retained store at a subscribe (MQTT 3.1.1 and 5, §3.3.1.3, with Retain As
+Published off); mosquitto, amqtt and aedes do so (tests/sync/test_link_interop.py).
+The decisions (`parse`, `PresenceView`) are pure: bytes and flags in, decisions out;
+`Announcer` is the coordinator's thin publishing side.
 """
 
 from __future__ import annotations
