@@ -37,6 +37,13 @@ REPO = Path(__file__).resolve().parents[2]
 ANSIBLE_DIR = REPO / "ansible"
 DEVICE_ID = "edge-test-0001"
 GROUPS = ("dgdm_broker", "dgdm_coordinator", "dgdm_agents")
+# Device ids the tests connect to the broker with besides the agent's: the broker serves
+# only listed identities (dgdm_broker_devices), whatever certificate a client holds.
+TEST_DEVICES = (
+    *("edge-acl-a", "edge-acl-b", "edge-persist", "edge-lost", "edge-kept"),
+    *("edge-old", "edge-new", "edge-presence", "edge-share-src"),
+    *(f"edge-share-{i}" for i in range(4)),
+)
 
 
 def tool(name: str) -> str | None:
@@ -121,6 +128,7 @@ class Fleet:
             "dgdm_broker_bind": "127.0.0.1",
             "dgdm_broker_server_name": "localhost",
             "dgdm_broker_server_ips": ["127.0.0.1"],
+            "dgdm_broker_devices": [DEVICE_ID, *TEST_DEVICES],
             "dgdm_coordinator_user": "root",
             "dgdm_coordinator_group": "root",
             "dgdm_coordinator_http_port": self.coordinator_port,
@@ -145,9 +153,15 @@ class Fleet:
         self,
         playbook: str | Path = "site.yml",
         groups: tuple[str, ...] = GROUPS,
+        *,
+        args: tuple[str, ...] = (),
+        path_first: Path | None = None,
         **overrides: object,
     ) -> subprocess.CompletedProcess[str]:
-        """`playbook` with localhost in `groups` only, and the fleet's vars plus `overrides`."""
+        """`playbook` with localhost in `groups` only, and the fleet's vars plus `overrides`.
+
+        `args` go to ansible-playbook; `path_first` is put before PATH (a box's own tools).
+        """
         assert ANSIBLE_PLAYBOOK is not None
         local = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable}
         inventory = self.base / "hosts.json"
@@ -156,10 +170,13 @@ class Fleet:
         )
         extra_vars = self.base / "vars.json"
         extra_vars.write_text(json.dumps(self.vars | overrides))
+        env = self.env()
+        if path_first is not None:
+            env["PATH"] = f"{path_first}{os.pathsep}{env.get('PATH', '')}"
         return subprocess.run(
-            [ANSIBLE_PLAYBOOK, "-i", str(inventory), str(playbook), "-e", f"@{extra_vars}"],
+            [ANSIBLE_PLAYBOOK, "-i", str(inventory), str(playbook), "-e", f"@{extra_vars}", *args],
             cwd=ANSIBLE_DIR,
-            env=self.env(),
+            env=env,
             capture_output=True,
             text=True,
             timeout=400,
