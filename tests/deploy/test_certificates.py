@@ -7,7 +7,8 @@ the CRL, and mosquitto, restarted with the rendered config, refuses that device 
 while other devices still connect. The CA's own end: nothing it signs outlives it, a CA
 that expires within the renewal window stops the play, and after the rotation the README
 describes every certificate is signed again. A box whose device id changes gets a new key
-and a certificate for the new id.
+and a certificate for the new id. A box cannot get a certificate for another identity: the
+controller checks the request and signs the subject the inventory names.
 """
 
 from __future__ import annotations
@@ -329,11 +330,11 @@ def spki(cert_or_key_file: x509.Certificate | Path) -> bytes:
 def delivered_to_itself(fleet: Fleet, tls_dir: Path, topics: list[str]) -> list[str]:
     """Topics of the fleet broker's messages a device gets back after publishing to `topics`.
 
-    The device subscribes to all of dgdm/v1/#; the ACL lets through its own subtree only. The
-    last topic must be allowed: once it arrives, anything the broker let through came before.
+    The device subscribes to each topic; the broker grants its own subtree only. The last
+    topic must be allowed: once it arrives, anything the broker let through came before.
     """
     received: queue.Queue[str] = queue.Queue()
-    subscribed = threading.Event()
+    subscribed = threading.Semaphore(0)
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="renamed", protocol=mqtt.MQTTv5)
     client.tls_set(
         ca_certs=str(tls_dir / "ca.pem"),
@@ -341,12 +342,13 @@ def delivered_to_itself(fleet: Fleet, tls_dir: Path, topics: list[str]) -> list[
         keyfile=str(tls_dir / "client.key"),
     )
     client.on_message = lambda _c, _u, msg: received.put(msg.topic)
-    client.on_subscribe = lambda *_: subscribed.set()
+    client.on_subscribe = lambda *_: subscribed.release()
     client.connect("127.0.0.1", fleet.broker_port)
     client.loop_start()
     try:
-        client.subscribe("dgdm/v1/#", qos=1)
-        assert subscribed.wait(timeout=5)
+        for topic in topics:
+            client.subscribe(topic, qos=1)
+            assert subscribed.acquire(timeout=5)
         for topic in topics:
             client.publish(topic, b"x", qos=1).wait_for_publish(timeout=5)
         got = [received.get(timeout=5)]
@@ -402,3 +404,51 @@ def test_a_renamed_broker_gets_a_new_key_and_a_certificate_for_its_name(fleet: F
     assert names.get_values_for_type(x509.DNSName) == ["mqtt.renamed.test"]
     assert spki(server / "server.key") == spki(cert) != old_key
     assert handlers_run(renamed) == ["dgdm_broker : Reload mosquitto"]
+
+
+# A compromised box: its openssl reports that the request on the box is for the box's own id
+# (so the role's check on the box passes), whatever name the request really carries.
+LYING_OPENSSL = """#!/bin/sh
+case "$*" in
+  *"req -noout -subject"*"/boxes/edge-forger/"*) echo "subject=CN=edge-forger"; exit 0 ;;
+esac
+exec /usr/bin/openssl "$@"
+"""
+
+
+def index_lines(fleet: Fleet) -> list[str]:
+    return (fleet.pki / "index.txt").read_text().splitlines()
+
+
+@pytest.mark.parametrize("claimed", ["dgdm-coordinator", DEVICE_ID])
+def test_a_request_for_another_identity_is_refused(fleet: Fleet, claimed: str) -> None:
+    """A box whose request names the coordinator or another device gets no certificate."""
+    box = fleet.prefix / "boxes" / "edge-forger" / "etc/dgdm/tls"
+    box.mkdir(parents=True, exist_ok=True)
+    key, csr = box / "client.key", box / "client.csr"
+    if not key.exists():
+        subprocess.run(
+            ["openssl", "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256",
+             "-out", str(key)],
+            check=True,
+        )  # fmt: skip
+    subprocess.run(
+        ["openssl", "req", "-new", "-subj", f"/CN={claimed}", "-key", str(key), "-out", str(csr)],
+        check=True,
+    )
+    tools = fleet.base / "lying-box-bin"
+    tools.mkdir(exist_ok=True)
+    (tools / "openssl").write_text(LYING_OPENSSL)
+    (tools / "openssl").chmod(0o755)
+    before = index_lines(fleet)
+
+    result = fleet.play(
+        ISSUE_CLIENT_CERTS, ("dgdm_broker",), path_first=tools, dgdm_test_devices=["edge-forger"]
+    )
+
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output[-6000:]
+    assert f"names CN={claimed}, not edge-forger" in output, output[-6000:]
+    assert index_lines(fleet) == before
+    assert not (fleet.pki / "clients" / "edge-forger.pem").exists()
+    assert not (box / "client.pem").exists()
