@@ -175,6 +175,7 @@ class Replica:
     cpu_last: float = 0.0
     msgs_start: float = 0.0
     msgs_last: float = 0.0
+    msgs_at_kill: float | None = None  # stored messages when a replica was killed
     rss_samples: list[int] = field(default_factory=list)
 
     def get(self, path: str, timeout: float = 10.0) -> bytes:
@@ -468,7 +469,9 @@ def _traffic(
             now = time.time()
             victim = fleet.replicas[0]
             if kill_at is not None and victim.killed_at is None and now >= go_wall + kill_at:
-                victim.sample()
+                for rep in fleet.replicas:
+                    rep.sample()
+                    rep.msgs_at_kill = rep.msgs_last
                 os.kill(victim.proc.pid, signal.SIGKILL)
                 victim.killed_at = time.time()
             for rep in fleet.replicas:
@@ -633,8 +636,11 @@ def _report(
         pairs: list[tuple[int, int | None]] = [
             stored_at.get((d, s), (t, None)) for d, seqs in sent.items() for s, t in seqs
         ]
+        at_kill = [(rep.msgs_at_kill or 0.0) - rep.msgs_start for rep in fleet.replicas]
         report["kill"] = {
             "at_s": round(killed - go_wall, 2),
+            # The split while every replica ran (the killed one's share ends at the kill).
+            "shares_before": [round(m / (sum(at_kill) or 1.0), 3) for m in at_kill],
             "takeover_s": takeover_s(pairs, int(killed * 1000), end_ms),
             "session_expiry_s": args.session_expiry,
         }
@@ -709,8 +715,9 @@ def format_report(r: dict[str, Any]) -> str:
     if "kill" in r:
         k = r["kill"]
         lines.append(
-            f"killed replica 0 at {k['at_s']} s: survivors carried all traffic after "
-            f"{k['takeover_s']} s (session expiry {k['session_expiry_s']} s)"
+            f"killed replica 0 at {k['at_s']} s (shares until then {k['shares_before']}): "
+            f"survivors carried all traffic after {k['takeover_s']} s "
+            f"(session expiry {k['session_expiry_s']} s)"
         )
     if "noisy_neighbour" in r:
         n = r["noisy_neighbour"]
