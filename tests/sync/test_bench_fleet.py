@@ -101,6 +101,7 @@ def test_a_killed_replica_loses_nothing_and_stores_nothing_twice() -> None:
     assert report["lost"] == report["duplicate_rows"] == report["still_queued"] == 0
     assert report["stored"] == report["accepted"]
     assert report["kill"]["takeover_s"] is not None
+    assert all(0.4 <= share <= 0.6 for share in report["kill"]["shares_before"]), report["kill"]
 
 
 @pytest.mark.bench
