@@ -61,7 +61,8 @@ def setting(
     }
     if isinstance(default, (list, dict, set)):
         raise TypeError("use a tuple (immutable) default for settings")
-    return dataclasses.field(default=default, metadata=meta)
+    # A secret stays out of repr(), so a logged or printed config never shows it.
+    return dataclasses.field(default=default, metadata=meta, repr=not secret)
 
 
 def load_settings(

@@ -6,6 +6,7 @@ GET  /devices/{id}/results?since=C     results after cursor C (`next` is the new
 POST /devices/{id}/commands            {"cmd", "args", "ttl_ms"} -> 202 {"seq"}
 GET  /devices/{id}/commands/{seq}      the command and, once it arrived, its reply
 GET  /devices/{id}/quarantine?limit=N  its refused messages (why, and their start)
+GET  /healthz                          200 when the store and the broker answer, else 503 (no token)
 GET  /ingest                           fair-share state: queue, flooding devices, top talkers
 GET  /metrics                          Prometheus text format
 
@@ -44,7 +45,7 @@ def _token_middleware(token: str | None) -> Any:
 
     @web.middleware
     async def check(request: web.Request, handler: Any) -> web.StreamResponse:
-        if expected is not None:
+        if expected is not None and request.path != "/healthz":
             given = request.headers.get("Authorization", "").encode()
             if not hmac.compare_digest(given, expected):
                 return _error(401, "missing or wrong bearer token", "Authorization")
@@ -69,6 +70,7 @@ def make_app(coordinator: Any) -> web.Application:
     app.router.add_get("/devices/{device_id}/quarantine", get_quarantine)
     app.router.add_get("/metrics", get_metrics)
     app.router.add_get("/ingest", get_ingest)
+    app.router.add_get("/healthz", get_healthz)
     return app
 
 
@@ -251,6 +253,13 @@ async def get_quarantine(request: web.Request) -> web.Response:
     return web.json_response(
         {"quarantine": await coordinator.query("quarantined", device_id, limit)}
     )
+
+
+async def get_healthz(request: web.Request) -> web.Response:
+    """200 when the store and the broker answer, else 503 naming the failing check (open,
+    like the agent's: it says nothing a load balancer should not know)."""
+    health = await request.app[COORDINATOR].health()
+    return web.json_response(health, status=200 if health["status"] == "ok" else 503)
 
 
 async def get_ingest(request: web.Request) -> web.Response:

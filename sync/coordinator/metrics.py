@@ -42,7 +42,7 @@ class Metrics:
             registry=self.registry,
         )
         self.quarantined = Counter(
-            "dgdm_quarantined",
+            "dgdm_coordinator_quarantined",
             "Authenticated envelopes refused, recorded in quarantine and receipted, by reason",
             ["reason"],
             registry=self.registry,

@@ -19,6 +19,7 @@ import contextlib
 import functools
 import inspect
 import logging
+import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from dgdm.sync import presence
 from dgdm.sync.coordinator.config import CoordinatorConfig, IngestSection
 from dgdm.sync.coordinator.fairqueue import FairQueue, Queued, QueueLimits
+from dgdm.sync.coordinator.housekeeping import Housekeeping
 from dgdm.sync.coordinator.limits import RECEIPT_BATCH_BYTES, limits_by_kind
 from dgdm.sync.coordinator.lograte import QUARANTINE_LOG
 from dgdm.sync.coordinator.metrics import Metrics
@@ -41,7 +43,7 @@ from dgdm.sync.coordinator.store import (
     merge_results,
     quarantine_record,
 )
-from dgdm.sync.coordinator.stores import open_store
+from dgdm.sync.coordinator.stores import StoreUnavailable, open_store
 from dgdm.sync.crypto import load_private_key
 from dgdm.sync.envelope import (
     FLAG_ENCRYPTED,
@@ -79,6 +81,7 @@ MAX_TTL_MS = 7 * 24 * 3600 * 1000
 MAX_STATUS_BYTES = 4096
 KEY_ID_OFFSET = 6  # SPEC §6: magic 2, version 1, flags 1, kind 1, priority 1, then the key id
 MAX_ROUTES = 65536
+HEALTH_TIMEOUT_S = 5.0
 
 
 class UnknownDevice(SyncError):
@@ -118,6 +121,7 @@ class Coordinator:
         self._quotas = Quotas(quota_policy(ingest))
         self._reading_paused = False
         self._rejected: collections.Counter[str] = collections.Counter()
+        self._store_error: str | None = None
         self._seconds_per_message = 0.0  # measured store cost, to size a ~batch_work_ms batch
         self._flush_now = asyncio.Event()
         self._online: set[str] = set()
@@ -125,6 +129,7 @@ class Coordinator:
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Future[Any]] = set()
         self._api: ApiThread | None = None
+        self._housekeeping: Housekeeping | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.http_port: int | None = None
         self.mqtt: MqttClient | None = None
@@ -158,6 +163,14 @@ class Coordinator:
         self.presence.client = self.mqtt
         await self.mqtt.start()
         self._tasks = [asyncio.create_task(self._flush_forever(), name="coord-flush")]
+        # Retention, downsampling and quotas run on the writer thread, one small
+        # transaction at a time between ingest transactions (housekeeping.py).
+        self._housekeeping = Housekeeping(
+            self.config.store,
+            self.metrics.registry,
+            lambda name, *a: self._db(getattr(self.store, name), *a),
+        )
+        self._housekeeping.start()
         if http:
             from dgdm.sync.coordinator.api_thread import ApiThread
 
@@ -165,6 +178,9 @@ class Coordinator:
             self.http_port = await self._api.start()
 
     async def stop(self) -> None:
+        if self._housekeeping is not None:
+            await self._housekeeping.stop()
+            self._housekeeping = None
         for task in self._tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -299,6 +315,26 @@ class Coordinator:
             extra={"alert": "device_flooding", "device_id": device_id},
         )
 
+    def _store_down(self, exc: StoreUnavailable) -> None:
+        if self._store_error is None:
+            log.warning("store unavailable, ingest paused (nothing receipted): %s", exc)
+        self._store_error = str(exc)
+        self._reject("store_unavailable")
+
+    async def health(self) -> dict[str, Any]:
+        """SPEC §7.1 /healthz: the store answers (on a reader, so never behind ingest) and
+        the broker connection is up; the failing checks are named."""
+        checks: dict[str, Any] = {}
+        try:
+            await asyncio.wait_for(self.query("ping"), HEALTH_TIMEOUT_S)
+            checks["store"] = "ok"
+        except (asyncio.TimeoutError, StoreUnavailable, sqlite3.Error) as exc:
+            checks["store"] = f"failing: {exc or 'no answer within the timeout'}"
+        connected = self.mqtt is not None and self.mqtt.connected
+        checks["broker"] = "ok" if connected else "failing: not connected"
+        ok = all(v == "ok" for v in checks.values())
+        return {"status": "ok" if ok else "failing", "checks": checks}
+
     def ingest_view(self) -> dict[str, Any]:
         """Queue depths, paused reading, flooding devices and the top talkers (bounded)."""
         now = time.monotonic()
@@ -345,9 +381,16 @@ class Coordinator:
             if self._queue:
                 try:
                     await self._flush(self._take())
+                except StoreUnavailable as exc:
+                    # Nothing of the batch was committed or receipted: the devices keep
+                    # it and send it again; ingest resumes by itself when the store is back.
+                    self._store_down(exc)
+                    await asyncio.sleep(interval)
                 except Exception:
                     log.exception("storing a batch failed; devices will resend it")
                     await asyncio.sleep(interval)  # a store that is down is not hammered
+                else:
+                    self._store_error = None
             if self._reading_paused and self._queue.resumable:
                 self._pause_reading(False)
             self._count_rejects()

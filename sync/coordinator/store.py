@@ -26,66 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
+from dgdm.sync.coordinator.migrations import migrate_sqlite
 from dgdm.sync.envelope import Kind
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS devices (
-    device_id TEXT PRIMARY KEY,
-    public_key TEXT NOT NULL,
-    first_seen_ms INTEGER,
-    last_seen_ms INTEGER,
-    online INTEGER NOT NULL DEFAULT 0,
-    status_ms INTEGER,
-    agent_version TEXT,
-    backend TEXT,
-    down_seq INTEGER NOT NULL DEFAULT 0,
-    added_ms INTEGER NOT NULL,
-    plaintext_telemetry INTEGER NOT NULL DEFAULT 0,
-    stored_bytes INTEGER NOT NULL DEFAULT 0
-);
-CREATE TABLE IF NOT EXISTS messages (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    device_id TEXT NOT NULL,
-    kind INTEGER NOT NULL,
-    seq INTEGER NOT NULL,
-    created_ms INTEGER NOT NULL,
-    received_ms INTEGER NOT NULL,
-    body TEXT NOT NULL,
-    UNIQUE (device_id, kind, seq)
-);
-CREATE INDEX IF NOT EXISTS messages_by_device_kind ON messages (device_id, kind, id);
-CREATE INDEX IF NOT EXISTS messages_by_kind_received ON messages (kind, received_ms);
-CREATE TABLE IF NOT EXISTS commands (
-    device_id TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    body TEXT NOT NULL,
-    created_ms INTEGER NOT NULL,
-    reply TEXT,
-    replied_ms INTEGER,
-    PRIMARY KEY (device_id, seq)
-);
-CREATE TABLE IF NOT EXISTS quarantine (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    device_id TEXT NOT NULL,
-    kind INTEGER NOT NULL,
-    seq TEXT NOT NULL,
-    reason TEXT NOT NULL,
-    received_ms INTEGER NOT NULL,
-    sample TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS quarantine_by_device ON quarantine (device_id, id);
-"""
-# Columns added after the first release: (table, column, definition, backfill or None).
-MIGRATIONS = (
-    ("devices", "plaintext_telemetry", "INTEGER NOT NULL DEFAULT 0", None),
-    (
-        "devices",
-        "stored_bytes",
-        "INTEGER NOT NULL DEFAULT 0",
-        "UPDATE devices SET stored_bytes = (SELECT coalesce(sum(length(body)), 0)"
-        " FROM messages WHERE messages.device_id = devices.device_id)",
-    ),
-)
 # A device's stored bytes (its message bodies; ASCII JSON, so length() is bytes) are kept
 # in devices.stored_bytes by every insert and delete here, per transaction (a trigger per
 # row halved the insert rate), for the per-device quota without scanning the table.
@@ -168,6 +111,7 @@ class Store(Protocol):
     def command(self, device_id: str, seq: int) -> dict[str, Any] | None: ...
     def results_since(self, device_id: str, cursor: int, limit: int) -> list[dict[str, Any]]: ...
     def latest(self, device_id: str, kind: Kind, limit: int) -> list[dict[str, Any]]: ...
+    def ping(self) -> None: ...
     def close(self) -> None: ...
 
 
@@ -180,20 +124,7 @@ class SqliteStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA busy_timeout=5000")
-        self._db.executescript(SCHEMA)
-        self._migrate()
-
-    def _migrate(self) -> None:
-        """Add columns a file made by an older release lacks (idempotent; each is one
-        statement, so a crash leaves the column either added or not)."""
-        for table, column, definition, backfill in MIGRATIONS:
-            have = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
-            if column not in have:
-                with self._db:
-                    self._db.execute("BEGIN IMMEDIATE")
-                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
-                    if backfill:
-                        self._db.execute(backfill)
+        migrate_sqlite(self._db)
 
     def close(self) -> None:
         with self._lock:
@@ -522,6 +453,11 @@ class SqliteStore:
     def count(self) -> int:
         with self._lock:
             return int(self._db.execute("SELECT count(*) FROM messages").fetchone()[0])
+
+    def ping(self) -> None:
+        """For /healthz: the database answers (an error is raised otherwise)."""
+        with self._lock:
+            self._db.execute("SELECT 1").fetchone()
 
     def _messages(self, where: str, params: tuple[Any, ...]) -> list[dict[str, Any]]:
         rows = self._rows(

@@ -14,7 +14,6 @@ Every start-up failure is a `ConfigError` naming `store.url` or `store.password`
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sqlite3
 from collections.abc import Mapping
@@ -23,7 +22,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, urlsplit
 
-from dgdm.sync.coordinator.migrations import migrate_sqlite
 from dgdm.sync.errors import ConfigError, SyncError
 
 if TYPE_CHECKING:
@@ -152,18 +150,6 @@ def _open_sqlite(path: Path) -> Store:
     from dgdm.sync.coordinator.store import SqliteStore
 
     try:
-        store = SqliteStore(path)
+        return SqliteStore(path)
     except (OSError, sqlite3.Error) as exc:
         raise ConfigError("store.url", f"cannot open the SQLite store {path}: {exc}") from None
-    # SqliteStore still creates its own tables; this records their version in
-    # schema_version and refuses a newer schema (until SqliteStore runs migrate_sqlite).
-    try:
-        with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as db:
-            migrate_sqlite(db)
-    except sqlite3.Error as exc:
-        store.close()
-        raise ConfigError("store.url", f"cannot migrate the SQLite store {path}: {exc}") from None
-    except ConfigError:
-        store.close()
-        raise
-    return store

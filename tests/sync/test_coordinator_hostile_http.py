@@ -5,6 +5,7 @@ A real coordinator on a real mosquitto, a real aiohttp server and client."""
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import aiohttp
@@ -124,7 +125,8 @@ async def test_the_quarantine_is_visible_per_device(api) -> None:
     record = quarantine_record(
         device.device_id, Kind.REPLY, 3, "malformed", message="cmd_seq beyond 64 bits", sample=b"{}"
     )
-    coordinator.store.store_batch([], 1, [record])
+    # received now: housekeeping prunes quarantine rows past retention (1970 would be)
+    coordinator.store.store_batch([], int(time.time() * 1000), [record])
     async with http.get(f"{base}/quarantine?limit=5") as response:
         body = await _json(response)
         assert response.status == 200, body

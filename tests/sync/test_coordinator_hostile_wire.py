@@ -69,7 +69,7 @@ async def test_poison_and_forgery_fail_alone_on_the_wire(sync_rig: Any, mqtt_bro
     assert [r["seq"] for r in store.results_since(good.device_id, 0, 10)] == [6]
     assert [r["seq"] for r in store.latest(bad.device_id, Kind.TELEMETRY, 10)] == [7]
     assert store.latest(good.device_id, Kind.TELEMETRY, 10) == []
-    assert coordinator.metrics.value("dgdm_quarantined_total", reason="malformed") == 1
+    assert coordinator.metrics.value("dgdm_coordinator_quarantined_total", reason="malformed") == 1
     # The rejects counter's name is the metrics module's; its reason label is the contract.
     rendered = coordinator.metrics.render().decode()
     assert re.search(r'rejects_total\{reason="unencrypted"\} 1\.0', rendered), rendered
