@@ -24,7 +24,14 @@ from typing import Any
 
 from dgdm.sync import presence
 from dgdm.sync.crypto import LinkKeys
-from dgdm.sync.envelope import Envelope, Kind, check_command, open_envelope, receipt_ranges
+from dgdm.sync.envelope import (
+    FLAG_ENCRYPTED,
+    Envelope,
+    Kind,
+    check_command,
+    open_envelope,
+    receipt_ranges,
+)
 from dgdm.sync.errors import EnvelopeError, OutboxError, TransportError
 from dgdm.sync.link_state import Cursor, ReadPlan, SendState
 from dgdm.sync.mqtt import MqttClient, MqttOptions, Will
@@ -234,11 +241,28 @@ class DeviceLink:
             if self.state.generation != generation or self.state.window_full():
                 return
             if self.state.should_send(msg.seq):
-                # No future per message: a PUBACK changes nothing here (SPEC §5).
-                await self.mqtt.send(self._topics[msg.kind], msg.payload)
+                if _is_plaintext(msg.payload):
+                    await self._send_plaintext(msg)
+                else:
+                    # No future per message: a PUBACK changes nothing here (SPEC §5).
+                    await self.mqtt.send(self._topics[msg.kind], msg.payload)
                 self.state.mark_sent(msg.priority, msg.seq, time.monotonic(), msg.kind)
             if not self.state.advance(msg.priority, msg.seq, generation):
                 return
+
+    async def _send_plaintext(self, msg: OutboxMessage) -> None:
+        """Plaintext telemetry (`sync.encrypt_telemetry = false`) is never receipted: only a
+        sealed envelope may advance receipts, since anyone on the path could have written a
+        plaintext one (SECURITY.md). Its broker PUBACK is as far as it is acknowledged, so
+        it leaves the outbox then, as a receipt would have taken it."""
+        acked = await self.mqtt.publish(self._topics[msg.kind], msg.payload)
+
+        def done(fut: asyncio.Future[None], seq: int = msg.seq) -> None:
+            if not fut.cancelled() and fut.exception() is None:
+                self.state.receipted([(seq, seq)], time.monotonic())
+                self._spawn(self._apply_receipt([(seq, seq)]))
+
+        acked.add_done_callback(done)
 
     async def _wait_for_news(self) -> None:
         """Until something is queued, a receipt frees a full window, a reconnect, or the
@@ -362,6 +386,11 @@ class DeviceLink:
 
 def _with_will(options: MqttOptions, will: Will) -> MqttOptions:
     return dataclasses.replace(options, will=will)
+
+
+def _is_plaintext(payload: bytes) -> bool:
+    """SPEC §6 header: flags at offset 3, bit 0 set when the body is encrypted."""
+    return len(payload) > 3 and not payload[3] & FLAG_ENCRYPTED
 
 
 def _log_failure(task: asyncio.Task[Any]) -> None:

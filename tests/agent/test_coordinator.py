@@ -90,5 +90,13 @@ async def test_telemetry_results_and_commands_reach_the_coordinator(
         done = await _eventually(reply)
         assert done["reply"]["ok"] is True, done
         assert done["reply"]["data"]["pong"] is True
+
+        # Plaintext telemetry is never receipted (only sealed envelopes advance receipts);
+        # the agent drops it from its outbox at the broker's PUBACK instead of resending it.
+        async def plaintext_left() -> bool:
+            outbox = (await asyncio.to_thread(agent.get, "/outbox")).json()
+            return outbox["kinds"]["telemetry"]["messages"] == 0
+
+        await _eventually(plaintext_left, timeout_s=10)
     finally:
         await coordinator.stop()
