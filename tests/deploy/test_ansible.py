@@ -127,7 +127,12 @@ def test_installed_agent_is_healthy_and_online_at_the_coordinator(fleet: Fleet) 
         status = _wait_for(lambda: _connected(_get_json(f"{url}/status")), agent, "broker")
         assert status["device_id"] == DEVICE_ID
         device_url = f"http://127.0.0.1:{fleet.coordinator_port}/devices/{DEVICE_ID}"
-        _wait_for(lambda: _online(_get_json(device_url)), coordinator, "coordinator")
+        # The token the role made for the coordinator's API (it needs one, loopback or not).
+        token = (fleet.pki / "coordinator-http.token").read_text().strip()
+        _wait_for(lambda: _online(_get_json(device_url, token)), coordinator, "coordinator")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            _get_json(device_url)
+        assert refused.value.code == 401
     finally:
         codes = {
             name: _stop(proc) for name, proc in (("agent", agent), ("coordinator", coordinator))
@@ -169,8 +174,11 @@ def test_failed_health_gate_rolls_back_and_stops_the_play(fleet: Fleet, tmp_path
     assert config.read_text() == config_before
 
 
-def _get_json(url: str) -> dict:
-    with urllib.request.urlopen(url, timeout=5) as response:
+def _get_json(url: str, token: str | None = None) -> dict:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    with urllib.request.urlopen(
+        urllib.request.Request(url, headers=headers), timeout=5
+    ) as response:
         assert response.status == 200
         return json.loads(response.read())
 
