@@ -60,6 +60,18 @@ def _register_coordinator(subparsers: argparse._SubParsersAction[argparse.Argume
     remove.add_argument("device_id")
     _config_arg(remove, nested=True)
     remove.set_defaults(func=_devices_remove)
+    quota = dev_actions.add_parser(
+        "quota",
+        help="a device's own ingest rates over the [ingest] defaults (running coordinators"
+        " apply them within 5 s)",
+    )
+    quota.add_argument("device_id")
+    for key in ("result", "telemetry", "alert", "reply"):
+        quota.add_argument(f"--{key}-per-s", type=float, help=f"{key} messages per second")
+    quota.add_argument("--bytes-per-s", type=float, help="bytes per second, all kinds")
+    quota.add_argument("--clear", action="store_true", help="back to the [ingest] defaults")
+    _config_arg(quota, nested=True)
+    quota.set_defaults(func=_devices_quota)
     show = dev_actions.add_parser("list", help="list enrolled devices as JSON lines")
     _config_arg(show, nested=True)
     show.set_defaults(func=_devices_list)
@@ -126,6 +138,28 @@ def _devices_remove(args: argparse.Namespace) -> int:
     if not removed:
         raise ConfigError("device_id", f"{args.device_id!r} is not enrolled")
     print(f"removed {args.device_id} (a running coordinator refuses it within 5 s)")
+    return 0
+
+
+def _devices_quota(args: argparse.Namespace) -> int:
+    import json
+
+    from dgdm.sync.coordinator.quota import OVERRIDE_KEYS
+    from dgdm.sync.errors import ConfigError
+
+    given = {k: getattr(args, k) for k in OVERRIDE_KEYS if getattr(args, k) is not None}
+    for key, value in given.items():
+        if not value > 0 or value == float("inf"):
+            raise ConfigError(key.replace("_", "-"), "must be a positive number")
+    if args.clear == bool(given):
+        raise ConfigError("quota", "give --clear, or at least one rate")
+    _, store = _open_store(args)
+    try:
+        if not store.set_quota(args.device_id, given or None):
+            raise ConfigError("device_id", f"{args.device_id!r} is not enrolled")
+    finally:
+        store.close()
+    print(f"quota of {args.device_id}: {json.dumps(given) if given else 'the [ingest] defaults'}")
     return 0
 
 

@@ -183,6 +183,12 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX messages_by_kind_received ON messages (kind, received_ms)",
         ),
     ),
+    Migration(
+        4,
+        "devices.quota: a device's own ingest rates (JSON), over the [ingest] defaults",
+        sqlite=(AddColumn("devices", "quota", "TEXT"),),
+        postgres=(AddColumn("devices", "quota", "text"),),
+    ),
 )
 
 SCHEMA_VERSION_TABLE = (

@@ -282,6 +282,21 @@ class PgStore:
             ).fetchall()
         return dict(rows)
 
+    def set_quota(self, device_id: str, quota: dict[str, float] | None) -> bool:
+        text = json.dumps(quota, separators=(",", ":")) if quota else None
+        with self._tx() as conn:
+            cursor = conn.execute(
+                "UPDATE devices SET quota = %s WHERE device_id = %s", (text, device_id)
+            )
+        return cursor.rowcount == 1
+
+    def quotas(self) -> dict[str, str]:
+        with self._tx() as conn:
+            rows = conn.execute(
+                "SELECT device_id, quota FROM devices WHERE quota IS NOT NULL"
+            ).fetchall()
+        return dict(rows)
+
     def set_status(self, device_id: str, status: dict[str, Any], now_ms: int) -> None:
         online = 1 if status.get("state") == "online" else 0
         with self._tx() as conn:

@@ -11,6 +11,8 @@ the table grows, and the top-talkers table keeps only the heaviest refusers.
 from __future__ import annotations
 
 import collections
+import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -18,6 +20,30 @@ from dgdm.sync.envelope import Kind
 
 MAX_BUCKETS = 65_536
 MAX_TALKERS = 256
+# What a device's own quota may set (`dgdm coordinator devices quota`), as in [ingest].
+OVERRIDE_KEYS = ("result_per_s", "telemetry_per_s", "alert_per_s", "reply_per_s", "bytes_per_s")
+
+
+def parse_override(text: str | None) -> dict[str, float]:
+    """A stored override: JSON of OVERRIDE_KEYS to positive numbers; anything else in it is
+    ignored (a row written by a newer release, or by hand), never an error at ingest."""
+    if not text:
+        return {}
+    try:
+        raw = json.loads(text)
+    except ValueError:
+        return {}
+    if not isinstance(raw, dict):
+        return {}
+    return {
+        k: float(v)
+        for k, v in raw.items()
+        if k in OVERRIDE_KEYS
+        and isinstance(v, (int, float))
+        and not isinstance(v, bool)
+        and math.isfinite(v)
+        and v > 0
+    }
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import dataclasses
 import functools
 import inspect
 import logging
@@ -32,7 +33,7 @@ from dgdm.sync.coordinator.housekeeping import Housekeeping
 from dgdm.sync.coordinator.limits import RECEIPT_BATCH_BYTES, limits_by_kind
 from dgdm.sync.coordinator.lograte import QUARANTINE_LOG
 from dgdm.sync.coordinator.metrics import Metrics
-from dgdm.sync.coordinator.quota import QuotaPolicy, Quotas, Rate
+from dgdm.sync.coordinator.quota import QuotaPolicy, Quotas, Rate, parse_override
 from dgdm.sync.coordinator.registry import Registry
 from dgdm.sync.coordinator.store import (
     Incoming,
@@ -82,6 +83,7 @@ MAX_STATUS_BYTES = 4096
 KEY_ID_OFFSET = 6  # SPEC §6: magic 2, version 1, flags 1, kind 1, priority 1, then the key id
 MAX_ROUTES = 65536
 HEALTH_TIMEOUT_S = 5.0
+QUOTA_REFRESH_S = 5.0
 
 
 class UnknownDevice(SyncError):
@@ -162,7 +164,11 @@ class Coordinator:
         )
         self.presence.client = self.mqtt
         await self.mqtt.start()
-        self._tasks = [asyncio.create_task(self._flush_forever(), name="coord-flush")]
+        await self._load_quotas()
+        self._tasks = [
+            asyncio.create_task(self._flush_forever(), name="coord-flush"),
+            asyncio.create_task(self._refresh_quotas_forever(), name="coord-quotas"),
+        ]
         # Retention, downsampling and quotas run on the writer thread, one small
         # transaction at a time between ingest transactions (housekeeping.py).
         self._housekeeping = Housekeeping(
@@ -305,6 +311,27 @@ class Coordinator:
             log.warning("ingest queue full (%d messages): reading paused", len(self._queue))
         else:
             self.mqtt.resume_reading()
+
+    async def _refresh_quotas_forever(self) -> None:
+        """Per-device quotas set with `devices quota` (any replica, or the CLI) apply within
+        QUOTA_REFRESH_S, like other registry changes (SPEC §7.1)."""
+        while True:
+            await asyncio.sleep(QUOTA_REFRESH_S)
+            try:
+                await self._load_quotas()
+            except (StoreUnavailable, sqlite3.Error) as exc:  # keep the quotas we have
+                log.debug("quota overrides not refreshed: %s", exc)
+
+    async def _load_quotas(self) -> None:
+        stored = await self.query("quotas")
+        ingest = self.config.ingest
+        overrides = {}
+        for device_id, text in stored.items():
+            own = parse_override(text)
+            if own:
+                own_ingest = dataclasses.replace(ingest, **own)  # type: ignore[arg-type]
+                overrides[device_id] = quota_policy(own_ingest)
+        self._quotas.policy = dataclasses.replace(quota_policy(ingest), overrides=overrides)
 
     def _flooding(self, device_id: str) -> None:
         """The deduplicated `device_flooding` alert: once per device per flooding_alert_s."""

@@ -102,6 +102,8 @@ class Store(Protocol):
     def devices(self) -> list[dict[str, Any]]: ...
     def device(self, device_id: str) -> dict[str, Any] | None: ...
     def public_keys(self) -> dict[str, str]: ...
+    def set_quota(self, device_id: str, quota: dict[str, float] | None) -> bool: ...
+    def quotas(self) -> dict[str, str]: ...
     def store_batch(
         self, items: list[Incoming], now_ms: int, quarantine: Iterable[Quarantined] = ()
     ) -> StoreResult: ...
@@ -176,6 +178,21 @@ class SqliteStore:
         """The enrolled devices' keys (a removed device's key is '')."""
         with self._lock:
             sql = "SELECT device_id, public_key FROM devices WHERE public_key != ''"
+            return dict(self._db.execute(sql))
+
+    def set_quota(self, device_id: str, quota: dict[str, float] | None) -> bool:
+        """A device's own ingest rates (None: the [ingest] defaults); False if unknown."""
+        text = _dumps(quota) if quota else None
+        with self._lock, self._db:
+            cursor = self._db.execute(
+                "UPDATE devices SET quota = ? WHERE device_id = ?", (text, device_id)
+            )
+        return cursor.rowcount == 1
+
+    def quotas(self) -> dict[str, str]:
+        """Device -> its stored quota override (JSON text), for devices that have one."""
+        with self._lock:
+            sql = "SELECT device_id, quota FROM devices WHERE quota IS NOT NULL"
             return dict(self._db.execute(sql))
 
     def set_status(self, device_id: str, status: dict[str, Any], now_ms: int) -> None:

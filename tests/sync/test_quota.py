@@ -73,3 +73,15 @@ def test_state_stays_bounded_for_many_ids(monkeypatch) -> None:
         for _ in range(25):
             q.admit(f"f{i}", Kind.TELEMETRY, 1, 0.0)
     assert len(q.talkers) <= quota.MAX_TALKERS + 1
+
+
+def test_parse_override_keeps_only_known_positive_finite_rates() -> None:
+    from dgdm.sync.coordinator.quota import parse_override
+
+    assert parse_override(None) == {}
+    assert parse_override("not json") == {}
+    assert parse_override("[1]") == {}
+    assert parse_override(
+        '{"telemetry_per_s": 5, "result_per_s": -1, "alert_per_s": true,'
+        ' "reply_per_s": "9", "bytes_per_s": 1e400, "other": 3}'
+    ) == {"telemetry_per_s": 5.0}

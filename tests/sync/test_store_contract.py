@@ -78,6 +78,19 @@ def msg(device: str, kind: Kind, seq: int, **body: Any) -> Incoming:
 # -- registry ------------------------------------------------------------------------------
 
 
+def test_a_device_quota_is_stored_replaced_and_cleared(store: Store) -> None:
+    store.add_device("edge-1", KEY_A)
+    store.add_device("edge-2", KEY_B)
+    assert store.quotas() == {}
+    assert store.set_quota("edge-1", {"telemetry_per_s": 50.0})
+    assert store.set_quota("edge-1", {"result_per_s": 9.5, "bytes_per_s": 1e6})
+    assert not store.set_quota("nobody", {"result_per_s": 1.0})
+    (text,) = store.quotas().values()
+    assert json.loads(text) == {"result_per_s": 9.5, "bytes_per_s": 1e6}
+    assert store.set_quota("edge-1", None)
+    assert store.quotas() == {}
+
+
 def test_enrol_rotate_remove_and_reenrol(store: Store) -> None:
     assert store.device("edge-1") is None
     store.add_device("edge-1", KEY_A)
