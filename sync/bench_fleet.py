@@ -415,11 +415,12 @@ def _start_replica(fleet: Fleet, config: tuple[Path, int], index: int) -> Replic
         if proc.poll() is not None:
             log = (fleet.root / f"replica-{index}.log").read_text(errors="replace")
             raise SystemExit(f"dgdm bench fleet: replica {index} exited: {log[-2000:]}")
+        # 200 once its store and broker answer (a 503 is an HTTPError, an OSError: wait on).
         with contextlib.suppress(OSError):
-            replica.get("/metrics", timeout=2)
+            replica.get("/healthz", timeout=2)
             return replica
         time.sleep(0.1)
-    raise SystemExit(f"dgdm bench fleet: replica {index} did not answer /metrics in 60 s")
+    raise SystemExit(f"dgdm bench fleet: replica {index} was not healthy within 60 s")
 
 
 def _start_workers(
