@@ -34,6 +34,7 @@ from .conftest import (
     build_wheel,
     recap,
 )
+from .test_broker_role import NOT_AUTHORIZED, SHARE, Client
 
 
 @pytest.mark.skipif(ANSIBLE_LINT is None, reason="ansible-lint is not installed (extra [test])")
@@ -132,11 +133,56 @@ def test_installed_agent_is_healthy_and_online_at_the_coordinator(fleet: Fleet) 
         _wait_for(lambda: _online(_get_json(device_url, token)), coordinator, "coordinator")
         with pytest.raises(urllib.error.HTTPError) as refused:
             _get_json(device_url)
+        refused.value.close()  # it holds the connection
         assert refused.value.code == 401
     finally:
         codes = {
             name: _stop(proc) for name, proc in (("agent", agent), ("coordinator", coordinator))
         }
+    assert codes == {"agent": 0, "coordinator": 0}, _logs(fleet)
+
+
+@pytest.mark.slow
+def test_the_coordinator_stores_every_result_while_devices_try_its_share_group(
+    fleet: Fleet,
+) -> None:
+    """The deployed coordinator and agent, and four hostile devices asking for its `$share`.
+
+    Before the role's dynamic security, mosquitto granted them the share group and dropped
+    their shares (the coordinator got 4 of 20 results; the rest only after a minute's
+    receipt timeout). Now they are refused and the coordinator stores all 20 at once.
+    """
+    hostile = [Client(fleet, f"edge-share-{i}") for i in range(4)]
+    for client in hostile:
+        client.connect()
+    coordinator = _start(fleet, "coordinator", "/etc/dgdm/coordinator.toml")
+    agent = _start(fleet, "agent", "/etc/dgdm/agent.toml")
+    try:
+        assert [client.subscribe(SHARE) for client in hostile] == [NOT_AUTHORIZED] * 4
+        url = f"http://127.0.0.1:{fleet.agent_port}"
+        _wait_for(lambda: _connected(_get_json(f"{url}/status")), agent, "broker")
+        token = (fleet.pki / "coordinator-http.token").read_text().strip()
+        device_url = f"http://127.0.0.1:{fleet.coordinator_port}/devices/{DEVICE_ID}"
+        _wait_for(lambda: _online(_get_json(device_url, token)), coordinator, "coordinator")
+        graph = json.dumps(json.loads((REPO / "fixtures" / "karate.json").read_text())).encode()
+        jobs = {_post_json(f"{url}/diffuse?queue=1", graph)["job_id"] for _ in range(20)}
+
+        def stored() -> dict:
+            results = _get_json(f"{device_url}/results?limit=1000", token)["results"]
+            if not jobs <= {row["body"]["job_id"] for row in results}:
+                raise ConnectionError("not every result stored yet")
+            return results
+
+        # Well within the agent's 60 s receipt timeout: no result waited for a resend.
+        results = _wait_for(stored, coordinator, "20 results", timeout=20)
+        assert len([r for r in results if r["body"]["job_id"] in jobs]) == 20
+        assert all(client.messages.empty() for client in hostile)
+    finally:
+        codes = {
+            name: _stop(proc) for name, proc in (("agent", agent), ("coordinator", coordinator))
+        }
+        for client in hostile:
+            client.close()
     assert codes == {"agent": 0, "coordinator": 0}, _logs(fleet)
 
 
@@ -180,6 +226,15 @@ def _get_json(url: str, token: str | None = None) -> dict:
         urllib.request.Request(url, headers=headers), timeout=5
     ) as response:
         assert response.status == 200
+        return json.loads(response.read())
+
+
+def _post_json(url: str, body: bytes) -> dict:
+    request = urllib.request.Request(
+        url, data=body, headers={"Content-Type": "application/json"}, method="POST"
+    )
+    with urllib.request.urlopen(request, timeout=15) as response:
+        assert response.status in (200, 202)
         return json.loads(response.read())
 
 
@@ -230,9 +285,11 @@ def _logs(fleet: Fleet) -> str:
     )
 
 
-def _wait_for(probe, proc: subprocess.Popen[bytes], what: str = "/healthz") -> dict:
+def _wait_for(
+    probe, proc: subprocess.Popen[bytes], what: str = "/healthz", timeout: float = 30
+) -> dict:
     log = proc.log  # type: ignore[attr-defined]
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             pytest.fail(f"{log.name}: exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
@@ -240,7 +297,7 @@ def _wait_for(probe, proc: subprocess.Popen[bytes], what: str = "/healthz") -> d
             return probe()
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             time.sleep(0.2)
-    pytest.fail(f"{what} not ready within 30 s:\n{log.read_text()[-3000:]}")
+    pytest.fail(f"{what} not ready within {timeout} s:\n{log.read_text()[-3000:]}")
 
 
 def _wheel_with_version(tmp_path: Path, version: str) -> Path:
