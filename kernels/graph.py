@@ -264,7 +264,11 @@ def canonical_csr(n: int, rows: np.ndarray, cols: np.ndarray, weights: np.ndarra
         first[0] = True
         np.not_equal(key[1:], key[:-1], out=first[1:])
         starts = np.flatnonzero(first)
-        key, weights = key[starts], np.add.reduceat(weights, starts)
+        with np.errstate(over="ignore"):
+            summed = np.add.reduceat(weights, starts)
+        if not np.isfinite(summed).all():
+            raise GraphError("edges", "duplicate edges' weights add up past the float64 range")
+        key, weights = key[starts], summed
     rows, cols = np.divmod(key, n)
     index_dtype = np.int32 if max(n, rows.size) < 2**31 - 1 else np.int64
     indptr = np.zeros(n + 1, dtype=index_dtype)

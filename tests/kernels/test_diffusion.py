@@ -154,3 +154,14 @@ def test_backends_within_their_reported_bound(method, backend) -> None:
     assert out.z.shape == (400, 16)
     assert rel(out.z, expected) <= max(out.error_bound, 1e-12)
     assert out.error_bound < 1e-4
+
+
+@pytest.mark.parametrize("time", [5e-324, 1e-300, 1e-20])
+def test_exact_heat_at_a_vanishing_time_is_the_identity(time: float) -> None:
+    # Found by hypothesis on Python 3.13: scipy's expm_multiply divided 0 by 0 here.
+    from dgdm.kernels.diffusion import exact_heat
+
+    t = sp.csr_matrix(np.array([[0.0, 1.0], [1.0, 0.0]]))
+    x = np.array([[1.0, 0.0], [0.0, 0.0]])
+    np.testing.assert_allclose(exact_heat(t, time, x), x, rtol=1e-12, atol=1e-15)
+    np.testing.assert_array_equal(exact_heat(t, time, np.zeros((2, 1))), np.zeros((2, 1)))

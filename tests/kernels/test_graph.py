@@ -282,3 +282,14 @@ def test_first_bad_value_in_a_large_body_is_named(patch: Any, field: str, words:
     error = refusal(body)
     assert error.field == field
     assert words in error.message
+
+
+def test_duplicate_edges_whose_weights_overflow_are_refused() -> None:
+    # Found by the sanitizer fuzz: two finite weights summed to inf in the adjacency.
+    body = (
+        b'{"nodes":[{"id":0,"features":[1]},{"id":1,"features":[1]}],'
+        b'"edges":[{"source":0,"target":1,"weight":1.7e308},'
+        b'{"source":0,"target":1,"weight":1.7e308}]}'
+    )
+    with pytest.raises(GraphError, match="edges"):
+        parse_graph_json(body)
