@@ -65,7 +65,7 @@ def make_app(coordinator: Any) -> web.Application:
     app.router.add_get("/devices", list_devices)
     app.router.add_get("/devices/{device_id}", get_device)
     app.router.add_get("/devices/{device_id}/results", get_results)
-    app.router.add_post("/devices/{device_id}/commands", post_command)
+    app.router.add_post("/devices/{device_id}/commands", _token_required(post_command))
     app.router.add_get("/devices/{device_id}/commands/{seq}", get_command)
     app.router.add_get("/devices/{device_id}/quarantine", get_quarantine)
     app.router.add_get("/metrics", get_metrics)
@@ -202,6 +202,18 @@ async def _command_body(request: web.Request) -> dict[str, Any] | web.Response:
     if unknown:
         return _error(422, "unknown field", sorted(unknown)[0])
     return body
+
+
+def _token_required(handler: Any) -> Any:
+    """Reads may be open on loopback; a command acts on a box, so it always needs a
+    configured token (any local process could otherwise drive the fleet)."""
+
+    async def checked(request: web.Request) -> web.StreamResponse:
+        if not request.app[COORDINATOR].config.http.token:
+            return _error(403, "commands need an API token: set http.token", "http.token")
+        return await handler(request)
+
+    return checked
 
 
 async def post_command(request: web.Request) -> web.Response:
