@@ -100,6 +100,8 @@ def _device_view(coordinator: Any, row: dict[str, Any]) -> dict[str, Any]:
         "last_seen_ms": row["last_seen_ms"],
         "agent_version": row["agent_version"],
         "backend": row["backend"],
+        # device_flooding raised by this replica within ingest.flooding_alert_s
+        "flooding": coordinator.is_flooding(row["device_id"]),
     }
 
 

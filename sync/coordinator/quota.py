@@ -164,6 +164,10 @@ class Quotas:
         """The devices refused most often (since start, bounded), heaviest first."""
         return self.talkers.most_common(n)
 
+    def is_flooding(self, device_id: str, now: float) -> bool:
+        """Refused within the last alert interval (what its device_flooding alert says)."""
+        return now - self._alerted.get(device_id, float("-inf")) < self.policy.alert_every_s
+
     def flooding(self, now: float) -> list[str]:
         """Devices refused within the last alert interval."""
         every = self.policy.alert_every_s

@@ -266,6 +266,10 @@ class Coordinator:
     def is_online(self, device_id: str) -> bool:
         return device_id in self._online
 
+    def is_flooding(self, device_id: str) -> bool:
+        """This replica raised device_flooding for it within ingest.flooding_alert_s."""
+        return self._quotas.is_flooding(device_id, time.monotonic())
+
     # -- ingest --------------------------------------------------------------------------
 
     def _on_message(self, topic: str, payload: bytes) -> None:

@@ -278,7 +278,7 @@ def test_one_device_flood_never_delays_another(fleet: Fleet) -> None:
         time.sleep(0.2)
     lat = probe.latencies(during)
     baseline, api = probe.api_ms[:idle_api], probe.api_ms[idle_api:]
-    _status, _device_b = fleet.api("/devices/edge-b")
+    _, device_b = fleet.api("/devices/edge-b")
     report = {
         "flood_msgs": flood["sent"],
         "flood_rate": round(flood["sent"] / flood["seconds"]),
@@ -314,6 +314,8 @@ def test_one_device_flood_never_delays_another(fleet: Fleet) -> None:
     assert 'dgdm_coordinator_rejects_total{reason="rate_limited"}' in metrics
     _, ingest = fleet.api("/ingest")
     assert ingest["flooding"] == ["edge-b"], ingest
+    assert device_b["flooding"] is True, device_b
+    assert fleet.api("/devices/edge-a")[1]["flooding"] is False
     assert ingest["top_talkers"][0]["device_id"] == "edge-b", ingest
     # B's stored telemetry stays within its quota: burst + rate x time
     b_rows = _stored_telemetry(fleet)

@@ -45,6 +45,8 @@ def test_alert_once_per_interval_and_flooding_view() -> None:
     verdicts = [q.admit("b", Kind.TELEMETRY, 1, 0.0) for _ in range(30)]
     assert sum(v.alert for v in verdicts) == 1
     assert q.flooding(30.0) == ["b"]
+    assert q.is_flooding("b", 30.0)
+    assert not q.is_flooding("a", 30.0)
     assert q.flooding(61.0) == []
     for _ in range(30):
         v = q.admit("b", Kind.TELEMETRY, 1, 61.0)
