@@ -14,16 +14,19 @@ import sys
 from typing import TextIO
 
 from dgdm.sync.coordinator.config import CoordinatorConfig
+from dgdm.sync.coordinator.limits import body_limits
 from dgdm.sync.coordinator.registry import Registry
-from dgdm.sync.coordinator.store import SqliteStore
+from dgdm.sync.coordinator.stores import open_store
 from dgdm.sync.crypto import load_private_key
-from dgdm.sync.envelope import Kind, open_envelope
+from dgdm.sync.envelope import BodyLimits, Kind, open_envelope
 from dgdm.sync.errors import EnvelopeError
 from dgdm.sync.mqtt import MqttClient, options_from_settings
 from dgdm.sync.topics import device_topic, fleet_filter, parse_topic
 
 
-def telemetry_line(registry: Registry, topic: str, payload: bytes) -> str | None:
+def telemetry_line(
+    registry: Registry, topic: str, payload: bytes, limits: BodyLimits | None = None
+) -> str | None:
     """One JSON line for a valid telemetry envelope, None for anything else."""
     parsed = parse_topic(topic)
     if parsed is None:
@@ -37,6 +40,7 @@ def telemetry_line(registry: Registry, topic: str, payload: bytes) -> str | None
             key_id=keys.key_id if keys else None,
             expected_device=device_id,
             allow_plaintext_telemetry=True,
+            limits=limits,
         )
     except EnvelopeError as exc:
         return json.dumps({"device_id": device_id, "rejected": exc.reason})
@@ -47,12 +51,13 @@ def telemetry_line(registry: Registry, topic: str, payload: bytes) -> str | None
 
 
 async def watch(config: CoordinatorConfig, device: str | None, out: TextIO = sys.stdout) -> int:
-    store = SqliteStore(config.coordinator.data_dir / "coordinator.db")
+    store = open_store(config)  # the same [store] as the service
     registry = Registry(load_private_key(config.coordinator.private_key), store.public_keys)
     registry.reload()
+    limits = body_limits(config, Kind.TELEMETRY)  # a hostile device's bomb costs no more here
 
     def on_message(topic: str, payload: bytes) -> None:
-        line = telemetry_line(registry, topic, payload)
+        line = telemetry_line(registry, topic, payload, limits)
         if line is not None:
             print(line, file=out, flush=True)
 
