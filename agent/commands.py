@@ -51,10 +51,11 @@ def run_agent(args: argparse.Namespace) -> int:
     import asyncio
 
     from dgdm.agent import logs
-    from dgdm.agent.config import load_config
+    from dgdm.agent.config import load_config, validate
     from dgdm.agent.runtime import serve
 
     config = load_config(args.config)
+    validate(config)
     logs.setup(config.log.level)
     return asyncio.run(serve(config, args.config))
 

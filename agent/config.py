@@ -12,10 +12,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from dgdm.sync.config_checks import (
+    check_broker_url,
+    check_private_key,
+    check_public_key,
+    check_tls_files,
+    check_writable_dir,
+)
 from dgdm.sync.errors import ConfigError
 from dgdm.sync.settings import (
     BROKER_URL_HINT,
     BROKER_URL_PATTERN,
+    HOST_NAME_HINT,
+    HOST_NAME_PATTERN,
     is_loopback,
     load_settings,
     setting,
@@ -24,7 +33,6 @@ from dgdm.sync.settings import (
 DEFAULT_PATH = Path("/etc/dgdm/agent.toml")
 MIB = 1 << 20
 DEVICE_ID_PATTERN = r"[A-Za-z0-9._-]{1,64}"
-HOST_NAME_PATTERN = r"[A-Za-z0-9.-]{1,253}|[0-9A-Fa-f:.]{2,45}"
 DEFAULT_DATA_DIR = Path("/var/lib/dgdm")
 DEFAULT_PRIVATE_KEY = Path("/etc/dgdm/device.key")
 
@@ -38,7 +46,7 @@ class DeviceSettings:
 
 @dataclass(frozen=True)
 class HttpSettings:
-    bind: str = setting("127.0.0.1")
+    bind: str = setting("127.0.0.1", pattern=HOST_NAME_PATTERN, pattern_hint=HOST_NAME_HINT)
     port: int = setting(8080, minimum=0, maximum=65535)
     token: str | None = setting(None, secret=True)
     max_body_bytes: int = setting(64 * MIB, minimum=1024)
@@ -147,13 +155,31 @@ def load_config(path: Path | str | None, env: dict[str, str] | None = None) -> A
     return config
 
 
+def validate(config: AgentConfig) -> None:
+    """What the running agent parses later, checked before it starts (the CLI calls this
+    after `load_config`; configs built in code, as by the demo, may name files to come)."""
+    sync = config.sync
+    check_writable_dir("device.data_dir", config.device.data_dir)
+    if config.kernels.cache_dir is not None:
+        check_writable_dir("kernels.cache_dir", config.kernels.cache_dir)
+    if config.spool.dir is not None:
+        check_writable_dir("spool.dir", config.spool.dir)
+    if sync.coordinator_public_key:
+        # The uplink is on only with a coordinator key; only then is the device key read.
+        check_public_key("sync.coordinator_public_key", sync.coordinator_public_key)
+        check_private_key("device.private_key", config.device.private_key)
+    if sync.broker_url:
+        check_broker_url("sync.broker_url", sync.broker_url)
+    check_tls_files("sync", sync)
+
+
 def check(config: AgentConfig) -> None:
     """Rules spanning several keys, each naming the key a user has to fix."""
     if not is_loopback(config.http.bind) and not config.http.token:
         raise ConfigError("http.token", "is required when http.bind is not a loopback address")
     for i, name in enumerate(config.http.allowed_hosts):
         if not re.fullmatch(HOST_NAME_PATTERN, name):
-            raise ConfigError(f"http.allowed_hosts[{i}]", "must be a host name or address")
+            raise ConfigError(f"http.allowed_hosts[{i}]", HOST_NAME_HINT)
     sync = config.sync
     if sync.broker_url and not sync.coordinator_public_key:
         raise ConfigError("sync.coordinator_public_key", "is required when sync.broker_url is set")

@@ -89,18 +89,21 @@ def _register_telemetry(subparsers: argparse._SubParsersAction[argparse.Argument
 def _run_coordinator(args: argparse.Namespace) -> int:
     import asyncio
 
-    from dgdm.sync.coordinator.config import load_config
+    from dgdm.sync.coordinator.config import load_config, validate
     from dgdm.sync.coordinator.runner import serve
 
-    return asyncio.run(serve(load_config(args.config)))
+    config = load_config(args.config)
+    validate(config)
+    return asyncio.run(serve(config))
 
 
 def _open_store(args: argparse.Namespace) -> tuple[CoordinatorConfig, Store]:
     """The same `[store]` as the service (SPEC §7.1)."""
-    from dgdm.sync.coordinator.config import load_config
+    from dgdm.sync.coordinator.config import load_config, validate_store
     from dgdm.sync.coordinator.stores import open_store
 
     config = load_config(args.config)
+    validate_store(config)
     return config, open_store(config)
 
 
@@ -178,10 +181,12 @@ def _devices_list(args: argparse.Namespace) -> int:
 def _telemetry_watch(args: argparse.Namespace) -> int:
     import asyncio
 
-    from dgdm.sync.coordinator.config import load_config
+    from dgdm.sync.coordinator.config import load_config, validate
     from dgdm.sync.coordinator.watch import watch
 
+    config = load_config(args.config)
+    validate(config)
     try:
-        return asyncio.run(watch(load_config(args.config), args.device))
+        return asyncio.run(watch(config, args.device))
     except KeyboardInterrupt:
         return 0

@@ -106,6 +106,10 @@ BROKER_URL_HINT = (
     "(set the username and password keys instead)"
 )
 
+# A host name or an IP address (v4 or v6), as a bind address or an allowed Host header.
+HOST_NAME_PATTERN = r"[A-Za-z0-9.-]{1,253}|[0-9A-Fa-f:.]{2,45}"
+HOST_NAME_HINT = "must be a host name or an IP address"
+
 
 def is_loopback(host: str) -> bool:
     """Whether a bind address only accepts local connections (then no token is required)."""

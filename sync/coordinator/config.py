@@ -6,11 +6,25 @@ an unknown or invalid key stops start-up with a `ConfigError` naming it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from dgdm.sync.settings import BROKER_URL_HINT, BROKER_URL_PATTERN, load_settings, setting
+from dgdm.sync.config_checks import (
+    check_broker_url,
+    check_private_key,
+    check_tls_files,
+    check_writable_dir,
+)
+from dgdm.sync.settings import (
+    BROKER_URL_HINT,
+    BROKER_URL_PATTERN,
+    HOST_NAME_HINT,
+    HOST_NAME_PATTERN,
+    load_settings,
+    setting,
+)
 
 DEFAULT_PATH = Path("/etc/dgdm/coordinator.toml")
 MIB = 1024 * 1024
@@ -78,7 +92,7 @@ class MqttSection:
 
 @dataclass(frozen=True)
 class HttpSection:
-    bind: str = "127.0.0.1"
+    bind: str = setting("127.0.0.1", pattern=HOST_NAME_PATTERN, pattern_hint=HOST_NAME_HINT)
     port: int = setting(8090, minimum=0, maximum=65535)
     token: str | None = setting(None, secret=True)
 
@@ -125,3 +139,28 @@ def load_config(
     return load_settings(
         CoordinatorConfig, path if explicit else DEFAULT_PATH, env=env, require_file=explicit
     )
+
+
+def validate(config: CoordinatorConfig, env: Mapping[str, str] | None = None) -> None:
+    """What the running coordinator parses later, checked before it starts (the CLI calls
+    this after `load_config`; configs built in code may name files still to be written)."""
+    check_writable_dir("coordinator.data_dir", config.coordinator.data_dir)
+    check_private_key("coordinator.private_key", config.coordinator.private_key)
+    check_broker_url("mqtt.broker_url", config.mqtt.broker_url)
+    check_tls_files("mqtt", config.mqtt)
+    validate_store(config, env)
+
+
+def validate_store(config: CoordinatorConfig, env: Mapping[str, str] | None = None) -> None:
+    """`[store]` as `stores.open_store` reads it, without opening it: the URL's form, a
+    SQLite file's directory, a PostgreSQL password reference (`dgdm coordinator devices`
+    needs only this part)."""
+    from dgdm.sync.coordinator.stores import parse_store_url, resolve_password
+
+    target = parse_store_url(config.store.url, config.coordinator.data_dir)
+    if target.path is not None:
+        # Unset, the file is in coordinator.data_dir: then that is the key to fix.
+        key = "store.url" if config.store.url else "coordinator.data_dir"
+        check_writable_dir(key, target.path.parent)
+    else:
+        resolve_password(config.store.password, env)
