@@ -89,6 +89,20 @@ def test_quick_fleet_two_replicas_store_everything_once() -> None:
     assert report["device_rss_kib"] > 0
 
 
+def test_two_replicas_on_postgres_one_killed_mid_stream_lose_nothing() -> None:
+    """Issue 9's replica test in the default suite: real coordinator processes on one
+    private PostgreSQL, one SIGKILLed mid-stream; every accepted message stored once."""
+    report = _bench(
+        "--devices", "20", "--rate", "200", "--duration", "10", "--coordinators", "2",
+        "--store", "postgres", "--kill-one-at", "4", "--session-expiry", "0",
+        timeout=300,
+    )  # fmt: skip
+    assert report["devices_connected"] == 20
+    assert report["lost"] == report["duplicate_rows"] == report["still_queued"] == 0
+    assert report["stored"] == report["accepted"] > 0
+    assert report["kill"]["takeover_s"] is not None
+
+
 @pytest.mark.bench
 def test_a_killed_replica_loses_nothing_and_stores_nothing_twice() -> None:
     report = _bench(
