@@ -115,11 +115,12 @@ def _check_tls_key(key: str, path: Path) -> None:
 
     data = _read(key, path)
     mode = path.stat().st_mode
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+    # Group read is allowed: the deployment gives the key to root and the service's group
+    # (0640, ansible role dgdm_tls_client); any user of the box must not read it.
+    if mode & stat.S_IRWXO:
         raise ConfigError(
             key,
-            f"{path} is accessible by group or others (mode {stat.S_IMODE(mode):04o}); "
-            f"run chmod 600 {path}",
+            f"{path} is accessible by others (mode {stat.S_IMODE(mode):04o}); run chmod 640 {path}",
         )
     try:
         serialization.load_pem_private_key(data, password=None)

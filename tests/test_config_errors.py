@@ -325,6 +325,15 @@ def test_base_configs_pass_validation(files: Files, tmp_path: Path) -> None:
     validate_coordinator(coordinator, env={})
 
 
+def test_a_tls_key_its_group_may_read_is_accepted(files: Files, tmp_path: Path) -> None:
+    """The deployment's TLS key is root:dgdm 0640 (ansible role dgdm_tls_client)."""
+    key = tmp_path / "client.key"
+    key.write_bytes(files.key.read_bytes())
+    key.chmod(0o640)
+    config = write_config(tmp_path / "a.toml", "agent", files, {"sync.key_file": str(key)})
+    validate_agent(load_agent(config, env={}))
+
+
 def test_table_covers_every_parsed_key() -> None:
     """A key whose value is a path, or is read as a key or URL, needs malformed values."""
     for program, schema in SCHEMAS.items():
