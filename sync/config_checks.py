@@ -26,7 +26,8 @@ def check_public_key(key: str, value: str) -> None:
     try:
         load_public_key(value)
     except KeyFileError as exc:
-        raise ConfigError(key, str(exc)) from None
+        hint = "base64 of its 32 raw bytes, PEM text or a PEM file"
+        raise ConfigError(key, f"is not an X25519 public key ({hint}): {exc}") from None
 
 
 def check_private_key(key: str, path: Path) -> None:
