@@ -370,7 +370,11 @@ PROCESS_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("program", "key", "value", "extra"), PROCESS_CASES)
+@pytest.mark.parametrize(
+    ("program", "key", "value", "extra"),
+    PROCESS_CASES,
+    ids=[f"{c[0]}-{c[1]}" for c in PROCESS_CASES],
+)
 def test_real_process_exits_2_naming_the_key(
     program: str,
     key: str,
