@@ -18,11 +18,16 @@ from __future__ import annotations
 import json
 import os
 import re
+import site
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
+
+from dgdm.sync.coordinator.migrations import MIGRATIONS
+from tests.pg import PgCluster
 
 from .conftest import ANSIBLE_DIR, ANSIBLE_PLAYBOOK, ansible_env
 
@@ -62,7 +67,13 @@ RENDER_PLAY = """
 """
 
 
-def _play(base: Path, playbook: str, extra: dict[str, object], *args: str) -> str:
+def _play(
+    base: Path,
+    playbook: str,
+    extra: dict[str, object],
+    *args: str,
+    env: dict[str, str] | None = None,
+) -> str:
     """Run `playbook` with localhost in the postgres and coordinator groups; its output."""
     assert ANSIBLE_PLAYBOOK is not None
     local = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable}
@@ -72,14 +83,14 @@ def _play(base: Path, playbook: str, extra: dict[str, object], *args: str) -> st
     )
     (base / "play.yml").write_text(playbook)
     (base / "vars.json").write_text(json.dumps({"roles_dir": str(ROLES), **extra}))
-    env = ansible_env(base) | {"ANSIBLE_ROLES_PATH": str(ROLES)}
+    run_env = ansible_env(base) | {"ANSIBLE_ROLES_PATH": str(ROLES)} | (env or {})
     result = subprocess.run(
         [
             *(ANSIBLE_PLAYBOOK, "-i", str(base / "hosts.json"), str(base / "play.yml")),
             *("-e", f"@{base / 'vars.json'}", *args),
         ],
         cwd=ANSIBLE_DIR,
-        env=env,
+        env=run_env,
         capture_output=True,
         text=True,
         timeout=300,
@@ -222,3 +233,130 @@ def test_example_inventory_has_replicas_with_their_own_ids(tmp_path: Path) -> No
         r"sslmode=verify-full&sslrootcert=",
         (ANSIBLE_DIR / "inventory/example/group_vars/dgdm_coordinator.yml").read_text(),
     )
+
+
+SERVER_PLAY = """
+- name: The fleet CA, and the PostgreSQL role's configuration and server certificate
+  hosts: dgdm_postgres
+  gather_facts: false
+  tasks:
+    - name: Fleet CA
+      ansible.builtin.include_role: {name: dgdm_fleet_ca}
+    - name: Check
+      ansible.builtin.include_role: {name: dgdm_postgres, tasks_from: check.yml}
+    - name: Configure
+      ansible.builtin.include_role: {name: dgdm_postgres, tasks_from: config.yml}
+    - name: Server certificate
+      ansible.builtin.include_role: {name: dgdm_postgres, tasks_from: server_cert.yml}
+"""
+
+ROLES_PLAY = """
+- name: The PostgreSQL role's roles, database, grants and password
+  hosts: dgdm_postgres
+  gather_facts: false
+  tasks:
+    - name: Roles
+      ansible.builtin.include_role: {name: dgdm_postgres, tasks_from: roles.yml}
+"""
+
+
+def _recap_changed(output: str) -> int:
+    match = re.search(r"^localhost\s*:.*\bchanged=(\d+)", output, re.MULTILINE)
+    assert match, output[-4000:]
+    return int(match.group(1))
+
+
+@pytest.mark.slow
+def test_role_on_a_real_cluster_least_privilege_over_tls(
+    fresh_pg: PgCluster, tmp_path: Path
+) -> None:
+    """The role's config, certificate, SQL and migration on a private cluster; then a store
+    opened as dgdm_coordinator with verify-full TLS reads and writes but creates nothing."""
+    psycopg = pytest.importorskip("psycopg")
+    from dgdm.sync.coordinator.pg_store import PgStore
+
+    cluster = fresh_pg
+    if cluster._user != "postgres":
+        pytest.skip("peer authentication as the OS user postgres needs that user")
+    main = cluster.root / "main"
+    pki = tmp_path / "pki"
+    base_vars: dict[str, object] = {
+        "dgdm_prefix": "",
+        "dgdm_manage_service": False,
+        "dgdm_manage_packages": False,
+        "dgdm_pki_dir": str(pki),
+        "dgdm_postgres_version": 15,
+        "dgdm_postgres_config_dir": str(main),
+        "dgdm_postgres_listen_addresses": ["127.0.0.1"],
+        "dgdm_postgres_port": cluster.port,
+        "dgdm_postgres_client_ips": ["127.0.0.1"],
+        "dgdm_postgres_server_name": "localhost",
+        "dgdm_postgres_server_ips": ["127.0.0.1"],
+        "dgdm_postgres_psql": str(cluster.bin_dir / "psql"),
+        "dgdm_postgres_socket_dir": str(cluster.root),
+        "dgdm_postgres_python": "/usr/bin/python3",
+    }
+    output = _play(tmp_path, SERVER_PLAY, base_vars)
+    assert not output.startswith("FAILED"), output[-6000:]
+    key = main / "dgdm-server.key"
+    assert key.stat().st_mode & 0o777 == 0o600
+    assert key.owner() == "postgres"
+
+    # The superuser the role's psql uses (peer, OS user postgres), then the role's files.
+    cluster.sql("CREATE ROLE postgres SUPERUSER LOGIN")
+    with (cluster.data / "postgresql.conf").open("a") as conf:
+        conf.write(f"include_dir = '{main}/conf.d'\nhba_file = '{main}/pg_hba.conf'\n")
+    cluster.stop()
+    cluster.start()
+
+    # Modules run as postgres: a Python and a temp dir it can read.
+    remote_tmp = cluster.root / "ansible-tmp"
+    roles_vars = base_vars | {"ansible_python_interpreter": "/usr/bin/python3"}
+    env_extra = {"ANSIBLE_BECOME_METHOD": "su", "ANSIBLE_REMOTE_TEMP": str(remote_tmp)}
+    first = _play(tmp_path, ROLES_PLAY, roles_vars, env=env_extra)
+    assert not first.startswith("FAILED"), first[-6000:]
+    assert _recap_changed(first) >= 2  # the grants, and the password
+    again = _play(tmp_path, ROLES_PLAY, roles_vars, env=env_extra)
+    assert not again.startswith("FAILED"), again[-6000:]
+    assert _recap_changed(again) == 0, again[-6000:]
+    password = (pki / "postgres-coordinator.password").read_text().strip()
+    assert password not in first + again
+
+    # The role's own migration script, as postgres on the socket, SET ROLE to the owner.
+    # (The test environment's packages through site, as the release venv has them.)
+    tasks = yaml.safe_load((ROLES / "dgdm_postgres/tasks/migrate.yml").read_text())
+    script = tasks[1]["ansible.builtin.command"]["argv"][2]
+    boot = f"import site; site.addsitedir({site.getsitepackages()[0]!r})\n"
+    argv = ["runuser", "-u", "postgres", "--", "/usr/bin/python3", "-c", boot + script]
+    argv += [str(cluster.root), str(cluster.port), "dgdm", "dgdm_owner"]
+    versions = []
+    for _ in range(2):
+        run = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+        if "ModuleNotFoundError" in run.stderr:
+            pytest.skip(f"/usr/bin/python3 cannot load the test environment: {run.stderr[-300:]}")
+        assert run.returncode == 0, run.stderr[-3000:]
+        versions.append(tuple(map(int, run.stdout.split())))
+    latest = MIGRATIONS[-1].version
+    # Migrated once (changed), then found up to date (the role's changed_when: unchanged).
+    assert versions == [(0, latest), (latest, latest)]
+
+    url = f"postgresql://dgdm_coordinator@127.0.0.1:{cluster.port}/dgdm"
+    tls = f"sslmode=verify-full&sslrootcert={pki / 'ca.pem'}"
+    store = PgStore(f"{url}?{tls}", password)
+    try:
+        store.add_device("edge-pg-1", "a" * 44)
+        assert [d["device_id"] for d in store.devices()] == ["edge-pg-1"]
+    finally:
+        store.close()
+    with psycopg.connect(f"{url}?{tls}", password=password, autocommit=True) as conn:
+        assert conn.info.pgconn.ssl_in_use
+        owner = conn.execute("SELECT tableowner FROM pg_tables WHERE tablename = 'devices'")
+        assert owner.fetchone() == ("dgdm_owner",)
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("CREATE TABLE intruder (x int)")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("DROP TABLE devices")
+    with pytest.raises(psycopg.OperationalError, match="no encryption"):
+        psycopg.connect(f"{url}?sslmode=disable", password=password).close()
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        psycopg.connect(f"{url}?{tls}", password=password + "x").close()
