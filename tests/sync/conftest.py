@@ -22,6 +22,7 @@ from dgdm.sync.coordinator.config import (
     CoordinatorSection,
     HttpSection,
     MqttSection,
+    StoreSection,
 )
 from dgdm.sync.coordinator.service import Coordinator
 from dgdm.sync.crypto import (
@@ -77,8 +78,11 @@ class Device:
 
 
 class Rig:
-    def __init__(self, broker: Broker, root: Path, tag: str) -> None:
+    def __init__(
+        self, broker: Broker, root: Path, tag: str, store: StoreSection | None = None
+    ) -> None:
         self.broker = broker
+        self.store = store or StoreSection()
         self.root = root
         self.tag = tag
         self.coord_key, _, self.coord_public_b64 = generate_keypair(root / "coord", name="coord")
@@ -99,7 +103,8 @@ class Rig:
         section = CoordinatorSection(
             id=self.tag, data_dir=self.root / "coord-data", private_key=self.coord_key, **coord
         )
-        return CoordinatorConfig(section, mqtt, HttpSection(bind="127.0.0.1", port=0, token="tok"))
+        http = HttpSection(bind="127.0.0.1", port=0, token="tok")
+        return CoordinatorConfig(section, mqtt, http, store=self.store)
 
     async def start_coordinator(self, **coord: Any) -> Coordinator:
         coordinator = Coordinator(self.config(**coord))
@@ -161,11 +166,24 @@ class Rig:
 async def sync_rig(tmp_path: Path, unique_id: str) -> AsyncIterator[Callable[[Broker], Rig]]:
     rigs: list[Rig] = []
 
-    def make(broker: Broker) -> Rig:
-        rig = Rig(broker, tmp_path / f"rig{len(rigs)}", f"{unique_id}{len(rigs)}"[-40:])
+    def make(broker: Broker, store: StoreSection | None = None) -> Rig:
+        rig = Rig(broker, tmp_path / f"rig{len(rigs)}", f"{unique_id}{len(rigs)}"[-40:], store)
         rigs.append(rig)
         return rig
 
     yield make
     for rig in rigs:
         await rig.close()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def rig_store(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> StoreSection:
+    """Run a coordinator test on either store: `sync_rig(broker, rig_store)`. PostgreSQL is
+    a fresh database in the session's private cluster (tests/pg.py)."""
+    if request.param == "sqlite":
+        return StoreSection()
+    cluster = request.getfixturevalue("pg_cluster")
+    monkeypatch.setenv("DGDM_TEST_PG_PASSWORD", cluster.password)
+    return StoreSection(
+        url=cluster.url(cluster.create_database()), password="env:DGDM_TEST_PG_PASSWORD"
+    )

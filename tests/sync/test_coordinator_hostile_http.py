@@ -18,8 +18,8 @@ from .conftest import eventually
 
 
 @pytest.fixture
-async def api(sync_rig: Any, mqtt_broker: Any) -> Any:
-    rig = sync_rig(mqtt_broker)
+async def api(sync_rig: Any, mqtt_broker: Any, rig_store: Any) -> Any:
+    rig = sync_rig(mqtt_broker, rig_store)
     device = rig.device("d")
     coordinator = await rig.start_coordinator()
     base = f"http://127.0.0.1:{coordinator.http_port}/devices/{device.device_id}"

@@ -16,8 +16,10 @@ from .conftest import eventually, mqtt_options
 TELEMETRY = {"samples": [{"ts_ms": 1, "cpu_percent": 3.5}]}
 
 
-async def test_poison_and_forgery_fail_alone_on_the_wire(sync_rig: Any, mqtt_broker: Any) -> None:
-    rig = sync_rig(mqtt_broker)
+async def test_poison_and_forgery_fail_alone_on_the_wire(
+    sync_rig: Any, mqtt_broker: Any, rig_store: Any
+) -> None:
+    rig = sync_rig(mqtt_broker, rig_store)
     good, bad = rig.device("good"), rig.device("bad")
     coordinator = await rig.start_coordinator()
     receipts: dict[str, list[tuple[int, int]]] = {good.device_id: [], bad.device_id: []}

@@ -17,9 +17,11 @@ BODIES = {
 
 
 @pytest.mark.parametrize("broker_name", ["mqtt_broker", "tls_broker"])
-async def test_every_kind_is_stored_once_and_receipted(request, sync_rig, broker_name) -> None:
+async def test_every_kind_is_stored_once_and_receipted(
+    request, sync_rig, broker_name, rig_store
+) -> None:
     broker = request.getfixturevalue(broker_name)
-    rig = sync_rig(broker)
+    rig = sync_rig(broker, rig_store)
     device = rig.device("d")
     coordinator = await rig.start_coordinator()
     await device.start()

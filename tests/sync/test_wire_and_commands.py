@@ -20,8 +20,8 @@ async def _raw_publisher(broker, name):
     return client
 
 
-async def test_bad_wire_input_is_rejected_and_counted(mqtt_broker, sync_rig) -> None:
-    rig = sync_rig(mqtt_broker)
+async def test_bad_wire_input_is_rejected_and_counted(mqtt_broker, sync_rig, rig_store) -> None:
+    rig = sync_rig(mqtt_broker, rig_store)
     device = rig.device("d")
     other = rig.device("o")
     coordinator = await rig.start_coordinator(max_envelope_bytes=4096)
@@ -74,7 +74,7 @@ async def test_bad_wire_input_is_rejected_and_counted(mqtt_broker, sync_rig) -> 
         await pub.stop()
 
 
-async def test_commands_run_once_and_reply(mqtt_broker, sync_rig) -> None:
+async def test_commands_run_once_and_reply(mqtt_broker, sync_rig, rig_store) -> None:
     calls: list[tuple[int, dict]] = []
 
     async def on_command(seq, body):
@@ -83,7 +83,7 @@ async def test_commands_run_once_and_reply(mqtt_broker, sync_rig) -> None:
             raise ValueError("key not allowed")
         return {"pong": True}
 
-    rig = sync_rig(mqtt_broker)
+    rig = sync_rig(mqtt_broker, rig_store)
     device = rig.device("d", on_command=on_command)
     coordinator = await rig.start_coordinator()
     await device.start()
@@ -132,8 +132,8 @@ async def test_commands_run_once_and_reply(mqtt_broker, sync_rig) -> None:
     assert device.outbox.get_state("last_command_seq") == str(bad)
 
 
-async def test_http_api(mqtt_broker, sync_rig) -> None:
-    rig = sync_rig(mqtt_broker)
+async def test_http_api(mqtt_broker, sync_rig, rig_store) -> None:
+    rig = sync_rig(mqtt_broker, rig_store)
     device = rig.device("d")
     coordinator = await rig.start_coordinator()
     await device.start()
