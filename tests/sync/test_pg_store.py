@@ -246,6 +246,15 @@ async def test_two_coordinators_share_one_postgres_store(
         assert got["reply"]["data"] == {"pong": True}
         # The other replica answers the same from the store.
         assert await b.command(device.device_id, seq) == got
+        # A device removed through one replica is refused by both within 5 s (SPEC §7.1).
+        assert await asyncio.to_thread(a.store.remove_device, device.device_id)
+        for replica in replicas:
+            assert replica.registry is not None
+            await eventually(
+                lambda r=replica: not r.registry.enrolled(device.device_id),
+                timeout=10,
+                what="the removal reaches every replica",
+            )
     finally:
         await device.link.stop()
         for replica in replicas:
