@@ -1,9 +1,14 @@
 """The coordinator service: ingest from MQTT, store, receipt, and send commands.
 
-Incoming envelopes are only queued on the loop; a single worker thread decrypts, checks
-and stores each batch (every `receipt_interval_ms` or `receipt_batch` messages) in one
-transaction, and only after that commit are receipts published, one per device with
-inclusive seq ranges (duplicates included, so the device can delete them too).
+On the loop, an incoming envelope only passes its device's quota (quota.py, on the topic's
+device id, before anything is decrypted) and joins its device's bounded queue
+(fairqueue.py); a message refused there gets no receipt, so the device sends it again. A
+single worker thread takes each transaction's worth round robin across devices (alerts and
+replies first, at most `receipt_batch` messages or about `ingest.batch_work_ms` of work),
+decrypts, checks and stores it in one transaction, and only after that commit are receipts
+published, one per device with inclusive seq ranges (duplicates included, so the device can
+delete them too). The HTTP API runs on a loop of its own and reads on its own connections
+(api_thread.py), so it never waits for ingest.
 
 MQTT 5: the coordinator subscribes with a shared subscription so that several instances
 split the fleet; `status` is subscribed plainly because brokers send no retained messages
