@@ -46,6 +46,22 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _running(pid: int) -> bool:
+    """Whether the process still runs. pg_ctl leaves the postmaster to PID 1, which may
+    reap it late: a zombie has already closed its port and files, so it counts as gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc: ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+
 class PgCluster:
     def __init__(self, bin_dir: Path, password: str | None = None) -> None:
         self.bin_dir = bin_dir
@@ -135,9 +151,7 @@ class PgCluster:
             os.kill(self.pid, signal.SIGQUIT if immediate else signal.SIGINT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            try:
-                os.kill(self.pid, 0)
-            except ProcessLookupError:
+            if not _running(self.pid):
                 break
             time.sleep(0.05)
         else:
