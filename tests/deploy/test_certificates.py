@@ -93,6 +93,7 @@ def assert_ok(result: subprocess.CompletedProcess[str]) -> None:
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.deploy_full
 def test_a_certificate_expiring_soon_is_renewed_and_a_fresh_one_is_not(fleet: Fleet) -> None:
     agent = fleet.pki / "clients" / f"{DEVICE_ID}.pem"
     broker = fleet.pki / "certs" / "broker-localhost.pem"
@@ -248,6 +249,7 @@ def short_ca(fleet: Fleet) -> OtherFleet:
     return other
 
 
+@pytest.mark.deploy_full
 def test_nothing_the_ca_signs_outlives_it(short_ca: OtherFleet) -> None:
     ca = load_cert(short_ca.pki / "ca.pem")
     assert 59.9 < days_left(ca) <= 60
@@ -286,6 +288,7 @@ def test_a_ca_expiring_within_the_renewal_window_stops_the_play(fleet: Fleet) ->
     assert not other.prefix.exists()
 
 
+@pytest.mark.deploy_full
 def test_after_a_ca_rotation_every_certificate_is_signed_again(short_ca: OtherFleet) -> None:
     """The README's rotation: move the CA's files aside, run the playbook."""
     old_ca = load_cert(short_ca.pki / "ca.pem")
@@ -361,6 +364,7 @@ def delivered_to_itself(fleet: Fleet, tls_dir: Path, topics: list[str]) -> list[
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.deploy_full
 def test_a_new_device_id_gets_a_new_key_and_a_certificate_for_it(fleet: Fleet) -> None:
     """The agent role on a box of its own; then the inventory gives it another device id."""
     prefix = fleet.base / "renamed-box"
@@ -389,6 +393,7 @@ def test_a_new_device_id_gets_a_new_key_and_a_certificate_for_it(fleet: Fleet) -
     ) == ["dgdm/v1/edge-new/result"]
 
 
+@pytest.mark.deploy_full
 def test_a_renamed_broker_gets_a_new_key_and_a_certificate_for_its_name(fleet: Fleet) -> None:
     other = OtherFleet(fleet, "renamed-broker")
     assert_ok(other.play())
