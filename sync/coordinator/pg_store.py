@@ -38,11 +38,12 @@ from dgdm.sync.coordinator.store import (
     QUARANTINE_PER_DEVICE,
     Incoming,
     Quarantined,
+    Refused,
     StoreResult,
-    _quarantine_row,
-    _quarantined,
-    _Refused,
-    _row_text,
+    command_view,
+    quarantine_row,
+    quarantined_item,
+    row_text,
 )
 from dgdm.sync.coordinator.stores import StoreUnavailable
 from dgdm.sync.envelope import Kind
@@ -330,9 +331,9 @@ class PgStore:
         replies: list[tuple[Incoming, str]] = []
         for item in items:
             try:
-                text = _row_text(item)
-            except _Refused as exc:
-                refused.append(_quarantined(item, exc.reason, str(exc)))
+                text = row_text(item)
+            except Refused as exc:
+                refused.append(quarantined_item(item, exc.reason, str(exc)))
                 continue
             if item.kind is Kind.REPLY:
                 replies.append((item, text))
@@ -358,7 +359,7 @@ class PgStore:
                     cur.executemany(
                         _QUARANTINE,
                         [
-                            (*_quarantine_row(q, now_ms), q.device_id, QUARANTINE_PER_DEVICE)
+                            (*quarantine_row(q, now_ms), q.device_id, QUARANTINE_PER_DEVICE)
                             for q in held
                         ],
                     )
@@ -497,16 +498,7 @@ class PgStore:
         )
         if not rows:
             return None
-        row = rows[0]
-        reply = json.loads(row["reply"]) if row["reply"] else None
-        return {
-            "seq": row["seq"],
-            "command": json.loads(row["body"]),
-            "created_ms": row["created_ms"],
-            "status": "replied" if reply is not None else "pending",
-            "reply": reply,
-            "replied_ms": row["replied_ms"],
-        }
+        return command_view(rows[0])
 
     # -- queries -----------------------------------------------------------------------
 

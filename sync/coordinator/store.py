@@ -226,9 +226,9 @@ class SqliteStore:
         replies: list[tuple[Incoming, str]] = []
         for item in items:
             try:
-                text = _row_text(item)
-            except _Refused as exc:
-                refused.append(_quarantined(item, exc.reason, str(exc)))
+                text = row_text(item)
+            except Refused as exc:
+                refused.append(quarantined_item(item, exc.reason, str(exc)))
                 continue
             if item.kind is Kind.REPLY:
                 replies.append((item, text))
@@ -271,7 +271,7 @@ class SqliteStore:
             try:
                 self._db.execute(_INSERT, row)
             except (sqlite3.Error, OverflowError, ValueError) as exc:
-                refused.append(_quarantined(by_key[row[:3]], "store_error", str(exc)))
+                refused.append(quarantined_item(by_key[row[:3]], "store_error", str(exc)))
         return refused
 
     def _store_replies(self, replies: list[tuple[Incoming, str]], now_ms: int) -> int:
@@ -296,7 +296,7 @@ class SqliteStore:
             "INSERT INTO quarantine (device_id, kind, seq, reason, received_ms, sample)"
             " SELECT ?, ?, ?, ?, ?, ? WHERE"
             " (SELECT count(*) FROM quarantine WHERE device_id = ?) < ?",
-            [(*_quarantine_row(q, now_ms), q.device_id, QUARANTINE_PER_DEVICE) for q in refused],
+            [(*quarantine_row(q, now_ms), q.device_id, QUARANTINE_PER_DEVICE) for q in refused],
         )
 
     # -- housekeeping (retention, downsampling, quota; see housekeeping.py) -------------
@@ -442,16 +442,7 @@ class SqliteStore:
         )
         if not rows:
             return None
-        row = rows[0]
-        reply = json.loads(row["reply"]) if row["reply"] else None
-        return {
-            "seq": row["seq"],
-            "command": json.loads(row["body"]),
-            "created_ms": row["created_ms"],
-            "status": "replied" if reply is not None else "pending",
-            "reply": reply,
-            "replied_ms": row["replied_ms"],
-        }
+        return command_view(rows[0])
 
     # -- queries -------------------------------------------------------------------------
 
@@ -494,6 +485,19 @@ class SqliteStore:
             return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
 
 
+def command_view(row: dict[str, Any]) -> dict[str, Any]:
+    """A stored command row as the API answers it (both stores)."""
+    reply = json.loads(row["reply"]) if row["reply"] else None
+    return {
+        "seq": row["seq"],
+        "command": json.loads(row["body"]),
+        "created_ms": row["created_ms"],
+        "status": "replied" if reply is not None else "pending",
+        "reply": reply,
+        "replied_ms": row["replied_ms"],
+    }
+
+
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -509,35 +513,35 @@ _INSERT = (
 )
 
 
-class _Refused(ValueError):
+class Refused(ValueError):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
 
 
-def _row_text(item: Incoming) -> str:
+def row_text(item: Incoming) -> str:
     """The body as stored, after the checks SQLite and JSON readers need: 64-bit integers
     (SQLite raises OverflowError beyond them) and finite numbers (`Infinity` is not JSON,
     and the API must always answer JSON)."""
     for name, value in (("seq", item.seq), ("created_ms", item.created_ms)):
         if not 0 <= value <= INT64_MAX:
-            raise _Refused("malformed", f"{name} {value} is outside 0..2^63-1")
+            raise Refused("malformed", f"{name} {value} is outside 0..2^63-1")
     if item.kind is Kind.REPLY:
         cmd_seq = item.body.get("cmd_seq")
         if isinstance(cmd_seq, int) and not INT64_MIN <= cmd_seq <= INT64_MAX:
-            raise _Refused("malformed", f"reply cmd_seq {cmd_seq} is beyond 64 bits")
+            raise Refused("malformed", f"reply cmd_seq {cmd_seq} is beyond 64 bits")
     try:
         return _dumps_strict(item.body)
     except ValueError as exc:
-        raise _Refused("bad_body", f"body is not storable JSON: {exc}") from exc
+        raise Refused("bad_body", f"body is not storable JSON: {exc}") from exc
 
 
-def _quarantined(item: Incoming, reason: str, message: str) -> Quarantined:
+def quarantined_item(item: Incoming, reason: str, message: str) -> Quarantined:
     sample = json.dumps(item.body, default=str)[:SAMPLE_CHARS]
     return Quarantined(item.device_id, item.kind, item.seq, reason, f"{message}: {sample}")
 
 
-def _quarantine_row(q: Quarantined, now_ms: int) -> tuple[Any, ...]:
+def quarantine_row(q: Quarantined, now_ms: int) -> tuple[Any, ...]:
     return (q.device_id, int(q.kind), str(q.seq), q.reason, now_ms, q.sample[:SAMPLE_CHARS])
 
 
