@@ -164,28 +164,27 @@ def _connect(path: Path) -> sqlite3.Connection:
 # --- the outbox --------------------------------------------------------------------------
 
 
-class _Op:
-    """One request to the writer thread; `wait()` returns once its transaction committed.
+class _Waiter:
+    """How a blocking producer learns its request's outcome: `wait()` returns (or raises)
+    once the writer settled it, after its transaction committed.
 
     A pre-acquired lock is the cheapest hand-off CPython has: with dozens of producers a
     Future's condition variable costs more than the fsync they share.
     """
 
-    __slots__ = ("_done", "_error", "_lock", "_result", "args", "name")
+    __slots__ = ("_error", "_lock", "_result", "_settled")
 
-    def __init__(self, name: str, args: tuple[Any, ...]) -> None:
-        self.name = name
-        self.args = args
+    def __init__(self) -> None:
         self._lock = threading.Lock()
         self._lock.acquire()
-        self._done = False
+        self._settled = False
         self._result: Any = None
         self._error: BaseException | None = None
 
     def settle(self, result: Any = None, error: BaseException | None = None) -> None:
-        if self._done:
+        if self._settled:
             return
-        self._done = True
+        self._settled = True
         self._result, self._error = result, error
         self._lock.release()
 
@@ -196,25 +195,24 @@ class _Op:
         return self._result
 
 
-class _AsyncOp(_Op):
-    """An enqueue from a coroutine: no lock and no thread per producer. The writer seals
-    its body in bulk and resolves a whole batch of these with one `call_soon_threadsafe`."""
+class _FutureWaiter:
+    """A coroutine producer's outcome: no lock and no thread per producer. The writer
+    settles it into `sink`; `Outbox._wake_async` resolves a whole batch of them on their
+    loop with one `call_soon_threadsafe`."""
 
-    __slots__ = ("_sink", "future")
+    __slots__ = ("_error", "_result", "_settled", "_sink", "future")
 
-    def __init__(self, args: tuple[Any, ...], future: asyncio.Future[int], sink: list[Any]):
-        self.name = "enqueue"
-        self.args = args
-        self._done = False
-        self._result = None
-        self._error = None
+    def __init__(self, future: asyncio.Future[int], sink: list[_FutureWaiter]) -> None:
         self.future = future
         self._sink = sink
+        self._settled = False
+        self._result: Any = None
+        self._error: BaseException | None = None
 
     def settle(self, result: Any = None, error: BaseException | None = None) -> None:
-        if self._done:
+        if self._settled:
             return
-        self._done = True
+        self._settled = True
         self._result, self._error = result, error
         self._sink.append(self)
 
@@ -235,9 +233,40 @@ class _Unsealed:
     body: Any
 
 
-def _resolve_all(ops: list[_AsyncOp]) -> None:
-    for op in ops:
-        op.resolve()
+@dataclass(slots=True, eq=False)
+class _Enqueue:
+    """Store one message under `seq`. The payload is the sealed bytes, the error sealing
+    raised (handed to its producer alone), or a body the writer seals itself."""
+
+    seq: int
+    kind: Kind
+    created_ms: int
+    payload: bytes | BaseException | _Unsealed
+    waiter: _Waiter | _FutureWaiter
+
+
+@dataclass(slots=True, frozen=True, eq=False)
+class _Receipt:
+    """Delete every stored seq inside the inclusive ranges; settles with how many went."""
+
+    ranges: list[tuple[int, int]]
+    waiter: _Waiter
+
+
+@dataclass(slots=True, frozen=True, eq=False)
+class _SetState:
+    key: str
+    value: str
+    waiter: _Waiter
+
+
+_Request = _Enqueue | _Receipt | _SetState
+_Other = _Receipt | _SetState
+
+
+def _resolve_all(waiters: list[_FutureWaiter]) -> None:
+    for waiter in waiters:
+        waiter.resolve()
 
 
 class Outbox:
@@ -273,7 +302,7 @@ class Outbox:
         self._evicted_since_log: dict[str, int] = {}
         # One item per hand-off, so that the writer never splits a producer's messages
         # across two transactions (and two fsyncs); None is the stop marker.
-        self._queue: queue.SimpleQueue[list[_Op] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[list[_Request] | None] = queue.SimpleQueue()
         self._read_lock = threading.Lock()
         # Held while checking `_closed` and putting on the queue, and by close() while it
         # sets `_closed` and puts the stop marker: nothing can land behind that marker,
@@ -292,8 +321,8 @@ class Outbox:
         self._next_seq = self._load_next_seq()
         self._alloc_lock = threading.Lock()
         self._alloc_next = self._next_seq
-        self._arrived: dict[int, _Op] = {}
-        self._settled_async: list[_AsyncOp] = []  # appended to by the writer thread only
+        self._arrived: dict[int, _Enqueue] = {}
+        self._settled_async: list[_FutureWaiter] = []  # appended to by the writer thread only
         self._deleted = False
         self._full = not self._ensure_ballast()
         self._thread = threading.Thread(target=self._run, name="outbox-writer", daemon=True)
@@ -356,18 +385,23 @@ class Outbox:
         with self._alloc_lock:
             first = self._alloc_next
             self._alloc_next += len(items)
-        ops = []
+        requests: list[_Request] = []
+        waiters = []
         try:
             for offset, (kind, (_, body)) in enumerate(zip(kinds, items, strict=True)):
-                ops.append(self._sealed_op(first + offset, kind, stamp, body))
+                waiter = _Waiter()
+                requests.append(self._sealed(first + offset, kind, stamp, body, waiter))
+                waiters.append(waiter)
         finally:
             # Hand every allocated seq over, even after a failure: the writer commits in seq
             # order and would otherwise wait for the missing one forever.
-            for seq in range(first + len(ops), first + len(items)):
+            for seq in range(first + len(requests), first + len(items)):
                 interrupted = OutboxError(f"sealing was interrupted before seq {seq}")
-                ops.append(_Op("enqueue", (seq, kinds[seq - first], stamp, interrupted)))
-            self._hand_over(ops)
-        return [int(op.wait()) for op in ops]
+                waiter = _Waiter()
+                requests.append(_Enqueue(seq, kinds[seq - first], stamp, interrupted, waiter))
+                waiters.append(waiter)
+            self._hand_over(requests)
+        return [int(waiter.wait()) for waiter in waiters]
 
     async def enqueue_async(
         self, kind: Kind | int, body: Any, *, created_ms: int | None = None
@@ -386,27 +420,26 @@ class Outbox:
         with self._handoff_lock:
             if self._closed:
                 raise OutboxError("the outbox is closed")
-            self._queue.put(
-                [_AsyncOp((seq, kind, stamp, _Unsealed(body)), future, self._settled_async)]
-            )
+            waiter = _FutureWaiter(future, self._settled_async)
+            self._queue.put([_Enqueue(seq, kind, stamp, _Unsealed(body), waiter)])
         return await future
 
-    def _hand_over(self, ops: list[_Op]) -> None:
-        """Queue ops for the writer as one item, so that they share a transaction, or fail
-        them all if close() got there first (sealing runs unlocked, so a close can begin
-        after the caller's first check)."""
+    def _hand_over(self, requests: list[_Request]) -> None:
+        """Queue requests for the writer as one item, so that they share a transaction, or
+        fail them all if close() got there first (sealing runs unlocked, so a close can
+        begin after the caller's first check)."""
         with self._handoff_lock:
             if not self._closed:
-                self._queue.put(ops)
+                self._queue.put(requests)
                 return
-        self._fail(ops, OutboxError("the outbox was closed before this message was stored"))
+        self._fail(requests, OutboxError("the outbox was closed before this message was stored"))
 
-    def _sealed_op(self, seq: int, kind: Kind, stamp: int, body: Any) -> _Op:
+    def _sealed(self, seq: int, kind: Kind, stamp: int, body: Any, waiter: _Waiter) -> _Enqueue:
         try:
             sealed: bytes | BaseException = self._sealer(kind, seq, stamp, body)
         except Exception as exc:  # noqa: BLE001 - handed to its producer via the writer
             sealed = exc
-        return _Op("enqueue", (seq, kind, stamp, sealed))
+        return _Enqueue(seq, kind, stamp, sealed, waiter)
 
     def apply_receipt(self, ranges: Iterable[tuple[int, int]]) -> int:
         """Delete every stored seq inside the inclusive ranges; returns how many went."""
@@ -419,10 +452,10 @@ class Outbox:
             ):
                 raise OutboxError(f"receipt range {item!r} must be two integers [first, last]")
             checked.append((item[0], item[1]))
-        return int(self._submit("receipt", (checked,)))
+        return int(self._submit(_Receipt(checked, _Waiter())))
 
     def set_state(self, key: str, value: str) -> None:
-        self._submit("state", (key, value))
+        self._submit(_SetState(key, value, _Waiter()))
 
     def get_state(self, key: str) -> str | None:
         row = self._read("SELECT value FROM state WHERE key = ?", (key,))
@@ -493,12 +526,11 @@ class Outbox:
 
     # -- plumbing -------------------------------------------------------------------------
 
-    def _submit(self, name: str, args: tuple[Any, ...]) -> Any:
+    def _submit(self, request: _Other) -> Any:
         if self._closed:
             raise OutboxError("the outbox is closed")
-        op = _Op(name, args)
-        self._hand_over([op])
-        return op.wait()
+        self._hand_over([request])
+        return request.waiter.wait()
 
     def _read(self, sql: str, params: tuple[Any, ...]) -> list[Any]:
         if self._closed:
@@ -535,15 +567,15 @@ class Outbox:
     def _fail_leftovers(self) -> None:
         """Producers that raced close() must not wait forever for a writer that is gone."""
         closed = OutboxError("the outbox was closed before this message was stored")
-        leftovers = list(self._arrived.values())
+        leftovers: list[_Request] = list(self._arrived.values())
         self._arrived.clear()
         while True:
             try:
-                ops = self._queue.get_nowait()
+                requests = self._queue.get_nowait()
             except queue.Empty:
                 break
-            if ops is not None:
-                leftovers += ops
+            if requests is not None:
+                leftovers += requests
         self._fail(leftovers, closed)
         self._wake_async()
 
@@ -572,58 +604,59 @@ class Outbox:
             if stop:
                 return
 
-    def _seal_unsealed(self, batch: list[_Op]) -> None:
+    def _seal_unsealed(self, batch: list[_Request]) -> None:
         """Seal what async producers handed over; a failure belongs to that message alone."""
-        for op in batch:
-            if op.name == "enqueue" and isinstance(op.args[3], _Unsealed):
-                seq, kind, stamp, unsealed = op.args
+        for request in batch:
+            if isinstance(request, _Enqueue) and isinstance(request.payload, _Unsealed):
                 try:
-                    sealed: bytes | BaseException = self._sealer(kind, seq, stamp, unsealed.body)
+                    request.payload = self._sealer(
+                        request.kind, request.seq, request.created_ms, request.payload.body
+                    )
                 except Exception as exc:  # noqa: BLE001 - handed to its producer
-                    sealed = exc
-                op.args = (seq, kind, stamp, sealed)
+                    request.payload = exc
 
     def _wake_async(self) -> None:
         """One `call_soon_threadsafe` per loop for every async producer settled so far."""
         if not self._settled_async:
             return
         settled, self._settled_async[:] = list(self._settled_async), []
-        by_loop: dict[asyncio.AbstractEventLoop, list[_AsyncOp]] = {}
-        for op in settled:
-            by_loop.setdefault(op.future.get_loop(), []).append(op)
-        for loop, ops in by_loop.items():
+        by_loop: dict[asyncio.AbstractEventLoop, list[_FutureWaiter]] = {}
+        for waiter in settled:
+            by_loop.setdefault(waiter.future.get_loop(), []).append(waiter)
+        for loop, waiters in by_loop.items():
             with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
-                loop.call_soon_threadsafe(_resolve_all, ops)
+                loop.call_soon_threadsafe(_resolve_all, waiters)
 
-    def _abandon(self, batch: list[_Op], exc: OutboxError) -> None:
+    def _abandon(self, batch: list[_Request], exc: OutboxError) -> None:
         """Fail the batch and everything waiting for its turn, and skip past their seqs."""
         waiting = [*batch, *self._arrived.values()]
         self._arrived.clear()
         self._fail(waiting, exc)
-        seqs = [op.args[0] for op in waiting if op.name == "enqueue"]
+        seqs = [request.seq for request in waiting if isinstance(request, _Enqueue)]
         if seqs:
             self._next_seq = max(self._next_seq, max(seqs) + 1)
 
-    def _drain_into(self, batch: list[_Op]) -> bool:
-        """Add queued hand-offs until MAX_BATCH ops; True when the stop marker came.
+    def _drain_into(self, batch: list[_Request]) -> bool:
+        """Add queued hand-offs until MAX_BATCH requests; True when the stop marker came.
 
         A hand-off is never split, so one `enqueue_many` larger than MAX_BATCH is still
         one transaction."""
         while len(batch) < MAX_BATCH:
             try:
-                ops = self._queue.get_nowait()
+                requests = self._queue.get_nowait()
             except queue.Empty:
                 return False
-            if ops is None:
+            if requests is None:
                 return True
-            batch += ops
+            batch += requests
         return False
 
-    def _process(self, batch: list[_Op]) -> None:
-        """Run a batch in one transaction; on SQLITE_FULL fall back as the cause demands."""
+    def _process(self, batch: list[_Request]) -> None:
+        """Run a batch in one transaction; on SQLITE_FULL fall back as the cause demands
+        (`outbox_policy.after_write_error` decides, this executes)."""
         self._try_recover()
-        enqueues = self._in_seq_order([op for op in batch if op.name == "enqueue"])
-        others = [op for op in batch if op.name != "enqueue"]
+        enqueues = self._in_seq_order([r for r in batch if isinstance(r, _Enqueue)])
+        others = [r for r in batch if not isinstance(r, _Enqueue)]
         if self._full:
             enqueues = self._refuse(enqueues, StorageFull(FULL_MESSAGE))
             others = self._receipts_while_full(others)
@@ -634,44 +667,51 @@ class Outbox:
                 return
             except sqlite3.Error as exc:
                 self._rollback()
-                if not _is_full(exc):
-                    self._refuse(enqueues, OutboxError(f"outbox write failed: {exc}"))
-                    self._fail(others, OutboxError(f"outbox write failed: {exc}"))
-                    return
-                if enqueues and not self._disk_is_full(enqueues):
-                    # Rows took more pages than accounted for: shrink the budget, evict more.
-                    if shrinks < 20:
-                        self._budget = int(self._budget * 0.9)
-                        shrinks += 1
-                        continue
-                    self._count_refused(enqueues)
-                    enqueues = self._refuse(enqueues, OutboxFull("outbox is at its page cap"))
-                    continue
-                if not truncated:
-                    # The WAL is the one thing here that gives space back at once.
-                    truncated = True
-                    self._checkpoint_truncate()
-                    continue
-                if not enqueues or self._full:
-                    self._fail(others, StorageFull("the disk is full even for deletes"))
-                    return
-                self._enter_full_mode(exc)
+                error = exc
+            step = policy.after_write_error(
+                sqlite_full=_is_full(error),
+                has_messages=bool(enqueues),
+                disk_has_room=bool(enqueues) and not self._disk_is_full(enqueues),
+                shrinks=shrinks,
+                wal_truncated=truncated,
+                full_mode=self._full,
+            )
+            if step is policy.WriteFallback.FAIL_ALL:
+                self._refuse(enqueues, OutboxError(f"outbox write failed: {error}"))
+                self._fail(others, OutboxError(f"outbox write failed: {error}"))
+                return
+            if step is policy.WriteFallback.SHRINK_BUDGET:
+                self._budget = int(self._budget * policy.BUDGET_SHRINK)
+                shrinks += 1
+            elif step is policy.WriteFallback.REFUSE_AT_PAGE_CAP:
+                self._count_refused(enqueues)
+                enqueues = self._refuse(enqueues, OutboxFull("outbox is at its page cap"))
+            elif step is policy.WriteFallback.TRUNCATE_WAL:
+                truncated = True
+                self._checkpoint_truncate()
+            elif step is policy.WriteFallback.FAIL_OTHERS:
+                self._fail(others, StorageFull("the disk is full even for deletes"))
+                return
+            else:
+                self._enter_full_mode(error)
                 enqueues = self._refuse(enqueues, StorageFull(FULL_MESSAGE))
 
-    def _receipts_while_full(self, others: list[_Op]) -> list[_Op]:
+    def _receipts_while_full(self, others: list[_Other]) -> list[_Other]:
         """Apply receipts in small chunks, giving the space back after each; returns the
-        ops left for the ordinary transaction."""
-        rest = []
-        for op in others:
-            if op.name != "receipt":
-                rest.append(op)
+        requests left for the ordinary transaction."""
+        rest: list[_Other] = []
+        for request in others:
+            if not isinstance(request, _Receipt):
+                rest.append(request)
                 continue
             try:
-                op.settle(sum(self._delete_chunked(first, last) for first, last in op.args[0]))
+                removed = sum(self._delete_chunked(first, last) for first, last in request.ranges)
+                request.waiter.settle(removed)
             except sqlite3.Error as exc:
                 self._rollback()
                 self._load_accounting()
-                op.settle(error=StorageFull(f"the disk is full even for deletes: {exc}"))
+                full = StorageFull(f"the disk is full even for deletes: {exc}")
+                request.waiter.settle(error=full)
         return rest
 
     def _delete_chunked(self, first: int, last: int) -> int:
@@ -695,13 +735,13 @@ class Outbox:
             if len(rows) < FULL_DISK_DELETE_CHUNK:
                 return removed
 
-    def _count_refused(self, enqueues: list[_Op]) -> None:
+    def _count_refused(self, enqueues: list[_Enqueue]) -> None:
         """Messages refused outside a committed batch still count as dropped."""
         evicted: dict[Kind, int] = {}
         try:
             self._wconn.execute("BEGIN IMMEDIATE")
-            for op in enqueues:
-                self._bump_dropped(op.args[1], 1, evicted)
+            for request in enqueues:
+                self._bump_dropped(request.kind, 1, evicted)
             self._wconn.execute("COMMIT")
         except sqlite3.Error as exc:
             self._rollback()
@@ -709,20 +749,21 @@ class Outbox:
             return
         self._report_evictions(evicted)
 
-    def _refuse(self, enqueues: list[_Op], exc: BaseException) -> list[_Op]:
+    def _refuse(self, enqueues: list[_Enqueue], exc: BaseException) -> list[_Enqueue]:
         """Fail these producers; their seqs are skipped, never reused for anything stored."""
         self._fail(enqueues, exc)
         if enqueues:
-            self._next_seq = max(self._next_seq, enqueues[-1].args[0] + 1)
+            self._next_seq = max(self._next_seq, enqueues[-1].seq + 1)
         return []
 
-    def _in_seq_order(self, arrivals: list[_Op]) -> list[_Op]:
+    def _in_seq_order(self, arrivals: list[_Enqueue]) -> list[_Enqueue]:
         """The contiguous run of seqs from the next expected one; later ones wait."""
-        for op in arrivals:
-            if op.args[0] < self._next_seq:  # skipped by _abandon while still being sealed
-                op.settle(error=OutboxError(f"seq {op.args[0]} was abandoned by the writer"))
+        for request in arrivals:
+            if request.seq < self._next_seq:  # skipped by _abandon while still being sealed
+                abandoned = OutboxError(f"seq {request.seq} was abandoned by the writer")
+                request.waiter.settle(error=abandoned)
             else:
-                self._arrived[op.args[0]] = op
+                self._arrived[request.seq] = request
         ready = []
         seq = self._next_seq
         while seq in self._arrived:
@@ -730,16 +771,16 @@ class Outbox:
             seq += 1
         return ready
 
-    def _transaction(self, enqueues: list[_Op], others: list[_Op]) -> None:
+    def _transaction(self, enqueues: list[_Enqueue], others: list[_Other]) -> None:
         conn = self._wconn
         snapshot = (dict(self._bytes_by_priority), self._next_seq)
         self._deleted = False
         evicted: dict[Kind, int] = {}
-        results: list[tuple[_Op, Any]] = []
+        results: list[tuple[_Request, Any]] = []
         conn.execute("BEGIN IMMEDIATE")
         try:
-            for op in others:
-                results.append((op, self._apply_other(op)))
+            for request in others:
+                results.append((request, self._apply_other(request)))
             results += self._insert_all(enqueues, evicted)
             if self._deleted:
                 self._persist_high_water()
@@ -749,8 +790,8 @@ class Outbox:
             raise
         if enqueues:
             self._calibrate()
-        for op, result in results:
-            self._settle(op, result)
+        for done, result in results:
+            self._settle(done, result)
         self._report_evictions(evicted)
         if self._full:
             self._compact()
@@ -762,37 +803,39 @@ class Outbox:
             "INSERT OR REPLACE INTO counters VALUES ('next_seq', ?)", (self._next_seq,)
         )
 
-    def _apply_other(self, op: _Op) -> Any:
-        if op.name == "receipt":
-            return self._delete_ranges(op.args[0])
-        if op.name == "state":
-            self._wconn.execute("INSERT OR REPLACE INTO state VALUES (?, ?)", op.args)
-            return None
-        raise AssertionError(op.name)
+    def _apply_other(self, request: _Other) -> Any:
+        if isinstance(request, _Receipt):
+            return self._delete_ranges(request.ranges)
+        self._wconn.execute(
+            "INSERT OR REPLACE INTO state VALUES (?, ?)", (request.key, request.value)
+        )
+        return None
 
-    def _insert_all(self, enqueues: list[_Op], evicted: dict[Kind, int]) -> list[tuple[_Op, Any]]:
+    def _insert_all(
+        self, enqueues: list[_Enqueue], evicted: dict[Kind, int]
+    ) -> list[tuple[_Request, Any]]:
         """Insert sealed messages in one executemany, evicting first where the budget demands.
 
         Each op's result is its seq, or an exception for that producer alone.
         """
-        results: list[tuple[_Op, Any]] = []
+        results: list[tuple[_Request, Any]] = []
         rows: list[tuple[int, int, int, int, int, bytes]] = []
-        for op in enqueues:
-            seq, kind, created_ms, payload = op.args
+        for request in enqueues:
+            seq, kind, payload = request.seq, request.kind, request.payload
             self._next_seq = seq + 1
-            if isinstance(payload, BaseException):
-                results.append((op, payload))
+            if not isinstance(payload, bytes):  # sealing failed (the writer sealed the rest)
+                results.append((request, payload))
                 continue
             priority, cost = PRIORITY[kind], policy.row_cost(len(payload))
             if self._over_budget(cost):
                 self._flush(rows)  # eviction must see every row of this batch so far
                 if not self._make_room(cost, priority, evicted):
                     self._bump_dropped(kind, 1, evicted)
-                    results.append((op, self._full_error(kind, len(payload))))
+                    results.append((request, self._full_error(kind, len(payload))))
                     continue
-            rows.append((seq, priority, int(kind), created_ms, len(payload), payload))
+            rows.append((seq, priority, int(kind), request.created_ms, len(payload), payload))
             self._bytes_by_priority[priority] = self._bytes_by_priority.get(priority, 0) + cost
-            results.append((op, seq))
+            results.append((request, seq))
         self._flush(rows)
         return results
 
@@ -885,15 +928,15 @@ class Outbox:
         self._deleted = True
         return removed
 
-    def _settle(self, op: _Op, result: Any) -> None:
+    def _settle(self, request: _Request, result: Any) -> None:
         if isinstance(result, BaseException):
-            op.settle(error=result)
+            request.waiter.settle(error=result)
         else:
-            op.settle(result)
+            request.waiter.settle(result)
 
-    def _fail(self, ops: list[_Op], exc: BaseException) -> None:
-        for op in ops:
-            op.settle(error=exc)
+    def _fail(self, requests: Sequence[_Request], exc: BaseException) -> None:
+        for request in requests:
+            request.waiter.settle(error=exc)
 
     def _rollback(self) -> None:
         with contextlib.suppress(sqlite3.Error):
@@ -948,9 +991,9 @@ class Outbox:
             return
         self._report_evictions(evicted)
 
-    def _disk_is_full(self, enqueues: list[_Op]) -> bool:
+    def _disk_is_full(self, enqueues: list[_Enqueue]) -> bool:
         """SQLITE_FULL means the page cap or the file system; only the latter has no room."""
-        batch = sum(len(op.args[3]) for op in enqueues if isinstance(op.args[3], bytes))
+        batch = sum(len(r.payload) for r in enqueues if isinstance(r.payload, bytes))
         return _free_bytes(self.path.parent) < 2 * batch + policy.DISK_MARGIN_BYTES
 
     def _enter_full_mode(self, exc: sqlite3.Error) -> None:

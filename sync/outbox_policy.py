@@ -6,6 +6,7 @@ feeds it sizes, priorities and the time, and executes what it returns.
 
 from __future__ import annotations
 
+import enum
 import math
 from collections.abc import Iterable, Mapping
 
@@ -113,3 +114,44 @@ def expiry_cutoffs(ttl_s: Mapping[int, float] | None, now_ms: int) -> dict[int, 
     if not ttl_s:
         return {}
     return {kind: now_ms - round(ttl * 1000) for kind, ttl in ttl_s.items() if ttl is not None}
+
+
+class WriteFallback(enum.Enum):
+    """What the writer does after a batch's transaction failed and was rolled back."""
+
+    FAIL_ALL = "fail_all"  # not SQLITE_FULL: every request of the batch fails with it
+    SHRINK_BUDGET = "shrink_budget"  # rows took more pages than accounted: evict more, retry
+    REFUSE_AT_PAGE_CAP = "refuse_at_page_cap"  # shrunk enough: refuse the messages, retry
+    TRUNCATE_WAL = "truncate_wal"  # the WAL is what gives space back at once; retry
+    FAIL_OTHERS = "fail_others"  # the disk is full even for receipts and state
+    ENTER_FULL_MODE = "enter_full_mode"  # free the ballast, refuse the messages, retry
+
+
+# Budget shrinks per batch before its messages are refused at the page cap.
+MAX_BUDGET_SHRINKS = 20
+BUDGET_SHRINK = 0.9
+
+
+def after_write_error(
+    *,
+    sqlite_full: bool,
+    has_messages: bool,
+    disk_has_room: bool,
+    shrinks: int,
+    wal_truncated: bool,
+    full_mode: bool,
+) -> WriteFallback:
+    """SQLITE_FULL means the page cap (the file system still has room for the batch) or a
+    full disk. The page cap is met by a smaller budget (more eviction); a full disk first
+    by truncating the WAL, then by full mode, where only reads and deletes work."""
+    if not sqlite_full:
+        return WriteFallback.FAIL_ALL
+    if has_messages and disk_has_room:
+        if shrinks < MAX_BUDGET_SHRINKS:
+            return WriteFallback.SHRINK_BUDGET
+        return WriteFallback.REFUSE_AT_PAGE_CAP
+    if not wal_truncated:
+        return WriteFallback.TRUNCATE_WAL
+    if not has_messages or full_mode:
+        return WriteFallback.FAIL_OTHERS
+    return WriteFallback.ENTER_FULL_MODE

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -63,3 +64,64 @@ def test_expiry_cutoffs_and_wal_size() -> None:
     assert policy.wal_pages(256 << 20, 4096, 2 << 20) == 32
     assert policy.bytes_to_free(90, 20, 100) == 10
     assert policy.bytes_to_free(10, 20, 100) == 0
+
+
+F = policy.WriteFallback
+LAST_SHRINK = policy.MAX_BUDGET_SHRINKS - 1
+
+
+@pytest.mark.parametrize(
+    ("full", "messages", "room", "shrinks", "truncated", "full_mode", "step"),
+    [
+        # any other SQLite error fails the whole batch
+        (False, True, True, 0, False, False, F.FAIL_ALL),
+        (False, False, False, 0, True, True, F.FAIL_ALL),
+        # SQLITE_FULL with room on the file system: the page cap; evict more, then refuse
+        (True, True, True, 0, False, False, F.SHRINK_BUDGET),
+        (True, True, True, LAST_SHRINK, True, False, F.SHRINK_BUDGET),
+        (True, True, True, policy.MAX_BUDGET_SHRINKS, False, False, F.REFUSE_AT_PAGE_CAP),
+        # a full disk: the WAL first, then full mode; receipts alone have nothing to refuse
+        (True, True, False, 0, False, False, F.TRUNCATE_WAL),
+        (True, False, False, 0, False, False, F.TRUNCATE_WAL),
+        (True, True, False, 0, True, False, F.ENTER_FULL_MODE),
+        (True, False, False, 0, True, False, F.FAIL_OTHERS),
+        (True, True, False, 0, True, True, F.FAIL_OTHERS),
+    ],
+)
+def test_after_write_error(full, messages, room, shrinks, truncated, full_mode, step) -> None:
+    assert (
+        policy.after_write_error(
+            sqlite_full=full,
+            has_messages=messages,
+            disk_has_room=room,
+            shrinks=shrinks,
+            wal_truncated=truncated,
+            full_mode=full_mode,
+        )
+        is step
+    )
+
+
+@given(
+    messages=st.booleans(),
+    room=st.booleans(),
+    shrinks=st.integers(0, 100),
+    truncated=st.booleans(),
+    full_mode=st.booleans(),
+)
+def test_a_full_disk_never_loops_on_the_budget(messages, room, shrinks, truncated, full_mode):
+    """Only a batch with messages and room on disk shrinks the budget, and never forever."""
+    step = policy.after_write_error(
+        sqlite_full=True,
+        has_messages=messages,
+        disk_has_room=room and messages,
+        shrinks=shrinks,
+        wal_truncated=truncated,
+        full_mode=full_mode,
+    )
+    if step is F.SHRINK_BUDGET:
+        assert messages
+        assert room
+        assert shrinks < policy.MAX_BUDGET_SHRINKS
+    if truncated and not (messages and room):
+        assert step in (F.FAIL_OTHERS, F.ENTER_FULL_MODE)
