@@ -25,7 +25,7 @@ import pytest
 from dgdm.sync.broker import Broker
 
 # The private PostgreSQL cluster fixtures (pg_cluster, pg_database, fresh_pg).
-pytest_plugins = ["tests.pg"]
+pytest_plugins = ["tests.pg", "tests.loop_guard"]
 
 _ids = itertools.count(1)
 

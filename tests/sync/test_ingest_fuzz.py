@@ -170,6 +170,7 @@ def test_ingest_never_raises_and_never_loses_the_good_device(fuzz_rig, messages,
     assert not (set(batch.seqs.get("bad", [])) & (plaintext - sealed))
 
 
+@pytest.mark.blocks_loop("it deflates a 64 MiB bomb and seals 400 envelopes inline")
 async def test_a_stream_of_bombs_keeps_the_coordinator_within_100_mb(
     sync_rig: Any, mqtt_broker: Any
 ) -> None:
