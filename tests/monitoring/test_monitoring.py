@@ -116,6 +116,28 @@ def test_every_alert_has_a_severity_summary_and_description_naming_where() -> No
             assert "$labels.device" in text or "$labels.replica" in text, name
 
 
+def test_dashboard_panels_are_laid_out_and_use_the_datasource_variable() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    panels = dashboard["panels"]
+    assert len({p["id"] for p in panels}) == len(panels)
+    for panel in panels:
+        pos = panel["gridPos"]
+        assert pos["x"] + pos["w"] <= 24, panel["title"]
+        if panel["type"] != "row":
+            assert panel["targets"], panel["title"]
+            assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
+    cells = {
+        (p["gridPos"]["x"] + dx, p["gridPos"]["y"] + dy)
+        for p in panels
+        for dx in range(p["gridPos"]["w"])
+        for dy in range(p["gridPos"]["h"])
+    }
+    area = sum(p["gridPos"]["w"] * p["gridPos"]["h"] for p in panels)
+    assert len(cells) == area  # no two panels overlap
+    names = [v["name"] for v in dashboard["templating"]["list"]]
+    assert names == ["datasource", "device"]
+
+
 # -- the stack ------------------------------------------------------------------------------
 
 
@@ -479,3 +501,20 @@ def test_every_metric_a_rule_or_panel_names_is_exported(stack: Stack) -> None:
     assert missing == PENDING | HARDWARE_ONLY
     # The hardware-only name is one the agent exports where it has a temperature.
     assert "dgdm_tpu_temperature_celsius" in (REPO / "agent" / "metrics.py").read_text()
+
+
+def test_the_gauges_the_rules_need_carry_the_services_values(stack: Stack) -> None:
+    def values(expr: str) -> dict[str, float]:
+        return {
+            s["metric"].get("device") or s["metric"].get("replica", ""): float(s["value"][1])
+            for s in stack.query(expr)
+        }
+
+    default_cap = 256 * 1024 * 1024  # sync.max_outbox_bytes
+    assert values("dgdm_outbox_max_bytes") == dict.fromkeys(DEVICES, default_cap)
+    assert values("dgdm_tpu_temperature_limit_celsius") == dict.fromkeys(DEVICES, 85.0)
+    assert values("dgdm_devices_enrolled") == {"coord-mon": 2.0}
+    assert values("dgdm_devices_online") == {"coord-mon": 2.0}
+    assert values("dgdm_coordinator_store_up") == {"coord-mon": 1.0}
+    assert values("dgdm_coordinator_mqtt_connected") == {"coord-mon": 1.0}
+    assert values("dgdm_coordinator_ingest_batches_total")["coord-mon"] >= 1
