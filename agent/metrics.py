@@ -44,10 +44,12 @@ class Snapshot:
     outbox_messages: dict[str, int] = field(default_factory=dict)
     outbox_bytes: dict[str, int] = field(default_factory=dict)
     outbox_dropped: int = 0
+    outbox_max_bytes: int = 0  # sync.max_outbox_bytes: the cap eviction keeps it under
     mqtt_connected: bool | None = None
     last_sync_s: float | None = None
     tpu_present: bool = False
     tpu_temp_c: float | None = None
+    tpu_temp_limit_c: float | None = None  # tpu.temperature_limit_c
     queue_depth: int = 0
     backend_failures: dict[str, int] = field(default_factory=dict)  # per backend name
     active_backend: str = "none"
@@ -75,6 +77,11 @@ class _SnapshotCollector(Collector):
         yield CounterMetricFamily(
             "dgdm_outbox_dropped", "Messages evicted from a full outbox.", value=s.outbox_dropped
         )
+        yield GaugeMetricFamily(
+            "dgdm_outbox_max_bytes",
+            "The outbox's cap (sync.max_outbox_bytes): beyond it the oldest messages are evicted.",
+            value=s.outbox_max_bytes,
+        )
         if s.mqtt_connected is not None:
             yield GaugeMetricFamily(
                 "dgdm_mqtt_connected",
@@ -93,6 +100,12 @@ class _SnapshotCollector(Collector):
         if s.tpu_temp_c is not None:
             yield GaugeMetricFamily(
                 "dgdm_tpu_temperature_celsius", "Edge TPU temperature.", value=s.tpu_temp_c
+            )
+        if s.tpu_temp_limit_c is not None:
+            yield GaugeMetricFamily(
+                "dgdm_tpu_temperature_limit_celsius",
+                "Above it work is kept off the TPU (tpu.temperature_limit_c).",
+                value=s.tpu_temp_limit_c,
             )
         yield GaugeMetricFamily(
             "dgdm_queue_depth", "Diffusions running or waiting.", value=s.queue_depth

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 
@@ -52,6 +54,39 @@ class Metrics:
         self.devices_online = Gauge(
             "dgdm_devices_online", "Devices whose status is online", registry=self.registry
         )
+        # Health for the alert rules (ansible/roles/dgdm_monitoring): read at scrape time.
+        self.store_up = Gauge(
+            "dgdm_coordinator_store_up",
+            "0 while the store refuses ingest transactions (nothing is receipted), else 1",
+            registry=self.registry,
+        )
+        self.broker_connected = Gauge(
+            "dgdm_coordinator_mqtt_connected",
+            "1 while connected to the broker",
+            registry=self.registry,
+        )
+        self.devices_enrolled = Gauge(
+            "dgdm_devices_enrolled",
+            "Devices enrolled (as last read from the store); minus dgdm_devices_online: offline",
+            registry=self.registry,
+        )
+        self.ingest_batches = Counter(
+            "dgdm_coordinator_ingest_batches",
+            "Ingest transactions committed (its rate is zero while ingest is stalled)",
+            registry=self.registry,
+        )
+
+    def follow(
+        self,
+        *,
+        store_up: Callable[[], bool],
+        broker_connected: Callable[[], bool],
+        devices_enrolled: Callable[[], int],
+    ) -> None:
+        """The gauges whose values the coordinator knows: read on each scrape."""
+        self.store_up.set_function(lambda: float(store_up()))
+        self.broker_connected.set_function(lambda: float(broker_connected()))
+        self.devices_enrolled.set_function(lambda: float(devices_enrolled()))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

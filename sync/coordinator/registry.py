@@ -72,5 +72,9 @@ class Registry:
         self._keys[device_id] = keys
         return keys
 
+    def count(self) -> int:
+        """Devices enrolled, as last read from the store."""
+        return len(self._public)
+
     def enrolled(self, device_id: str) -> bool:
         return self.keys_for(device_id) is not None

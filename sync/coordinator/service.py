@@ -168,6 +168,12 @@ class Coordinator:
             subscriptions=self._subscriptions(),
         )
         self.presence.client = self.mqtt
+        mqtt, registry = self.mqtt, self.registry
+        self.metrics.follow(
+            store_up=lambda: self._store_error is None,
+            broker_connected=lambda: mqtt.connected,
+            devices_enrolled=registry.count,
+        )
         await self.mqtt.start()
         await self._load_quotas()
         self._tasks = [
@@ -427,6 +433,7 @@ class Coordinator:
                     await asyncio.sleep(interval)  # a store that is down is not hammered
                 else:
                     self._store_error = None
+                    self.metrics.ingest_batches.inc()
             if self._reading_paused and self._queue.resumable:
                 self._pause_reading(False)
             self._count_rejects()

@@ -35,11 +35,13 @@ async def test_healthz_names_the_broker_when_it_is_gone(sync_rig: Any, fresh_bro
         200,
         {"status": "ok", "checks": {"store": "ok", "broker": "ok"}},
     )
+    assert coordinator.metrics.value("dgdm_coordinator_mqtt_connected") == 1
     fresh_broker.stop()
     await eventually(lambda: healthz(coordinator)[0] == 503, what="503 without a broker")
     _, body = healthz(coordinator)
     assert body["checks"]["broker"].startswith("failing")
     assert body["checks"]["store"] == "ok"
+    assert coordinator.metrics.value("dgdm_coordinator_mqtt_connected") == 0
 
 
 async def test_postgres_down_pauses_ingest_without_receipts_and_it_resumes(
@@ -80,9 +82,11 @@ async def test_postgres_down_pauses_ingest_without_receipts_and_it_resumes(
         what="a batch failed on the missing store",
     )
     assert device.queued() == 2  # nothing receipted while the store is down
+    assert coordinator.metrics.value("dgdm_coordinator_store_up") == 0
 
     fresh_pg.start()
     await eventually(lambda: device.queued() == 0, timeout=60, what="ingest resumed by itself")
     assert healthz(coordinator)[0] == 200
+    assert coordinator.metrics.value("dgdm_coordinator_store_up") == 1
     rows = await coordinator.query("results_since", device.device_id, 0, 10)
     assert sorted(r["body"]["n"] for r in rows) == [1, 2]
