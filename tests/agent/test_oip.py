@@ -89,7 +89,6 @@ def test_model_metadata_versions_and_ready(shared_agent: Agent, models: dict[str
     assert "unknown model 'nope'" in message
 
 
-@pytest.mark.xfail(strict=True, reason="the engine's topology description has no feature width yet")
 def test_metadata_uses_the_registered_feature_width(shared_agent: Agent, karate: Any) -> None:
     register(shared_agent, {**karate, "graph_id": "club-width"})
     meta = client(shared_agent).get_model_metadata("club-width")
