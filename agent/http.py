@@ -5,7 +5,7 @@ the body to the agent, which parses and diffuses it in a worker thread. Every re
 JSON `{"error", "message"}` with a 4xx status chosen by what was wrong; 503 means "busy or
 stopping, retry" and 507 "the disk is full, nothing stored", both with Retry-After. The
 Host header (421 unless this box's) and the bearer token, when required, are checked
-before a body is read; bodies in memory and their pace are bounded (agent/limits.py).
+before a body is read; bodies in memory and their pace are bounded (sync/http_guard.py).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from dgdm.agent import __version__, hosts, limits
+from dgdm.agent import __version__, hosts
 from dgdm.agent import status as state
 from dgdm.agent.answers import http_answer, outbox_json
 from dgdm.agent.errors import BadJson, NoOutbox, QueueFull, ShuttingDown
@@ -32,6 +32,7 @@ from dgdm.agent.oip import add_oip_routes
 from dgdm.agent.openapi import openapi_document
 from dgdm.kernels.errors import BackendError, GraphError, UnknownTopology
 from dgdm.sync.errors import OutboxError, OutboxFull, StorageFull
+from dgdm.sync.http_guard import HttpGuard
 from dgdm.sync.settings import is_loopback
 
 if TYPE_CHECKING:
@@ -59,7 +60,6 @@ _HTTP_CODES = {
 # beyond it the thread hop is cheaper than blocking every other request.
 INLINE_ENCODE_VALUES = 20_000
 # A body must keep http.body_min_bytes_per_s from this long after its headers.
-BODY_GRACE_S = 1.0
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # Asked on every request about the one configured bind address (ipaddress parses it).
 _is_loopback = functools.lru_cache(maxsize=16)(is_loopback)
@@ -169,88 +169,6 @@ def _sentence(exc: web.HTTPException) -> str:
     if exc.status == 413:
         return "request body is larger than http.max_body_bytes"
     return exc.reason
-
-
-@web.middleware
-async def limits_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Marks the connection busy (not to be evicted) while a request is in progress,
-    reserves its body against http.max_inflight_body_bytes, and closes a connection whose
-    body arrives slower than http.body_min_bytes_per_s."""
-    agent = request.app[AGENT]
-    transport = request.transport
-    agent.connections.busy(transport)
-    try:
-        if not request.body_exists:
-            return await handler(request)
-        return await _with_body_budget(request, handler, agent)
-    finally:
-        agent.connections.idle(transport)
-
-
-async def _with_body_budget(
-    request: web.Request, handler: Handler, agent: Agent
-) -> web.StreamResponse:
-    # A body without a length may grow to the largest allowed: reserve that much.
-    size = request.content_length
-    size = (
-        agent.config.http.max_body_bytes
-        if size is None
-        else min(size, agent.config.http.max_body_bytes)
-    )
-    if not agent.body_budget.reserve(size):
-        agent.metrics.http_refused.labels("body_budget").inc()
-        response = error_response(
-            503,
-            "busy",
-            "too many request bodies in flight (http.max_inflight_body_bytes): retry",
-            {"Retry-After": "1"},
-        )
-        response.force_close()  # its body is never read
-        return response
-    watch = _BodyWatch(request, agent)
-    try:
-        return await handler(request)
-    except Exception:
-        if watch.closed:  # we cut it off: the read failed because of that
-            return web.Response(status=408)
-        raise
-    finally:
-        watch.cancel()
-        agent.body_budget.release(size)
-
-
-class _BodyWatch:
-    """Checks once a second that a body still arriving keeps the minimum rate."""
-
-    def __init__(self, request: web.Request, agent: Agent) -> None:
-        self._request = request
-        self._agent = agent
-        self.closed = False
-        self._handle: asyncio.TimerHandle | None = None
-        if not request.content.is_eof():
-            self._loop = asyncio.get_running_loop()
-            self._start = self._loop.time()
-            self._handle = self._loop.call_later(BODY_GRACE_S, self._tick)
-
-    def _tick(self) -> None:
-        content = self._request.content
-        if content.is_eof():
-            return
-        elapsed = self._loop.time() - self._start
-        min_rate = self._agent.config.http.body_min_bytes_per_s
-        expected = self._request.content_length
-        if limits.body_too_slow(content.total_bytes, expected, elapsed, min_rate, BODY_GRACE_S):
-            self.closed = True
-            self._agent.metrics.http_refused.labels("slow_body").inc()
-            transport = self._request.transport
-            if transport is not None:
-                transport.abort()
-            return
-        self._handle = self._loop.call_later(1.0, self._tick)
-
-    def cancel(self) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
 
 
 @web.middleware
@@ -425,10 +343,30 @@ ROUTES = (
 )
 
 
+def _guard(agent: Agent) -> HttpGuard:
+    """Connections marked busy while a request runs, bodies held to
+    http.max_inflight_body_bytes and http.body_min_bytes_per_s."""
+    refused = agent.metrics.http_refused
+    return HttpGuard(
+        agent.connections,
+        agent.body_budget,
+        agent.config.http.max_body_bytes,
+        agent.config.http.body_min_bytes_per_s,
+        lambda reason: refused.labels(reason).inc(),
+        lambda: error_response(
+            503,
+            "busy",
+            "too many request bodies in flight (http.max_inflight_body_bytes): retry",
+            {"Retry-After": "1"},
+        ),
+    )
+
+
 def make_app(agent: Agent) -> web.Application:
+    limits = _guard(agent).middleware()
     app = web.Application(
         client_max_size=agent.config.http.max_body_bytes,
-        middlewares=[errors_middleware, limits_middleware, host_middleware, auth_middleware],
+        middlewares=[errors_middleware, limits, host_middleware, auth_middleware],
     )
     app[AGENT] = agent
     app.add_routes(ROUTES)

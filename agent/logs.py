@@ -12,9 +12,10 @@ import json
 import logging
 import sys
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from typing import Any
+
+from dgdm.sync.repeat_limiter import RepeatLimiter
 
 _SECRET_WORDS = ("token", "password", "secret", "private", "authorization", "key")
 # Attributes every LogRecord has; anything else on a record came from `extra=`.
@@ -48,31 +49,6 @@ def redact(name: str, value: Any) -> Any:
     if any(word in lowered for word in _SECRET_WORDS) and not lowered.endswith("_id"):
         return "***" if value not in (None, "") else value
     return value
-
-
-class RepeatLimiter:
-    """At most one event per key per `period_s`. Pure: `allow(key, now)` is None to hold
-    the event back, else how many of that key were held back since the last one let
-    through. At most `max_keys` keys are remembered (the oldest forgotten first)."""
-
-    def __init__(self, period_s: float = 60.0, max_keys: int = 256) -> None:
-        self.period_s = period_s
-        self.max_keys = max_keys
-        self._keys: OrderedDict[Hashable, tuple[float, int]] = OrderedDict()
-
-    def allow(self, key: Hashable, now: float) -> int | None:
-        last = self._keys.get(key)
-        if last is not None and now - last[0] < self.period_s:
-            self._keys[key] = (last[0], last[1] + 1)
-            return None
-        self._keys[key] = (now, 0)
-        self._keys.move_to_end(key)
-        while len(self._keys) > self.max_keys:
-            self._keys.popitem(last=False)
-        return 0 if last is None else last[1]
-
-    def __len__(self) -> int:
-        return len(self._keys)
 
 
 class RepeatFilter(logging.Filter):

@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import os
 import signal
 import time
 from collections import deque
@@ -28,7 +27,6 @@ from dgdm.agent.answers import result_body
 from dgdm.agent.config import AgentConfig, load_config
 from dgdm.agent.diffusion import EngineJobs
 from dgdm.agent.errors import AgentError, NoOutbox
-from dgdm.agent.limits import BodyBudget, ConnectionTable, connection_cap, default_body_budget
 from dgdm.agent.metrics import AgentMetrics
 from dgdm.agent.reload import changed_settings, merge_reloadable
 from dgdm.agent.sdnotify import Notifier
@@ -36,6 +34,8 @@ from dgdm.agent.telemetry import LatencyWindow, TelemetryBatcher
 from dgdm.agent.tpu import TpuMonitor
 from dgdm.agent.work import GraphParser, WorkQueue
 from dgdm.kernels.errors import DgdmError
+from dgdm.sync.http_limits import BodyBudget, ConnectionTable, connection_cap, default_body_budget
+from dgdm.sync.listener import memory_bytes
 
 log = logging.getLogger("dgdm.agent")
 STOP_BUDGET_S = 10.0
@@ -61,8 +61,7 @@ class Agent:
         http = config.http
         self.connections = ConnectionTable(http.max_connections, http.max_connections_per_peer)
         self.body_budget = BodyBudget(
-            http.max_inflight_body_bytes
-            or default_body_budget(_memory_bytes(), http.max_body_bytes)
+            http.max_inflight_body_bytes or default_body_budget(memory_bytes(), http.max_body_bytes)
         )
         self._parser = GraphParser()
         self.alerts = Alerts(
@@ -106,11 +105,11 @@ class Agent:
             self._stop.set()
 
     async def start(self) -> None:
-        from dgdm.agent.listener import quiet_accept_errors, raise_fd_limit
+        from dgdm.sync.listener import quiet_accept_errors, raise_fd_limit
 
         self._loop = asyncio.get_running_loop()
-        quiet_accept_errors(self._loop)
-        fd_limit = raise_fd_limit()
+        quiet_accept_errors(self._loop, log)
+        fd_limit = raise_fd_limit(log)
         self.connections.max_total = connection_cap(self.config.http.max_connections, fd_limit)
         self.config.device.data_dir.mkdir(parents=True, exist_ok=True)
         # The engine (numpy, scipy, TFLite imports and backend probes) loads in a thread
@@ -232,7 +231,7 @@ class Agent:
         await self._runner.setup()
 
     async def _listen(self) -> None:
-        from dgdm.agent.listener import Listener
+        from dgdm.sync.listener import Listener
 
         http = self.config.http
         closed = self.metrics.http_refused
@@ -351,13 +350,6 @@ class Agent:
         self.alerts.policy.max_per_minute = self.config.alerts.max_per_minute
         log.info("config reloaded", extra={"applied": applied, "needs_restart": ignored})
         self.notifier.status(f"reloaded: {', '.join(applied) or 'nothing changed'}")
-
-
-def _memory_bytes() -> int | None:
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):
-        return None
 
 
 def _log_failure(task: asyncio.Task[Any]) -> None:

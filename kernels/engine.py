@@ -117,6 +117,8 @@ class _Topology:
     adjacency: sp.csr_matrix
     directed: bool
     problem: Problem
+    # F of the features it was registered with (None: none); OIP metadata shows it (§4.1).
+    features: int | None = None
 
     @property
     def nbytes(self) -> int:
@@ -133,6 +135,7 @@ class _Topology:
             "edges": int(self.adjacency.nnz),
             "directed": self.directed,
             "method": self.problem.method.to_json(),
+            "features": self.features,
         }
 
 
@@ -527,7 +530,10 @@ class Engine:
         """Keep a topology + method (its operator built now) under a graph_id; returns it."""
         problem = problem_for(graph)
         graph_id = graph.graph_id or f"g-{problem.key[:16]}"
-        topology = _Topology(graph_id, graph.node_ids, graph.adjacency, graph.directed, problem)
+        features = int(graph.x.shape[1]) if graph.x.ndim == 2 and graph.x.shape[1] else None
+        topology = _Topology(
+            graph_id, graph.node_ids, graph.adjacency, graph.directed, problem, features
+        )
         self._store(topology)
         return graph_id
 
@@ -557,7 +563,9 @@ class Engine:
             Graph(old.node_ids, adjacency, np.zeros((0, 0)), old.directed, graph_id),
             old.problem.method,
         )
-        self._store(_Topology(graph_id, old.node_ids, adjacency, old.directed, problem))
+        self._store(
+            _Topology(graph_id, old.node_ids, adjacency, old.directed, problem, old.features)
+        )
         return self._topology(graph_id).describe()
 
     def unregister(self, graph_id: str) -> None:
@@ -632,6 +640,7 @@ class Engine:
                         "node_ids": list(topology.node_ids),
                         "directed": topology.directed,
                         "method": topology.problem.method.to_json(),
+                        "features": topology.features,
                     }
                 )
             ),
@@ -727,8 +736,14 @@ def _read_topology(path: Path) -> _Topology:
     method = parse_method(meta["method"])
     node_ids = tuple(meta["node_ids"])
     graph = Graph(node_ids, adjacency, np.zeros((n, 0)), bool(meta["directed"]), meta["graph_id"])
+    features = meta.get("features")
     return _Topology(
-        meta["graph_id"], node_ids, adjacency, graph.directed, problem_for(graph, method)
+        meta["graph_id"],
+        node_ids,
+        adjacency,
+        graph.directed,
+        problem_for(graph, method),
+        features if type(features) is int and features > 0 else None,
     )
 
 

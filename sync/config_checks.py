@@ -130,3 +130,10 @@ def _check_tls_key(key: str, path: Path) -> None:
         raise ConfigError(key, f"{path} is an encrypted key; give it unencrypted") from None
     except (ValueError, UnsupportedAlgorithm):
         raise ConfigError(key, f"{path} holds no PEM private key") from None
+
+
+def check_body_budget(key: str, budget: int, smallest: int = 64 * 1024) -> None:
+    """An in-flight body budget is 0 (derived from memory) or holds at least an ordinary
+    request body; below that nearly every request with a body would be refused (503)."""
+    if 0 < budget < smallest:
+        raise ConfigError(key, f"must be 0 (derived from memory) or at least {smallest} bytes")

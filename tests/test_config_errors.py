@@ -193,6 +193,7 @@ MALFORMED: dict[str, dict[str, list[tuple[str, Value, dict[str, str]]]]] = {
         "coordinator.data_dir": [(label, v, {}) for label, v in _DIRS],
         "coordinator.private_key": [(label, v, {}) for label, v in _PRIVATE_KEYS],
         "http.bind": [("not a host", "not a host!", {})],
+        "http.max_inflight_body_bytes": [("below one ordinary body", 1000, {})],
         "mqtt.broker_url": [(label, v, {}) for label, v in _BROKER_URLS],
         "mqtt.ca_file": [(label, v, {}) for label, v in _CA_FILES],
         "mqtt.cert_file": [(label, v, {}) for label, v in _CERT_FILES],

@@ -17,6 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from dgdm.sync.coordinator.http import start_http
+from dgdm.sync.listener import Listener
 
 
 class ApiThread:
@@ -24,6 +25,7 @@ class ApiThread:
         self._coordinator = coordinator
         self._loop = asyncio.new_event_loop()
         self._runner: web.AppRunner | None = None
+        self._listener: Listener | None = None
         self._thread = threading.Thread(target=self._loop.run_forever, name="coord-http")
 
     async def start(self) -> int:
@@ -31,14 +33,17 @@ class ApiThread:
         self._thread.start()
         future = asyncio.run_coroutine_threadsafe(start_http(self._coordinator), self._loop)
         try:
-            runner, port = await asyncio.wrap_future(future)
+            runner, listener, port = await asyncio.wrap_future(future)
         except BaseException:
             self._shutdown_loop()
             raise
-        self._runner = runner
+        self._runner, self._listener = runner, listener
         return port
 
     async def stop(self) -> None:
+        if self._listener is not None:
+            self._loop.call_soon_threadsafe(self._listener.close)
+            self._listener = None
         if self._runner is not None:
             future = asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop)
             await asyncio.wrap_future(future)

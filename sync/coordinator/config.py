@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 from dgdm.sync.config_checks import (
+    check_body_budget,
     check_broker_url,
     check_private_key,
     check_tls_files,
@@ -95,6 +96,18 @@ class HttpSection:
     bind: str = setting("127.0.0.1", pattern=HOST_NAME_PATTERN, pattern_hint=HOST_NAME_HINT)
     port: int = setting(8090, minimum=0, maximum=65535)
     token: str | None = setting(None, secret=True)
+    # The same bounds as the agent's [http] (sync/http_limits.py). A connection must send a
+    # request's headers within this of opening or of its last response; an idle keep-alive
+    # connection is closed after it too.
+    header_timeout_s: float = setting(5.0, minimum=0.1, maximum=3600.0)
+    # After the first second a body must arrive at least this fast (a deadline by size).
+    body_min_bytes_per_s: int = setting(64 * 1024, minimum=1)
+    # Open connections: in total (also kept below the open-file limit) and per peer
+    # address; past a cap the longest idle one of its scope is closed.
+    max_connections: int = setting(1000, minimum=1)
+    max_connections_per_peer: int = setting(256, minimum=1)
+    # Request body bytes buffered across all requests; 0: 256 MiB or 1/8 of the memory.
+    max_inflight_body_bytes: int = setting(0, minimum=0)
 
 
 @dataclass(frozen=True)
@@ -148,6 +161,7 @@ def validate(config: CoordinatorConfig, env: Mapping[str, str] | None = None) ->
     check_private_key("coordinator.private_key", config.coordinator.private_key)
     check_broker_url("mqtt.broker_url", config.mqtt.broker_url)
     check_tls_files("mqtt", config.mqtt)
+    check_body_budget("http.max_inflight_body_bytes", config.http.max_inflight_body_bytes)
     validate_store(config, env)
 
 

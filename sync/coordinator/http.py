@@ -15,8 +15,10 @@ Errors are JSON `{"error", "field"}` with 400/401/404/422/503, never a traceback
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
+import logging
 import math
 from typing import TYPE_CHECKING, Any
 
@@ -24,12 +26,17 @@ from aiohttp import web
 
 from dgdm.sync.envelope import Kind, valid_device_id
 from dgdm.sync.errors import ConfigError, TransportError
+from dgdm.sync.http_guard import HttpGuard
+from dgdm.sync.http_limits import BodyBudget, ConnectionTable, connection_cap, default_body_budget
+from dgdm.sync.listener import Listener, memory_bytes, quiet_accept_errors, raise_fd_limit
 from dgdm.sync.settings import is_loopback
 
 if TYPE_CHECKING:
     from dgdm.sync.coordinator.service import Coordinator
 
+log = logging.getLogger(__name__)
 COORDINATOR: web.AppKey[Coordinator] = web.AppKey("coordinator")
+GUARD: web.AppKey[HttpGuard] = web.AppKey("guard")
 MAX_RESULTS = 1000
 RECENT_ALERTS = 20
 MAX_BODY_BYTES = 64 * 1024 * 1024
@@ -58,10 +65,13 @@ def make_app(coordinator: Any) -> web.Application:
     http = coordinator.config.http
     if not http.token and not is_loopback(http.bind):
         raise ConfigError("http.token", "is required when the API listens beyond loopback")
+    guard = _guard(coordinator)
     app = web.Application(
-        middlewares=[_token_middleware(http.token)], client_max_size=MAX_BODY_BYTES
+        middlewares=[guard.middleware(), _token_middleware(http.token)],
+        client_max_size=MAX_BODY_BYTES,
     )
     app[COORDINATOR] = coordinator
+    app[GUARD] = guard
     app.router.add_get("/devices", list_devices)
     app.router.add_get("/devices/{device_id}", get_device)
     app.router.add_get("/devices/{device_id}/results", get_results)
@@ -74,20 +84,51 @@ def make_app(coordinator: Any) -> web.Application:
     return app
 
 
-async def start_http(coordinator: Any) -> tuple[web.AppRunner, int]:
+def _guard(coordinator: Any) -> HttpGuard:
+    """The agent's HTTP bounds (sync/http_limits.py) with the [http] settings: connection
+    caps, in-flight body bytes, minimum body rate."""
     http = coordinator.config.http
-    runner = web.AppRunner(make_app(coordinator), access_log=None)
+    refused = coordinator.metrics.http_refused
+    budget = http.max_inflight_body_bytes or default_body_budget(memory_bytes(), MAX_BODY_BYTES)
+    return HttpGuard(
+        ConnectionTable(http.max_connections, http.max_connections_per_peer),
+        BodyBudget(budget),
+        MAX_BODY_BYTES,
+        http.body_min_bytes_per_s,
+        lambda reason: refused.labels(reason).inc(),
+        lambda: web.json_response(
+            {
+                "error": "too many request bodies in flight: retry",
+                "field": "http.max_inflight_body_bytes",
+            },
+            status=503,
+            headers={"Retry-After": "1"},
+        ),
+    )
+
+
+async def start_http(coordinator: Any) -> tuple[web.AppRunner, Listener, int]:
+    """Listen (on the running loop); the runner and listener to stop, and the port."""
+    http = coordinator.config.http
+    quiet_accept_errors(asyncio.get_running_loop(), log)
+    app = make_app(coordinator)
+    connections = app[GUARD].connections
+    connections.max_total = connection_cap(http.max_connections, raise_fd_limit(log))
+    # keepalive_timeout also runs from a connection's opening and is not reset by data:
+    # it is the header deadline, for a new connection as for an idle keep-alive one.
+    runner = web.AppRunner(app, access_log=None, keepalive_timeout=http.header_timeout_s)
     await runner.setup()
-    site = web.TCPSite(runner, http.bind, http.port)
+    assert runner.server is not None  # set up
+    refused = coordinator.metrics.http_refused
+    listener = Listener(runner.server, connections, lambda reason: refused.labels(reason).inc())
     try:
-        await site.start()
+        port = await listener.start(http.bind, http.port)
     except OSError as exc:
         await runner.cleanup()
         raise ConfigError(
             "http.port", f"cannot listen on {http.bind}:{http.port}: {exc.strerror}"
         ) from exc
-    port = runner.addresses[0][1] if runner.addresses else http.port
-    return runner, int(port)
+    return runner, listener, port
 
 
 def _device_view(coordinator: Any, row: dict[str, Any]) -> dict[str, Any]:

@@ -51,6 +51,13 @@ class Metrics:
         )
         self.receipts = Counter("dgdm_receipts_sent", "Receipts published", registry=self.registry)
         self.commands = Counter("dgdm_commands_sent", "Commands published", registry=self.registry)
+        self.http_refused = Counter(
+            "dgdm_coordinator_http_refused",
+            "API connections or requests cut off by a limit (evicted_idle, refused_all_busy, "
+            "slow_body, body_budget)",
+            ["reason"],
+            registry=self.registry,
+        )
         self.devices_online = Gauge(
             "dgdm_devices_online", "Devices whose status is online", registry=self.registry
         )

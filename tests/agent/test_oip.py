@@ -89,11 +89,17 @@ def test_model_metadata_versions_and_ready(shared_agent: Agent, models: dict[str
     assert "unknown model 'nope'" in message
 
 
-@pytest.mark.xfail(strict=True, reason="the engine's topology description has no feature width yet")
 def test_metadata_uses_the_registered_feature_width(shared_agent: Agent, karate: Any) -> None:
     register(shared_agent, {**karate, "graph_id": "club-width"})
-    meta = client(shared_agent).get_model_metadata("club-width")
+    c = client(shared_agent)
+    meta = c.get_model_metadata("club-width")
     assert meta["inputs"][0]["shape"] == [-1, 34, 3]
+    assert meta["outputs"][0]["shape"] == [-1, 34, 3]
+    x = np.ones((34, 5), dtype=np.float32)  # not the width the metadata promises
+    status, message = refusal(lambda: c.infer("club-width", [infer_input(x, True)]))
+    assert status == 400
+    assert "F = 5" in message
+    assert "takes 3" in message
 
 
 @pytest.mark.parametrize(("binary_in", "binary_out"), [(True, True), (False, False), (True, False)])

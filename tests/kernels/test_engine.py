@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 import subprocess
 import sys
@@ -217,6 +218,18 @@ def test_registry_survives_a_restart_from_disk(tmp_path: Path, karate) -> None:
     assert rel(result.embedding, expected_for(karate)) <= result.error_bound
     engine.unregister("karate")
     assert not list((tmp_path / "topologies").glob("*.npz"))
+
+
+def test_registered_feature_width_is_kept_across_patch_and_restart(tmp_path: Path, karate) -> None:
+    """The width a topology was registered with (SPEC §4.1 OIP metadata); None without."""
+    engine = Engine(cache_dir=tmp_path, backends=[NumpyBackend()])
+    engine.register(karate)
+    engine.register(dataclasses.replace(karate, graph_id="bare", x=np.zeros((34, 0))))
+    engine.update_edges("karate", add=[(0, 5)])
+    widths = {t["graph_id"]: t["features"] for t in engine.topologies()}
+    assert widths == {"karate": karate.x.shape[1], "bare": None}
+    again = Engine(cache_dir=tmp_path, backends=[NumpyBackend()])
+    assert {t["graph_id"]: t["features"] for t in again.topologies()} == widths
 
 
 def test_edge_deltas_build_a_new_operator(tmp_path: Path) -> None:

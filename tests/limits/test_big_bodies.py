@@ -1,9 +1,12 @@
-"""Request bodies buffered at once are bounded (issue 20, item 2).
+"""Request bodies buffered at once are bounded (issue 20, item 2), in the agent and in the
+coordinator's API.
 
 20 clients (with the token) each send 59 MB of a body at full speed, then drip the rest.
 The agent buffers at most http.max_inflight_body_bytes (256 MiB by default) across them
 and refuses the others at once (503 + Retry-After, counted); its RSS stays within
-+300 MB, and it answers /healthz and small diffusions throughout and afterwards.
++300 MB, and it answers /healthz and small diffusions throughout and afterwards. The same
+20 bodies sent to the coordinator as commands for an enrolled device leave its RSS within
++300 MB, its API answering.
 """
 
 from __future__ import annotations
@@ -33,16 +36,17 @@ def rss_bytes(pid: int) -> int:
 
 
 class BigBody(threading.Thread):
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, path: str = "/diffuse") -> None:
         super().__init__(daemon=True)
         self.port = port
+        self.path = path
         self.stop = threading.Event()
         self.answer = b""
         self.sent = 0
 
     def run(self) -> None:
         head = (
-            "POST /diffuse HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+            f"POST {self.path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
             f"Authorization: Bearer {TOKEN}\r\nContent-Length: {BODY}\r\n\r\n"
         ).encode()
         chunk = b" " * (1 << 20)
@@ -101,3 +105,47 @@ def test_twenty_big_bodies_leave_rss_within_300_mb(start_agent: Callable[..., An
         assert b"max_inflight_body_bytes" in client.answer
     time.sleep(0.5)
     assert agent.request("POST", "/diffuse", small).status == 200  # the budget came back
+
+
+@pytest.mark.slow
+def test_twenty_big_bodies_leave_coordinator_rss_within_300_mb(
+    start_coordinator: Callable[..., Any], tmp_path: Path
+) -> None:
+    from dgdm.sync.crypto import generate_keypair
+
+    _, _, public_key = generate_keypair(tmp_path / "keys", name="edge-big")
+    coordinator = start_coordinator(devices={"edge-big": public_key})
+    assert coordinator.token == TOKEN
+    before = rss_bytes(coordinator.proc.pid)
+    clients = [BigBody(coordinator.port, "/devices/edge-big/commands") for _ in range(CLIENTS)]
+    for client in clients:
+        client.start()
+    peak = before
+    answered = []
+    deadline = time.monotonic() + 8.0
+    while time.monotonic() < deadline:
+        peak = max(peak, rss_bytes(coordinator.proc.pid))
+        answered.append(coordinator.get("/healthz", token=False, timeout=5).status)
+        answered.append(coordinator.get("/devices", timeout=5).status)
+        time.sleep(0.1)
+    buffered = sum(c.sent for c in clients if not c.answer)
+    for client in clients:
+        client.stop.set()
+    for client in clients:
+        client.join(10)
+    metrics = coordinator.get("/metrics").body.decode()
+    refused = [c for c in clients if c.answer]
+    print(
+        f"\ncoordinator big bodies: RSS {before >> 20} -> peak {peak >> 20} MiB "
+        f"(+{(peak - before) >> 20}); {len(refused)} answered early, "
+        f"{buffered >> 20} MiB held by the others"
+    )
+    assert set(answered) == {200}
+    assert peak - before < 300 * (1 << 20)
+    assert 'dgdm_coordinator_http_refused_total{reason="body_budget"}' in metrics
+    for client in refused:
+        assert client.answer.startswith(b"HTTP/1.1 503"), client.answer[:200]
+        assert b"Retry-After: 1" in client.answer
+        assert b"max_inflight_body_bytes" in client.answer
+    time.sleep(0.5)
+    assert coordinator.get("/devices").status == 200

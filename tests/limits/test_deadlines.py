@@ -1,8 +1,8 @@
-"""Every connection has a deadline (issue 20, item 1), against the real agent process:
-a connection that sends nothing, or only part of its headers, or stays idle after a
-response, is closed after http.header_timeout_s; a body slower than
-http.body_min_bytes_per_s is cut off (and counted) while a fast one of the same size is
-answered."""
+"""Every connection has a deadline (issue 20, item 1), against the real agent process and
+the coordinator's API (same keys): a connection that sends nothing, or only part of its
+headers, or stays idle after a response, is closed after http.header_timeout_s; a body
+slower than http.body_min_bytes_per_s is cut off (and counted) while a fast one of the
+same size is answered."""
 
 from __future__ import annotations
 
@@ -100,5 +100,74 @@ def test_the_open_file_soft_limit_is_raised_to_the_hard_one(
 ) -> None:
     agent = start_agent({"kernels": {"backend": "numpy"}}, prefix=["prlimit", "--nofile=256:4096"])
     limits = Path(f"/proc/{agent.proc.pid}/limits").read_text()
+    line = next(row for row in limits.splitlines() if row.startswith("Max open files"))
+    assert line.split()[3:5] == ["4096", "4096"], line
+
+
+# -- the coordinator's API: the same deadlines under the same [http] keys ------------------
+
+
+def test_coordinator_closes_silent_partial_and_idle_connections(
+    start_coordinator: Callable[..., Any],
+) -> None:
+    coordinator = start_coordinator(http={"header_timeout_s": TIMEOUT_S})
+    with (
+        connect(coordinator) as silent,
+        connect(coordinator) as partial,
+        connect(coordinator) as idle,
+    ):
+        start = time.monotonic()
+        partial.sendall(b"GET /healthz HTTP/1.1\r\nHost: local")
+        idle.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        for sock in (silent, partial, idle):
+            assert TIMEOUT_S * 0.5 < closed_after(sock, 3 * TIMEOUT_S, start) < 2.5 * TIMEOUT_S
+
+
+def test_coordinator_cuts_off_a_slow_body_and_answers_a_fast_one(
+    start_coordinator: Callable[..., Any], tmp_path: Path
+) -> None:
+    from dgdm.sync.crypto import generate_keypair
+
+    _, _, public_key = generate_keypair(tmp_path / "keys", name="edge-slow")
+    coordinator = start_coordinator(devices={"edge-slow": public_key})
+    body = json.dumps({"cmd": "ping"}).encode()
+    body += b" " * (1_000_000 - len(body))  # 1 MB: a deadline of 1 s + 15 s at 64 KB/s
+    head = (
+        "POST /devices/edge-slow/commands HTTP/1.1\r\nHost: localhost\r\n"
+        f"Authorization: Bearer {coordinator.token}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    with connect(coordinator) as slow:
+        slow.sendall(head + body[:1000])
+        start = time.monotonic()
+        slow.settimeout(0.05)
+        sent, answer = 1000, b""
+        while time.monotonic() - start < 10.0:
+            try:
+                slow.sendall(body[sent : sent + 1000])  # ~20 KB/s
+                sent += 1000
+                answer += slow.recv(4096)
+                if answer:
+                    break
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+        cut_after = time.monotonic() - start
+    assert cut_after < 4.0, cut_after
+    assert not answer.startswith(b"HTTP/1.1 202")
+    with connect(coordinator) as fast:
+        fast.sendall(head + body)
+        fast.settimeout(10)
+        assert fast.recv(4096).startswith(b"HTTP/1.1 202")  # the command was sent
+    metrics = coordinator.get("/metrics").body.decode()
+    assert 'dgdm_coordinator_http_refused_total{reason="slow_body"} 1.0' in metrics
+
+
+def test_coordinator_raises_the_open_file_soft_limit(
+    start_coordinator: Callable[..., Any],
+) -> None:
+    coordinator = start_coordinator(prefix=["prlimit", "--nofile=256:4096"])
+    limits = Path(f"/proc/{coordinator.proc.pid}/limits").read_text()
     line = next(row for row in limits.splitlines() if row.startswith("Max open files"))
     assert line.split()[3:5] == ["4096", "4096"], line

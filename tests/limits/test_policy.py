@@ -1,10 +1,10 @@
-"""The pure decisions behind the HTTP limits (agent/limits.py), with made-up numbers."""
+"""The pure decisions behind the HTTP limits (sync/http_limits.py), with made-up numbers."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from dgdm.agent.limits import (
+from dgdm.sync.http_limits import (
     BodyBudget,
     ConnectionTable,
     body_too_slow,
@@ -81,11 +81,11 @@ def test_accept_failures_are_logged_once_per_period(caplog: Any) -> None:
     import errno
     import logging
 
-    from dgdm.agent.listener import quiet_accept_errors
+    from dgdm.sync.listener import quiet_accept_errors
 
     loop = asyncio.new_event_loop()
     try:
-        quiet_accept_errors(loop)
+        quiet_accept_errors(loop, logging.getLogger("dgdm.agent"))
         with caplog.at_level(logging.ERROR, logger="dgdm.agent"):
             for _ in range(5000):  # what asyncio reports on every failed accept()
                 loop.call_exception_handler(

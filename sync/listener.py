@@ -1,7 +1,8 @@
-"""The agent's listening socket, with connection caps in front of aiohttp's protocol.
+"""A listening socket with connection caps in front of aiohttp's protocol (the agent's
+HTTP endpoint and the coordinator's API).
 
 aiohttp accepts every connection and keeps it until its keep-alive timeout; this listener
-asks `limits.ConnectionTable` first, so a new connection over a cap closes the longest-idle
+asks `http_limits.ConnectionTable` first, so a new connection over a cap closes the longest-idle
 one of its scope (or is itself closed at once when all are busy). The descriptors the caps
 leave are made available up front (the soft RLIMIT_NOFILE raised to the hard one), and
 asyncio's "accept() out of system resource" error, which it reports on every failed
@@ -13,16 +14,16 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 import resource
 import socket
 import time
 from collections.abc import Callable
 from typing import Any
 
-from dgdm.agent.limits import ACCEPT_BACKLOG, ConnectionTable
-from dgdm.agent.logs import RepeatLimiter
+from dgdm.sync.http_limits import ACCEPT_BACKLOG, ConnectionTable
+from dgdm.sync.repeat_limiter import RepeatLimiter
 
-log = logging.getLogger("dgdm.agent")
 ACCEPT_LOG_PERIOD_S = 10.0
 _ACCEPT_FAILED = "socket.accept() out of system resource"
 
@@ -117,9 +118,9 @@ def _peer(transport: asyncio.BaseTransport) -> str:
     return "unix" if sock is not None and sock.family == socket.AF_UNIX else "?"
 
 
-def raise_fd_limit() -> int:
+def raise_fd_limit(log: logging.Logger) -> int:
     """The soft RLIMIT_NOFILE raised to the hard one (systemd units set both); the soft
-    limit in force."""
+    limit in force. A refusal (a unit's seccomp filter) is logged on `log`."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and soft < hard:
         try:
@@ -130,9 +131,17 @@ def raise_fd_limit() -> int:
     return soft if soft != resource.RLIM_INFINITY else 1 << 20
 
 
-def quiet_accept_errors(loop: asyncio.AbstractEventLoop) -> None:
+def memory_bytes() -> int | None:
+    """The box's physical memory (the default body budget is sized from it)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return None
+
+
+def quiet_accept_errors(loop: asyncio.AbstractEventLoop, log: logging.Logger) -> None:
     """asyncio reports every accept() that fails for lack of descriptors or memory; one
-    line per ACCEPT_LOG_PERIOD_S (with how many were held back) is enough."""
+    line on `log` per ACCEPT_LOG_PERIOD_S (with how many were held back) is enough."""
     limiter = RepeatLimiter(period_s=ACCEPT_LOG_PERIOD_S, max_keys=1)
 
     def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:

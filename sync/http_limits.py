@@ -1,9 +1,10 @@
 """Bounds on what HTTP clients can hold: connections, body bytes in memory, slow bodies.
 
-Pure decisions (counts, bytes and times in, decisions out); agent/listener.py and the HTTP
-middleware do the I/O. Without them a client that opens connections and never finishes
-its headers, or drips a large body, holds a file descriptor and memory for as long as it
-likes: 1,010 half-open connections took a 1024-fd agent down entirely.
+Pure decisions (counts, bytes and times in, decisions out) for the agent's and the
+coordinator's HTTP servers; sync/listener.py and sync/http_guard.py do the I/O. Without
+them a client that opens connections and never finishes its headers, or drips a large
+body, holds a file descriptor and memory for as long as it likes: 1,010 half-open
+connections took a 1024-fd agent (and the coordinator's API) down entirely.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from collections import Counter, OrderedDict
 from collections.abc import Hashable
 from dataclasses import dataclass
 
-# File descriptors kept out of the connection cap: the outbox database and its WAL, the
-# MQTT socket, the parser process's pipes, the listening socket, logs, the TPU.
+# File descriptors kept out of the connection cap: the agent's outbox database and its
+# WAL, the MQTT socket, the parser process's pipes, the listening socket, logs, the TPU;
+# the coordinator's store connections (SQLite files or PostgreSQL sockets) and MQTT socket.
 FD_RESERVE = 64
 # asyncio accepts up to the listen backlog in one go before any of those connections is
 # seen (and a cap can close one), so that many more descriptors may be open for a moment.
