@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from dgdm.sync.coordinator import page
 from dgdm.sync.envelope import Kind, valid_device_id
 from dgdm.sync.errors import ConfigError, TransportError
 from dgdm.sync.settings import is_loopback
@@ -47,7 +48,9 @@ def _token_middleware(token: str | None) -> Any:
     async def check(request: web.Request, handler: Any) -> web.StreamResponse:
         if expected is not None and request.path != "/healthz":
             given = request.headers.get("Authorization", "").encode()
-            if not hmac.compare_digest(given, expected):
+            if not hmac.compare_digest(given, expected) and not page.public(request, token):
+                if page.wants_page(request):
+                    return page.login_page()
                 return _error(401, "missing or wrong bearer token", "Authorization")
         return await handler(request)
 
@@ -62,6 +65,7 @@ def make_app(coordinator: Any) -> web.Application:
         middlewares=[_token_middleware(http.token)], client_max_size=MAX_BODY_BYTES
     )
     app[COORDINATOR] = coordinator
+    page.add_routes(app, http.token)
     app.router.add_get("/devices", list_devices)
     app.router.add_get("/devices/{device_id}", get_device)
     app.router.add_get("/devices/{device_id}/results", get_results)

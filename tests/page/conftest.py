@@ -1,0 +1,168 @@
+"""One real coordinator (SQLite, a private mosquitto) with a few simulated devices that have
+sent telemetry, alerts and results and answered a command, shared by the module's page
+tests, and one headless chromium (cdp.py) to look at it.
+
+Devices (ids prefixed with the rig's tag): `berlin` (online, TPU, a hostile alert),
+`paris` (online, CPU only, a warning), `spare` (enrolled, never connected: offline).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+from dgdm.sync.broker import Broker
+from dgdm.sync.coordinator.service import Coordinator
+from dgdm.sync.envelope import Kind
+from tests.page.cdp import Browser, Page, artifacts_dir
+from tests.sync.conftest import Rig
+
+REPO = Path(__file__).resolve().parents[2]
+TOKEN = "tok"  # the rig's [http] token
+HOSTILE = '<img src=x onerror="window.__pwned=1"><script>window.__pwned=2</script>'
+
+
+@dataclass
+class Fleet:
+    coordinator: Coordinator
+    base: str
+    ids: dict[str, str]  # short name -> device id
+    command_seq: int
+    artifacts: Path
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+async def until(check: Callable[[], Awaitable[Any]], what: str, timeout: float = 20.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+def samples(now_ms: int, n: int, *, tpu: bool, depth0: int) -> list[dict[str, Any]]:
+    return [
+        {
+            "ts_ms": now_ms - (n - i) * 5000,
+            "cpu_percent": 10.0 + i,
+            "mem_used_bytes": 1 << 30,
+            "mem_total_bytes": 4 << 30,
+            "load1": 0.5,
+            "disk_free_bytes": 10 << 30,
+            "tpu": {"present": tpu, "temp_c": 48.0 + i * 0.5 if tpu else None},
+            "outbox": {"messages": depth0 + i % 7, "bytes": 1000 * (depth0 + i % 7), "dropped": 3},
+            "diffusions": 100 * i,
+            "latency_p50_ms": 2.0 + (i % 5) * 0.25,
+            "latency_p99_ms": 5.0,
+        }
+        for i in range(n)
+    ]
+
+
+def result_body(job: int) -> dict[str, Any]:
+    return {
+        "job_id": f"job-{job}",
+        "graph_id": "karate",
+        "method": "heat",
+        "backend": "numpy",
+        "latency_ms": 1.5,
+        "error_bound": 0.0,
+        "node_ids": ["a"],
+        "embedding": {"dtype": "<f4", "shape": [1, 1], "b64": "AAAAAA=="},
+    }
+
+
+async def _pong(seq: int, body: dict[str, Any]) -> dict[str, Any]:
+    return {"pong": body.get("cmd"), "note": "<b>not bold</b>"}
+
+
+async def _populate(rig: Rig) -> tuple[dict[str, str], int]:
+    coordinator = rig.coordinator
+    assert coordinator is not None
+    berlin = rig.device("berlin", on_command=_pong)
+    paris = rig.device("paris")
+    spare = rig.device("spare")
+    for device in (berlin, paris, spare):
+        await rig.enrol(device)
+    await berlin.start()
+    await paris.start()
+    now = int(time.time() * 1000)
+    berlin.enqueue(Kind.TELEMETRY, {"samples": samples(now, 30, tpu=True, depth0=2)})
+    paris.enqueue(Kind.TELEMETRY, {"samples": samples(now, 12, tpu=False, depth0=0)})
+    berlin.enqueue(Kind.ALERT, {"code": "tpu_hot", "severity": "warning", "message": "TPU at 81 C"})
+    berlin.enqueue(
+        Kind.ALERT, {"code": "injected", "severity": "critical", "message": HOSTILE, "details": {}}
+    )
+    paris.enqueue(Kind.ALERT, {"code": "backend_fallback", "severity": "warning", "message": "cpu"})
+    for job in range(3):
+        berlin.enqueue(Kind.RESULT, result_body(job))
+    seq = await coordinator.send_command(berlin.device_id, "ping", {}, 60_000)
+
+    async def landed() -> bool:
+        command = await coordinator.command(berlin.device_id, seq)
+        results = await coordinator.query("results_since", berlin.device_id, 0, 10)
+        alerts = await coordinator.query("latest", paris.device_id, Kind.ALERT, 5)
+        rows = {r["device_id"]: r for r in await coordinator.query("devices")}
+        online = rows[berlin.device_id]["online"] and rows[paris.device_id]["online"]
+        replied = command is not None and command["status"] == "replied"
+        return bool(replied and len(results) == 3 and alerts and online)
+
+    await until(landed, "telemetry, alerts, results and the reply stored")
+    ids = {"berlin": berlin.device_id, "paris": paris.device_id, "spare": spare.device_id}
+    return ids, seq
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def fleet(
+    mqtt_broker: Broker, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Fleet]:
+    rig = Rig(mqtt_broker, tmp_path_factory.mktemp("page-rig"), f"pg{os.getpid()}")
+    try:
+        coordinator = await rig.start_coordinator()
+        ids, seq = await _populate(rig)
+        base = f"http://127.0.0.1:{coordinator.http_port}"
+        yield Fleet(coordinator, base, ids, seq, artifacts_dir(REPO))
+    finally:
+        await rig.close()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def browser(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Browser]:
+    root = tmp_path_factory.mktemp("chromium")
+    chromium = await Browser.launch(root / "profile", root / "chromium.log")
+    try:
+        yield chromium
+    finally:
+        await chromium.close()
+
+
+async def log_in(page: Page, base: str, token: str = TOKEN) -> None:
+    """Through the login form, as a person would."""
+    await page.goto(base + "/login")
+    await page.wait_for("document.getElementById('token') !== null")
+    await page.evaluate(
+        f"document.getElementById('token').value = {token!r}; document.forms[0].submit()"
+    )
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def session(browser: Browser, fleet: Fleet) -> AsyncIterator[Page]:
+    """A tab logged in to the fleet page."""
+    page = await browser.page()
+    await log_in(page, fleet.base)
+    await page.wait_for("document.querySelector('tr.device-row') !== null")
+    try:
+        yield page
+    finally:
+        await page.close()

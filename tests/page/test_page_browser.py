@@ -1,0 +1,143 @@
+"""The fleet page in a real headless chromium against a real coordinator with devices
+(conftest.py): what a person sees, that a device's strings stay text, and that without the
+token there is nothing to see. Screenshots go to test-artifacts/page/ (or $DGDM_ARTIFACTS)."""
+
+from __future__ import annotations
+
+import json
+import urllib.parse
+
+import pytest
+
+from tests.page.cdp import Browser, Page
+from tests.page.conftest import HOSTILE, Fleet, log_in
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+ROWS = "[...document.querySelectorAll('tr.device-row')].map(r => r.dataset.device)"
+
+
+def device_hash(device_id: str) -> str:
+    return "#/device/" + urllib.parse.quote(device_id, safe="")
+
+
+async def show(page: Page, fleet: Fleet, hash_route: str) -> None:
+    """Route by hash, as a click on a link would, and wait for that view's first render."""
+    await page.evaluate("document.getElementById('view').replaceChildren()")
+    await page.evaluate(
+        f"location.hash === {hash_route!r} ? refresh() : (location.hash = {hash_route!r})"
+    )
+    await page.wait_for("document.getElementById('view').childElementCount > 0")
+
+
+async def test_the_fleet_table_shows_every_device_and_its_state(
+    session: Page, fleet: Fleet
+) -> None:
+    await show(session, fleet, "#/")
+    await session.wait_for(f"{ROWS}.length === 3")
+    assert sorted(await session.evaluate(ROWS)) == sorted(fleet.ids.values())
+    cells = await session.evaluate(
+        "Object.fromEntries([...document.querySelectorAll('tr.device-row')]"
+        ".map(r => [r.dataset.device, [...r.cells].map(c => c.textContent)]))"
+    )
+    berlin, spare = cells[fleet.ids["berlin"]], cells[fleet.ids["spare"]]
+    assert berlin[2] == "online"
+    assert spare[2] == "offline"
+    assert berlin[4] == "test"  # agent version from the device's status
+    assert berlin[5] == "numpy"
+    await session.screenshot(fleet.artifacts / "fleet.png")
+
+
+async def test_the_state_filter_keeps_only_matching_devices(session: Page, fleet: Fleet) -> None:
+    await show(session, fleet, "#/?state=offline")
+    await session.wait_for(f"{ROWS}.length === 1")
+    assert await session.evaluate(ROWS) == [fleet.ids["spare"]]
+    assert await session.evaluate("document.getElementById('filter-state').value") == "offline"
+    await show(session, fleet, "#/?state=online")
+    await session.wait_for(f"{ROWS}.length === 2")
+    assert sorted(await session.evaluate(ROWS)) == sorted([fleet.ids["berlin"], fleet.ids["paris"]])
+
+
+async def test_the_device_page_charts_telemetry_and_lists_alerts_results_commands(
+    session: Page, fleet: Fleet
+) -> None:
+    berlin = fleet.ids["berlin"]
+    await show(session, fleet, device_hash(berlin))
+    await session.wait_for("document.querySelector('.device-id') !== null")
+    assert await session.evaluate("document.querySelector('.device-id').textContent") == berlin
+    points = await session.evaluate(
+        "Object.fromEntries([...document.querySelectorAll('svg.chart')].map(s => ["
+        " s.dataset.series, (s.querySelector('polyline')?.getAttribute('points') || '')"
+        ".split(' ').filter(Boolean).length]))"
+    )
+    assert points["tpu_temp"] == 30
+    assert points["outbox_depth"] == 30
+    assert points["latency_p50"] == 30
+    assert points["diffusion_rate"] == 29  # a rate needs two samples
+    results = await session.evaluate("document.body.innerText")
+    assert "job-0" in results
+    assert "job-2" in results
+    assert "TPU at 81 C" in results
+    await session.screenshot(fleet.artifacts / "device.png")
+
+
+async def test_a_hostile_alert_shows_as_text_and_never_runs(session: Page, fleet: Fleet) -> None:
+    await show(session, fleet, device_hash(fleet.ids["berlin"]))
+    await session.wait_for("document.querySelector('tr.alert-row') !== null")
+    texts = await session.evaluate(
+        "[...document.querySelectorAll('tr.alert-row td:last-child')].map(c => c.textContent)"
+    )
+    assert HOSTILE in texts
+    assert (
+        await session.evaluate("document.querySelectorAll('#view img, #view script').length") == 0
+    )
+    assert await session.evaluate("window.__pwned === undefined")
+    # the fleet table's "last alert" column is text too
+    await show(session, fleet, "#/")
+    await session.wait_for(f"{ROWS}.length === 3")
+    assert (
+        await session.evaluate("document.querySelectorAll('#view img, #view script').length") == 0
+    )
+    assert await session.evaluate("window.__pwned === undefined")
+
+
+async def test_without_a_session_the_page_is_a_login_form_with_no_data(
+    browser: Browser, fleet: Fleet
+) -> None:
+    page = await browser.page()
+    try:
+        await page.goto(fleet.base + "/")
+        await page.wait_for("document.getElementById('token') !== null")
+        dom = await page.dom()
+        assert not any(device_id in dom for device_id in fleet.ids.values())
+        status = await page.evaluate("fetch('/devices').then(r => r.status)")
+        assert status == 401
+        await log_in(page, fleet.base, token="not-the-token")
+        await page.wait_for("document.querySelector('p.error')?.textContent.length > 0")
+        dom = await page.dom()
+        assert "not this coordinator" in dom
+        assert not any(device_id in dom for device_id in fleet.ids.values())
+        await page.screenshot(fleet.artifacts / "login-refused.png")
+    finally:
+        await page.close()
+
+
+async def test_the_session_reads_but_can_never_send_a_command(session: Page, fleet: Fleet) -> None:
+    berlin = fleet.ids["berlin"]
+    assert await session.evaluate("document.cookie") == ""  # HttpOnly: no script sees it
+    body = json.dumps({"cmd": "ping"})
+    status = await session.evaluate(
+        f"fetch('/devices/{berlin}/commands', {{method: 'POST', body: {body!r},"
+        " headers: {'Content-Type': 'application/json'}}).then(r => r.status)"
+    )
+    assert status == 401
+    assert await fleet.coordinator.command(berlin, fleet.command_seq + 1) is None
+    assert await session.evaluate("fetch('/devices').then(r => r.status)") == 200
+
+
+async def test_the_jobs_view_says_when_the_coordinator_has_no_jobs_api(
+    session: Page, fleet: Fleet
+) -> None:
+    await show(session, fleet, "#/jobs")
+    text = await session.wait_for("document.getElementById('view').textContent")
+    assert "no jobs API" in text
