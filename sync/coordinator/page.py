@@ -101,6 +101,12 @@ def _same_origin(request: web.Request) -> bool:
     return origin == "null" or urlsplit(origin).netloc == request.host
 
 
+def _over_https(request: web.Request) -> bool:
+    """The coordinator speaks plain HTTP; behind a TLS proxy the proxy says so. A forged
+    header only makes the sender's own cookie Secure."""
+    return request.secure or request.headers.get("X-Forwarded-Proto") == "https"
+
+
 def add_routes(app: web.Application, token: str | None) -> None:
     async def index(request: web.Request) -> web.Response:
         return _respond(_static("index.html"), "text/html")
@@ -135,7 +141,7 @@ def add_routes(app: web.Application, token: str | None) -> None:
             path="/",
             httponly=True,
             samesite="Strict",
-            secure=request.secure,
+            secure=_over_https(request),
         )
         return response
 

@@ -89,6 +89,14 @@ async def test_the_right_token_sets_a_strict_http_only_cookie(
     assert int(cookie["max-age"]) == page_session.MAX_AGE_S
     assert TOKEN not in cookie.value  # the cookie is not the token
     assert page_session.valid(cookie.value, TOKEN, time.time())
+    assert not cookie["secure"]  # plain HTTP: a Secure cookie would never come back
+    async with http.post(
+        fleet.base + "/login",
+        data={"token": TOKEN},
+        headers={"X-Forwarded-Proto": "https"},  # behind a TLS proxy
+        allow_redirects=False,
+    ) as behind_tls:
+        assert behind_tls.cookies[COOKIE]["secure"]
 
 
 @pytest.mark.parametrize(
