@@ -74,7 +74,7 @@ function tagList(tags) {
 }
 
 function show(view) {
-  document.getElementById("view").replaceChildren(...view);
+  document.getElementById("view").replaceChildren(...view.filter((node) => node !== null));
 }
 
 function typing() {
@@ -115,20 +115,21 @@ function lastSample(message) {
   return Array.isArray(samples) && samples.length ? samples[samples.length - 1] : null;
 }
 
+// `summary` is the API's digest of the device's latest telemetry sample (or null).
 function summaryOf(device) {
   const s = device.summary || {};
+  const tpu = s.tpu || {}, outbox = s.outbox || {};
   return {
-    tpuTemp: s.tpu_temp_c,
-    outboxMessages: s.outbox_messages,
-    outboxDropped: s.outbox_dropped,
+    tpuTemp: tpu.temp_c,
+    tpuPresent: tpu.present,
+    outboxMessages: outbox.messages,
+    outboxDropped: outbox.dropped,
     backend: s.backend || device.backend,
   };
 }
 
 function alertText(alert) {
-  if (!alert) return null;
-  const body = alert.body || alert;
-  return (body.severity ? body.severity + " " : "") + (body.code || "") + ": " + (body.message || "");
+  return (alert.code || "") + ": " + (alert.message || "") + " (" + ago(alert.created_ms) + ")";
 }
 
 // -- routes ------------------------------------------------------------------------------
@@ -200,9 +201,9 @@ function fleetRow(device) {
     el("td", { title: when(device.last_seen_ms) }, ago(device.last_seen_ms)),
     td(device.agent_version),
     td(s.backend),
-    td(s.tpuTemp === null || s.tpuTemp === undefined ? null : s.tpuTemp + " °C", "num"),
+    td(typeof s.tpuTemp === "number" ? s.tpuTemp + " °C" : s.tpuPresent === false ? "none" : null, "num"),
     td(outbox, "num"),
-    el("td", { className: alert ? "sev-" + ((alert.body || alert).severity || "") : "" },
+    el("td", { className: alert ? "last-alert sev-" + alert.severity : "last-alert" },
       alert ? alertText(alert) : "–"));
   row.className = "device-row";
   return row;
@@ -354,7 +355,9 @@ async function latestResults(id) {
 async function telemetryHistory(id, device) {
   const since = Date.now() - 3600 * 1000;
   const answer = await optional(`/devices/${encodeURIComponent(id)}/telemetry?since_ms=${since}&limit=500`);
-  if (answer && Array.isArray(answer.telemetry)) return answer.telemetry;
+  if (answer && Array.isArray(answer.telemetry)) {
+    return answer.telemetry.slice().sort((a, b) => a.created_ms - b.created_ms || a.cursor - b.cursor);
+  }
   return device.telemetry ? [device.telemetry] : [];  // no history API: the latest batch
 }
 
@@ -413,27 +416,42 @@ function noJobsApi() {
   return [el("h2", null, "Jobs"), el("p", { className: "muted no-jobs-api" }, "This coordinator has no jobs API (GET /jobs).")];
 }
 
+function jobLink(job) {
+  return el("a", { href: "#/jobs/" + encodeURIComponent(job.id) }, "job " + job.id);
+}
+
+function targetText(target) {
+  if (target === "all") return "all devices";
+  if (target && target.tags) return Object.entries(target.tags).map(([k, v]) => k + "=" + v).join(", ");
+  if (target && target.ids) return target.ids.length + " devices";
+  return JSON.stringify(target);
+}
+
 async function jobsView() {
   const answer = await optional("/jobs");
   if (answer === null) return noJobsApi();
   const jobs = answer.jobs || [];
   if (!jobs.length) return [el("h2", null, "Jobs"), el("p", { className: "muted" }, "No jobs.")];
-  return [el("h2", null, "Jobs"), table(["job", "command", "state", "created", "progress"], jobs.map((j) => el("tr", { className: "job-row" },
-    el("td", null, el("a", { href: "#/jobs/" + encodeURIComponent(j.job_id) }, String(j.job_id))),
-    td(j.command && j.command.cmd), td(j.state), td(when(j.created_ms)), el("td", null, progressBar(j.counts || {})))))];
+  return [el("h2", null, "Jobs"), table(["job", "command", "target", "state", "created", "progress"], jobs.map((j) => el("tr", { className: "job-row", job: String(j.id) },
+    el("td", null, jobLink(j)), td(j.command && j.command.cmd), td(targetText(j.target)),
+    td(j.state + (j.reason ? " — " + j.reason : "")), td(when(j.created_ms)), el("td", null, progressBar(j.counts || {})))))];
 }
 
 async function jobView(id) {
-  const job = await optional("/jobs/" + encodeURIComponent(id));
-  if (job === null) return [el("p", null, el("a", { href: "#/jobs" }, "← all jobs")), el("p", { className: "muted" }, "No such job (or no jobs API).")];
+  const job = await optional("/jobs/" + encodeURIComponent(id) + "?limit=1000");
+  const back = el("p", null, el("a", { href: "#/jobs" }, "← all jobs"));
+  if (job === null) return [back, el("p", { className: "muted" }, "No such job (or no jobs API).")];
   const devices = job.devices || [];
   return [
-    el("p", null, el("a", { href: "#/jobs" }, "← all jobs")),
-    el("h2", null, "Job ", el("span", { className: "job-id" }, String(job.job_id))),
-    el("p", null, "command ", el("code", null, JSON.stringify(job.command)), " · state " + job.state),
+    back,
+    el("h2", null, el("span", { className: "job-id" }, "job " + job.id), " · " + job.state),
+    el("p", null, "command ", el("code", null, JSON.stringify(job.command)), " · target " + targetText(job.target) +
+      (job.reason ? " · " + job.reason : "")),
     progressBar(job.counts || {}),
-    table(["device", "state", "updated"], devices.map((d) => el("tr", null,
-      el("td", null, deviceLink(d.device_id)), td(d.state, "st-" + d.state), td(when(d.updated_ms))))),
+    table(["device", "state", "command seq", "sent", "decided", "error"], devices.map((d) => el("tr", { className: "target-row", device: d.device_id },
+      el("td", null, deviceLink(d.device_id)), td(d.state, "st-" + d.state), td(d.seq, "num"),
+      td(d.sent_ms ? when(d.sent_ms) : null), td(d.decided_ms ? when(d.decided_ms) : null), td(d.error)))),
+    job.next ? el("p", { className: "muted" }, "First " + devices.length + " devices shown.") : null,
   ];
 }
 
