@@ -184,7 +184,13 @@ class Page:
         return str(await self.evaluate("document.documentElement.outerHTML"))
 
     async def screenshot(self, path: Path) -> Path:
-        shot = await self.call("Page.captureScreenshot", {"format": "png"})
+        """The whole page (beyond the 1280x900 window when it is longer), as PNG."""
+        size = (await self.call("Page.getLayoutMetrics"))["cssContentSize"]
+        clip = {"x": 0, "y": 0, "width": 1280, "height": max(900, size["height"]), "scale": 1}
+        shot = await self.call(
+            "Page.captureScreenshot",
+            {"format": "png", "clip": clip, "captureBeyondViewport": True},
+        )
         await asyncio.to_thread(_write, path, base64.b64decode(shot["data"]))
         return path
 
