@@ -141,3 +141,13 @@ async def test_the_jobs_view_says_when_the_coordinator_has_no_jobs_api(
     await show(session, fleet, "#/jobs")
     text = await session.wait_for("document.getElementById('view').textContent")
     assert "no jobs API" in text
+
+
+async def test_a_hostile_device_id_in_the_link_shows_as_text(session: Page, fleet: Fleet) -> None:
+    await show(session, fleet, device_hash(HOSTILE))
+    text = await session.wait_for("document.querySelector('#view .empty')?.textContent")
+    assert text == f"No device {HOSTILE} is enrolled."
+    assert (
+        await session.evaluate("document.querySelectorAll('#view img, #view script').length") == 0
+    )
+    assert await session.evaluate("window.__pwned === undefined")

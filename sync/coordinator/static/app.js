@@ -148,8 +148,8 @@ function route() {
 async function refresh() {
   clearTimeout(timer);
   const mine = ++generation;
-  const current = route();
   try {
+    const current = route();  // inside: a malformed %-escape in the hash is a URIError
     const nodes = await current.view(current.arg, current.params);
     if (mine !== generation) return;
     if (!typing()) show(nodes);  // never replace the filter a person is typing into
@@ -188,9 +188,9 @@ function fleetFilters(params) {
 
 function fleetRow(device) {
   const s = summaryOf(device);
-  const online = device.online
-    ? el("span", { className: "online" }, "online")
-    : el("span", { className: "offline" }, "offline");
+  const online = el("span", { className: device.online ? "online" : "offline" },
+    device.enrolled === false ? "removed" : device.online ? "online" : "offline",
+    device.flooding ? " · flooding" : null);
   const outbox = s.outboxMessages === undefined || s.outboxMessages === null ? null
     : s.outboxMessages + (s.outboxDropped ? " (" + s.outboxDropped + " dropped)" : "");
   const alert = device.last_alert;
@@ -363,7 +363,8 @@ async function telemetryHistory(id, device) {
 
 async function deviceView(id) {
   const base = "/devices/" + encodeURIComponent(id);
-  const device = await api(base);
+  const device = await optional(base);
+  if (device === null) return [el("p", null, el("a", { href: "#/" }, "← all devices")), el("p", { className: "empty" }, "No device " + id + " is enrolled.")];
   const [history, results, commands] = await Promise.all([
     telemetryHistory(id, device),
     latestResults(id),
