@@ -2,8 +2,10 @@
 sent telemetry, alerts and results and answered a command, shared by the module's page
 tests, and one headless chromium (cdp.py) to look at it.
 
-Devices (ids prefixed with the rig's tag): `berlin` (online, TPU, a hostile alert),
-`paris` (online, CPU only, a warning), `spare` (enrolled, never connected: offline).
+Devices (ids prefixed with the rig's tag): `berlin` (site=berlin hw=usb; online, TPU, a
+hostile alert), `paris` (site=paris; online, CPU only, a warning), `spare` (site=berlin;
+enrolled, never connected: offline); one job, a ping to site=berlin (berlin succeeded,
+spare still queued).
 """
 
 from __future__ import annotations
@@ -12,10 +14,11 @@ import asyncio
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import pytest_asyncio
 
@@ -35,9 +38,9 @@ class Fleet:
     coordinator: Coordinator
     base: str
     ids: dict[str, str]  # short name -> device id
-    command_seq: int
+    command_seq: int  # berlin's last command (the job's ping after the fixture's own)
+    job_id: int
     artifacts: Path
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 async def until(check: Callable[[], Awaitable[Any]], what: str, timeout: float = 20.0) -> Any:
@@ -87,7 +90,7 @@ async def _pong(seq: int, body: dict[str, Any]) -> dict[str, Any]:
     return {"pong": body.get("cmd"), "note": "<b>not bold</b>"}
 
 
-async def _populate(rig: Rig) -> tuple[dict[str, str], int]:
+async def _populate(rig: Rig) -> dict[str, str]:
     coordinator = rig.coordinator
     assert coordinator is not None
     berlin = rig.device("berlin", on_command=_pong)
@@ -95,6 +98,9 @@ async def _populate(rig: Rig) -> tuple[dict[str, str], int]:
     spare = rig.device("spare")
     for device in (berlin, paris, spare):
         await rig.enrol(device)
+    for device, tags in ((berlin, {"site": "berlin", "hw": "usb"}), (paris, {"site": "paris"})):
+        assert await asyncio.to_thread(coordinator.store.tag, device.device_id, tags)
+    assert await asyncio.to_thread(coordinator.store.tag, spare.device_id, {"site": "berlin"})
     await berlin.start()
     await paris.start()
     now = int(time.time() * 1000)
@@ -119,8 +125,26 @@ async def _populate(rig: Rig) -> tuple[dict[str, str], int]:
         return bool(replied and len(results) == 3 and alerts and online)
 
     await until(landed, "telemetry, alerts, results and the reply stored")
-    ids = {"berlin": berlin.device_id, "paris": paris.device_id, "spare": spare.device_id}
-    return ids, seq
+    return {"berlin": berlin.device_id, "paris": paris.device_id, "spare": spare.device_id}
+
+
+async def _start_job(coordinator: Coordinator, base: str) -> int:
+    """A ping to site=berlin through the API: berlin answers, spare (offline) stays queued."""
+    request = {"target": {"tags": {"site": "berlin"}}, "command": {"cmd": "ping"}}
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(base + "/jobs", json=request, headers=headers) as response,
+    ):
+        assert response.status == 201, await response.text()
+        job_id = int((await response.json())["id"])
+
+    async def decided() -> bool:
+        job = await coordinator.query("job", job_id)
+        return bool(job and job["counts"]["succeeded"] == 1)
+
+    await until(decided, "the job's ping answered by berlin")
+    return job_id
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -130,9 +154,11 @@ async def fleet(
     rig = Rig(mqtt_broker, tmp_path_factory.mktemp("page-rig"), f"pg{os.getpid()}")
     try:
         coordinator = await rig.start_coordinator()
-        ids, seq = await _populate(rig)
+        ids = await _populate(rig)
         base = f"http://127.0.0.1:{coordinator.http_port}"
-        yield Fleet(coordinator, base, ids, seq, artifacts_dir(REPO))
+        job_id = await _start_job(coordinator, base)
+        (last,) = await coordinator.query("commands", ids["berlin"], 1)  # the job's ping
+        yield Fleet(coordinator, base, ids, last["seq"], job_id, artifacts_dir(REPO))
     finally:
         await rig.close()
 

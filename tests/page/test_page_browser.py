@@ -43,8 +43,14 @@ async def test_the_fleet_table_shows_every_device_and_its_state(
     berlin, spare = cells[fleet.ids["berlin"]], cells[fleet.ids["spare"]]
     assert berlin[2] == "online"
     assert spare[2] == "offline"
+    assert berlin[1] == "hw=usbsite=berlin"  # two tag chips
     assert berlin[4] == "test"  # agent version from the device's status
     assert berlin[5] == "numpy"
+    assert berlin[6] == "62.5 °C"  # the last sample's TPU temperature
+    assert cells[fleet.ids["paris"]][6] == "none"  # no TPU
+    assert berlin[7] == "3 (3 dropped)"  # outbox depth and drops
+    assert berlin[8].startswith(f"injected: {HOSTILE}")
+    assert cells[fleet.ids["paris"]][8].startswith("backend_fallback: cpu")
     await session.screenshot(fleet.artifacts / "fleet.png")
 
 
@@ -56,6 +62,29 @@ async def test_the_state_filter_keeps_only_matching_devices(session: Page, fleet
     await show(session, fleet, "#/?state=online")
     await session.wait_for(f"{ROWS}.length === 2")
     assert sorted(await session.evaluate(ROWS)) == sorted([fleet.ids["berlin"], fleet.ids["paris"]])
+
+
+async def test_the_tag_filter_asks_the_api_for_those_tags(session: Page, fleet: Fleet) -> None:
+    await show(session, fleet, "#/?tag=site=berlin")
+    await session.wait_for(f"{ROWS}.length === 2")
+    assert sorted(await session.evaluate(ROWS)) == sorted([fleet.ids["berlin"], fleet.ids["spare"]])
+    await show(session, fleet, "#/?tag=site=berlin&tag=hw=usb")
+    await session.wait_for(f"{ROWS}.length === 1")
+    assert await session.evaluate(ROWS) == [fleet.ids["berlin"]]
+    assert await session.evaluate("document.getElementById('filter-tag').value") == (
+        "site=berlin, hw=usb"
+    )
+    # typed into the filter, as a person would: the hash (a link to this view) follows
+    await session.evaluate(
+        "const f = document.getElementById('filter-tag'); f.value = 'site=paris';"
+        " f.dispatchEvent(new Event('change'))"
+    )
+    await session.wait_for(f"{ROWS}.length === 1 && {ROWS}[0] === {fleet.ids['paris']!r}")
+    assert await session.evaluate("location.hash") == "#/?tag=site%3Dparis"
+    await show(session, fleet, "#/?tag=Bad Key=x")
+    error = await session.wait_for("document.querySelector('.filter-error')?.textContent")
+    assert error.startswith("/devices?tag=Bad+Key%3Dx: ")  # the API's sentence about the tag
+    assert await session.evaluate("document.getElementById('filter-tag').value") == "Bad Key=x"
 
 
 async def test_the_device_page_charts_telemetry_and_lists_alerts_results_commands(
@@ -78,6 +107,13 @@ async def test_the_device_page_charts_telemetry_and_lists_alerts_results_command
     assert "job-0" in results
     assert "job-2" in results
     assert "TPU at 81 C" in results
+    commands = await session.evaluate(
+        "[...document.querySelectorAll('tr.command-row')].map(r => r.textContent)"
+    )
+    assert len(commands) == 2  # the fixture's ping and the job's
+    assert all('"cmd":"ping"' in c for c in commands)
+    assert all("<b>not bold</b>" in c for c in commands)  # the reply, as text
+    assert await session.evaluate("document.querySelectorAll('#view b').length") == 0
     await session.screenshot(fleet.artifacts / "device.png")
 
 
@@ -135,12 +171,28 @@ async def test_the_session_reads_but_can_never_send_a_command(session: Page, fle
     assert await session.evaluate("fetch('/devices').then(r => r.status)") == 200
 
 
-async def test_the_jobs_view_says_when_the_coordinator_has_no_jobs_api(
-    session: Page, fleet: Fleet
-) -> None:
+async def test_the_jobs_view_shows_progress_by_state(session: Page, fleet: Fleet) -> None:
     await show(session, fleet, "#/jobs")
-    text = await session.wait_for("document.getElementById('view').textContent")
-    assert "no jobs API" in text
+    await session.wait_for("document.querySelector('tr.job-row') !== null")
+    bar = (
+        "Object.fromEntries([...document.querySelectorAll('{row} svg.bar rect[data-state]')]"
+        ".map(r => [r.dataset.state, Number(r.dataset.count)]))"
+    )
+    row = f'tr.job-row[data-job="{fleet.job_id}"]'
+    assert await session.evaluate(bar.format(row=row)) == {"succeeded": 1, "queued": 1}
+    text = await session.evaluate(f"document.querySelector({row!r}).textContent")
+    assert "ping" in text
+    assert "site=berlin" in text
+    await session.screenshot(fleet.artifacts / "jobs.png")
+    await show(session, fleet, f"#/jobs/{fleet.job_id}")
+    await session.wait_for("document.querySelector('tr.target-row') !== null")
+    states = await session.evaluate(
+        "Object.fromEntries([...document.querySelectorAll('tr.target-row')]"
+        ".map(r => [r.dataset.device, r.cells[1].textContent]))"
+    )
+    assert states == {fleet.ids["berlin"]: "succeeded", fleet.ids["spare"]: "queued"}
+    assert await session.evaluate(bar.format(row="#view")) == {"succeeded": 1, "queued": 1}
+    await session.screenshot(fleet.artifacts / "job.png")
 
 
 async def test_a_hostile_device_id_in_the_link_shows_as_text(session: Page, fleet: Fleet) -> None:

@@ -1,6 +1,6 @@
 "use strict";
 // The fleet page: hash routes over the coordinator's JSON API, polled every POLL_MS.
-//   #/?tag=k=v&state=online   the fleet table (filters in the hash, so a view is a link)
+//   #/?tag=k=v&tag=k2=v2&state=online   the fleet table (filters in the hash: a view is a link)
 //   #/device/<id>             one device: telemetry charts, alerts, results, commands
 //   #/jobs, #/jobs/<id>       jobs and their progress
 // Every string from a device or the API goes into the page as text (textContent, text
@@ -96,7 +96,7 @@ async function api(path) {
     location.assign("/login");
     throw new Error("the session has ended: log in again");
   }
-  if (response.status === 404 || response.status === 405) throw new Missing(path);
+  if (response.status === 404) throw new Missing(path);
   if (!response.ok) {
     let message = response.status + " " + response.statusText;
     try { message = (await response.json()).error || message; } catch (_) { /* not JSON */ }
@@ -166,8 +166,8 @@ async function refresh() {
 function fleetFilters(params) {
   const tag = el("input", { className: "tag-filter" });
   tag.id = "filter-tag";
-  tag.placeholder = "tag: key=value";
-  tag.value = params.get("tag") || "";
+  tag.placeholder = "site=berlin, hw=usb";
+  tag.value = params.getAll("tag").join(", ");
   const state = el("select", null, ...["", "online", "offline"].map((s) => {
     const option = el("option", null, s || "any state");
     option.value = s;
@@ -177,7 +177,7 @@ function fleetFilters(params) {
   state.value = params.get("state") || "";
   const apply = () => {
     const next = new URLSearchParams();
-    if (tag.value.trim()) next.set("tag", tag.value.trim());
+    for (const pair of tag.value.split(",").map((p) => p.trim()).filter(Boolean)) next.append("tag", pair);
     if (state.value) next.set("state", state.value);
     location.hash = "#/" + (next.toString() ? "?" + next.toString() : "");
   };
@@ -209,25 +209,17 @@ function fleetRow(device) {
   return row;
 }
 
-// The same filters as the API's (?tag=k=v&state=), applied here too, for tags given as
-// several comma-separated pairs.
-function matches(device, params) {
-  const state = params.get("state");
-  if (state && (state === "online") !== Boolean(device.online)) return false;
-  const tags = device.tags || {};
-  for (const pair of (params.get("tag") || "").split(",").map((p) => p.trim()).filter(Boolean)) {
-    const [key, ...rest] = pair.split("=");
-    if (tags[key] !== rest.join("=")) return false;
-  }
-  return true;
-}
-
 async function fleetView(_arg, params) {
+  // The API filters: each tag (AND-ed) and the state.
   const query = new URLSearchParams();
-  if (params.get("tag")) query.set("tag", params.get("tag"));
+  for (const tag of params.getAll("tag")) query.append("tag", tag);
   if (params.get("state")) query.set("state", params.get("state"));
-  const answer = await api("/devices" + (query.toString() ? "?" + query : ""));
-  const devices = (answer.devices || []).filter((d) => matches(d, params));
+  let devices;
+  try {
+    devices = (await api("/devices" + (query.toString() ? "?" + query : ""))).devices;
+  } catch (exc) {  // a bad filter (400 naming it): keep the filters to correct it
+    return [fleetFilters(params), el("p", { className: "error filter-error" }, exc.message)];
+  }
   const online = devices.filter((d) => d.online).length;
   const headings = ["device", "tags", "state", "last seen", "agent", "backend", "TPU", "outbox", "last alert"];
   return [
@@ -330,7 +322,6 @@ function resultsTable(results) {
 }
 
 function commandsTable(commands) {
-  if (commands === null) return el("p", { className: "muted no-commands-api" }, "This coordinator has no command list API (GET /devices/{id}/commands).");
   if (!commands.length) return el("p", { className: "muted" }, "No commands.");
   return table(["seq", "sent", "command", "status", "reply"], commands.map((c) => el("tr", { className: "command-row" },
     td(c.seq, "num"), td(when(c.created_ms)), el("td", null, el("pre", null, JSON.stringify(c.command))),
@@ -352,13 +343,10 @@ async function latestResults(id) {
   return cache.rows.slice().reverse();
 }
 
-async function telemetryHistory(id, device) {
-  const since = Date.now() - 3600 * 1000;
-  const answer = await optional(`/devices/${encodeURIComponent(id)}/telemetry?since_ms=${since}&limit=500`);
-  if (answer && Array.isArray(answer.telemetry)) {
-    return answer.telemetry.slice().sort((a, b) => a.created_ms - b.created_ms || a.cursor - b.cursor);
-  }
-  return device.telemetry ? [device.telemetry] : [];  // no history API: the latest batch
+// The latest telemetry messages (oldest first), each a batch of samples.
+async function telemetryHistory(id) {
+  const answer = await api(`/devices/${encodeURIComponent(id)}/telemetry?limit=100`);
+  return answer.telemetry;
 }
 
 async function deviceView(id) {
@@ -366,9 +354,9 @@ async function deviceView(id) {
   const device = await optional(base);
   if (device === null) return [el("p", null, el("a", { href: "#/" }, "← all devices")), el("p", { className: "empty" }, "No device " + id + " is enrolled.")];
   const [history, results, commands] = await Promise.all([
-    telemetryHistory(id, device),
+    telemetryHistory(id),
     latestResults(id),
-    optional(base + "/commands?limit=20"),
+    api(base + "/commands?limit=20"),
   ]);
   const points = series(history);
   const title = el("h2", null, "Device ", el("span", { className: "device-id" }, device.device_id));
@@ -387,7 +375,7 @@ async function deviceView(id) {
     el("h2", null, "Results (latest 10)"),
     resultsTable(results),
     el("h2", null, "Commands"),
-    commandsTable(commands === null ? null : commands.commands || []),
+    commandsTable(commands.commands),
   ];
 }
 
@@ -413,10 +401,6 @@ function progressBar(counts) {
   return el("div", { className: "progress" }, bar, legend);
 }
 
-function noJobsApi() {
-  return [el("h2", null, "Jobs"), el("p", { className: "muted no-jobs-api" }, "This coordinator has no jobs API (GET /jobs).")];
-}
-
 function jobLink(job) {
   return el("a", { href: "#/jobs/" + encodeURIComponent(job.id) }, "job " + job.id);
 }
@@ -429,9 +413,7 @@ function targetText(target) {
 }
 
 async function jobsView() {
-  const answer = await optional("/jobs");
-  if (answer === null) return noJobsApi();
-  const jobs = answer.jobs || [];
+  const jobs = (await api("/jobs")).jobs;
   if (!jobs.length) return [el("h2", null, "Jobs"), el("p", { className: "muted" }, "No jobs.")];
   return [el("h2", null, "Jobs"), table(["job", "command", "target", "state", "created", "progress"], jobs.map((j) => el("tr", { className: "job-row", job: String(j.id) },
     el("td", null, jobLink(j)), td(j.command && j.command.cmd), td(targetText(j.target)),
@@ -441,7 +423,7 @@ async function jobsView() {
 async function jobView(id) {
   const job = await optional("/jobs/" + encodeURIComponent(id) + "?limit=1000");
   const back = el("p", null, el("a", { href: "#/jobs" }, "← all jobs"));
-  if (job === null) return [back, el("p", { className: "muted" }, "No such job (or no jobs API).")];
+  if (job === null) return [back, el("p", { className: "empty" }, "No job " + id + ".")];
   const devices = job.devices || [];
   return [
     back,
