@@ -3,9 +3,9 @@ sent telemetry, alerts and results and answered a command, shared by the module'
 tests, and one headless chromium (cdp.py) to look at it.
 
 Devices (ids prefixed with the rig's tag): `berlin` (site=berlin hw=usb; online, TPU, a
-hostile alert), `paris` (site=paris; online, CPU only, a warning), `spare` (site=berlin;
-enrolled, never connected: offline); one job, a ping to site=berlin (berlin succeeded,
-spare still queued).
+hostile alert), `paris` (site=paris; online, CPU only, a warning, 1050 results), `spare`
+(site=berlin; enrolled, never connected: offline); one job, a ping to site=berlin (berlin
+succeeded, spare still queued).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from tests.sync.conftest import Rig
 
 REPO = Path(__file__).resolve().parents[2]
 TOKEN = "tok"  # the rig's [http] token
+PARIS_RESULTS = 1050
 HOSTILE = '<img src=x onerror="window.__pwned=1"><script>window.__pwned=2</script>'
 
 
@@ -113,16 +114,21 @@ async def _populate(rig: Rig) -> dict[str, str]:
     paris.enqueue(Kind.ALERT, {"code": "backend_fallback", "severity": "warning", "message": "cpu"})
     for job in range(3):
         berlin.enqueue(Kind.RESULT, result_body(job))
+    for job in range(PARIS_RESULTS):  # more than the page reads in one poll
+        paris.enqueue(Kind.RESULT, result_body(job))
     seq = await coordinator.send_command(berlin.device_id, "ping", {}, 60_000)
+    last_paris = f"job-{PARIS_RESULTS - 1}"
 
     async def landed() -> bool:
         command = await coordinator.command(berlin.device_id, seq)
         results = await coordinator.query("results_since", berlin.device_id, 0, 10)
+        paris_results = await coordinator.query("results_since", paris.device_id, 1000, 1000)
         alerts = await coordinator.query("latest", paris.device_id, Kind.ALERT, 5)
         rows = {r["device_id"]: r for r in await coordinator.query("devices")}
         online = rows[berlin.device_id]["online"] and rows[paris.device_id]["online"]
         replied = command is not None and command["status"] == "replied"
-        return bool(replied and len(results) == 3 and alerts and online)
+        paris_done = paris_results and paris_results[-1]["body"]["job_id"] == last_paris
+        return bool(replied and len(results) == 3 and paris_done and alerts and online)
 
     await until(landed, "telemetry, alerts, results and the reply stored")
     return {"berlin": berlin.device_id, "paris": paris.device_id, "spare": spare.device_id}

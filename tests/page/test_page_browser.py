@@ -10,7 +10,7 @@ import urllib.parse
 import pytest
 
 from tests.page.cdp import Browser, Page
-from tests.page.conftest import HOSTILE, Fleet, log_in
+from tests.page.conftest import HOSTILE, PARIS_RESULTS, Fleet, log_in
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -115,6 +115,21 @@ async def test_the_device_page_charts_telemetry_and_lists_alerts_results_command
     assert all("<b>not bold</b>" in c for c in commands)  # the reply, as text
     assert await session.evaluate("document.querySelectorAll('#view b').length") == 0
     await session.screenshot(fleet.artifacts / "device.png")
+
+
+async def test_the_results_are_the_latest_once_the_page_has_caught_up(
+    session: Page, fleet: Fleet
+) -> None:
+    """Results are read oldest first, 1000 a poll: the page says it is catching up until
+    it has read them all, then shows the newest first."""
+    await show(session, fleet, device_hash(fleet.ids["paris"]))
+    heading = "[...document.querySelectorAll('h2')].map(h => h.textContent).join('|')"
+    assert "Results (catching up: 1000 read" in await session.wait_for(heading)
+    await session.wait_for(f"{heading}.includes('Results (latest 10)')", timeout=20)
+    jobs = await session.evaluate(
+        "[...document.querySelectorAll('tr.result-row')].map(r => r.cells[1].textContent)"
+    )
+    assert jobs == [f"job-{n}" for n in range(PARIS_RESULTS - 1, PARIS_RESULTS - 11, -1)]
 
 
 async def test_a_hostile_alert_shows_as_text_and_never_runs(session: Page, fleet: Fleet) -> None:

@@ -317,7 +317,7 @@ function resultsTable(results) {
   if (!results.length) return el("p", { className: "muted" }, "No results.");
   return table(["time", "job", "graph", "method", "backend", "latency ms", "error bound"], results.map((r) => {
     const b = r.body || {};
-    return el("tr", null, td(when(r.created_ms)), td(b.job_id), td(b.graph_id), td(b.method), td(b.backend), td(b.latency_ms, "num"), td(b.error_bound, "num"));
+    return el("tr", { className: "result-row" }, td(when(r.created_ms)), td(b.job_id), td(b.graph_id), td(b.method), td(b.backend), td(b.latency_ms, "num"), td(b.error_bound, "num"));
   }));
 }
 
@@ -328,19 +328,23 @@ function commandsTable(commands) {
     td(c.status), el("td", null, c.reply ? el("pre", null, JSON.stringify(c.reply)) : "–"))));
 }
 
-// Results come oldest first after a cursor: keep walking from the last one seen.
-const resultCache = new Map();  // device id -> {next, rows}
+// Results come oldest first after a cursor (the API has no "latest"): walk on from the last
+// one seen, at most RESULT_PAGES pages per poll, and say so until the walk has caught up.
+const RESULT_PAGES = 10;
+const resultCache = new Map();  // device id -> {next, rows, read, caughtUp}
 
 async function latestResults(id) {
-  const cache = resultCache.get(id) || { next: 0, rows: [] };
-  for (let page = 0; page < 20; page++) {
+  const cache = resultCache.get(id) || { next: 0, rows: [], read: 0, caughtUp: false };
+  for (let page = 0; page < RESULT_PAGES; page++) {
     const answer = await api(`/devices/${encodeURIComponent(id)}/results?since=${cache.next}&limit=100`);
     cache.rows = cache.rows.concat(answer.results).slice(-10);
+    cache.read += answer.results.length;
     cache.next = answer.next;
-    if (answer.results.length < 100) break;
+    cache.caughtUp = answer.results.length < 100;
+    if (cache.caughtUp) break;
   }
   resultCache.set(id, cache);
-  return cache.rows.slice().reverse();
+  return cache;
 }
 
 // The latest telemetry messages (oldest first), each a batch of samples.
@@ -372,8 +376,8 @@ async function deviceView(id) {
       chart("diffusion_rate", "diffusions per second", points.rate, "/s")),
     el("h2", null, "Alerts"),
     alertsTable(device.alerts || []),
-    el("h2", null, "Results (latest 10)"),
-    resultsTable(results),
+    el("h2", null, results.caughtUp ? "Results (latest 10)" : `Results (catching up: ${results.read} read, newer ones follow)`),
+    resultsTable(results.rows.slice().reverse()),
     el("h2", null, "Commands"),
     commandsTable(commands.commands),
   ];
