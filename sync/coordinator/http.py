@@ -407,10 +407,11 @@ async def get_job(request: web.Request) -> web.Response:
     if cursor and not valid_device_id(cursor):
         raise _bad_query("cursor", "must be a device id (the previous page's `next`)")
     limit = _int_param(request, "limit", 100, 1, MAX_RESULTS)
-    devices = await coordinator.query("job_targets", job_id, cursor, limit)
-    page_full = len(devices) == limit
+    devices = await coordinator.query("job_targets", job_id, cursor, limit + 1)
+    more = len(devices) > limit  # one beyond the page says whether another page exists
+    devices = devices[:limit]
     return web.json_response(
-        {**job, "devices": devices, "next": devices[-1]["device_id"] if page_full else None}
+        {**job, "devices": devices, "next": devices[-1]["device_id"] if more else None}
     )
 
 

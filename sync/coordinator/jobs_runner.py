@@ -2,8 +2,9 @@
 and publishes the commands its tick claimed, on the one command path (Coordinator
 `publish_command`, as `send_command` uses).
 
-The tick runs on the writer thread, like ingest and housekeeping, in one transaction; the
-publishes follow its commit, then `job_published` starts their reply timeouts. A claim this
+The tick is one store transaction (on the writer thread for SQLite, its own thread for
+PostgreSQL; backing off to 5 s while the store is down); the publishes follow its commit,
+then `job_published` starts their reply timeouts. A claim this
 replica could not publish (broker down, device removed) keeps its lease and is published
 again, with the same seq, by whichever replica ticks after the lease ran out.
 """
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 TICK_S = 0.2
 LEASE_MS = 10_000  # a killed replica's unpublished claims go to the others after this
 MAX_SENDS_PER_TICK = 200
+BACKOFF_MAX_S = 5.0
 
 
 class JobRunner:
@@ -50,24 +52,29 @@ class JobRunner:
         self.max_sends = max_sends
 
     async def run_forever(self) -> None:
+        pause = self.tick_s
         while True:
             try:
                 await self.tick()
             except (StoreUnavailable, sqlite3.Error) as exc:
                 log.debug("job tick skipped: %s", exc)
+                pause = min(BACKOFF_MAX_S, pause * 2)  # a store that is down is not hammered
             except Exception:
                 log.exception("job tick failed")
-            await asyncio.sleep(self.tick_s)
+                pause = min(BACKOFF_MAX_S, pause * 2)
+            else:
+                pause = self.tick_s
+            await asyncio.sleep(pause)
 
     async def tick(self) -> Tick:
         coordinator = self.coordinator
         store = coordinator.store
-        result: Tick = await coordinator.run_on_writer(
+        result: Tick = await coordinator.run_for_jobs(
             store.job_tick, _now_ms(), self.owner, self.lease_ms, self.max_sends
         )
         published = [s for s in result.sends if await self._publish(s)]
         if published:
-            await coordinator.run_on_writer(store.job_published, self.owner, published, _now_ms())
+            await coordinator.run_for_jobs(store.job_published, self.owner, published, _now_ms())
         self._count(result)
         return result
 

@@ -121,6 +121,12 @@ class Coordinator:
             2, thread_name_prefix="coord-read"
         )
         self._reader: Store | None = None
+        # The job runner's store calls: on the writer thread for SQLite (one connection,
+        # one writer), on a thread of their own otherwise, so a store outage that makes a
+        # tick wait for the pool never holds up ingest's recovery.
+        self._jobs_executor = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="coord-jobs"
+        )
         ingest = config.ingest
         self._queue = FairQueue(queue_limits(ingest))
         self._quotas = Quotas(quota_policy(ingest))
@@ -213,6 +219,7 @@ class Coordinator:
             await self._db(self._store.close)
         self._executor.shutdown(wait=True)
         self._read_executor.shutdown(wait=True)
+        self._jobs_executor.shutdown(wait=True)
 
     async def wait_connected(self, timeout: float | None = None) -> None:
         assert self.mqtt is not None
@@ -257,9 +264,14 @@ class Coordinator:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     async def run_on_writer(self, fn: Any, *args: Any) -> Any:
-        """A store write from another module (the job runner, the API's job calls), on
-        the one database thread, from any loop."""
+        """A store write from another module (the API's job calls, tests), on the one
+        database thread, from any loop."""
         return await self._db(fn, *args)
+
+    async def run_for_jobs(self, fn: Any, *args: Any) -> Any:
+        """The job runner's store call (see `_jobs_executor`)."""
+        pool = self._executor if isinstance(self.store, SqliteStore) else self._jobs_executor
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
 
     # -- fleet -----------------------------------------------------------------------------
 

@@ -559,22 +559,24 @@ class SqliteStore:
 
     # -- jobs (the SQL is jobs_store.py's, shared with PgStore) --------------------------
 
-    def _job_tx(self, fn: Callable[..., T], *args: Any) -> T:
+    def _job_tx(self, fn: Callable[..., T], *args: Any, write: bool = True) -> T:
+        """One transaction: a write takes the write lock first; a read (the API's, on the
+        reader connection) a WAL snapshot, so it never waits for ingest."""
         with self._lock, self._db:
-            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
             return fn(jobs_store.Tx(self._db, jobs_store.SQLITE), *args)
 
     def create_job(self, spec: JobSpec, now_ms: int) -> dict[str, Any]:
         return self._job_tx(jobs_store.create_job, spec, now_ms)
 
     def jobs(self, limit: int) -> list[dict[str, Any]]:
-        return self._job_tx(jobs_store.list_jobs, limit)
+        return self._job_tx(jobs_store.list_jobs, limit, write=False)
 
     def job(self, job_id: int) -> dict[str, Any] | None:
-        return self._job_tx(jobs_store.get_job, job_id)
+        return self._job_tx(jobs_store.get_job, job_id, write=False)
 
     def job_targets(self, job_id: int, after: str, limit: int) -> list[dict[str, Any]]:
-        return self._job_tx(jobs_store.job_targets, job_id, after, limit)
+        return self._job_tx(jobs_store.job_targets, job_id, after, limit, write=False)
 
     def cancel_job(self, job_id: int, now_ms: int) -> dict[str, Any] | None:
         return self._job_tx(jobs_store.cancel_job, job_id, now_ms)
