@@ -22,7 +22,7 @@ from typing import Any
 
 import aiohttp
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM = shutil.which("chromium")  # Debian's; tests/run installs it
 FLAGS = [
     "--headless",
     "--no-sandbox",
@@ -43,6 +43,7 @@ class CdpError(AssertionError):
 
 def _spawn(profile: Path, log: Path) -> subprocess.Popen[bytes]:
     profile.mkdir(parents=True, exist_ok=True)
+    assert CHROMIUM is not None
     argv = [CHROMIUM, *FLAGS, f"--user-data-dir={profile}", "--remote-debugging-port=0"]
     with log.open("wb") as out:
         return subprocess.Popen([*argv, "about:blank"], stdout=out, stderr=subprocess.STDOUT)

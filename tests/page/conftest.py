@@ -25,7 +25,7 @@ import pytest_asyncio
 from dgdm.sync.broker import Broker
 from dgdm.sync.coordinator.service import Coordinator
 from dgdm.sync.envelope import Kind
-from tests.page.cdp import Browser, Page, artifacts_dir
+from tests.page.cdp import CHROMIUM, Browser, Page, artifacts_dir
 from tests.sync.conftest import Rig
 
 REPO = Path(__file__).resolve().parents[2]
@@ -171,6 +171,8 @@ async def fleet(
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def browser(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Browser]:
+    if CHROMIUM is None:
+        pytest.skip("no chromium: apt-get install chromium (tests/run installs it)")
     root = tmp_path_factory.mktemp("chromium")
     chromium = await Browser.launch(root / "profile", root / "chromium.log")
     try:
