@@ -107,6 +107,17 @@ def _over_https(request: web.Request) -> bool:
     return request.secure or request.headers.get("X-Forwarded-Proto") == "https"
 
 
+async def _small_body(request: web.Request) -> bytes | None:
+    """The login form's body, or None beyond MAX_LOGIN_BYTES (read no further)."""
+    body = b""
+    while len(body) <= MAX_LOGIN_BYTES:
+        chunk = await request.content.read(MAX_LOGIN_BYTES + 1 - len(body))
+        if not chunk:
+            return body
+        body += chunk
+    return None
+
+
 def add_routes(app: web.Application, token: str | None) -> None:
     async def index(request: web.Request) -> web.Response:
         return _respond(_static("index.html"), "text/html")
@@ -127,8 +138,8 @@ def add_routes(app: web.Application, token: str | None) -> None:
             return _redirect("/")
         if not _same_origin(request):
             return login_page("origin", status=403)
-        body = await request.content.read(MAX_LOGIN_BYTES + 1)
-        if len(body) > MAX_LOGIN_BYTES:
+        body = await _small_body(request)
+        if body is None:
             return login_page("wrong", status=413)
         given = parse_qs(body.decode("utf-8", "replace")).get("token", [""])[0]
         if not page_session.token_matches(given, token):

@@ -120,6 +120,19 @@ async def test_an_oversized_login_body_is_refused(
     response = await login(http, fleet, "x" * 10_000)
     assert response.status == 413
 
+    async def endless() -> AsyncIterator[bytes]:  # chunked: no Content-Length to go by
+        yield b"token="
+        for _ in range(64):
+            yield b"x" * 1024
+
+    async with http.post(
+        fleet.base + "/login",
+        data=endless(),
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+        allow_redirects=False,
+    ) as chunked:
+        assert chunked.status == 413
+
 
 async def test_the_cookie_reads_but_never_acts(http: aiohttp.ClientSession, fleet: Fleet) -> None:
     cookie = {COOKIE: page_session.mint(TOKEN, time.time())}
