@@ -11,6 +11,7 @@ succeeded, spare still queued).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -23,6 +24,7 @@ import pytest
 import pytest_asyncio
 
 from dgdm.sync.broker import Broker
+from dgdm.sync.coordinator.config import StoreSection
 from dgdm.sync.coordinator.service import Coordinator
 from dgdm.sync.envelope import Kind
 from tests.page.cdp import CHROMIUM, Browser, Page, artifacts_dir
@@ -153,11 +155,11 @@ async def _start_job(coordinator: Coordinator, base: str) -> int:
     return job_id
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def fleet(
-    mqtt_broker: Broker, tmp_path_factory: pytest.TempPathFactory
+@contextlib.asynccontextmanager
+async def running_fleet(
+    broker: Broker, root: Path, tag: str, store: StoreSection | None = None
 ) -> AsyncIterator[Fleet]:
-    rig = Rig(mqtt_broker, tmp_path_factory.mktemp("page-rig"), f"pg{os.getpid()}")
+    rig = Rig(broker, root, tag, store)
     try:
         coordinator = await rig.start_coordinator()
         ids = await _populate(rig)
@@ -167,6 +169,15 @@ async def fleet(
         yield Fleet(coordinator, base, ids, last["seq"], job_id, artifacts_dir(REPO))
     finally:
         await rig.close()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def fleet(
+    mqtt_broker: Broker, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Fleet]:
+    root = tmp_path_factory.mktemp("page-rig")
+    async with running_fleet(mqtt_broker, root, f"pg{os.getpid()}") as running:
+        yield running
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
