@@ -238,7 +238,7 @@ def test_command_and_telemetry_histories(store: Store) -> None:
     assert since[0]["body"]["samples"][-1]["ts_ms"] == NOW + 2
 
 
-@pytest.mark.parametrize("n", [500, pytest.param(5000, marks=pytest.mark.bench)])
+@pytest.mark.parametrize("n", [200, pytest.param(5000, marks=pytest.mark.bench)])
 def test_the_fleet_lists_in_one_query(store: Store, n: int) -> None:
     """One query for the whole fleet: each device with tags, 10-sample telemetry and an
     alert. The figure is printed (README quotes the 5,000 of `pytest -m bench`); the
