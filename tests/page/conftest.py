@@ -203,8 +203,16 @@ async def log_in(page: Page, base: str, token: str = TOKEN) -> None:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def session(browser: Browser, fleet: Fleet) -> AsyncIterator[Page]:
-    """A tab logged in to the fleet page."""
+    """A tab logged in to the fleet page; `window.__csp` collects any CSP violation."""
     page = await browser.page()
+    await page.call("Page.enable")
+    await page.call(
+        "Page.addScriptToEvaluateOnNewDocument",
+        {
+            "source": "window.__csp = []; document.addEventListener('securitypolicyviolation',"
+            " e => window.__csp.push(e.violatedDirective + ' ' + e.blockedURI))"
+        },
+    )
     await log_in(page, fleet.base)
     await page.wait_for("document.querySelector('tr.device-row') !== null")
     try:

@@ -218,3 +218,23 @@ async def test_a_hostile_device_id_in_the_link_shows_as_text(session: Page, flee
         await session.evaluate("document.querySelectorAll('#view img, #view script').length") == 0
     )
     assert await session.evaluate("window.__pwned === undefined")
+
+
+async def test_every_view_renders_within_the_content_security_policy(
+    session: Page, fleet: Fleet
+) -> None:
+    """No inline script or style anywhere (the policy would block it and say so)."""
+    for route in ("#/", device_hash(fleet.ids["berlin"]), "#/jobs", f"#/jobs/{fleet.job_id}"):
+        await show(session, fleet, route)
+        await session.wait_for("document.querySelector('#view table') !== null")
+    assert await session.evaluate("window.__csp") == []
+    styles = await session.evaluate("document.querySelectorAll('[style], style').length")
+    assert styles == 0
+    # the check itself works: an inline script is blocked and reported
+    await session.evaluate(
+        "const s = document.createElement('script'); s.textContent = 'window.__ran = 1';"
+        " document.body.append(s)"
+    )
+    assert "inline" in await session.wait_for("window.__csp.join(' ')")
+    assert await session.evaluate("window.__ran === undefined")
+    await session.evaluate("window.__csp = []")
