@@ -15,14 +15,19 @@ API's reads, and /login just redirects to it.
 
 from __future__ import annotations
 
+import functools
 import importlib.resources
+import logging
 import time
 from urllib.parse import parse_qs, urlsplit
 
 from aiohttp import web
 
 from dgdm.sync.coordinator import page_session
+from dgdm.sync.coordinator.lograte import LogRate
 
+log = logging.getLogger(__name__)
+_REFUSED_LOG = LogRate(60.0)  # a refused login: one line per peer and reason a minute
 ASSETS = {
     "app.js": "text/javascript",
     "page.css": "text/css",
@@ -42,10 +47,12 @@ SECURITY_HEADERS = {
 _LOGIN_MESSAGES = {
     None: "",
     "wrong": "That is not this coordinator's API token.",
+    "long": "That is longer than any token this form takes.",
     "origin": "The login form must be sent from this coordinator's own page.",
 }
 
 
+@functools.cache  # package files: read once, never on each request
 def _static(name: str) -> bytes:
     resource = importlib.resources.files("dgdm.sync.coordinator").joinpath(f"static/{name}")
     return resource.read_bytes()
@@ -107,6 +114,15 @@ def _over_https(request: web.Request) -> bool:
     return request.secure or request.headers.get("X-Forwarded-Proto") == "https"
 
 
+def _log_refusal(request: web.Request, why: str) -> None:
+    key = f"{request.remote} {why}"
+    if _REFUSED_LOG.allow(key, time.monotonic()):
+        held = _REFUSED_LOG.take_suppressed(key)
+        log.warning(
+            "fleet page login refused from %s: %s (%d more held back)", request.remote, why, held
+        )
+
+
 async def _small_body(request: web.Request) -> bytes | None:
     """The login form's body, or None beyond MAX_LOGIN_BYTES (read no further)."""
     body = b""
@@ -137,12 +153,14 @@ def add_routes(app: web.Application, token: str | None) -> None:
         if not token:
             return _redirect("/")
         if not _same_origin(request):
+            _log_refusal(request, "cross-site form")
             return login_page("origin", status=403)
         body = await _small_body(request)
         if body is None:
-            return login_page("wrong", status=413)
+            return login_page("long", status=413)
         given = parse_qs(body.decode("utf-8", "replace")).get("token", [""])[0]
         if not page_session.token_matches(given, token):
+            _log_refusal(request, "wrong token")
             return login_page("wrong")
         response = _redirect("/")
         response.set_cookie(

@@ -3,6 +3,7 @@ security headers, the cookie's attributes, what the cookie may and may not do.""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator
 
@@ -74,6 +75,17 @@ async def test_a_wrong_token_sets_no_cookie(http: aiohttp.ClientSession, fleet: 
     response = await login(http, fleet, "wrong")
     assert response.status == 401
     assert "Set-Cookie" not in response.headers
+
+
+async def test_refused_logins_are_logged_rarely_and_never_with_the_token_given(
+    http: aiohttp.ClientSession, fleet: Fleet, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="dgdm.sync.coordinator.page"):
+        for _ in range(5):
+            assert (await login(http, fleet, "guess-0xC0FFEE")).status == 401
+    lines = [r.getMessage() for r in caplog.records if r.name == "dgdm.sync.coordinator.page"]
+    assert len(lines) <= 1, lines  # one a minute per peer (an earlier test may have had it)
+    assert not any("C0FFEE" in line for line in caplog.text.splitlines())
 
 
 async def test_the_right_token_sets_a_strict_http_only_cookie(
