@@ -173,6 +173,20 @@ async def test_without_a_session_the_page_is_a_login_form_with_no_data(
         await page.close()
 
 
+async def test_log_out_ends_the_session(browser: Browser, fleet: Fleet) -> None:
+    page = await browser.page()
+    try:
+        await log_in(page, fleet.base)
+        await page.wait_for("document.querySelector('tr.device-row') !== null")
+        await page.evaluate("document.querySelector('#logout button').click()")
+        await page.wait_for("document.getElementById('token') !== null")
+        await page.goto(fleet.base + "/")
+        await page.wait_for("document.getElementById('token') !== null")
+        assert await page.evaluate("fetch('/devices').then(r => r.status)") == 401
+    finally:
+        await page.close()
+
+
 async def test_the_session_reads_but_can_never_send_a_command(session: Page, fleet: Fleet) -> None:
     berlin = fleet.ids["berlin"]
     assert await session.evaluate("document.cookie") == ""  # HttpOnly: no script sees it
