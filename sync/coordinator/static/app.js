@@ -269,10 +269,16 @@ function chart(name, caption, points, unit) {
     const line = svg("polyline", { points: points.map((p) => x(p[0]).toFixed(1) + "," + y(p[1]).toFixed(1)).join(" ") });
     const top = svg("text", { x: 2, y: 12 }); top.textContent = fmt(v1) + " " + unit;
     const bottom = svg("text", { x: 2, y: height - 4 }); bottom.textContent = fmt(v0) + " " + unit;
-    const span = svg("text", { x: width - 110, y: height - 4 });
-    span.textContent = Math.round((t1 - t0) / 1000) + " s shown";
+    const span = svg("text", { x: width - 150, y: height - 4 });
+    span.textContent = new Date(t0).toLocaleTimeString() + " – " + new Date(t1).toLocaleTimeString();
     box.append(line, top, bottom, span);
-    for (const p of points.length <= 60 ? points : []) box.append(svg("circle", { cx: x(p[0]).toFixed(1), cy: y(p[1]).toFixed(1), r: 2, fill: "#1565c0" }));
+    for (const p of points.length <= 60 ? points : []) {
+      const dot = svg("circle", { cx: x(p[0]).toFixed(1), cy: y(p[1]).toFixed(1), r: 2, fill: "#1565c0" });
+      const tip = svg("title");  // hover: when and how much
+      tip.textContent = new Date(p[0]).toLocaleTimeString() + ": " + fmt(p[1]) + " " + unit;
+      dot.append(tip);
+      box.append(dot);
+    }
   } else {
     const none = svg("text", { x: width / 2 - 40, y: height / 2 }); none.textContent = "no data yet";
     box.append(none);
