@@ -1,8 +1,8 @@
 """A job across two real coordinator processes on one PostgreSQL store, one of them
-SIGKILLed mid-job: the survivor finishes the job, every device runs the command exactly
-once, and no device was given a second seq for it (the claim records the seq before the
-publish; a lost claim is published again with the same seq, and a device executes a seq
-at most once)."""
+SIGKILLed mid-job, and claims of a third that never published them: the survivor finishes
+the job, every device runs the command exactly once, and no device was given a second seq
+for it (the claim records the seq before the publish; a lost claim is published again
+with the same seq once its lease ran out, and a device executes a seq at most once)."""
 
 from __future__ import annotations
 
@@ -147,6 +147,15 @@ async def test_a_replica_killed_mid_job_leaves_the_job_to_the_other(
             {"target": {"tags": {"site": "kill"}}, "command": {"cmd": "ping"}, "rate_per_s": 4}
         )
         job = store.create_job(spec, time.time_ns() // 1_000_000)
+        # A third "replica" claims a few devices and dies before publishing: its claims
+        # (seq allocated and recorded) must be published by the others, with those seqs.
+        ghost: list[Any] = []
+        for _ in range(50):
+            ghost = store.job_tick(time.time_ns() // 1_000_000, "ghost", 3000, 3).sends
+            if ghost:
+                break
+            await asyncio.sleep(0.05)
+        assert ghost
         victim, survivor = replicas
 
         def victim_sent() -> bool:
@@ -168,6 +177,7 @@ async def test_a_replica_killed_mid_job_leaves_the_job_to_the_other(
         # Every device ran the job's command once, with the seq its target row records.
         targets = {t["device_id"]: t["seq"] for t in store.job_targets(job["id"], "", 100)}
         assert calls == {d: [s] for d, s in targets.items()}
+        assert {s.device_id: s.seq for s in ghost}.items() <= targets.items()
         for device in devices:  # one stored command per device: no second seq
             assert len(store.commands(device.device_id, 10)) == 1
     finally:
