@@ -45,6 +45,8 @@ def test_wheel_has_only_the_dgdm_namespace(wheel: Path) -> None:
     assert "dgdm/__init__.py" not in names  # an implicit namespace package
     for package in ("agent", "sync", "kernels"):
         assert f"dgdm/{package}/__init__.py" in names
+    for page in ("index.html", "login.html", "app.js", "page.css"):  # the fleet page
+        assert f"dgdm/sync/coordinator/static/{page}" in names
 
 
 def test_wheel_imports_without_the_source_tree(wheel: Path, tmp_path: Path) -> None:

@@ -151,9 +151,13 @@ def test_half_open_connections_leave_healthz_and_diffuse_answering(
     assert attacker.opened >= HALF_OPEN
     assert attacker.closed_by_server > 0  # held connections are cut, not kept forever
     # Every probe answered (each has a 5 s timeout); the p99 < 100 ms holds on a
-    # quiet machine, this bound also on a loaded CI box.
-    assert percentile(health, 0.99) < 1000.0
-    assert percentile(diffuse, 0.99) < 1000.0
+    # quiet machine. A probe whose SYN the kernel dropped (the attacker's reconnect bursts
+    # overflow the listen queue) waits the 1 s retransmit, so on a loaded box p99 can be
+    # just above 1 s (1,032 ms seen): the coordinator test's bounds.
+    for latencies in (health, diffuse):
+        assert max(latencies) < 5000.0
+        assert percentile(latencies, 0.99) < 2000.0
+        assert percentile(latencies, 0.5) < 100.0
     assert 'dgdm_http_refused_total{reason="evicted_idle"}' in metrics
     assert log_growth < 20_000, agent.log_tail()
     assert agent.proc.poll() is None

@@ -54,13 +54,6 @@ AGENT_TOKEN = "agent-token-93c0d7a1e6f24b58"
 DEVICES = ("edge-mon-1", "edge-mon-2")  # the first has an HTTP token
 # Exported only where the hardware provides it: a PCIe Edge TPU's sysfs temperature.
 HARDWARE_ONLY = {"dgdm_tpu_temperature_celsius"}
-# The fleet jobs' metrics come with branch h/fleet; at merge time this set goes (the test
-# fails once they are scraped, so it cannot be forgotten).
-PENDING = {
-    "dgdm_coordinator_jobs_aborted_total",
-    "dgdm_coordinator_jobs_active",
-    "dgdm_coordinator_job_targets",
-}
 METRIC_NAME = re.compile(r"\b(dgdm_[a-z0-9_]+|up)\b")
 
 
@@ -480,7 +473,7 @@ def test_every_dashboard_expression_returns_data(stack: Stack) -> None:
     empty = []
     for title, expr in _panel_targets():
         names = metric_names(expr)
-        if names & (PENDING | HARDWARE_ONLY):
+        if names & HARDWARE_ONLY:
             continue
         if not stack.query(expr.replace("$device", DEVICES[0])):
             empty.append((title, expr))
@@ -498,7 +491,7 @@ def test_every_metric_a_rule_or_panel_names_is_exported(stack: Stack) -> None:
     named = {n for rule in _alerts().values() for n in metric_names(rule["expr"])}
     named |= {n for _, expr in _panel_targets() for n in metric_names(expr)}
     missing = named - exported
-    assert missing == PENDING | HARDWARE_ONLY
+    assert missing == HARDWARE_ONLY
     # The hardware-only name is one the agent exports where it has a temperature.
     assert "dgdm_tpu_temperature_celsius" in (REPO / "agent" / "metrics.py").read_text()
 
