@@ -1,4 +1,5 @@
-"""Commands from the coordinator (MQTT `cmd` topic, SPEC §6): ping, status, diffuse.
+"""Commands from the coordinator (MQTT `cmd` topic, SPEC §6): ping, status, diffuse,
+set_config (reloadable settings, see `remote_config`).
 
 `on_command` is what the link awaits for each command; it always returns a reply body,
 with `ok: false` and the reason for bad input or an unknown command.
@@ -41,4 +42,6 @@ async def _command(agent: Agent, cmd: str, args: Any) -> Any:
             raise GraphError("args", "must be a graph object")
         result, seq = await agent.diffuse("command", args.get("graph", args), queue=True)
         return command_answer(result, seq)
-    raise AgentError(f"unknown command {cmd!r} (known: ping, status, diffuse)")
+    if cmd == "set_config":
+        return await agent.set_config(args)
+    raise AgentError(f"unknown command {cmd!r} (known: ping, status, diffuse, set_config)")

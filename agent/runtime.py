@@ -21,7 +21,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
-from dgdm.agent import logs, monitors, remote, spool, uplink
+from dgdm.agent import logs, monitors, remote, remote_config, spool, uplink
 from dgdm.agent.alerts import Alert, AlertPolicy, Alerts
 from dgdm.agent.answers import result_body
 from dgdm.agent.config import AgentConfig, load_config
@@ -50,8 +50,11 @@ class Agent:
         env: dict[str, str] | None = None,
     ) -> None:
         self.config = config
+        # The file's (and env's) settings, under what the coordinator set (remote_config).
+        self._file_config = config
         self.config_path = config_path
         self.env = env
+        self._config_lock = asyncio.Lock()
         self.started_wall = time.time()
         self._started = time.monotonic()
         self.metrics = AgentMetrics()
@@ -112,6 +115,9 @@ class Agent:
         fd_limit = raise_fd_limit(log)
         self.connections.max_total = connection_cap(self.config.http.max_connections, fd_limit)
         self.config.device.data_dir.mkdir(parents=True, exist_ok=True)
+        overlay = await asyncio.to_thread(remote_config.load, self._overlay_path())
+        if overlay:
+            self._apply_config(remote_config.apply(self._file_config, overlay))
         # The engine (numpy, scipy, TFLite imports and backend probes) loads in a thread
         # while this one imports and builds the HTTP app: both are needed before listening.
         engine = asyncio.create_task(asyncio.to_thread(self._open_engine))
@@ -338,18 +344,47 @@ class Agent:
     # -- SIGHUP ---------------------------------------------------------------------------
 
     async def reload(self) -> None:
-        try:
-            new = await asyncio.to_thread(load_config, self.config_path, self.env)
-        except DgdmError as exc:
-            log.error("reload refused, keeping the running config", extra={"error": str(exc)})
-            return
+        async with self._config_lock:
+            try:
+                new = await asyncio.to_thread(load_config, self.config_path, self.env)
+                overlay = await asyncio.to_thread(remote_config.load, self._overlay_path())
+                running = remote_config.apply(new, overlay)
+            except DgdmError as exc:
+                details = {"error": str(exc)}
+                log.error("reload refused, keeping the running config", extra=details)
+                return
+            self._file_config = new
+            applied, ignored = self._apply_config(running)
+        log.info("config reloaded", extra={"applied": applied, "needs_restart": ignored})
+        self.notifier.status(f"reloaded: {', '.join(applied) or 'nothing changed'}")
+
+    async def set_config(self, args: Any) -> dict[str, Any]:
+        """The `set_config` command: reloadable settings from the coordinator, checked
+        whole, saved (they outlive a restart) and applied; `null` gives a key back to the
+        file. Raises ConfigError naming the first bad key, changing nothing."""
+        change = remote_config.parse(args)
+        path = self._overlay_path()
+        async with self._config_lock:
+            saved = await asyncio.to_thread(remote_config.load, path)
+            overlay = remote_config.merged(saved, change)
+            running = remote_config.apply(self._file_config, overlay)
+            await asyncio.to_thread(remote_config.save, path, overlay)
+            applied, _ = self._apply_config(running)
+        values = {k: getattr(getattr(running, k.split(".")[0]), k.split(".")[1]) for k in change}
+        log.info("config set by the coordinator", extra={"applied": applied})
+        return {"applied": values, "changed": applied, "remote": overlay}
+
+    def _overlay_path(self) -> Path:
+        return remote_config.overlay_path(self._file_config)
+
+    def _apply_config(self, new: AgentConfig) -> tuple[list[str], list[str]]:
+        """Take the reloadable settings of `new`; returns (applied, needs restart)."""
         applied, ignored = changed_settings(self.config, new)
         self.config = merge_reloadable(self.config, new)
         logs.set_level(self.config.log.level)
         self.alerts.policy.repeat_s = self.config.alerts.repeat_s
         self.alerts.policy.max_per_minute = self.config.alerts.max_per_minute
-        log.info("config reloaded", extra={"applied": applied, "needs_restart": ignored})
-        self.notifier.status(f"reloaded: {', '.join(applied) or 'nothing changed'}")
+        return applied, ignored
 
 
 def _log_failure(task: asyncio.Task[Any]) -> None:

@@ -305,3 +305,30 @@ def _read_secret(path: Path, name: str) -> str:
         return path.read_text(encoding="utf-8").strip()
     except OSError as exc:
         raise ConfigError(name, f"cannot read secret file {path}: {exc.strerror}") from exc
+
+
+def with_overrides(settings: T, overrides: Mapping[str, Any]) -> T:
+    """`settings` with some dotted keys (`section.key`) replaced, each value converted and
+    range-checked as the same value in the TOML file would be. An unknown key, a secret (set
+    in the file or a credential, never over the wire) or a bad value raises `ConfigError`
+    naming the key."""
+    hints = typing.get_type_hints(type(settings))
+    sections = {f.name for f in dataclasses.fields(settings)}  # type: ignore[arg-type]
+    changed: dict[str, dict[str, Any]] = {}
+    for name, value in overrides.items():
+        section, _, key = name.partition(".")
+        if section not in sections:
+            raise ConfigError(name, "is not a known setting")
+        cls = hints[section]
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if key not in fields:
+            raise ConfigError(name, "is not a known setting")
+        if fields[key].metadata.get("secret"):
+            raise ConfigError(name, "is a secret: set it in the config file or a credential")
+        hint = typing.get_type_hints(cls)[key]
+        changed.setdefault(section, {})[key] = _convert(value, hint, name, fields[key])
+    replaced = {
+        section: dataclasses.replace(getattr(settings, section), **values)
+        for section, values in changed.items()
+    }
+    return dataclasses.replace(settings, **replaced)  # type: ignore[type-var]
