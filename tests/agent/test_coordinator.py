@@ -14,6 +14,7 @@ from dgdm.sync.coordinator.config import (
     HttpSection,
     MqttSection,
 )
+from dgdm.sync.coordinator.jobs import parse_job
 from dgdm.sync.coordinator.service import Coordinator
 from dgdm.sync.crypto import generate_keypair
 from dgdm.sync.envelope import Kind
@@ -90,6 +91,26 @@ async def test_telemetry_results_and_commands_reach_the_coordinator(
         done = await _eventually(reply)
         assert done["reply"]["ok"] is True, done
         assert done["reply"]["data"]["pong"] is True
+
+        # A set_config job to the tag the box carries changes its telemetry interval.
+        await asyncio.to_thread(coordinator.store.tag, DEVICE, {"site": "berlin"})
+        spec = parse_job(
+            {
+                "target": {"tags": {"site": "berlin"}},
+                "command": {"cmd": "set_config", "args": {"telemetry": {"interval_s": 0.3}}},
+            }
+        )
+        created = await coordinator.create_job(spec)
+
+        async def job_done() -> Any:
+            job = await coordinator.query("job", created["id"])
+            return job if job["state"] != "running" else None
+
+        job = await _eventually(job_done)
+        assert job["state"] == "completed", job
+        assert job["counts"]["succeeded"] == 1, job
+        status = (await asyncio.to_thread(agent.get, "/status")).json()
+        assert status["config"]["telemetry"]["interval_s"] == 0.3
 
         # Plaintext telemetry is never receipted (only sealed envelopes advance receipts);
         # the agent drops it from its outbox at the broker's PUBACK instead of resending it.
