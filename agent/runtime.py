@@ -22,8 +22,9 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
-from dgdm.agent import logs, monitors, remote, spool, uplink
+from dgdm.agent import anomaly_alerts, logs, monitors, remote, spool, uplink
 from dgdm.agent.alerts import Alert, AlertPolicy, Alerts
+from dgdm.agent.anomaly import LatencyDetector
 from dgdm.agent.answers import result_body
 from dgdm.agent.config import AgentConfig, load_config
 from dgdm.agent.diffusion import EngineJobs
@@ -68,6 +69,7 @@ class Agent:
         self.alerts = Alerts(
             AlertPolicy(config.alerts.repeat_s, config.alerts.max_per_minute), self._queue_alert
         )
+        self.anomalies = LatencyDetector()
         self.engine: Any = None
         self.jobs: EngineJobs | None = None
         self.outbox: Any = None
@@ -284,7 +286,9 @@ class Agent:
     ) -> tuple[Any, int | None]:
         self._check_outbox(queue)
         assert self.jobs is not None
-        return await self._finish(await self.jobs.diffuse_registered(graph_id, data), source, queue)
+        result = await self.jobs.diffuse_registered(graph_id, data)
+        anomaly_alerts.watch(self.anomalies, self.alerts, graph_id, result, time.monotonic())
+        return await self._finish(result, source, queue)
 
     def _check_outbox(self, queue: bool) -> None:
         if queue and self.outbox is None:
