@@ -20,12 +20,13 @@ import time
 from collections import deque
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from dgdm.agent import anomaly_alerts, logs, monitors, remote, spool, uplink
 from dgdm.agent.alerts import Alert, AlertPolicy, Alerts
 from dgdm.agent.anomaly import LatencyDetector
 from dgdm.agent.answers import result_body
+from dgdm.agent.backup_cli import lock_path
 from dgdm.agent.config import AgentConfig, load_config
 from dgdm.agent.diffusion import EngineJobs
 from dgdm.agent.errors import AgentError, NoOutbox
@@ -37,6 +38,7 @@ from dgdm.agent.telemetry import LatencyWindow, TelemetryBatcher
 from dgdm.agent.tpu import TpuMonitor
 from dgdm.agent.work import GraphParser, WorkQueue
 from dgdm.kernels.errors import DgdmError
+from dgdm.sync import datalock
 
 log = logging.getLogger("dgdm.agent")
 STOP_BUDGET_S = 10.0
@@ -87,6 +89,7 @@ class Agent:
         self._side_tasks: set[asyncio.Task[Any]] = set()
         self._unsent_alerts: deque[Alert] = deque(maxlen=UNSENT_ALERTS)
         self._alerts_lock = asyncio.Lock()
+        self._data_lock: IO[bytes] | None = None  # held while running: no restore meanwhile
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -115,6 +118,7 @@ class Agent:
         fd_limit = raise_fd_limit()
         self.connections.max_total = connection_cap(self.config.http.max_connections, fd_limit)
         self.config.device.data_dir.mkdir(parents=True, exist_ok=True)
+        self._data_lock = datalock.hold_shared(lock_path(self.config), "the agent")
         # The engine (numpy, scipy, TFLite imports and backend probes) loads in a thread
         # while this one imports and builds the HTTP app: both are needed before listening.
         engine = asyncio.create_task(asyncio.to_thread(self._open_engine))
@@ -187,6 +191,8 @@ class Agent:
         if self.engine is not None and hasattr(self.engine, "close"):
             await asyncio.to_thread(self.engine.close)
         self.notifier.close()
+        if self._data_lock is not None:
+            self._data_lock.close()
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.create_task(coro)

@@ -76,6 +76,10 @@ def _register_coordinator(subparsers: argparse._SubParsersAction[argparse.Argume
     _config_arg(show, nested=True)
     show.set_defaults(func=_devices_list)
 
+    from dgdm.sync import backup_cli
+
+    backup_cli.register(actions)
+
 
 def _register_telemetry(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     telemetry = subparsers.add_parser("telemetry", help="fleet telemetry")
