@@ -10,6 +10,7 @@ cluster, on which a coordinator carries on."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -18,14 +19,17 @@ import subprocess
 import sys
 import tarfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from dgdm.sync import backup, datalock
+from dgdm.sync import backup
+from dgdm.sync.broker import free_port
 from dgdm.sync.coordinator.config import StoreSection
 from dgdm.sync.coordinator.store import SqliteStore
+from dgdm.sync.crypto import generate_keypair
 from dgdm.sync.envelope import Kind
 
 from .conftest import eventually
@@ -178,20 +182,38 @@ def restore(tmp_path: Path, file: Path, name: str = "dest") -> subprocess.Comple
     return dgdm("coordinator", "restore", str(file), "--config", str(cfg))
 
 
-def test_restore_refused_while_a_coordinator_holds_the_store(
-    tmp_path: Path, coord_backup: Path
+def test_restore_refused_while_a_coordinator_runs(
+    tmp_path: Path, coord_backup: Path, mqtt_broker: Any
 ) -> None:
     dest = tmp_path / "dest"
     store = SqliteStore(dest / "coordinator.db")
     store.add_device("other", "B" * 43 + "=")
-    # What `dgdm coordinator` (sync/coordinator/runner.py) holds while it runs.
-    with datalock.hold_shared(datalock.beside(dest / "coordinator.db"), "the coordinator"):
-        done = restore(tmp_path, coord_backup)
+    key, _, _ = generate_keypair(tmp_path / "keys", name="coordinator")
+    port = free_port()
+    cfg = tmp_path / "dest.toml"
+    cfg.write_text(
+        f"[coordinator]\ndata_dir = {json.dumps(str(dest))}\nprivate_key = {json.dumps(str(key))}\n"
+        f"[mqtt]\nbroker_url = {json.dumps(mqtt_broker.url)}\n"
+        f'mqtt_version = {json.dumps(mqtt_broker.mqtt_version)}\nclient_id = "c-{port}"\n'
+        f'share_group = "g-{port}"\nsession_expiry_s = 0\n'  # no share left behind
+        f"[http]\nport = {port}\n"
+    )
+    service = subprocess.Popen(
+        [sys.executable, "-m", "dgdm.agent", "coordinator", "--config", str(cfg)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        _wait_healthy(port, service)
+        done = dgdm("coordinator", "restore", str(coord_backup), "--config", str(cfg))
+    finally:
+        service.terminate()
+        service.communicate(timeout=30)
     assert done.returncode == 1
     assert "refusing to restore: a running coordinator holds" in done.stderr
     assert [d["device_id"] for d in store.devices()] == ["other"]  # untouched
     store.close()
-    done = restore(tmp_path, coord_backup)  # stopped: now it goes through
+    done = restore(tmp_path, coord_backup)  # stopped: now it goes through (same data_dir)
     assert done.returncode == 0, done.stderr
     assert "pre-restore-" in done.stdout
     store = SqliteStore(dest / "coordinator.db")
@@ -199,6 +221,17 @@ def test_restore_refused_while_a_coordinator_holds_the_store(
     store.close()
     aside = next(dest.glob("pre-restore-*"))
     assert (aside / "coordinator.db").exists()  # the replaced data, kept
+
+
+def _wait_healthy(port: int, service: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        assert service.poll() is None, service.stderr.read() if service.stderr else ""
+        with contextlib.suppress(OSError):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2):
+                return
+        time.sleep(0.1)
+    raise AssertionError("the coordinator did not become healthy")
 
 
 def test_truncated_corrupt_and_foreign_files_are_refused(
