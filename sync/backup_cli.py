@@ -12,7 +12,7 @@ if TYPE_CHECKING:
 
 PG_BACKUP = (
     "is a PostgreSQL store: back it up with pg_dump --format=custom and restore it with"
-    " pg_restore (README: Backup and restore); dgdm backs up SQLite stores only"
+    " pg_restore (README: Back up and restore); dgdm backs up SQLite stores only"
 )
 
 

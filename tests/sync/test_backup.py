@@ -274,16 +274,42 @@ def rebuilt(source: Path, out: Path, change: Any) -> Path:
     return out
 
 
+@pytest.mark.parametrize("name", ["../escape", "/etc/escape", "a/b/c", "topologies/../x"])
+def test_unsafe_member_names_are_refused(tmp_path: Path, name: str) -> None:
+    bad = tmp_path / "bad.dgdm"
+    manifest = {
+        "format": backup.FORMAT,
+        "format_version": backup.FORMAT_VERSION,
+        "kind": "coordinator",
+        "created_ms": 0,
+        "parts": ["coordinator.db"],
+        "files": [{"name": name, "bytes": 1, "sha256": "0" * 64}],
+    }
+    with tarfile.open(bad, "w:gz") as tar:
+        for member, data in ((backup.MANIFEST, json.dumps(manifest).encode()), (name, b"x")):
+            info = tarfile.TarInfo(member)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    done = restore(tmp_path, bad)
+    assert done.returncode == 1
+    assert f"the backup names an unsafe path {name!r}" in done.stderr
+    assert not (tmp_path / "escape").exists()
+
+
 def test_integrity_check_and_newer_schema_are_refused(tmp_path: Path, coord_backup: Path) -> None:
     def corrupt(db: Path) -> None:
+        """Change key bytes inside one index leaf page: the file still opens and reads, and
+        only `PRAGMA integrity_check` finds the index disagreeing with its table."""
         with sqlite3.connect(db) as conn:
-            conn.execute("CREATE TABLE filler (x)")
-            conn.executemany("INSERT INTO filler VALUES (?)", [("x" * 500,)] * 200)
+            conn.execute("CREATE TABLE filler (x INTEGER)")
+            conn.executemany("INSERT INTO filler VALUES (?)", [(i * 1000,) for i in range(50)])
             conn.execute("CREATE INDEX filler_x ON filler (x)")
+            page = conn.execute("PRAGMA page_size").fetchone()[0]
+            root = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = 'filler_x'")
+            start = (root.fetchone()[0] - 1) * page
         raw = bytearray(db.read_bytes())
-        page = 4096 if len(raw) > 8 * 4096 else 1024
-        for offset in range(len(raw) - 3 * page, len(raw) - page, 7):
-            raw[offset] ^= 0x5A  # scribble over index and table pages near the end
+        for offset in range(start + page - 200, start + page, 5):
+            raw[offset] ^= 0x01
         db.write_bytes(bytes(raw))
 
     def newer(db: Path) -> None:
@@ -293,7 +319,7 @@ def test_integrity_check_and_newer_schema_are_refused(tmp_path: Path, coord_back
     bad = rebuilt(coord_backup, tmp_path / "corrupt.dgdm", corrupt)
     done = restore(tmp_path, bad)
     assert done.returncode == 1
-    assert "integrity check" in done.stderr or "not a usable SQLite database" in done.stderr
+    assert "the coordinator database fails its integrity check" in done.stderr, done.stderr
     bad = rebuilt(coord_backup, tmp_path / "newer.dgdm", newer)
     done = restore(tmp_path, bad)
     assert done.returncode == 1
