@@ -309,7 +309,8 @@ def _extract(tar: tarfile.TarFile, entry: dict[str, Any], staging: Path) -> None
     dest = staging / name
     dest.parent.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
-    with open(dest, "wb") as out:
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+    with os.fdopen(fd, "wb") as out:
         while chunk := handle.read(CHUNK):
             digest.update(chunk)
             out.write(chunk)
@@ -397,7 +398,9 @@ def _side(path: Path, suffix: str) -> Path:
 def scratch(parent: Path, prefix: str) -> Iterator[Path]:
     """A private temporary directory under `parent` (same file system: renames are atomic),
     removed at the end."""
-    parent.mkdir(parents=True, exist_ok=True)
+    if not parent.exists():  # a new data dir is private, like the services make theirs
+        parent.mkdir(parents=True)
+        os.chmod(parent, 0o700)
     folder = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
     try:
         yield folder

@@ -20,6 +20,7 @@ import sys
 import tarfile
 import time
 import urllib.request
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,18 @@ async def produce(device: Any, sent: list[int], stop: asyncio.Event) -> None:
         await asyncio.sleep(0.002)
 
 
+@contextlib.asynccontextmanager
+async def flowing(device: Any, sent: list[int]) -> AsyncIterator[None]:
+    """Messages enqueued on `device` (seqs into `sent`) until the block ends, however."""
+    stop = asyncio.Event()
+    producer = asyncio.create_task(produce(device, sent, stop))
+    try:
+        yield
+    finally:
+        stop.set()
+        await producer
+
+
 def receipted(device: Any, sent: list[int]) -> set[int]:
     """Seqs the coordinator has receipted: sent, and gone from the device's outbox."""
     pending = {m.seq for m in device.outbox.pending(1_000_000)}
@@ -98,16 +111,13 @@ async def test_backup_while_ingesting_then_restore_carries_on(
     live_db = rig.root / "coord-data" / "coordinator.db"
     live_cfg = coordinator_toml(tmp_path / "live.toml", rig.root / "coord-data")
     sent: list[int] = []
-    stop = asyncio.Event()
-    producer = asyncio.create_task(produce(device, sent, stop))
-    await eventually(lambda: len(receipted(device, sent)) >= 200, 30, "200 receipted")
-    before = receipted(device, sent)  # all of these were committed before the backup began
     out = tmp_path / "backups" / "coord.dgdm"
-    code, stdout, stderr = await dgdm_async("coordinator", "backup", "--out", str(out),
-                                            "--config", str(live_cfg))  # fmt: skip
-    await eventually(lambda: len(sent) > max(before) + 100, 30, "more messages after the backup")
-    stop.set()
-    await producer
+    async with flowing(device, sent):
+        await eventually(lambda: len(receipted(device, sent)) >= 200, 30, "200 receipted")
+        before = receipted(device, sent)  # all committed before the backup began
+        code, stdout, stderr = await dgdm_async("coordinator", "backup", "--out", str(out),
+                                                "--config", str(live_cfg))  # fmt: skip
+        await eventually(lambda: len(sent) > max(before) + 100, 30, "more after the backup")
     executed_after_backup = await coordinator.send_command(device.device_id, "ping")
     await eventually(lambda: executed_after_backup in executed, 30, "the command executed")
     assert code == 0, stderr
@@ -123,6 +133,7 @@ async def test_backup_while_ingesting_then_restore_carries_on(
                                    str(fresh_cfg))  # fmt: skip
     assert done.returncode == 0, done.stderr
     restored_db = fresh / "coordinator.db"
+    assert (restored_db.stat().st_mode & 0o777, fresh.stat().st_mode & 0o777) == (0o600, 0o700)
     assert before <= stored_seqs(restored_db, device.device_id), "a receipted message is missing"
     with sqlite3.connect(restored_db) as conn:
         down_seq = conn.execute("SELECT down_seq FROM devices").fetchone()[0]
@@ -350,10 +361,10 @@ def test_postgres_store_says_use_pg_dump(tmp_path: Path) -> None:
 
 async def test_pg_dump_of_a_live_store_restores_and_the_coordinator_carries_on(
     tmp_path: Path,
-    mqtt_broker: Any,
-    sync_rig: Any,
     pg_cluster: Any,
     fresh_pg: Any,
+    mqtt_broker: Any,
+    sync_rig: Any,  # after the clusters: its coordinator stops before they do
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("DGDM_TEST_PG_PASSWORD", pg_cluster.password)
@@ -365,21 +376,18 @@ async def test_pg_dump_of_a_live_store_restores_and_the_coordinator_carries_on(
     coordinator = await rig.start_coordinator()
     await device.start()
     sent: list[int] = []
-    stop = asyncio.Event()
-    producer = asyncio.create_task(produce(device, sent, stop))
-    await eventually(lambda: len(receipted(device, sent)) >= 200, 30, "200 receipted")
-    before = receipted(device, sent)
     dump = tmp_path / "store.pgdump"
-    env = {**os.environ, "PGPASSWORD": pg_cluster.password}
-    proc = await asyncio.create_subprocess_exec(
-        str(pg_cluster.bin_dir / "pg_dump"), "--format=custom", "--file", str(dump),
-        "--dbname", pg_cluster.url(db), env=env, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    _, err = await proc.communicate()
-    assert proc.returncode == 0, err.decode()
-    await eventually(lambda: len(sent) > max(before) + 100, 30, "messages during the dump")
-    stop.set()
-    await producer
+    async with flowing(device, sent):
+        await eventually(lambda: len(receipted(device, sent)) >= 200, 30, "200 receipted")
+        before = receipted(device, sent)
+        env = {**os.environ, "PGPASSWORD": pg_cluster.password}
+        proc = await asyncio.create_subprocess_exec(
+            str(pg_cluster.bin_dir / "pg_dump"), "--format=custom", "--file", str(dump),
+            "--dbname", pg_cluster.url(db), env=env, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        _, err = await proc.communicate()
+        assert proc.returncode == 0, err.decode()
+        await eventually(lambda: len(sent) > max(before) + 100, 30, "messages during the dump")
     cmd_after_dump = await coordinator.send_command(device.device_id, "ping")
     await eventually(lambda: cmd_after_dump in executed, 30, "the command executed")
     await rig.stop_coordinator()

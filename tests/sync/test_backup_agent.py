@@ -65,13 +65,13 @@ async def test_agent_backup_while_committing_restore_and_deliver(
     live = await asyncio.to_thread(launch, tmp_path / "live", sections)
     restored: AgentProcess | None = None
     coordinator: Coordinator | None = None
+    stop = threading.Event()
     try:
         answer = await asyncio.to_thread(
             live.request, "PUT", "/graphs/club", json.dumps({**graph, "graph_id": "club"}).encode()
         )
         assert answer.status in (200, 201), answer.body
         committed: list[tuple[str, int]] = []
-        stop = threading.Event()
         poster = asyncio.create_task(asyncio.to_thread(post_results, live, graph, committed, stop))
         await eventually(lambda: len(committed) >= 30, 30, "30 results committed")
         before = dict(committed)  # each answered, so durable, before the backup began
@@ -131,6 +131,7 @@ async def test_agent_backup_while_committing_restore_and_deliver(
         assert new["outbox_seq"] > max(seq for _, seq in committed)
         await eventually(lambda: new["job_id"] in stored_results(db), 60, "the new one stored")
     finally:
+        stop.set()  # the poster thread ends before the loop (and its executor) does
         await asyncio.to_thread(live.stop)
         if restored is not None:
             await asyncio.to_thread(restored.stop)
