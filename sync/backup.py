@@ -29,6 +29,7 @@ import sqlite3
 import tarfile
 import tempfile
 import time
+import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -234,7 +235,15 @@ def read(path: Path, kind: str, staging: Path) -> dict[str, Any]:
             for name in manifest["parts"]:
                 if _is_dir_part(manifest, name):  # a directory, perhaps held empty
                     (staging / name).mkdir(exist_ok=True)
-    except (tarfile.TarError, EOFError, OSError, ValueError, KeyError, TypeError) as exc:
+    except (
+        tarfile.TarError,
+        zlib.error,
+        EOFError,
+        OSError,
+        ValueError,
+        KeyError,
+        TypeError,
+    ) as exc:
         raise BackupError(f"{path} is not a readable dgdm backup ({_reason(exc)})") from None
     for entry in manifest["files"]:
         if entry.get("schema") is not None:

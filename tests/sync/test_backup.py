@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dgdm.sync import backup
 from dgdm.sync.broker import free_port
@@ -266,6 +268,40 @@ def test_truncated_corrupt_and_foreign_files_are_refused(
     missing = restore(tmp_path, tmp_path / "nope.dgdm")
     assert missing.returncode == 2
     assert "nope.dgdm is not a file" in missing.stderr
+
+
+def test_any_truncation_or_flipped_byte_is_refused_or_harmless(
+    tmp_path: Path, coord_backup: Path
+) -> None:
+    """Whatever is cut off or changed, `read` either raises BackupError (a sentence, exit 1)
+    or yields exactly the database that was backed up (a change in tar padding is harmless)."""
+    data = coord_backup.read_bytes()
+    digest = json.loads(_manifest_bytes(coord_backup))["files"][0]["sha256"]
+    counter = iter(range(10**6))
+
+    @settings(max_examples=80, deadline=None)
+    @given(cut=st.integers(0, len(data)), flip=st.none() | st.integers(0, len(data) - 1))
+    def check(cut: int, flip: int | None) -> None:
+        damaged = bytearray(data[:cut])
+        if flip is not None and flip < cut:
+            damaged[flip] ^= 0xFF
+        case = tmp_path / f"case{next(counter)}"
+        case.mkdir()
+        (case / "b.dgdm").write_bytes(bytes(damaged))
+        try:
+            backup.read(case / "b.dgdm", "coordinator", case)
+        except backup.BackupError:
+            return
+        assert backup._digest(case / "coordinator.db")["sha256"] == digest
+
+    check()
+
+
+def _manifest_bytes(path: Path) -> bytes:
+    with tarfile.open(path, "r:gz") as tar:
+        handle = tar.extractfile(backup.MANIFEST)
+        assert handle is not None
+        return handle.read()
 
 
 def rebuilt(source: Path, out: Path, change: Any) -> Path:
