@@ -28,6 +28,9 @@ class Alert:
     severity: str
     message: str
     details: dict[str, Any] = field(default_factory=dict)
+    # What the policy tracks it by, when one code can hold for several things at once
+    # (latency_anomaly per topology); not part of the body.
+    key: str | None = None
 
     def body(self) -> dict[str, Any]:
         """The SPEC §6 alert body."""
@@ -90,7 +93,7 @@ class Alerts:
         self.recent: deque[dict[str, Any]] = deque(maxlen=50)
 
     def condition(self, alert: Alert) -> None:
-        if self.policy.raise_(alert.code):
+        if self.policy.raise_(alert.key or alert.code):
             self._emit(alert)
 
     def resolved(self, code: str, recovery: Alert) -> None:

@@ -11,6 +11,8 @@ import importlib
 from collections.abc import Callable
 from pathlib import Path
 
+from dgdm.agent import backup_cli
+
 BENCHES = {
     "kernels": "dgdm.kernels.bench",
     "sync": "dgdm.sync.bench",
@@ -25,6 +27,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--config", type=Path, default=None, help="TOML config (default /etc/dgdm/agent.toml)"
     )
     agent.set_defaults(func=run_agent)
+    # No action: the service, as always; `backup` / `restore` act on its data.
+    backup_cli.register(agent.add_subparsers(dest="agent_command", metavar="ACTION"))
 
     demo = sub.add_parser("demo", help="broker, coordinator and one agent on this machine")
     demo.add_argument("--graphs", type=int, default=20, help="graphs to send (default 20)")

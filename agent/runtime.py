@@ -19,11 +19,13 @@ import time
 from collections import deque
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-from dgdm.agent import logs, monitors, remote, remote_config, spool, uplink
+from dgdm.agent import anomaly_alerts, logs, monitors, remote, remote_config, spool, uplink
 from dgdm.agent.alerts import Alert, AlertPolicy, Alerts
+from dgdm.agent.anomaly import LatencyDetector
 from dgdm.agent.answers import result_body
+from dgdm.agent.backup_cli import lock_path
 from dgdm.agent.config import AgentConfig, load_config
 from dgdm.agent.diffusion import EngineJobs
 from dgdm.agent.errors import AgentError, NoOutbox
@@ -34,6 +36,7 @@ from dgdm.agent.telemetry import LatencyWindow, TelemetryBatcher
 from dgdm.agent.tpu import TpuMonitor
 from dgdm.agent.work import GraphParser, WorkQueue
 from dgdm.kernels.errors import DgdmError
+from dgdm.sync import datalock
 from dgdm.sync.http_limits import BodyBudget, ConnectionTable, connection_cap, default_body_budget
 from dgdm.sync.listener import memory_bytes
 
@@ -70,6 +73,7 @@ class Agent:
         self.alerts = Alerts(
             AlertPolicy(config.alerts.repeat_s, config.alerts.max_per_minute), self._queue_alert
         )
+        self.anomalies = LatencyDetector()
         self.engine: Any = None
         self.jobs: EngineJobs | None = None
         self.outbox: Any = None
@@ -87,6 +91,7 @@ class Agent:
         self._side_tasks: set[asyncio.Task[Any]] = set()
         self._unsent_alerts: deque[Alert] = deque(maxlen=UNSENT_ALERTS)
         self._alerts_lock = asyncio.Lock()
+        self._data_lock: IO[bytes] | None = None  # held while running: no restore meanwhile
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -115,6 +120,7 @@ class Agent:
         fd_limit = raise_fd_limit(log)
         self.connections.max_total = connection_cap(self.config.http.max_connections, fd_limit)
         self.config.device.data_dir.mkdir(parents=True, exist_ok=True)
+        self._data_lock = datalock.hold_shared(lock_path(self.config), "the agent")
         overlay = await asyncio.to_thread(remote_config.load, self._overlay_path())
         if overlay:
             self._apply_config(remote_config.apply(self._file_config, overlay))
@@ -190,6 +196,8 @@ class Agent:
         if self.engine is not None and hasattr(self.engine, "close"):
             await asyncio.to_thread(self.engine.close)
         self.notifier.close()
+        if self._data_lock is not None:
+            self._data_lock.close()
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.create_task(coro)
@@ -289,7 +297,9 @@ class Agent:
     ) -> tuple[Any, int | None]:
         self._check_outbox(queue)
         assert self.jobs is not None
-        return await self._finish(await self.jobs.diffuse_registered(graph_id, data), source, queue)
+        result = await self.jobs.diffuse_registered(graph_id, data)
+        anomaly_alerts.watch(self.anomalies, self.alerts, graph_id, result, time.monotonic())
+        return await self._finish(result, source, queue)
 
     def _check_outbox(self, queue: bool) -> None:
         if queue and self.outbox is None:

@@ -136,6 +136,10 @@ def _register_jobs(actions: argparse._SubParsersAction[argparse.ArgumentParser])
     _config_arg(cancel, nested=True)
     cancel.set_defaults(func=_jobs_cancel)
 
+    from dgdm.sync import backup_cli
+
+    backup_cli.register(actions)
+
 
 def _register_telemetry(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     telemetry = subparsers.add_parser("telemetry", help="fleet telemetry")
