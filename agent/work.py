@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
+import os
 import queue
 import threading
 import time
@@ -33,12 +35,16 @@ from dgdm.kernels.deadline import Deadline, applied
 from dgdm.kernels.errors import DeadlineExceeded, GraphError
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 # How long past its deadline a job may take to stop before its request is answered 504
 # without it and its worker counts as stuck.
 STOP_GRACE_S = 2.0
 # Heavy jobs waiting at most: each may take up to its deadline, so a longer queue would
 # only hand its last ones a 504 after waiting.
 HEAVY_QUEUE = 4
+# The heavy lane's threads run at this niceness: on two loaded cores a heavy diffusion
+# otherwise takes CPU time the small ones' worker and the event loop need.
+HEAVY_NICE = 10
 SHUTDOWN = "the agent is shutting down: the diffusion was stopped"
 CANCELLED = "the request went away: the diffusion was stopped"
 
@@ -98,8 +104,9 @@ class _Lane:
     """Daemon worker threads taking jobs in order (see the module docstring for why not a
     ThreadPoolExecutor)."""
 
-    def __init__(self, name: str, workers: int, capacity: int) -> None:
+    def __init__(self, name: str, workers: int, capacity: int, nice: int = 0) -> None:
         self.capacity = capacity
+        self._nice = nice
         self.in_flight = 0
         self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._threads = [
@@ -115,6 +122,8 @@ class _Lane:
         return future
 
     def _work(self) -> None:
+        if self._nice:
+            _lower_priority(self._nice)
         while (job := self._jobs.get()) is not None:
             future, fn, args = job
             if not future.set_running_or_notify_cancel():
@@ -131,6 +140,16 @@ class _Lane:
             self._jobs.put(None)
 
 
+def _lower_priority(nice: int) -> None:
+    """Make this thread (a Linux task of its own) yield the CPU to the loop and the light
+    lane on a busy box. The unit's seccomp filter refuses setpriority (EPERM): then the
+    heavy lane shares the CPU like any thread."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    except (OSError, AttributeError) as exc:
+        log.debug("heavy lane keeps its priority: %s", exc)
+
+
 class WorkQueue:
     """Two bounded lanes of workers, each job under a deadline (see the module docstring)."""
 
@@ -144,7 +163,7 @@ class WorkQueue:
     ) -> None:
         self._light = _Lane("work", workers, workers + queue_size)
         heavy_capacity = heavy_workers + min(queue_size, HEAVY_QUEUE)
-        self._heavy = _Lane("heavy", heavy_workers, heavy_capacity)
+        self._heavy = _Lane("heavy", heavy_workers, heavy_capacity, nice=HEAVY_NICE)
         self.capacity = self._light.capacity + self._heavy.capacity
         self.deadline_s = deadline_s
         self.in_flight = 0
