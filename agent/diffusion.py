@@ -51,18 +51,21 @@ class EngineJobs:
             return await self._diffuse_small(data, deadline)
         if isinstance(data, bytes) and len(data) > LARGE_BODY_BYTES:
             return await self.work.run(self._diffuse_large, data, deadline=deadline, heavy=True)
-        graph = await self.work.run(parse_graph_body, data, self.limits, deadline=deadline)
-        return await self._diffuse_parsed(graph, deadline)
+        done = await self.work.run(self._parse_then_light, data, deadline=deadline)
+        if isinstance(done, _Heavy):
+            run = self.engine.diffuse
+            return await self.work.run(run, *done.args, deadline=deadline, heavy=True)
+        return done
 
     async def diffuse_registered(
         self, graph_id: str, data: bytes | dict[str, Any], deadline_s: float | None = None
     ) -> Any:
         deadline = self.work.deadline(deadline_s)
-        x = await self.work.run(self._features, graph_id, data, deadline=deadline)
-        heavy = self.engine.estimate_registered_seconds(graph_id, x.shape[1]) > HEAVY_S
-        return await self.work.run(
-            self.engine.diffuse_registered, graph_id, x, deadline=deadline, heavy=heavy
-        )
+        done = await self.work.run(self._features_then_light, graph_id, data, deadline=deadline)
+        if isinstance(done, _Heavy):
+            run = self.engine.diffuse_registered
+            return await self.work.run(run, *done.args, deadline=deadline, heavy=True)
+        return done
 
     async def register(self, graph_id: str, data: bytes) -> dict[str, Any]:
         return await self.work.run(self._register_blocking, graph_id, data)
@@ -92,10 +95,22 @@ class EngineJobs:
         deadline_check()  # the parse cannot be interrupted: see whether time is left
         return self.engine.diffuse(graph)
 
-    def _features(self, graph_id: str, data: bytes | dict[str, Any]) -> Any:
+    # In a light worker: parse, then diffuse there too unless the cost model calls it heavy
+    # (one thread hop for the common case, a second into the heavy lane otherwise).
+
+    def _parse_then_light(self, data: bytes | dict[str, Any]) -> Any:
+        graph = parse_graph_body(data, self.limits)
+        if self.engine.estimate_seconds(graph) > HEAVY_S:
+            return _Heavy((graph,))
+        return self.engine.diffuse(graph)
+
+    def _features_then_light(self, graph_id: str, data: bytes | dict[str, Any]) -> Any:
         obj = loads(data) if isinstance(data, (bytes, str)) else data
         n = int(topologies.topology(self.engine.topologies(), graph_id)["nodes"])
-        return topologies.parse_features(obj, n, self.limits.max_features)
+        x = topologies.parse_features(obj, n, self.limits.max_features)
+        if self.engine.estimate_registered_seconds(graph_id, x.shape[1]) > HEAVY_S:
+            return _Heavy((graph_id, x))
+        return self.engine.diffuse_registered(graph_id, x)
 
     def _register_blocking(self, graph_id: str, data: bytes) -> dict[str, Any]:
         from dgdm.kernels.graph import parse_graph
@@ -107,3 +122,10 @@ class EngineJobs:
     def _update_blocking(self, graph_id: str, data: bytes) -> dict[str, Any]:
         changes = topologies.parse_edge_changes(loads(data))
         return dict(self.engine.update_edges(graph_id, **changes))
+
+
+@dataclass(frozen=True)
+class _Heavy:
+    """What a light worker hands back for the heavy lane: the engine call's arguments."""
+
+    args: tuple[Any, ...]
