@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import os
 import queue
@@ -140,6 +141,12 @@ class _Lane:
             self._jobs.put(None)
 
 
+def _soon(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> None:
+    """fn(*args) on the loop; nothing once it is closed (a stuck job ending at exit)."""
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(fn, *args)
+
+
 def _lower_priority(nice: int) -> None:
     """Make this thread (a Linux task of its own) yield the CPU to the loop and the light
     lane on a busy box. The unit's seccomp filter refuses setpriority (EPERM): then the
@@ -205,7 +212,7 @@ class WorkQueue:
         future = lane.submit(self._call, deadline, fn, *args)
         # Count the slot free when the thread is done, not when an awaiting request goes
         # away: a diffusion that cannot be interrupted still holds its worker.
-        future.add_done_callback(lambda _: loop.call_soon_threadsafe(self._release, lane, deadline))
+        future.add_done_callback(lambda _: _soon(loop, self._release, lane, deadline))
         return await self._outcome(future, deadline)
 
     def _call(self, deadline: Deadline, fn: Callable[..., T], *args: Any) -> T:
