@@ -93,7 +93,7 @@ def test_exact_ppr_at_max_nodes_answers_within_its_deadline_and_a_gigabyte(
 def test_a_request_over_its_deadline_is_stopped_answers_504_and_is_counted(
     start_agent: Callable[..., Any],
 ) -> None:
-    agent = start_agent({"kernels": {"deadline_s": 30.0}})
+    agent = start_agent({})
     heavy = random_graph(20_000, 5, 2, seed=2, directed=True, method=HEAVY)
     start = time.monotonic()
     answer = agent.request("POST", "/diffuse?deadline_s=1", heavy, timeout=60.0)

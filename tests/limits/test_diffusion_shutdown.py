@@ -54,7 +54,6 @@ def test_sigterm_mid_diffusion_exits_in_time_and_keeps_the_outbox(
     sections = {
         "device": {"data_dir": str(tmp_path / "data"), "private_key": str(device_key)},
         "sync": {"coordinator_public_key": coord_pub},
-        "kernels": {"deadline_s": 600.0},
     }
     agent = start_agent(sections)
     queued = agent.request("POST", "/diffuse?queue=1", KARATE.read_bytes())
