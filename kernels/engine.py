@@ -938,6 +938,11 @@ def _csr_bytes(m: sp.csr_matrix) -> int:
     return int(m.data.nbytes + m.indices.nbytes + m.indptr.nbytes)
 
 
+def _exact(method: Method) -> bool:
+    """`series_coefficients(method) is None`, without computing them (once per call)."""
+    return method.kind != "poly" and method.k is None
+
+
 def runner_bytes(name: str, problem: Problem) -> int:
     """What a cached runner keeps: a dense float32 P (numpy), an int8 model and its
     interpreter's copy (tflite, edgetpu), a float32 reordered T with its permutations and
@@ -948,7 +953,7 @@ def runner_bytes(name: str, problem: Problem) -> int:
         return _F32 * n * n
     if name in ("tflite", "edgetpu"):
         return 2 * n * n
-    if name == "sparse" and series_coefficients(problem.method) is not None:
+    if name == "sparse" and not _exact(problem.method):
         return (_F32 + _INDEX) * nnz + 4 * 8 * n + 3 * _F32 * n * 16
     return 0
 
@@ -958,7 +963,7 @@ def work_bytes(name: str, problem: Problem, features: int, *, built: bool) -> in
     the call's own arrays (inputs, outputs, iteration vectors)."""
     n, nnz = problem.n, problem.t.nnz
     call = n * features
-    exact = series_coefficients(problem.method) is None
+    exact = _exact(problem.method)
     if name == "sparse":
         if exact:
             # ppr: CG's six N x F float64 arrays, T's transpose for the symmetry test;
