@@ -127,10 +127,10 @@ def timed(agent: Any, body: bytes) -> float:
 def test_small_diffusions_stay_quick_beside_a_heavy_one(start_agent: Callable[..., Any]) -> None:
     agent = start_agent({})
     heavy = random_graph(50_000, 5, 2, seed=3, directed=True, method=HEAVY)
-    small = [random_graph(100, 4, 16, seed=100 + i) for i in range(130)]
+    small = [random_graph(100, 4, 16, seed=100 + i) for i in range(165)]
     for body in small[:5]:  # warm up: imports, the first build of each kind
         timed(agent, body)
-    alone = [timed(agent, body) for body in small[5:30]]
+    alone = [timed(agent, body) for body in small[5:65]]
     heavy_answer: list[Any] = []
     runner = threading.Thread(
         target=lambda: heavy_answer.append(
@@ -139,7 +139,7 @@ def test_small_diffusions_stay_quick_beside_a_heavy_one(start_agent: Callable[..
     )
     runner.start()
     time.sleep(1.5)  # its body is read and parsed: the diffusion is running
-    beside = [timed(agent, body) for body in small[30:]]
+    beside = [timed(agent, body) for body in small[65:]]
     heavy_running = runner.is_alive()
     runner.join(60)
     p99_alone = float(np.percentile(alone, 99))
