@@ -99,6 +99,17 @@ class KernelsSettings:
     max_topology_bytes: int = setting(256 * MIB, minimum=0)
     # Concurrent OIP requests on one topology within this window share one backend call.
     batch_window_us: int = setting(200, minimum=0, maximum=1_000_000)
+    # Every diffusion ends by this many seconds after its request arrived (504 past it); a
+    # request may ask for less with ?deadline_s=.
+    deadline_s: float = setting(30.0, minimum=0.01, maximum=86400.0)
+    # A diffusion whose estimated working memory would pass this is refused (413) before
+    # any work; 0: unbounded.
+    max_diffusion_bytes: int = setting(768 * MIB, minimum=0)
+    # The engine's caches of built runners and one-off operators, by estimated bytes.
+    cache_bytes: int = setting(256 * MIB, minimum=0)
+    # Workers of the lane for diffusions the cost model calls heavy, beside `workers`; at
+    # most min(queue_size, 4) heavy ones wait.
+    heavy_workers: int = setting(1, minimum=1, maximum=16)
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,12 @@
 """Engine calls, each run where it costs least: on the loop, in a worker, or in the parser
 process. `EngineJobs` is what the agent and its HTTP handlers call; it never blocks the loop
 for longer than a small body's parse and a sub-millisecond diffusion.
+
+Lanes: a diffusion the engine's cost model puts above HEAVY_S (or a body above
+LARGE_BODY_BYTES, parsed in the parser process) runs in the heavy lane, everything else in
+the light one (agent/work.py), so small requests never queue behind a heavy one. Every call
+carries one deadline from its arrival (`kernels.deadline_s`, or the request's lower
+`deadline_s`) through parsing, waiting and diffusing.
 """
 
 from __future__ import annotations
@@ -11,6 +17,8 @@ from typing import Any
 from dgdm.agent import topologies
 from dgdm.agent.jsonio import loads
 from dgdm.agent.work import GraphParser, WorkQueue, parse_graph_body
+from dgdm.kernels.deadline import Deadline
+from dgdm.kernels.deadline import check as deadline_check
 
 # JSON decoding and graph validation hold the GIL for their whole run (~40 ms per MB), so in
 # a thread they would still stall the event loop; bodies above this size are parsed in a
@@ -24,6 +32,9 @@ LARGE_BODY_BYTES = 512 * 1024
 # the GIL at every syscall. Anything else goes to a worker.
 INLINE_BODY_BYTES = 64 * 1024
 INLINE_MAX_MS = 1.0
+# Estimated diffusions above this go to the heavy lane: a first 100-node graph costs ~1 ms,
+# a first exact ppr at 5,000 nodes ~60 ms.
+HEAVY_S = 0.02
 
 
 @dataclass(frozen=True)
@@ -33,14 +44,28 @@ class EngineJobs:
     work: WorkQueue
     parser: GraphParser
 
-    async def diffuse(self, data: bytes | dict[str, Any]) -> Any:
+    async def diffuse(self, data: bytes | dict[str, Any], deadline_s: float | None = None) -> Any:
         """Parse and diffuse a graph body (or an already decoded graph object)."""
+        deadline = self.work.deadline(deadline_s)
         if isinstance(data, bytes) and len(data) <= INLINE_BODY_BYTES:
-            return await self._diffuse_small(data)
-        return await self.work.run(self._diffuse_blocking, data)
+            return await self._diffuse_small(data, deadline)
+        if isinstance(data, bytes) and len(data) > LARGE_BODY_BYTES:
+            return await self.work.run(self._diffuse_large, data, deadline=deadline, heavy=True)
+        done = await self.work.run(self._parse_then_light, data, deadline=deadline)
+        if isinstance(done, _Heavy):
+            run = self.engine.diffuse
+            return await self.work.run(run, *done.args, deadline=deadline, heavy=True)
+        return done
 
-    async def diffuse_registered(self, graph_id: str, data: bytes | dict[str, Any]) -> Any:
-        return await self.work.run(self._diffuse_registered_blocking, graph_id, data)
+    async def diffuse_registered(
+        self, graph_id: str, data: bytes | dict[str, Any], deadline_s: float | None = None
+    ) -> Any:
+        deadline = self.work.deadline(deadline_s)
+        done = await self.work.run(self._features_then_light, graph_id, data, deadline=deadline)
+        if isinstance(done, _Heavy):
+            run = self.engine.diffuse_registered
+            return await self.work.run(run, *done.args, deadline=deadline, heavy=True)
+        return done
 
     async def register(self, graph_id: str, data: bytes) -> dict[str, Any]:
         return await self.work.run(self._register_blocking, graph_id, data)
@@ -52,24 +77,39 @@ class EngineJobs:
         await self.work.run(self.engine.unregister, graph_id)
         return {"graph_id": graph_id, "deleted": True}
 
-    async def _diffuse_small(self, data: bytes) -> Any:
+    async def _diffuse_small(self, data: bytes, deadline: Deadline) -> Any:
         """A small body: parsed here, diffused here if that is quick, else in a worker."""
         self.work.check_accepting()
         graph = parse_graph_body(data, self.limits)
         result = self.engine.diffuse_ready(graph, max_ms=INLINE_MAX_MS)
         if result is not None:
             return result
-        return await self.work.run(self.engine.diffuse, graph)
+        return await self._diffuse_parsed(graph, deadline)
 
-    def _diffuse_blocking(self, data: bytes | dict[str, Any]) -> Any:
-        if isinstance(data, bytes) and len(data) > LARGE_BODY_BYTES:
-            return self.engine.diffuse(self.parser.parse(data, self.limits))
-        return self.engine.diffuse(parse_graph_body(data, self.limits))
+    async def _diffuse_parsed(self, graph: Any, deadline: Deadline) -> Any:
+        heavy = self.engine.estimate_seconds(graph) > HEAVY_S
+        return await self.work.run(self.engine.diffuse, graph, deadline=deadline, heavy=heavy)
 
-    def _diffuse_registered_blocking(self, graph_id: str, data: bytes | dict[str, Any]) -> Any:
+    def _diffuse_large(self, data: bytes) -> Any:
+        graph = self.parser.parse(data, self.limits)
+        deadline_check()  # the parse cannot be interrupted: see whether time is left
+        return self.engine.diffuse(graph)
+
+    # In a light worker: parse, then diffuse there too unless the cost model calls it heavy
+    # (one thread hop for the common case, a second into the heavy lane otherwise).
+
+    def _parse_then_light(self, data: bytes | dict[str, Any]) -> Any:
+        graph = parse_graph_body(data, self.limits)
+        if self.engine.estimate_seconds(graph) > HEAVY_S:
+            return _Heavy((graph,))
+        return self.engine.diffuse(graph)
+
+    def _features_then_light(self, graph_id: str, data: bytes | dict[str, Any]) -> Any:
         obj = loads(data) if isinstance(data, (bytes, str)) else data
         n = int(topologies.topology(self.engine.topologies(), graph_id)["nodes"])
         x = topologies.parse_features(obj, n, self.limits.max_features)
+        if self.engine.estimate_registered_seconds(graph_id, x.shape[1]) > HEAVY_S:
+            return _Heavy((graph_id, x))
         return self.engine.diffuse_registered(graph_id, x)
 
     def _register_blocking(self, graph_id: str, data: bytes) -> dict[str, Any]:
@@ -82,3 +122,10 @@ class EngineJobs:
     def _update_blocking(self, graph_id: str, data: bytes) -> dict[str, Any]:
         changes = topologies.parse_edge_changes(loads(data))
         return dict(self.engine.update_edges(graph_id, **changes))
+
+
+@dataclass(frozen=True)
+class _Heavy:
+    """What a light worker hands back for the heavy lane: the engine call's arguments."""
+
+    args: tuple[Any, ...]

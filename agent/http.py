@@ -16,6 +16,7 @@ import functools
 import hmac
 import importlib.resources
 import logging
+import math
 import re
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -30,7 +31,7 @@ from dgdm.agent.jsonio import dumps, dumps_answer_chunked
 from dgdm.agent.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from dgdm.agent.oip import add_oip_routes
 from dgdm.agent.openapi import openapi_document
-from dgdm.kernels.errors import BackendError, GraphError, UnknownTopology
+from dgdm.kernels.errors import BackendError, DeadlineExceeded, GraphError, UnknownTopology
 from dgdm.sync.errors import OutboxError, OutboxFull, StorageFull
 from dgdm.sync.http_guard import HttpGuard
 from dgdm.sync.settings import is_loopback
@@ -115,6 +116,7 @@ _REFUSALS: tuple[tuple[type[Exception], int, str, str], ...] = (
     (NoOutbox, 400, "no_outbox", ""),
     (QueueFull, 503, "busy", str(QueueFull.retry_after_s)),
     (ShuttingDown, 503, "shutting_down", "5"),
+    (DeadlineExceeded, 504, "deadline_exceeded", ""),
     (BackendError, 503, "backend_unavailable", "5"),
     # 507: the result was computed but could not be stored; everything stored before stays.
     (StorageFull, 507, "storage_full", "60"),
@@ -229,6 +231,20 @@ def _flag(request: web.Request, name: str) -> bool:
     return flag
 
 
+def _deadline_s(request: web.Request) -> float | None:
+    """?deadline_s=: a request's own deadline, at most kernels.deadline_s."""
+    value = request.query.get("deadline_s")
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not seconds > 0 or math.isinf(seconds):
+        raise ApiError(400, "bad_query", "query parameter deadline_s must be seconds > 0")
+    return seconds
+
+
 def _graph_id(request: web.Request) -> str:
     graph_id = request.match_info["graph_id"]
     if not GRAPH_ID.fullmatch(graph_id):
@@ -282,7 +298,8 @@ async def outbox(request: web.Request) -> web.Response:
 async def diffuse(request: web.Request) -> web.Response:
     queue = _flag(request, "queue")
     body = await _json_body(request)
-    result, seq = await request.app[AGENT].diffuse("http", body, queue=queue)
+    deadline_s = _deadline_s(request)
+    result, seq = await request.app[AGENT].diffuse("http", body, queue=queue, deadline_s=deadline_s)
     return await answer_response(result, seq)
 
 
@@ -312,7 +329,10 @@ async def diffuse_graph(request: web.Request) -> web.Response:
     queue = _flag(request, "queue")
     body = await _json_body(request)
     agent = request.app[AGENT]
-    result, seq = await agent.diffuse_registered("http", graph_id, body, queue=queue)
+    deadline_s = _deadline_s(request)
+    result, seq = await agent.diffuse_registered(
+        "http", graph_id, body, queue=queue, deadline_s=deadline_s
+    )
     return await answer_response(result, seq)
 
 

@@ -63,7 +63,13 @@ class Agent:
         self.metrics = AgentMetrics()
         self.latency = LatencyWindow()
         self.notifier = Notifier(env)
-        self.work = WorkQueue(config.kernels.workers, config.kernels.queue_size)
+        k = config.kernels
+        self.work = WorkQueue(
+            k.workers,
+            k.queue_size,
+            heavy_workers=k.heavy_workers,
+            deadline_s=k.deadline_s,
+        )
         http = config.http
         self.connections = ConnectionTable(http.max_connections, http.max_connections_per_peer)
         self.body_budget = BodyBudget(
@@ -211,7 +217,7 @@ class Agent:
     # -- parts ----------------------------------------------------------------------------
 
     def _open_engine(self) -> None:
-        from dgdm.kernels.engine import Engine, RegistryLimits
+        from dgdm.kernels.engine import Engine, EngineBounds, RegistryLimits
         from dgdm.kernels.graph import Limits
 
         k = self.config.kernels
@@ -223,8 +229,9 @@ class Agent:
         )
         cache_dir = k.cache_dir or self.config.device.data_dir / "cache"
         registry = RegistryLimits(k.max_topologies, k.max_topology_bytes)
+        bounds = EngineBounds(k.max_diffusion_bytes or None, k.cache_bytes)
         self.engine = Engine(
-            backend=k.backend, cache_dir=cache_dir, limits=limits, registry=registry
+            backend=k.backend, cache_dir=cache_dir, limits=limits, registry=registry, bounds=bounds
         )
         self.jobs = EngineJobs(self.engine, limits, self.work, self._parser)
 
@@ -285,19 +292,30 @@ class Agent:
     # -- work -----------------------------------------------------------------------------
 
     async def diffuse(
-        self, source: str, data: bytes | dict[str, Any], *, queue: bool
+        self,
+        source: str,
+        data: bytes | dict[str, Any],
+        *,
+        queue: bool,
+        deadline_s: float | None = None,
     ) -> tuple[Any, int | None]:
         """Parse and diffuse a graph; optionally commit the result to the outbox."""
         self._check_outbox(queue)
         assert self.jobs is not None
-        return await self._finish(await self.jobs.diffuse(data), source, queue)
+        return await self._finish(await self.jobs.diffuse(data, deadline_s), source, queue)
 
     async def diffuse_registered(
-        self, source: str, graph_id: str, data: bytes | dict[str, Any], *, queue: bool
+        self,
+        source: str,
+        graph_id: str,
+        data: bytes | dict[str, Any],
+        *,
+        queue: bool,
+        deadline_s: float | None = None,
     ) -> tuple[Any, int | None]:
         self._check_outbox(queue)
         assert self.jobs is not None
-        result = await self.jobs.diffuse_registered(graph_id, data)
+        result = await self.jobs.diffuse_registered(graph_id, data, deadline_s)
         anomaly_alerts.watch(self.anomalies, self.alerts, graph_id, result, time.monotonic())
         return await self._finish(result, source, queue)
 

@@ -65,6 +65,8 @@ async def health(agent: Agent) -> tuple[bool, dict[str, Any]]:
     checks["backend"] = any(
         b.get("available") and b.get("healthy", True) for b in agent.engine.backends_status()
     )
+    # A diffusion that did not stop at its deadline still holds its worker.
+    checks["workers"] = not agent.work.stuck()
     return all(checks.values()), checks
 
 

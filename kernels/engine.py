@@ -8,6 +8,13 @@ Fallback: a backend that raises at load or run time is marked unhealthy, counted
 skipped; the call goes on with the next backend in order. An unhealthy or unavailable
 backend is re-probed when its backoff (1 s doubling to 60 s) has passed; `probe()`
 succeeding puts it back in the rotation, a successful run resets its backoff.
+
+Bounds (`EngineBounds`): before a backend builds or runs anything, its working memory for
+this problem and F is estimated (`work_bytes`); a backend over `max_diffusion_bytes` is
+skipped, and when every one is, the call is refused (GraphError, 413) before any work. The
+caches of runners and one-off problems are bounded by their estimated bytes together
+(`cache_bytes`), least recently used first out. A diffusion past its deadline
+(`dgdm.kernels.deadline`) ends with DeadlineExceeded, which is never a backend failure.
 """
 
 from __future__ import annotations
@@ -31,11 +38,13 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
+from dgdm.kernels import deadline
 from dgdm.kernels.backends.base import Backend, Problem, Runner, RunOutput
-from dgdm.kernels.diffusion import FLOAT32_UNIT, series_coefficients
+from dgdm.kernels.diffusion import FLOAT32_UNIT, PPR_RTOL, series_coefficients
 from dgdm.kernels.errors import (
     BackendError,
     BackendUnavailable,
+    DeadlineExceeded,
     GraphError,
     KernelError,
     PrecisionExceeded,
@@ -59,6 +68,7 @@ FIRST_BACKOFF_S = 1.0
 MAX_BACKOFF_S = 60.0
 MAX_RUNNERS = 32
 MAX_PROBLEMS = 64  # one-off topologies whose operator (and runners) are kept, LRU
+MIB = 1 << 20
 _SAFE_ID = re.compile(r"[^A-Za-z0-9._-]")
 
 
@@ -139,9 +149,18 @@ class _Topology:
         }
 
 
+@dataclass(frozen=True)
+class EngineBounds:
+    """Memory bounds, named as the agent's config keys (kernels.*). None: unbounded."""
+
+    max_diffusion_bytes: int | None = 768 * MIB
+    cache_bytes: int | None = 256 * MIB
+
+
 @dataclass
 class _Loaded:
     runner: Runner
+    nbytes: int = 0  # estimated, for the cache's byte bound
     lock: threading.Lock = field(default_factory=threading.Lock)
     # The fastest run seen, per feature column: a runner's cost for its fixed N is steady,
     # only a preempted run is slower, and one such run must not make it look expensive.
@@ -168,9 +187,11 @@ class Engine:
         backends: Sequence[Backend] | None = None,
         clock: Callable[[], float] = time.monotonic,
         registry: RegistryLimits | None = None,
+        bounds: EngineBounds | None = None,
     ) -> None:
         self.limits = limits or Limits()
         self.registry = registry or RegistryLimits()
+        self.bounds = bounds or EngineBounds()
         self._cache_dir = Path(cache_dir) if cache_dir is not None else None
         self._clock = clock
         self._lock = threading.RLock()
@@ -207,11 +228,33 @@ class Engine:
         problem = problem_for(graph, key=key)  # builds T: outside the lock
         with self._lock:
             self._problems[key] = problem
-            while len(self._problems) > MAX_PROBLEMS:
-                old, _ = self._problems.popitem(last=False)
-                if not any(t.problem.key == old for t in self._topologies.values()):
-                    self._drop_runners(old)
+            evicted = self._trim_caches()
+        _close_all(evicted)
         return problem, False
+
+    def _trim_caches(self) -> list[_Loaded]:
+        """Evict (under the lock) least recently used runners, then one-off problems (and
+        their runners), until both fit MAX_RUNNERS / MAX_PROBLEMS and together fit
+        `cache_bytes`; the newest entry of each stays. Returns the runners to close."""
+        evicted: list[_Loaded] = []
+        budget = self.bounds.cache_bytes
+        used = sum(e.nbytes for e in self._runners.values()) + sum(
+            _csr_bytes(p.t) for p in self._problems.values()
+        )
+        while len(self._runners) > MAX_RUNNERS or (
+            budget is not None and used > budget and len(self._runners) > 1
+        ):
+            entry = self._runners.popitem(last=False)[1]
+            used -= entry.nbytes
+            evicted.append(entry)
+        while len(self._problems) > MAX_PROBLEMS or (
+            budget is not None and used > budget and len(self._problems) > 1
+        ):
+            old, problem = self._problems.popitem(last=False)
+            used -= _csr_bytes(problem.t)
+            if not any(t.problem.key == old for t in self._topologies.values()):
+                evicted += self._pop_runners(old)
+        return evicted
 
     def _known_problem(self, key: str) -> Problem | None:
         with self._lock:
@@ -240,6 +283,8 @@ class Engine:
         start = time.perf_counter()
         try:
             out = loaded.run(graph.x)
+        except DeadlineExceeded:
+            raise
         except (BackendUnavailable, PrecisionExceeded):
             return None
         except Exception as exc:  # noqa: BLE001 - as in _run: `diffuse` tries the next one
@@ -294,11 +339,22 @@ class Engine:
         start = time.perf_counter()
         failed: list[str] = []
         reasons: list[str] = []
+        over_memory: list[str] = []
         for slot in self._order(problem, backend, None if seen else x.shape[1]):
+            deadline.check()
+            needs = self._work_bytes(slot, problem, x.shape[1])
+            if (
+                self.bounds.max_diffusion_bytes is not None
+                and needs > self.bounds.max_diffusion_bytes
+            ):
+                over_memory.append(f"{slot.name} needs ~{needs // MIB + 1} MiB")
+                continue
             try:
                 loaded = self._loaded(slot, problem)
                 with loaded.lock:
                     out = loaded.run(x)
+            except DeadlineExceeded:
+                raise
             except (BackendUnavailable, PrecisionExceeded) as exc:
                 # Not for this problem (too large) or this input (int8 too coarse): the
                 # backend is healthy, so skip it without counting a failure.
@@ -320,8 +376,57 @@ class Engine:
                 node_ids=node_ids,
                 failed=tuple(failed),
             )
+        if over_memory and not failed:
+            raise GraphError(
+                "graph",
+                f"this diffusion would pass kernels.max_diffusion_bytes "
+                f"({self.bounds.max_diffusion_bytes} bytes): {'; '.join(over_memory)}",
+                code="too_large",
+            )
         detail = "; ".join(reasons) or "every backend is excluded, unavailable or unhealthy"
         raise BackendError(f"no backend could run this diffusion ({detail})")
+
+    def _work_bytes(self, slot: _Slot, problem: Problem, features: int) -> int:
+        """What running `problem` on `slot` costs in memory now: its build when the runner
+        is not cached, plus the call's arrays."""
+        with self._lock:
+            built = (problem.key, slot.name) in self._runners
+        return work_bytes(slot.name, problem, features, built=built)
+
+    def estimate_seconds(self, graph: Graph) -> float:
+        """A rough time for `diffuse(graph)` on the backend it would use (for the agent to
+        pick a lane): the build counted when the topology is new. Costs from the model
+        below, on A for a new topology (T has the same pattern, self loops aside)."""
+        key = problem_key(graph.adjacency, graph.method)
+        problem = self._known_problem(key)
+        features = max(int(graph.x.shape[1]), 1)
+        if problem is None:
+            problem = Problem(key, sp.csr_matrix(graph.adjacency), graph.method)
+            slots = self._order(problem, None, features)
+            new = True
+        else:
+            slots = self._order(problem, None, None)
+            new = False
+        if not slots:
+            return 0.0
+        name = slots[0].name
+        with self._lock:
+            new = new or (key, name) not in self._runners
+        cost = _cost(name, problem) * features + (_build_cost(name, problem) if new else 0.0)
+        return cost / MULTIPLY_ADDS_PER_S
+
+    def estimate_registered_seconds(self, graph_id: str, features: int) -> float:
+        topology = self._topology(graph_id)
+        slots = self._order(topology.problem, None, None)
+        if not slots:
+            return 0.0
+        name = slots[0].name
+        with self._lock:
+            new = (topology.problem.key, name) not in self._runners
+        cost = _cost(name, topology.problem) * max(features, 1)
+        if new:
+            cost += _build_cost(name, topology.problem)
+        return cost / MULTIPLY_ADDS_PER_S
 
     @staticmethod
     def _result(
@@ -454,14 +559,12 @@ class Engine:
                 self._runners.move_to_end(cache_key)
                 return loaded
         assert slot.backend is not None
-        loaded = _Loaded(slot.backend.load(problem))  # slow (builds P or a model): unlocked
+        runner = slot.backend.load(problem)  # slow (builds P or a model): unlocked
+        loaded = _Loaded(runner, runner_bytes(slot.name, problem))
         with self._lock:
             self._runners[cache_key] = loaded
-            evicted = []
-            while len(self._runners) > MAX_RUNNERS:
-                evicted.append(self._runners.popitem(last=False)[1])
-        for old in evicted:
-            _close_quietly(old.runner)
+            evicted = self._trim_caches()
+        _close_all(evicted)
         return loaded
 
     def _check_name(self, name: str) -> str:
@@ -476,8 +579,13 @@ class Engine:
             loaded = list(self._runners.values())
             self._runners.clear()
         for entry in loaded:
-            with entry.lock:  # let a call in flight finish first
-                _close_quietly(entry.runner)
+            # Let a call in flight finish first, but not for long: a stopping agent must
+            # not wait on a diffusion that cannot be interrupted (its memory goes at exit).
+            if entry.lock.acquire(timeout=CLOSE_WAIT_S):
+                try:
+                    _close_quietly(entry.runner)
+                finally:
+                    entry.lock.release()
 
     def set_excluded(self, names: Iterable[str]) -> None:
         """Keep these backends out of every choice (e.g. a hot Edge TPU) until changed."""
@@ -615,8 +723,11 @@ class Engine:
             raise GraphError("graph_id", refusal, code="too_large")
 
     def _drop_runners(self, key: str) -> None:
-        for cache_key in [k for k in self._runners if k[0] == key]:
-            _close_quietly(self._runners.pop(cache_key).runner)
+        for entry in self._pop_runners(key):
+            _close_quietly(entry.runner)
+
+    def _pop_runners(self, key: str) -> list[_Loaded]:
+        return [self._runners.pop(k) for k in [k for k in self._runners if k[0] == key]]
 
     # -- on-disk registry: <cache_dir>/topologies/<key>.npz + index.json (graph_id -> key) --
 
@@ -762,6 +873,18 @@ def _safe(key: str) -> str:
     return _SAFE_ID.sub("_", key)
 
 
+def _close_all(entries: list[_Loaded]) -> None:
+    """Close evicted runners that no call is using; one in use is left to the garbage
+    collector once its call ends (waiting for it would hold a small diffusion up behind a
+    heavy one)."""
+    for entry in entries:
+        if entry.lock.acquire(blocking=False):
+            try:
+                _close_quietly(entry.runner)
+            finally:
+                entry.lock.release()
+
+
 def _close_quietly(runner: Runner) -> None:
     try:
         runner.close()
@@ -814,15 +937,78 @@ def _build_cost(name: str, problem: Problem) -> float:
     if name == "tflite":
         return _INT8_MODEL_FIXED + _build_cost("numpy", problem) + 10.0 * n * n
     if name == "sparse":
-        lu = 20.0 * nnz**1.5 if exact and problem.method.kind == "ppr" else 0.0
-        return _SPARSE_FIXED + 1e4 * nnz + lu
+        # the series reorders T (RCM); the exact forms build nothing beyond T
+        return _SPARSE_FIXED + (0.0 if exact else 1e4 * nnz)
     return 0.0
 
 
+# What the costs above come to per second on one core of an x86-64 box (float32 BLAS does
+# ~2e10; the sparse gathers are already weighted): used only to pick the agent's lane.
+MULTIPLY_ADDS_PER_S = 1e10
+CLOSE_WAIT_S = 1.0
+_F64, _F32, _INDEX = 8, 4, 4
+
+
+def _csr_bytes(m: sp.csr_matrix) -> int:
+    return int(m.data.nbytes + m.indices.nbytes + m.indptr.nbytes)
+
+
+def _exact(method: Method) -> bool:
+    """`series_coefficients(method) is None`, without computing them (once per call)."""
+    return method.kind != "poly" and method.k is None
+
+
+def runner_bytes(name: str, problem: Problem) -> int:
+    """What a cached runner keeps: a dense float32 P (numpy), an int8 model and its
+    interpreter's copy (tflite, edgetpu), a float32 reordered T with its permutations and
+    three N x 16 buffers (sparse series); the exact sparse forms keep only T, which the
+    problem already holds."""
+    n, nnz = problem.n, problem.t.nnz
+    if name == "numpy":
+        return _F32 * n * n
+    if name in ("tflite", "edgetpu"):
+        return 2 * n * n
+    if name == "sparse" and not _exact(problem.method):
+        return (_F32 + _INDEX) * nnz + 4 * 8 * n + 3 * _F32 * n * 16
+    return 0
+
+
+def work_bytes(name: str, problem: Problem, features: int, *, built: bool) -> int:
+    """Peak working memory of one call on `name`: the runner's build unless `built`, and
+    the call's own arrays (inputs, outputs, iteration vectors)."""
+    n, nnz = problem.n, problem.t.nnz
+    call = n * features
+    exact = _exact(problem.method)
+    if name == "sparse":
+        if exact:
+            # ppr: CG's six N x F float64 arrays, T's transpose for the symmetry test;
+            # heat: expm_multiply's shifted copy of T and its handful of N x F arrays
+            return 2 * (_F64 + _INDEX) * nnz + 8 * _F64 * call
+        build = 0 if built else runner_bytes(name, problem) + (_F64 + _INDEX) * nnz
+        return build + 6 * _F32 * call
+    # dense: T, the system or the running P, the result and its float32 copy (expm: more)
+    dense = (6 if exact and problem.method.kind == "heat" else 3) * _F64 * n * n
+    build = 0 if built else dense + runner_bytes(name, problem)
+    return build + 3 * _F64 * call
+
+
 def _products(problem: Problem) -> int:
-    """Products with T per call of the series form; an exact form counts as ~40."""
-    coeffs = series_coefficients(problem.method)
-    return max((len(coeffs) - 1) if coeffs is not None else 40, 1)
+    """Products with T per call: the series' k; for the exact forms what their solvers
+    take, so that a slow one is costed as slow: conjugate gradients ~sqrt(cond) ln(2/tol) / 2
+    (sym), the fixed-point iteration ln(tol) / ln(1 - alpha) (col, row), expm_multiply
+    ~11 t (its degree-55 steps of norm ~10, on a generator of norm up to 2 t)."""
+    method = problem.method
+    coeffs = series_coefficients(method)
+    if coeffs is not None:
+        return max(len(coeffs) - 1, 1)
+    if method.kind == "heat":
+        return max(int(11 * method.t), 40)
+    if method.alpha >= 1.0:
+        return 1
+    if method.normalization == "sym":
+        condition = (2.0 - method.alpha) / method.alpha
+        return int(math.sqrt(condition) * math.log(2.0 / PPR_RTOL) / 2) + 1
+    return int(math.log(PPR_RTOL) / math.log1p(-method.alpha)) + 1
 
 
 def _discover(cache_dir: Path | None, now: float) -> list[_Slot]:

@@ -48,3 +48,8 @@ class BackendUnavailable(BackendError):
 
 class UnknownTopology(KernelError):
     """No topology is registered under this graph_id."""
+
+
+class DeadlineExceeded(KernelError):
+    """A diffusion passed its deadline (or was stopped early) and was ended; nothing about
+    the backend or the input is wrong."""

@@ -8,8 +8,8 @@ Each Horner step y = c * X + T z is one pass of the optional compiled extension
 stays in registers while its neighbours are gathered, ~1.8x faster than scipy's
 csr_matvecs, which is the fallback when the extension is not built (no compiler at install
 time). Both write into preallocated buffers, so a diffusion allocates only its result.
-Exact ppr reuses one sparse LU factorisation (float64); exact heat is scipy's
-expm_multiply (float64).
+Exact ppr is the iterative solve of `diffusion.PprSolver` (float64, to a 1e-10 relative
+residual); exact heat is scipy's expm_multiply (float64).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from scipy.sparse.linalg import expm_multiply
 
 from dgdm.kernels.backends.numpy_backend import NumpyBackend
 from dgdm.kernels.backends.sparse_backend import SparseBackend
-from dgdm.kernels.diffusion import diffuse, series_coefficients
+from dgdm.kernels.diffusion import PPR_RTOL, diffuse, series_coefficients
 from dgdm.kernels.method import Method
 from dgdm.kernels.operator import normalized_operator, problem_for
 
@@ -152,7 +152,9 @@ def test_backends_within_their_reported_bound(method, backend) -> None:
     expected = diffuse(problem.t, method, x)
     out = backend.load(problem).run(x)
     assert out.z.shape == (400, 16)
-    assert rel(out.z, expected) <= max(out.error_bound, 1e-12)
+    # exact ppr: the reference is solved to a relative residual of PPR_RTOL, not to float64
+    solved = PPR_RTOL * 20 if method.kind == "ppr" and method.k is None else 1e-12
+    assert rel(out.z, expected) <= max(out.error_bound, solved)
     assert out.error_bound < 1e-4
 
 
