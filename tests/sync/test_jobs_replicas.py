@@ -99,6 +99,7 @@ class Replica:
 
 
 @pytest.mark.slow
+@pytest.mark.blocks_loop("it drives the PostgreSQL store synchronously between awaits")
 async def test_a_replica_killed_mid_job_leaves_the_job_to_the_other(
     tmp_path: Path,
     mqtt_broker: Any,
