@@ -211,8 +211,13 @@ class Coordinator:
         self._tasks = []
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
-        while self._queue:
-            await self._flush(self._take())
+        try:
+            while self._queue:
+                await self._flush(self._take())
+        except StoreUnavailable as exc:
+            # Nothing left was receipted, so its devices send it again to whoever runs next.
+            left = {"messages": len(self._queue), "error": str(exc)}
+            log.warning("store unavailable at stop: messages left unreceipted", extra=left)
         if self._api is not None:
             await self._api.stop()
             self._api = None

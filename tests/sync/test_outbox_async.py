@@ -11,6 +11,9 @@ from dgdm.sync.envelope import Kind
 from dgdm.sync.errors import EnvelopeError, OutboxError
 from dgdm.sync.outbox import Outbox
 
+# The tests open and close outboxes (the blocking API: SQLite, fsync) from the coroutine.
+pytestmark = pytest.mark.blocks_loop("the tests open and close outboxes on the loop")
+
 KEY = bytes(range(32))
 
 
