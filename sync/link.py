@@ -81,8 +81,10 @@ class DeviceLink:
         receipt_timeout_s: float = 60.0,
         max_unreceipted: int = 20_000,
         page_size: int = PAGE_SIZE,
+        wall_ms: Callable[[], int] = _now_ms,
     ) -> None:
         self.outbox = outbox
+        self._wall_ms = wall_ms  # the device's wall clock (tests step it)
         self.device_id = device_id
         self.keys = keys
         self.on_command = on_command
@@ -174,7 +176,7 @@ class DeviceLink:
 
     def coordinator_now_ms(self) -> int:
         """Now on the coordinator's clock as estimated, or the own clock before a receipt."""
-        return self.clock.now_ms(_now_ms(), time.monotonic())
+        return self.clock.now_ms(self._wall_ms(), time.monotonic())
 
     def coordinator_ms(self, mono: float) -> int | None:
         """Monotonic `mono` on the coordinator's clock, or None before the first receipt."""
@@ -182,7 +184,7 @@ class DeviceLink:
 
     def clock_skew_ms(self) -> int | None:
         """How far the wall clock is behind (+) or ahead (-) of the coordinator's."""
-        return self.clock.skew_ms(_now_ms(), time.monotonic())
+        return self.clock.skew_ms(self._wall_ms(), time.monotonic())
 
     # -- connection ----------------------------------------------------------------------
 
