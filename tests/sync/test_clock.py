@@ -172,3 +172,13 @@ def test_skew_alarm_follows_the_limits(skews) -> None:
             assert active
         if abs(skew) <= 2_500:
             assert not active
+
+
+def test_max_clock_skew_ms_defaults_to_spec_and_a_bad_one_names_the_key(tmp_path) -> None:
+    from dgdm.agent.config import load_config
+    from dgdm.sync.errors import ConfigError
+
+    assert load_config(None, env={}).sync.max_clock_skew_ms == 5_000  # SPEC §6.1
+    for bad in ("0", "-5", "soon"):
+        with pytest.raises(ConfigError, match=r"sync\.max_clock_skew_ms"):
+            load_config(None, env={"DGDM__SYNC__MAX_CLOCK_SKEW_MS": bad})
