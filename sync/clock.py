@@ -17,11 +17,13 @@ keeps its last estimate, which is far better than none.
 
 Two samples whose error bounds (± half their round trips, plus `step_tolerance_ms` for
 drift and for replicas whose clocks differ by a few ms) do not overlap cannot both be
-right. One such sample alone is held back as a suspect (a receipt for an earlier copy of a
-resent message, stamped long before this copy left, looks like that); when the next one
-agrees with the suspect rather than with the estimate, the coordinator's clock stepped (or
-the traffic moved to a replica with another clock): the older samples are dropped and the
-two new ones are the estimate.
+right. So there is an estimate only once two samples agree (the first receipt after a
+start may answer a copy the previous process sent long ago): until then a disagreeing
+sample simply replaces the one before. After that, a lone contradicting sample is held
+back as a suspect (a receipt for an earlier copy of a resent message looks like that); when
+the next one agrees with the suspect rather than with the estimate, the coordinator's clock
+stepped (or the traffic moved to a replica with another clock): the older samples are
+dropped and the two new ones are the estimate.
 
 Time is passed in: `sent` and `received` are monotonic seconds, `coordinator_ms` and
 `wall_ms` are Unix milliseconds.
@@ -63,6 +65,7 @@ class ClockOffset:
         self._samples: deque[Sample] = deque(maxlen=max_samples)
         self._best: Sample | None = None
         self._suspect: Sample | None = None
+        self._confirmed = False  # two samples agreed: there is an estimate
         self.steps = 0  # times the coordinator's clock was seen to step
 
     # -- samples -------------------------------------------------------------------------
@@ -76,16 +79,14 @@ class ClockOffset:
             return False
         rtt_ms = (received - sent) * 1000.0
         sample = Sample(coordinator_ms - (sent + received) * 500.0, rtt_ms, received)
-        tolerance = self.step_tolerance_ms
-        if self._best is not None and not sample.agrees_with(self._best, tolerance):
-            suspect, self._suspect = self._suspect, sample
-            if suspect is None or not sample.agrees_with(suspect, tolerance):
+        best = self._best
+        if best is not None and not sample.agrees_with(best, self.step_tolerance_ms):
+            if not self._confirmed:
+                self._samples.clear()  # an unconfirmed sample is simply replaced
+            elif not self._stepped(sample):
                 return False
-            self._suspect = None
-            self._samples.clear()
-            self._samples.append(suspect)
-            self.steps += 1
-        else:
+        elif best is not None:
+            self._confirmed = True
             self._suspect = None
         self._samples.append(sample)
         while self._samples[0].at < received - self.window_s:
@@ -93,18 +94,29 @@ class ClockOffset:
         self._best = min(self._samples, key=lambda s: s.rtt_ms)
         return True
 
+    def _stepped(self, sample: Sample) -> bool:
+        """`sample` contradicts the estimate: a step if it agrees with the suspect before it
+        (the older samples are dropped), else it is the suspect now."""
+        suspect, self._suspect = self._suspect, sample
+        if suspect is None or not sample.agrees_with(suspect, self.step_tolerance_ms):
+            return False
+        self._suspect = None
+        self._samples.clear()
+        self._samples.append(suspect)
+        self.steps += 1
+        return True
+
     @property
     def best(self) -> Sample | None:
-        """The sample the estimate rests on, or None before the first receipt."""
-        return self._best
+        """The sample the estimate rests on, or None until two samples agreed."""
+        return self._best if self._confirmed else None
 
     # -- estimates -----------------------------------------------------------------------
 
     def coordinator_ms(self, mono: float) -> int | None:
         """The coordinator's clock at monotonic `mono`, or None without an estimate."""
-        if self._best is None:
-            return None
-        return round(mono * 1000.0 + self._best.offset_ms)
+        best = self.best
+        return None if best is None else round(mono * 1000.0 + best.offset_ms)
 
     def now_ms(self, wall_ms: int, mono: float) -> int:
         """Now on the coordinator's clock; the device's own clock until there is an

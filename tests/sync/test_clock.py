@@ -18,22 +18,29 @@ def _round_trip(clock: ClockOffset, true_offset_ms: float, sent: float, rtt_s: f
     return clock.observe(coordinator_ms, sent, sent + rtt_s)
 
 
-def test_without_a_receipt_it_has_no_estimate_and_commands_use_the_own_clock() -> None:
+def test_without_two_agreeing_receipts_there_is_no_estimate_and_the_own_clock_rules() -> None:
     clock = ClockOffset()
     assert clock.coordinator_ms(5.0) is None
     assert clock.skew_ms(1_000, 5.0) is None
     assert clock.now_ms(1_000, 5.0) == 1_000
+    _round_trip(clock, HOUR_MS, 1.0, 0.010, 0.005)  # an old copy's receipt, say
+    assert clock.coordinator_ms(5.0) is None  # one alone is no estimate
+    _round_trip(clock, 0.0, 2.0, 0.010, 0.005)  # disagrees: it replaces the first
+    assert clock.coordinator_ms(5.0) is None
+    _round_trip(clock, 0.0, 3.0, 0.010, 0.005)  # agrees: now there is one
+    assert clock.coordinator_ms(5.0) == 5_000
+    assert clock.steps == 0
 
 
 @pytest.mark.parametrize(
     ("samples", "expected_offset_ms"),
     [
         # (sent s, rtt s, coordinator stamp s into the trip): the midpoint of the smallest wins
-        ([(10.0, 0.010, 0.005)], 0),
+        ([(10.0, 0.010, 0.005), (11.0, 0.010, 0.005)], 0),
         ([(10.0, 2.0, 1.9), (13.0, 0.020, 0.010)], 0),  # the slow one's 900 ms error loses
         ([(10.0, 0.020, 0.010), (11.0, 2.0, 1.1)], 0),  # and still loses when it comes later
-        ([(10.0, 1.0, 1.0)], 500),  # alone, it errs by at most half its round trip
-        ([(10.0, 1.0, 0.0)], -500),
+        ([(10.0, 1.0, 1.0), (12.0, 1.0, 1.0)], 500),  # it errs by at most half a round trip
+        ([(10.0, 1.0, 0.0), (12.0, 1.0, 0.0)], -500),
     ],
 )
 def test_the_smallest_round_trip_wins(samples, expected_offset_ms) -> None:
@@ -48,6 +55,7 @@ def test_skew_is_the_wall_clocks_error_and_ttl_time_is_the_coordinators(device_e
     # Coordinator time = monotonic + 1.7e12 ms; the device's wall clock is off by the error.
     clock = ClockOffset()
     true_offset = 1.7e12
+    _round_trip(clock, true_offset, 49.0, 0.004, 0.002)
     _round_trip(clock, true_offset, 50.0, 0.004, 0.002)
     mono = 60.0
     coordinator_now = round(mono * 1000 + true_offset)
@@ -58,6 +66,7 @@ def test_skew_is_the_wall_clocks_error_and_ttl_time_is_the_coordinators(device_e
 
 def test_a_wall_clock_step_changes_no_estimate() -> None:
     clock = ClockOffset()
+    _round_trip(clock, 1.7e12, 49.0, 0.004, 0.002)
     _round_trip(clock, 1.7e12, 50.0, 0.004, 0.002)
     before = clock.now_ms(1_700_000_060_000, 60.0)
     after = clock.now_ms(1_700_000_060_000 + HOUR_MS, 60.0)  # the wall clock stepped
@@ -70,6 +79,7 @@ def test_a_lost_and_a_reversed_round_trip_are_refused() -> None:
     assert clock.best is None
     assert clock.observe(1_000, sent=5.0, received=5.1)
     assert not clock.observe(1_000, sent=4.0, received=5.0)  # older than the newest
+    assert clock.best is None  # one sample alone
 
 
 def test_old_samples_age_out_relative_to_the_newest_one_only() -> None:
@@ -89,6 +99,7 @@ def test_old_samples_age_out_relative_to_the_newest_one_only() -> None:
 @pytest.mark.parametrize("step_ms", [HOUR_MS, -HOUR_MS, 1_000, -300])
 def test_a_coordinator_clock_step_replaces_the_estimate_at_once(step_ms) -> None:
     clock = ClockOffset()
+    _round_trip(clock, 0.0, 9.0, 0.001, 0.0005)
     _round_trip(clock, 0.0, 10.0, 0.001, 0.0005)
     assert not _round_trip(clock, step_ms, 20.0, 0.100, 0.050)  # one alone is a suspect
     assert clock.coordinator_ms(30.0) == pytest.approx(30_000, abs=1)
@@ -100,6 +111,7 @@ def test_a_coordinator_clock_step_replaces_the_estimate_at_once(step_ms) -> None
 def test_a_single_outlier_is_held_back_and_dropped() -> None:
     # A receipt for an earlier copy of a resent message: a short round trip, an old stamp.
     clock = ClockOffset()
+    _round_trip(clock, 0.0, 9.0, 0.020, 0.010)
     _round_trip(clock, 0.0, 10.0, 0.020, 0.010)
     assert not clock.observe(12_000 - 5_000, sent=12.0, received=12.001)
     assert _round_trip(clock, 0.0, 13.0, 0.030, 0.015)  # back in line: the suspect is gone
@@ -123,7 +135,7 @@ def test_replicas_a_few_ms_apart_are_no_step() -> None:
             st.floats(0.0, 3.0),  # round trip, s
             st.floats(0.0, 1.0),  # where in the trip the coordinator stamped it
         ),
-        min_size=1,
+        min_size=2,
         max_size=30,
     ),
 )
