@@ -47,8 +47,9 @@ async def test_an_hour_off_device_judges_ttls_in_coordinator_time(
         ran.append(seq)
         return {"pong": True}
 
+    error = [device_error_ms]
     device = rig.device(
-        "skew", on_command=on_command, wall_ms=lambda: time.time_ns() // 1_000_000 + device_error_ms
+        "skew", on_command=on_command, wall_ms=lambda: time.time_ns() // 1_000_000 + error[0]
     )
     coordinator = await rig.start_coordinator()
     await device.start()
@@ -70,3 +71,10 @@ async def test_an_hour_off_device_judges_ttls_in_coordinator_time(
     link.mqtt.resume_reading()
     await eventually(lambda: link.counters["rejected_expired"] == 1, what="the late one expired")
     assert late not in ran
+
+    error[0] = -device_error_ms  # the wall clock steps two hours the other way
+    assert abs(link.clock_skew_ms() - device_error_ms) < 1_000  # seen at once, no receipt
+    seqs = [device.enqueue(Kind.RESULT, {"i": i}) for i in range(10, 20)]
+    await eventually(lambda: device.queued() == 0, what="all receipted after the step")
+    assert link.state.resent_total == 0  # the step neither stalled the link nor resent
+    assert len(coordinator.store.results_since(device.device_id, 0, 100)) == 3 + len(seqs)
