@@ -136,3 +136,12 @@ def test_an_hour_each_way(rig: tuple[SoakRig, Path]) -> None:
         )
     # coord_ts_ms moved forward with real time through both steps, never by an hour.
     assert 0 < points[1] - points[0] < 120_000
+
+
+def test_an_estimate_within_seconds_of_start_even_with_long_batches(tmp_path: Path) -> None:
+    # One telemetry batch a minute and nothing else to send: the first samples go alone
+    # until their receipts gave the link an estimate, then batching resumes.
+    settings = {"telemetry": {"interval_s": 0.5, "batch_s": 60.0}}
+    with SoakRig(tmp_path / "rig", agent_settings=settings) as running:
+        eventually(lambda: skew_ms(running) is not None, timeout_s=15, what="an early estimate")
+        assert abs(skew_ms(running) or 0) < 2_000
