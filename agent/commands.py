@@ -18,6 +18,7 @@ BENCHES = {
     "sync": "dgdm.sync.bench",
     "http": "dgdm.agent.bench",
     "fleet": "dgdm.sync.bench_fleet",
+    "soak": "dgdm.sync.bench_soak",
 }
 
 

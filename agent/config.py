@@ -82,6 +82,8 @@ class SyncSettings:
     receipt_timeout_s: float = setting(60.0, minimum=1.0, maximum=86400.0)
     offline_alert_s: float = setting(300.0, minimum=1.0)
     bandwidth_bytes_per_s: int = setting(0, minimum=0)
+    # `clock_skew` above this offset to the coordinator's clock (SPEC §6.1), cleared at half.
+    max_clock_skew_ms: int = setting(5000, minimum=1, maximum=7 * 86_400_000)
 
 
 @dataclass(frozen=True)
@@ -216,6 +218,7 @@ RELOADABLE = frozenset(
         "alerts.repeat_s",
         "alerts.max_per_minute",
         "sync.offline_alert_s",
+        "sync.max_clock_skew_ms",
         "spool.poll_s",
     }
 )

@@ -22,6 +22,9 @@ log = logging.getLogger("dgdm.agent")
 LAG_PERIOD_S = 0.25
 BROKER_PERIOD_S = 1.0
 BACKENDS_PERIOD_S = 1.0
+CLOCK_PERIOD_S = 1.0
+MONO_KEY = "_mono"  # a sample's monotonic time, until it is queued
+EARLY_SAMPLES = 6
 
 
 def loops(agent: Agent) -> list[Coroutine[Any, Any, None]]:
@@ -31,6 +34,7 @@ def loops(agent: Agent) -> list[Coroutine[Any, Any, None]]:
         lag_loop(agent),
         broker_loop(agent),
         backends_loop(agent),
+        clock_loop(agent),
     ]
     if agent.notifier.watchdog_interval_s:
         jobs.append(watchdog_loop(agent))
@@ -76,8 +80,10 @@ async def telemetry_loop(agent: Agent) -> None:
     sampler = await asyncio.to_thread(Sampler, agent.config.device.data_dir)
     batcher = agent.telemetry
     assert batcher is not None
+    rounds = 0
     while True:
         await asyncio.sleep(agent.config.telemetry.interval_s)
+        rounds += 1
         try:
             sample = await _sample(agent, sampler)
         except Exception as exc:  # noqa: BLE001 - one bad round must not end telemetry and the disk checks
@@ -85,10 +91,23 @@ async def telemetry_loop(agent: Agent) -> None:
             continue
         check_disk(agent, sample["disk_free_bytes"])
         await agent.flush_alerts()  # any the outbox refused before
-        batcher.batch_s = agent.config.telemetry.batch_s
+        batcher.batch_s = _batch_s(agent, rounds)
         body = batcher.add(sample)
         if body is not None:
             await queue_telemetry(agent, body)
+
+
+def _batch_s(agent: Agent, rounds: int) -> float:
+    """`telemetry.batch_s`; but for the first EARLY_SAMPLES samples, while the link is up
+    without a clock estimate, each sample goes alone, so that their receipts give it one
+    within seconds of start-up instead of two batches (SPEC §6.1; plaintext telemetry is
+    never receipted, so it stays batched)."""
+    cfg = agent.config.telemetry
+    link = agent.link
+    early = rounds <= EARLY_SAMPLES and agent.config.sync.encrypt_telemetry
+    if early and link is not None and link.connected and link.clock.best is None:
+        return cfg.interval_s
+    return cfg.batch_s
 
 
 async def _sample(agent: Agent, sampler: Sampler) -> dict[str, Any]:
@@ -106,7 +125,22 @@ async def _sample(agent: Agent, sampler: Sampler) -> dict[str, Any]:
         diffusions=agent.latency.count,
         latencies_ms=agent.latency.take(),
     )
-    return await asyncio.to_thread(sampler.sample, inputs)
+    mono = time.monotonic()
+    sample = await asyncio.to_thread(sampler.sample, inputs)
+    sample[MONO_KEY] = mono
+    return sample
+
+
+def stamp_coordinator_time(agent: Agent, body: dict[str, Any]) -> None:
+    """Each sample's `coord_ts_ms`: its time on the coordinator's clock as estimated when it
+    is queued (from its monotonic time, so a wall-clock step moves no point of a chart and
+    samples taken before the first receipt are placed too); null without an estimate.
+    `ts_ms` stays the device's own clock."""
+    link = agent.link
+    for sample in body.get("samples", ()):
+        mono = sample.pop(MONO_KEY, None)
+        estimate = link.coordinator_ms(mono) if link is not None and mono is not None else None
+        sample["coord_ts_ms"] = estimate
 
 
 async def queue_telemetry(agent: Agent, body: dict[str, Any]) -> None:
@@ -114,6 +148,7 @@ async def queue_telemetry(agent: Agent, body: dict[str, Any]) -> None:
         return
     from dgdm.sync.envelope import Kind
 
+    stamp_coordinator_time(agent, body)
     try:
         await agent.enqueue(Kind.TELEMETRY, body)
     except DgdmError as exc:
@@ -166,6 +201,39 @@ def check_broker(agent: Agent, now: float) -> None:
         message = f"Broker unreachable for {int(offline_s)} s."
         details = {"offline_s": round(offline_s, 1)}
         agent.alerts.condition(Alert("broker_unreachable", WARNING, message, details))
+
+
+# -- clock --------------------------------------------------------------------------------
+
+
+async def clock_loop(agent: Agent) -> None:
+    skewed = False
+    while True:
+        await asyncio.sleep(CLOCK_PERIOD_S)
+        skewed = check_clock(agent, skewed)
+
+
+def check_clock(agent: Agent, skewed: bool) -> bool:
+    """`clock_skew` while the wall clock is more than `sync.max_clock_skew_ms` off the
+    coordinator's as estimated from receipts (SPEC §6.1), `clock_ok` once back within half
+    of it; returns whether it holds."""
+    from dgdm.sync.clock import skew_alarm
+
+    skew = agent.link.clock_skew_ms() if agent.link is not None else None
+    if skew is None:
+        return skewed
+    limit = agent.config.sync.max_clock_skew_ms
+    now_skewed = skew_alarm(skewed, skew, limit)
+    best = agent.link.clock.best
+    details = {"skew_ms": skew, "max_skew_ms": limit, "rtt_ms": best and round(best.rtt_ms, 1)}
+    if now_skewed:
+        ahead = "behind" if skew > 0 else "ahead of"
+        message = f"Clock {abs(skew)} ms {ahead} the coordinator's."
+        agent.alerts.condition(Alert("clock_skew", WARNING, message, details))
+    else:
+        message = "Clock agrees with the coordinator's again."
+        agent.alerts.resolved("clock_skew", Alert("clock_ok", INFO, message, details))
+    return now_skewed
 
 
 # -- backends -----------------------------------------------------------------------------

@@ -55,7 +55,11 @@ async def _spool_one(agent: Agent, path: Path) -> bool:
 def _spool_files(spool: Path) -> list[Path]:
     """JSON files not touched for SETTLE_S (a writer may still be busy with newer ones)."""
     now = time.time()
-    files = [p for p in spool.glob("*.json") if p.is_file() and now - p.stat().st_mtime > SETTLE_S]
+    # abs(): after the wall clock stepped back, a file written before the step has an mtime
+    # in the future; it is settled, not to be skipped until the clock catches up.
+    files = [
+        p for p in spool.glob("*.json") if p.is_file() and abs(now - p.stat().st_mtime) > SETTLE_S
+    ]
     return sorted(files, key=lambda p: p.stat().st_mtime)
 
 

@@ -28,6 +28,7 @@ async def status(agent: Agent) -> dict[str, Any]:
         "device_id": agent.config.device.id,
         "agent_version": __version__,
         "uptime_s": round(agent.uptime_s(), 3),
+        "loop_lag_ms": round(agent.loop_lag_s * 1000, 1),
         "started_ms": int(agent.started_wall * 1000),
         "active_backend": agent.active_backend(),
         "backends": agent.engine.backends_status(),
@@ -56,7 +57,14 @@ def broker_json(agent: Agent) -> dict[str, Any]:
     last = getattr(agent.link, "last_sync_ms", None)
     wire = agent.link.mqtt.active_wire  # sync.wire, or "paho" where lean is unsupported
     connected = bool(agent.link.connected)
-    return {"configured": True, "connected": connected, "last_sync_ms": last, "wire": wire}
+    skew = agent.link.clock_skew_ms()  # the wall clock against the coordinator's (SPEC §6.1)
+    return {
+        "configured": True,
+        "connected": connected,
+        "last_sync_ms": last,
+        "wire": wire,
+        "clock_skew_ms": skew,
+    }
 
 
 async def health(agent: Agent) -> tuple[bool, dict[str, Any]]:

@@ -39,7 +39,7 @@ class LatencyWindow:
 
     def record(self, latency_ms: float) -> None:
         self._since_sample.append(latency_ms)
-        self.recent.append((time.time(), latency_ms))
+        self.recent.append((time.monotonic(), latency_ms))  # a window: no wall-clock steps
         self.count += 1
 
     def take(self) -> list[float]:
@@ -48,7 +48,7 @@ class LatencyWindow:
         return taken
 
     def recent_percentiles(self, window_s: float = 60.0) -> dict[str, float | None]:
-        cutoff = time.time() - window_s
+        cutoff = time.monotonic() - window_s
         values = [ms for ts, ms in self.recent if ts >= cutoff]
         return {"p50": percentile(values, 50), "p99": percentile(values, 99), "n": len(values)}
 

@@ -5,6 +5,10 @@ bounded window (never one round trip per message); only a coordinator receipt de
 message, and the decisions of what to send and resend live in `link_state.SendState`.
 Commands are decrypted, checked (key id, device, ttl, replay) and executed at most once:
 the seq is persisted before `on_command` runs; the reply is queued in the outbox (kind 17).
+TTLs are judged on the coordinator's clock as estimated from receipts (clock.py, SPEC
+§6.1), so a device whose wall clock is an hour off neither drops nor keeps commands for it;
+every timeout and interval here runs on the monotonic clock, so a wall-clock step stalls
+nothing.
 A retained `status` says online at every connect; the will (and a clean stop) says offline.
 The link also follows the coordinators' presence (presence.py) and resends what may have
 reached nobody when one (re)appears after a broker lost its sessions.
@@ -23,6 +27,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from dgdm.sync import presence
+from dgdm.sync.clock import ClockOffset
 from dgdm.sync.crypto import LinkKeys
 from dgdm.sync.envelope import (
     FLAG_ENCRYPTED,
@@ -76,8 +81,10 @@ class DeviceLink:
         receipt_timeout_s: float = 60.0,
         max_unreceipted: int = 20_000,
         page_size: int = PAGE_SIZE,
+        wall_ms: Callable[[], int] = _now_ms,
     ) -> None:
         self.outbox = outbox
+        self._wall_ms = wall_ms  # the device's wall clock (tests step it)
         self.device_id = device_id
         self.keys = keys
         self.on_command = on_command
@@ -86,6 +93,7 @@ class DeviceLink:
         self.page_size = page_size
         self._topics = {kind: kind_topic(device_id, kind) for kind in Kind}
         self.state = SendState(receipt_timeout_s, max_unreceipted)
+        self.clock = ClockOffset()
         will = Will(self._topic(STATUS), status_payload("offline", agent_version, self.backend))
         self.presence = presence.PresenceView()
         self.mqtt = MqttClient(
@@ -162,8 +170,21 @@ class DeviceLink:
             "pubacks": self.mqtt.acked,
             "wire": self.mqtt.active_wire,
             "coordinators_online": len(self.presence.online),
+            "clock_skew_ms": self.clock_skew_ms(),
             **dict(self.counters),
         }
+
+    def coordinator_now_ms(self) -> int:
+        """Now on the coordinator's clock as estimated, or the own clock before a receipt."""
+        return self.clock.now_ms(self._wall_ms(), time.monotonic())
+
+    def coordinator_ms(self, mono: float) -> int | None:
+        """Monotonic `mono` on the coordinator's clock, or None before the first receipt."""
+        return self.clock.coordinator_ms(mono)
+
+    def clock_skew_ms(self) -> int | None:
+        """How far the wall clock is behind (+) or ahead (-) of the coordinator's."""
+        return self.clock.skew_ms(self._wall_ms(), time.monotonic())
 
     # -- connection ----------------------------------------------------------------------
 
@@ -318,7 +339,7 @@ class DeviceLink:
             self._reject(exc.reason, topic, str(exc))
             return
         if suffix == "receipt" and env.header.kind is Kind.RECEIPT:
-            self._on_receipt(env.body)
+            self._on_receipt(env)
         elif suffix == "cmd" and env.header.kind is Kind.COMMAND:
             self._commands.put_nowait(env)
         else:
@@ -328,14 +349,18 @@ class DeviceLink:
         self.counters[f"rejected_{reason}"] += 1
         log.warning("dropped envelope on %s: %s (%s)", topic, reason, message)
 
-    def _on_receipt(self, body: dict[str, Any]) -> None:
+    def _on_receipt(self, env: Envelope) -> None:
         try:
-            ranges = receipt_ranges(body)
+            ranges = receipt_ranges(env.body)
         except EnvelopeError as exc:
             self._reject(exc.reason, "receipt", str(exc))
             return
         was_full = self.state.window_full()
-        self.state.receipted(ranges, time.monotonic())
+        now = time.monotonic()
+        sent = self.state.first_send_covered(ranges)
+        if sent is not None:
+            self.clock.observe(env.header.created_ms, sent, now)
+        self.state.receipted(ranges, now)
         if was_full and not self.state.window_full():
             self._wake.set()
         self.counters["receipts"] += 1
@@ -359,7 +384,7 @@ class DeviceLink:
 
     async def _execute(self, env: Envelope) -> None:
         try:
-            check_command(env, _now_ms(), self._last_command)
+            check_command(env, self.coordinator_now_ms(), self._last_command)
         except EnvelopeError as exc:
             self._reject(exc.reason, "cmd", str(exc))
             return

@@ -74,6 +74,7 @@ class SendState:
         self.max_seq_seen = 0
         self._sent: dict[int, tuple[int, float]] = {}  # seq -> (priority, sent at)
         self._again: set[int] = set()  # seqs that go out again: counted as resends
+        self._repeats: set[int] = set()  # seqs in the sent set whose send was a resend
         # Per kind, the unreceipted seqs of this connection in send order (dicts keep
         # insertion order; a resend is inserted again at the end) -> their send number.
         self._lanes: dict[int, dict[int, int]] = {}
@@ -116,6 +117,7 @@ class SendState:
         self.sent_total += 1
         if seq in self._again:
             self._again.discard(seq)
+            self._repeats.add(seq)
             self.resent_total += 1
 
     def advance(self, priority: int, seq: int, generation: int) -> bool:
@@ -137,6 +139,7 @@ class SendState:
         """A new connection: what the last one PUBACKed may be lost; send it all again."""
         self._again.update(self._sent)
         self._sent.clear()
+        self._repeats.clear()
         self._lanes.clear()
         self._gaps.clear()
         self._gap_resent.clear()
@@ -158,6 +161,18 @@ class SendState:
         self._forget(gone)
         return len(gone) - len(gaps), len(gaps)
 
+    def first_send_covered(self, ranges: Iterable[tuple[int, int]]) -> float | None:
+        """When the latest message a receipt covers was sent, among those sent only once
+        (so the coordinator stored this very copy, after it left), or None: the receipt was
+        stamped after that instant, which makes it a clock sample (clock.py)."""
+        latest = None
+        for first, last in ranges:
+            for seq in _within(self._sent, first, last):
+                if seq not in self._repeats:
+                    at = self._sent[seq][1]
+                    latest = at if latest is None else max(latest, at)
+        return latest
+
     def presumed_lost(self, sent_before: float) -> int:
         """A coordinator (re)appeared at `sent_before`: what was sent until then may have
         gone to nobody, so whatever of it is still unreceipted goes again; returns count."""
@@ -173,6 +188,7 @@ class SendState:
         for seq in seqs:
             del self._sent[seq]
             self._gaps.pop(seq, None)
+            self._repeats.discard(seq)
             self._again.add(seq)
         for lane in self._lanes.values():
             for seq in seqs & lane.keys():
@@ -189,6 +205,7 @@ class SendState:
         for first, last in ranges:
             for seq in _within(self._sent, first, last):
                 oldest = min(oldest, self._sent.pop(seq)[1])
+                self._repeats.discard(seq)
                 done.append(seq)
             for seq in _within(self._again, first, last):
                 self._again.discard(seq)
