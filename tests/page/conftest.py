@@ -57,10 +57,16 @@ async def until(check: Callable[[], Awaitable[Any]], what: str, timeout: float =
         await asyncio.sleep(0.05)
 
 
+# Halfway through, the device's clock steps back an hour (a box without a battery-backed
+# clock, corrected by NTP the other way): `coord_ts_ms` (SPEC §6.1) carries on smoothly.
+CLOCK_STEP_MS = -3_600_000
+
+
 def samples(now_ms: int, n: int, *, tpu: bool, depth0: int) -> list[dict[str, Any]]:
     return [
         {
-            "ts_ms": now_ms - (n - i) * 5000,
+            "coord_ts_ms": now_ms - (n - i) * 5000,
+            "ts_ms": now_ms - (n - i) * 5000 + (CLOCK_STEP_MS if i >= n // 2 else 0),
             "cpu_percent": 10.0 + i,
             "mem_used_bytes": 1 << 30,
             "mem_total_bytes": 4 << 30,

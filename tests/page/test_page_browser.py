@@ -103,6 +103,13 @@ async def test_the_device_page_charts_telemetry_and_lists_alerts_results_command
     assert points["outbox_depth"] == 30
     assert points["latency_p50"] == 30
     assert points["diffusion_rate"] == 29  # a rate needs two samples
+    # Plotted on the coordinator's clock: the device's clock step does not fold the chart.
+    xs = await session.evaluate(
+        "(document.querySelector('svg.chart[data-series=tpu_temp] polyline')"
+        ".getAttribute('points')).split(' ').map(p => Number(p.split(',')[0]))"
+    )
+    assert xs == sorted(xs)
+    assert len(set(xs)) == len(xs)
     results = await session.evaluate("document.body.innerText")
     assert "job-0" in results
     assert "job-2" in results

@@ -231,22 +231,32 @@ async function fleetView(_arg, params) {
 
 // -- one device ----------------------------------------------------------------------------
 
+// A sample's time on the coordinator's clock (SPEC §6.1: it does not jump when the device's
+// clock steps), else the device's own clock for samples queued before any estimate.
+function sampleTime(sample) {
+  return typeof sample.coord_ts_ms === "number" ? sample.coord_ts_ms : sample.ts_ms;
+}
+
 // Points [t_ms, value] of each charted series from telemetry messages (oldest first).
 function series(messages) {
   const out = { tpu: [], depth: [], latency: [], rate: [] };
   let previous = null;
+  let previousT = 0;
   for (const message of messages) {
     for (const sample of (message.body && message.body.samples) || []) {
-      const t = sample.ts_ms;
+      const t = sampleTime(sample);
       if (typeof t !== "number") continue;
       if (sample.tpu && typeof sample.tpu.temp_c === "number") out.tpu.push([t, sample.tpu.temp_c]);
       if (sample.outbox && typeof sample.outbox.messages === "number") out.depth.push([t, sample.outbox.messages]);
       if (typeof sample.latency_p50_ms === "number") out.latency.push([t, sample.latency_p50_ms]);
-      if (previous && typeof sample.diffusions === "number" && t > previous.ts_ms) {
+      if (previous && typeof sample.diffusions === "number" && t > previousT) {
         const done = sample.diffusions - previous.diffusions;
-        if (done >= 0) out.rate.push([t, (done * 1000) / (t - previous.ts_ms)]);
+        if (done >= 0) out.rate.push([t, (done * 1000) / (t - previousT)]);
       }
-      if (typeof sample.diffusions === "number") previous = sample;
+      if (typeof sample.diffusions === "number") {
+        previous = sample;
+        previousT = t;
+      }
     }
   }
   for (const key of Object.keys(out)) out[key] = out[key].slice(-CHART_POINTS);
