@@ -82,7 +82,9 @@ def injected(kind: str, start: float, end: float, **params: int) -> Injected:
 def test_a_reconnect_next_to_a_broker_fault_is_not_judged() -> None:
     cut = injected("link_cut", 100, 120)
     assert quiet_reconnect([cut, injected("disk_full", 110, 125)], cut, 0)
-    assert not quiet_reconnect([cut, injected("broker_kill", 125, 128)], cut, 0)
+    assert not quiet_reconnect([cut, injected("broker_kill", 124, 128)], cut, 0)
+    assert quiet_reconnect([cut, injected("broker_kill", 126, 128)], cut, 0)
+    assert quiet_reconnect([cut, injected("link_slow", 121, 128, rate_kbit=64)], cut, 0)
     assert not quiet_reconnect([cut, injected("clock_step", 60, 70, offset_s=3600)], cut, 1)
     assert quiet_reconnect([cut, injected("clock_step", 60, 70, offset_s=3600)], cut, 0)
 
