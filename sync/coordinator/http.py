@@ -1,16 +1,58 @@
 """The coordinator's HTTP API (aiohttp), protected by a bearer token.
 
-GET  /devices                          fleet list with health
+GET  /devices?tag=K=V&state=S          fleet list (tags AND-ed; state online|offline)
 GET  /devices/{id}                     one device, its latest telemetry and recent alerts
 GET  /devices/{id}/results?since=C     results after cursor C (`next` is the new cursor)
 POST /devices/{id}/commands            {"cmd", "args", "ttl_ms"} -> 202 {"seq"}
+GET  /devices/{id}/commands?limit=N    its latest commands, newest first, with replies
 GET  /devices/{id}/commands/{seq}      the command and, once it arrived, its reply
+GET  /devices/{id}/telemetry?since_ms=T&limit=N   telemetry history, oldest first
 GET  /devices/{id}/quarantine?limit=N  its refused messages (why, and their start)
+POST /jobs                             one command to many devices -> 201 the job
+GET  /jobs?limit=N                     jobs, newest first, with counts
+GET  /jobs/{id}?cursor=D&limit=N       a job, its counts and a page of its devices
+POST /jobs/{id}/cancel                 cancel what it has not sent yet -> the job
 GET  /healthz                          200 when the store and the broker answer, else 503 (no token)
 GET  /ingest                           fair-share state: queue, flooding devices, top talkers
 GET  /metrics                          Prometheus text format
 
-Errors are JSON `{"error", "field"}` with 400/401/404/422/503, never a traceback.
+Errors are JSON `{"error", "field"}` with 400/401/403/404/422/503, never a traceback.
+POST /devices/{id}/commands and the POSTs of /jobs need a configured `http.token` (403
+naming `http.token` otherwise): they act on boxes.
+
+Shapes (every number an integer unless said; `*_ms` are Unix milliseconds):
+
+- device (each of `GET /devices` `{"devices": [device, ...]}`, ordered by id):
+  `{"device_id", "public_key", "enrolled", "online", "first_seen_ms", "last_seen_ms",
+  "agent_version", "backend", "flooding", "tags": {key: value}, "summary", "last_alert"}`;
+  `summary` is null before any telemetry, else from the last sample of the latest
+  telemetry message: `{"ts_ms", "backend", "tpu": {"present", "temp_c"}, "outbox":
+  {"messages", "bytes", "dropped"}, "cpu_percent", "latency_p99_ms"}` (a field the device
+  sent wrong is null); `last_alert` is null or `{"code", "severity", "message", "seq",
+  "created_ms", "received_ms"}`. `GET /devices/{id}` adds `"telemetry"` (the latest
+  message or null) and `"alerts"` (the latest 20, newest first).
+- message (results, telemetry): `{"cursor", "kind", "seq", "created_ms", "received_ms",
+  "body"}`. `GET .../telemetry` answers `{"telemetry": [message, ...]}`: without
+  `since_ms` the latest `limit` (default 100, at most 1000), with it the first `limit`
+  received at or after it; oldest first either way.
+- command: `{"seq", "command": {"cmd", "args", "ttl_ms"}, "created_ms", "status":
+  "pending" | "replied", "reply": {"cmd_seq", "ok", "error", "data"} | null,
+  "replied_ms"}`; `GET .../commands` answers `{"commands": [command, ...]}` (limit
+  default 20).
+- job request: `{"target": "all" | {"tags": {key: value}} | {"ids": [device_id, ...]},
+  "command": {"cmd", "args"}, "rate_per_s": 10.0, "max_failure_ratio": 0.1,
+  "timeout_s": 60.0, "ttl_ms": 3600000}` (the numbers optional, those are the defaults;
+  rate_per_s in (0, 1000], max_failure_ratio in [0, 1], timeout_s in (0, 86400], ttl_ms
+  1..7 days). A bad field is a 422 naming it (`target`, `target.tags`, `target.ids`,
+  `command.cmd`, `command.args`, `rate_per_s`, ...); a target matching no enrolled
+  device is a 422 naming `target`.
+- job: `{"id", "created_ms", "target", "command", "rate_per_s", "max_failure_ratio",
+  "timeout_s", "ttl_ms", "state": "running" | "completed" | "aborted" | "cancelled",
+  "finished_ms", "reason", "total", "counts": {"queued", "sent", "succeeded", "failed",
+  "timed_out", "cancelled"}}`; `GET /jobs` answers `{"jobs": [job, ...]}`;
+  `GET /jobs/{id}` adds `"devices": [{"device_id", "state", "seq", "sent_ms",
+  "decided_ms", "error"}, ...]` (by device id, `limit` default 100) and `"next"`: the
+  `cursor` of the next page, or null on the last.
 """
 
 from __future__ import annotations
@@ -66,8 +108,14 @@ def make_app(coordinator: Any) -> web.Application:
     app.router.add_get("/devices/{device_id}", get_device)
     app.router.add_get("/devices/{device_id}/results", get_results)
     app.router.add_post("/devices/{device_id}/commands", _token_required(post_command))
+    app.router.add_get("/devices/{device_id}/commands", list_commands)
     app.router.add_get("/devices/{device_id}/commands/{seq}", get_command)
+    app.router.add_get("/devices/{device_id}/telemetry", get_telemetry)
     app.router.add_get("/devices/{device_id}/quarantine", get_quarantine)
+    app.router.add_post("/jobs", _token_required(post_job))
+    app.router.add_get("/jobs", list_jobs)
+    app.router.add_get("/jobs/{job_id}", get_job)
+    app.router.add_post("/jobs/{job_id}/cancel", _token_required(cancel_job))
     app.router.add_get("/metrics", get_metrics)
     app.router.add_get("/ingest", get_ingest)
     app.router.add_get("/healthz", get_healthz)
@@ -102,6 +150,9 @@ def _device_view(coordinator: Any, row: dict[str, Any]) -> dict[str, Any]:
         "backend": row["backend"],
         # device_flooding raised by this replica within ingest.flooding_alert_s
         "flooding": coordinator.is_flooding(row["device_id"]),
+        "tags": row["tags"],
+        "summary": row["summary"],
+        "last_alert": row["last_alert"],
     }
 
 
@@ -110,15 +161,30 @@ async def _device_or_404(request: web.Request) -> tuple[Any, str, dict[str, Any]
     device_id = request.match_info["device_id"]
     if not valid_device_id(device_id):
         return _error(404, "no such device", "device_id")
-    row = await coordinator.query("device", device_id)
-    if row is None:
+    rows = await coordinator.query("device_views", None, None, device_id)
+    if not rows:
         return _error(404, f"device {device_id!r} is not enrolled", "device_id")
-    return coordinator, device_id, row
+    return coordinator, device_id, rows[0]
+
+
+def _device_filters(request: web.Request) -> tuple[dict[str, str], bool | None]:
+    """`?tag=k=v` (repeatable, AND-ed) and `?state=online|offline`."""
+    from dgdm.sync.coordinator.tags import TagError, check_count, parse_tag
+
+    try:
+        tags = check_count(dict(parse_tag(t) for t in request.query.getall("tag", [])))
+    except TagError as exc:
+        raise _bad_query("tag", str(exc)) from None
+    state = request.query.get("state")
+    if state not in {None, "online", "offline"}:
+        raise _bad_query("state", "must be online or offline")
+    return tags, None if state is None else state == "online"
 
 
 async def list_devices(request: web.Request) -> web.Response:
     coordinator = request.app[COORDINATOR]
-    rows = await coordinator.query("devices")
+    tags, online = _device_filters(request)
+    rows = await coordinator.query("device_views", tags, online, None)
     return web.json_response({"devices": [_device_view(coordinator, r) for r in rows]})
 
 
@@ -212,14 +278,15 @@ def _token_required(handler: Any) -> Any:
 
     async def checked(request: web.Request) -> web.StreamResponse:
         if not request.app[COORDINATOR].config.http.token:
-            return _error(403, "commands need an API token: set http.token", "http.token")
+            return _error(403, "commands and jobs need an API token: set http.token", "http.token")
         return await handler(request)
 
     return checked
 
 
 async def post_command(request: web.Request) -> web.Response:
-    from dgdm.sync.coordinator.service import DEFAULT_TTL_MS, BadCommand, UnknownDevice
+    from dgdm.sync.coordinator.commands import DEFAULT_TTL_MS, BadCommand
+    from dgdm.sync.coordinator.service import UnknownDevice
 
     found = await _device_or_404(request)
     if isinstance(found, web.Response):
@@ -258,6 +325,26 @@ async def get_command(request: web.Request) -> web.Response:
     return web.json_response(command)
 
 
+async def list_commands(request: web.Request) -> web.Response:
+    found = await _device_or_404(request)
+    if isinstance(found, web.Response):
+        return found
+    coordinator, device_id, _ = found
+    limit = _int_param(request, "limit", 20, 1, MAX_RESULTS)
+    return web.json_response({"commands": await coordinator.query("commands", device_id, limit)})
+
+
+async def get_telemetry(request: web.Request) -> web.Response:
+    found = await _device_or_404(request)
+    if isinstance(found, web.Response):
+        return found
+    coordinator, device_id, _ = found
+    since = _int_param(request, "since_ms", -1, 0, INT63_MAX)
+    limit = _int_param(request, "limit", 100, 1, MAX_RESULTS)
+    rows = await coordinator.query("telemetry", device_id, None if since < 0 else since, limit)
+    return web.json_response({"telemetry": rows})
+
+
 async def get_quarantine(request: web.Request) -> web.Response:
     found = await _device_or_404(request)
     if isinstance(found, web.Response):
@@ -267,6 +354,72 @@ async def get_quarantine(request: web.Request) -> web.Response:
     return web.json_response(
         {"quarantine": await coordinator.query("quarantined", device_id, limit)}
     )
+
+
+# -- jobs -------------------------------------------------------------------------------------
+
+
+async def post_job(request: web.Request) -> web.Response:
+    from dgdm.sync.coordinator.jobs import BadJob, parse_job
+
+    coordinator = request.app[COORDINATOR]
+    try:
+        body = await request.json(loads=_strict_loads)
+    except _NotJson as exc:
+        return _error(400, f"body is not valid JSON: {exc}", "body")
+    except ValueError:
+        return _error(400, "body is not valid JSON", "body")
+    try:
+        job = await coordinator.create_job(parse_job(body))
+    except BadJob as exc:
+        return _error(422, str(exc), exc.field)
+    return web.json_response(job, status=201)
+
+
+async def list_jobs(request: web.Request) -> web.Response:
+    coordinator = request.app[COORDINATOR]
+    limit = _int_param(request, "limit", 50, 1, MAX_RESULTS)
+    return web.json_response({"jobs": await coordinator.query("jobs", limit)})
+
+
+def _job_id(request: web.Request) -> int | web.Response:
+    text = request.match_info["job_id"]
+    if not text.isascii() or not text.isdigit() or not 1 <= int(text) <= INT63_MAX:
+        return _error(404, "a job id is a positive integer", "job_id")
+    return int(text)
+
+
+async def get_job(request: web.Request) -> web.Response:
+    """The job with its counts, and a page of its devices: `?cursor=` (the last device id
+    of the previous page), `limit`; `next` is the cursor of the next page, or null."""
+    coordinator = request.app[COORDINATOR]
+    job_id = _job_id(request)
+    if isinstance(job_id, web.Response):
+        return job_id
+    job = await coordinator.query("job", job_id)
+    if job is None:
+        return _error(404, f"no job {job_id}", "job_id")
+    cursor = request.query.get("cursor", "")
+    if cursor and not valid_device_id(cursor):
+        raise _bad_query("cursor", "must be a device id (the previous page's `next`)")
+    limit = _int_param(request, "limit", 100, 1, MAX_RESULTS)
+    devices = await coordinator.query("job_targets", job_id, cursor, limit + 1)
+    more = len(devices) > limit  # one beyond the page says whether another page exists
+    devices = devices[:limit]
+    return web.json_response(
+        {**job, "devices": devices, "next": devices[-1]["device_id"] if more else None}
+    )
+
+
+async def cancel_job(request: web.Request) -> web.Response:
+    coordinator = request.app[COORDINATOR]
+    job_id = _job_id(request)
+    if isinstance(job_id, web.Response):
+        return job_id
+    job = await coordinator.cancel_job(job_id)
+    if job is None:
+        return _error(404, f"no job {job_id}", "job_id")
+    return web.json_response(job)
 
 
 async def get_healthz(request: web.Request) -> web.Response:

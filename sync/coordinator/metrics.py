@@ -49,6 +49,20 @@ class Metrics:
         )
         self.receipts = Counter("dgdm_receipts_sent", "Receipts published", registry=self.registry)
         self.commands = Counter("dgdm_commands_sent", "Commands published", registry=self.registry)
+        self.jobs_aborted = Counter(
+            "dgdm_coordinator_jobs_aborted",
+            "Jobs stopped by their failure gate (by this replica's job runner)",
+            registry=self.registry,
+        )
+        self.job_targets = Gauge(
+            "dgdm_coordinator_job_targets",
+            "Devices of running jobs, by their job state (queued, sent, succeeded, ...)",
+            ["state"],
+            registry=self.registry,
+        )
+        self.jobs_active = Gauge(
+            "dgdm_coordinator_jobs_active", "Jobs running (fleet-wide)", registry=self.registry
+        )
         self.devices_online = Gauge(
             "dgdm_devices_online", "Devices whose status is online", registry=self.registry
         )

@@ -189,6 +189,84 @@ MIGRATIONS: tuple[Migration, ...] = (
         sqlite=(AddColumn("devices", "quota", "TEXT"),),
         postgres=(AddColumn("devices", "quota", "text"),),
     ),
+    Migration(
+        5,
+        "device_tags; jobs and their per-device job_targets",
+        sqlite=(
+            """CREATE TABLE IF NOT EXISTS device_tags (
+                device_id TEXT NOT NULL,
+                key TEXT NOT NULL,
+                value TEXT NOT NULL,
+                PRIMARY KEY (device_id, key)
+            )""",
+            "CREATE INDEX IF NOT EXISTS device_tags_by_value ON device_tags (key, value)",
+            """CREATE TABLE IF NOT EXISTS jobs (
+                id INTEGER PRIMARY KEY AUTOINCREMENT,
+                created_ms INTEGER NOT NULL,
+                target TEXT NOT NULL,
+                command TEXT NOT NULL,
+                rate_per_s REAL NOT NULL,
+                max_failure_ratio REAL NOT NULL,
+                timeout_s REAL NOT NULL,
+                ttl_ms INTEGER NOT NULL,
+                state TEXT NOT NULL,
+                next_send_ms INTEGER NOT NULL DEFAULT 0,
+                finished_ms INTEGER,
+                reason TEXT
+            )""",
+            "CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, id)",
+            """CREATE TABLE IF NOT EXISTS job_targets (
+                job_id INTEGER NOT NULL,
+                device_id TEXT NOT NULL,
+                state TEXT NOT NULL,
+                seq INTEGER,
+                owner TEXT,
+                lease_ms INTEGER,
+                sent_ms INTEGER,
+                decided_ms INTEGER,
+                error TEXT,
+                PRIMARY KEY (job_id, device_id)
+            )""",
+            "CREATE INDEX IF NOT EXISTS job_targets_by_state ON job_targets (state, job_id)",
+        ),
+        postgres=(
+            """CREATE TABLE device_tags (
+                device_id text NOT NULL,
+                key text NOT NULL,
+                value text NOT NULL,
+                PRIMARY KEY (device_id, key)
+            )""",
+            "CREATE INDEX device_tags_by_value ON device_tags (key, value)",
+            """CREATE TABLE jobs (
+                id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+                created_ms bigint NOT NULL,
+                target text NOT NULL,
+                command text NOT NULL,
+                rate_per_s double precision NOT NULL,
+                max_failure_ratio double precision NOT NULL,
+                timeout_s double precision NOT NULL,
+                ttl_ms bigint NOT NULL,
+                state text NOT NULL,
+                next_send_ms bigint NOT NULL DEFAULT 0,
+                finished_ms bigint,
+                reason text
+            )""",
+            "CREATE INDEX jobs_by_state ON jobs (state, id)",
+            """CREATE TABLE job_targets (
+                job_id bigint NOT NULL,
+                device_id text NOT NULL,
+                state text NOT NULL,
+                seq bigint,
+                owner text,
+                lease_ms bigint,
+                sent_ms bigint,
+                decided_ms bigint,
+                error text,
+                PRIMARY KEY (job_id, device_id)
+            )""",
+            "CREATE INDEX job_targets_by_state ON job_targets (state, job_id)",
+        ),
+    ),
 )
 
 SCHEMA_VERSION_TABLE = (

@@ -25,7 +25,7 @@ import contextlib
 import json
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import psycopg
@@ -33,24 +33,32 @@ from psycopg import errors
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
+from dgdm.sync.coordinator import jobs_store
+from dgdm.sync.coordinator.jobs_store import Send, Tick
 from dgdm.sync.coordinator.migrations import migrate_postgres
 from dgdm.sync.coordinator.store import (
     QUARANTINE_PER_DEVICE,
+    VIEW_COLUMNS,
     Incoming,
     Quarantined,
     Refused,
     StoreResult,
     command_view,
+    device_view_row,
     quarantine_row,
     quarantined_item,
     row_text,
+    view_filters,
 )
 from dgdm.sync.coordinator.stores import StoreUnavailable
+from dgdm.sync.coordinator.tags import merged
 from dgdm.sync.envelope import Kind
 from dgdm.sync.errors import ConfigError
 
 if TYPE_CHECKING:
     from typing_extensions import LiteralString
+
+    from dgdm.sync.coordinator.jobs import JobSpec
 
 T = TypeVar("T")
 BIGINT_MAX = 2**63 - 1
@@ -109,6 +117,27 @@ _QUARANTINE = (
 )
 _PASSWORD_REFUSED = ("password authentication failed", "no password supplied")
 _MESSAGE_COLUMNS = "SELECT id, kind, seq, created_ms, received_ms, body FROM messages"
+# SqliteStore's device view with lateral joins: one index lookup per device and kind. The
+# last telemetry sample is cut out in SQL, except from a body with any \u escape (the
+# stored text is ASCII JSON, so that is rare): PostgreSQL's json parser refuses some
+# (\u0000, a lone surrogate), and such a body must not fail the whole fleet list, so it
+# is parsed here instead. strpos is a plain byte search, far cheaper than a regex.
+_UNPARSABLE = r"strpos(m.body, '\u') > 0"
+_PG_VIEWS = (
+    f"SELECT {VIEW_COLUMNS}, t.tags, tel.sample, tel.body AS telemetry, al.seq AS alert_seq,"  # noqa: S608
+    " al.created_ms AS alert_created_ms, al.received_ms AS alert_received_ms,"
+    " al.body AS alert_body FROM devices d"
+    " LEFT JOIN LATERAL (SELECT json_object_agg(key, value) AS tags FROM device_tags"
+    "  WHERE device_id = d.device_id) t ON true"
+    f" LEFT JOIN LATERAL (SELECT CASE WHEN {_UNPARSABLE} THEN m.body END AS body,"
+    f"  CASE WHEN NOT {_UNPARSABLE} THEN (m.body::json -> 'samples' -> -1)::text END"
+    "  AS sample FROM messages m WHERE m.device_id = d.device_id"
+    f"  AND m.kind = {int(Kind.TELEMETRY)} ORDER BY m.id DESC LIMIT 1) tel ON true"
+    " LEFT JOIN LATERAL (SELECT seq, created_ms, received_ms, body FROM messages m"
+    f"  WHERE m.device_id = d.device_id AND m.kind = {int(Kind.ALERT)}"
+    "  ORDER BY m.id DESC LIMIT 1) al ON true"
+    " {where} ORDER BY d.device_id"
+)
 
 
 class PgStore:
@@ -239,10 +268,17 @@ class PgStore:
     # -- registry ----------------------------------------------------------------------
 
     def add_device(
-        self, device_id: str, public_key: str, *, plaintext_telemetry: bool = False
+        self,
+        device_id: str,
+        public_key: str,
+        *,
+        plaintext_telemetry: bool = False,
+        tags: Mapping[str, str] | None = None,
     ) -> None:
-        """Enrol (or re-enrol: a new key, and the plaintext flag as given now)."""
-        with self._tx() as conn:
+        """Enrol (or re-enrol: a new key, and the plaintext flag as given now); `tags`
+        given become the device's tags, replacing any."""
+
+        def run(conn: psycopg.Connection[Any]) -> None:
             conn.execute(
                 "INSERT INTO devices (device_id, public_key, added_ms, plaintext_telemetry)"
                 " VALUES (%s, %s, %s, %s) ON CONFLICT (device_id) DO UPDATE SET"
@@ -250,6 +286,64 @@ class PgStore:
                 " plaintext_telemetry = excluded.plaintext_telemetry",
                 (device_id, public_key, _now_ms(), int(plaintext_telemetry)),
             )
+            if tags is not None:
+                _write_tags(conn, device_id, dict(tags))
+
+        self._retrying(run)
+
+    # -- tags (as SqliteStore; the device's row is locked, so two writers queue) ---------
+
+    def tag(self, device_id: str, add: Mapping[str, str], *, replace: bool = False) -> bool:
+        def run(conn: psycopg.Connection[Any]) -> bool:
+            if not _lock_device(conn, device_id):
+                return False
+            current = {} if replace else _device_tags(conn, device_id)
+            _write_tags(conn, device_id, merged(current, add))
+            return True
+
+        return self._retrying(run)
+
+    def untag(self, device_id: str, keys: Iterable[str]) -> bool:
+        def run(conn: psycopg.Connection[Any]) -> bool:
+            if not _lock_device(conn, device_id):
+                return False
+            conn.execute(
+                "DELETE FROM device_tags WHERE device_id = %s AND key = ANY(%s)",
+                (device_id, list(keys)),
+            )
+            return True
+
+        return self._retrying(run)
+
+    def tags(self) -> dict[str, dict[str, str]]:
+        found: dict[str, dict[str, str]] = {}
+        with self._tx() as conn:
+            rows = conn.execute(
+                "SELECT device_id, key, value FROM device_tags ORDER BY device_id, key"
+            ).fetchall()
+        for device_id, key, value in rows:
+            found.setdefault(device_id, {})[key] = value
+        return found
+
+    def device_views(
+        self,
+        tags: Mapping[str, str] | None = None,
+        online: bool | None = None,
+        device_id: str | None = None,
+    ) -> list[dict[str, Any]]:
+        where, params = view_filters(tags, online, device_id, "%s")
+        with self._tx() as conn, conn.cursor(row_factory=dict_row) as cur:
+            # JIT compiling costs more than this index-driven plan ever runs
+            cur.execute("SET LOCAL jit = off")
+            cur.execute(_PG_VIEWS.format(where=where), tuple(params))
+            rows = cur.fetchall()
+        for row in rows:
+            body = row.pop("telemetry")
+            if body is not None:
+                row["sample"] = _last_sample(body)
+            alert = [row.pop(f"alert_{k}") for k in ("seq", "created_ms", "received_ms", "body")]
+            row["alert"] = None if alert[0] is None else [*alert[:3], json.loads(alert[3])]
+        return [device_view_row(r) for r in rows]
 
     def plaintext_telemetry(self, device_id: str) -> bool:
         with self._tx() as conn:
@@ -500,7 +594,54 @@ class PgStore:
             return None
         return command_view(rows[0])
 
+    def commands(self, device_id: str, limit: int) -> list[dict[str, Any]]:
+        rows = self._rows(
+            "SELECT seq, body, created_ms, reply, replied_ms FROM commands"
+            " WHERE device_id = %s ORDER BY seq DESC LIMIT %s",
+            (device_id, limit),
+        )
+        return [command_view(r) for r in rows]
+
+    # -- jobs (jobs_store.py; each call one transaction, run again if it lost a race) ----
+
+    def _job_tx(self, fn: Callable[..., T], *args: Any) -> T:
+        return self._retrying(lambda conn: fn(jobs_store.Tx(conn, jobs_store.POSTGRES), *args))
+
+    def create_job(self, spec: JobSpec, now_ms: int) -> dict[str, Any]:
+        return self._job_tx(jobs_store.create_job, spec, now_ms)
+
+    def jobs(self, limit: int) -> list[dict[str, Any]]:
+        return self._job_tx(jobs_store.list_jobs, limit)
+
+    def job(self, job_id: int) -> dict[str, Any] | None:
+        return self._job_tx(jobs_store.get_job, job_id)
+
+    def job_targets(self, job_id: int, after: str, limit: int) -> list[dict[str, Any]]:
+        return self._job_tx(jobs_store.job_targets, job_id, after, limit)
+
+    def cancel_job(self, job_id: int, now_ms: int) -> dict[str, Any] | None:
+        return self._job_tx(jobs_store.cancel_job, job_id, now_ms)
+
+    def job_tick(self, now_ms: int, owner: str, lease_ms: int, max_sends: int) -> Tick:
+        return self._job_tx(jobs_store.tick, now_ms, owner, lease_ms, max_sends)
+
+    def job_published(self, owner: str, sent: list[Send], now_ms: int) -> None:
+        self._job_tx(jobs_store.published, owner, sent, now_ms)
+
     # -- queries -----------------------------------------------------------------------
+
+    def telemetry(self, device_id: str, since_ms: int | None, limit: int) -> list[dict[str, Any]]:
+        if since_ms is None:
+            rows = self._messages(
+                f"{_MESSAGE_COLUMNS} WHERE device_id = %s AND kind = %s ORDER BY id DESC LIMIT %s",
+                (device_id, int(Kind.TELEMETRY), limit),
+            )
+            return rows[::-1]
+        return self._messages(
+            f"{_MESSAGE_COLUMNS} WHERE device_id = %s AND kind = %s AND received_ms >= %s"
+            " ORDER BY id LIMIT %s",
+            (device_id, int(Kind.TELEMETRY), min(since_ms, BIGINT_MAX), limit),
+        )
 
     def results_since(self, device_id: str, cursor: int, limit: int) -> list[dict[str, Any]]:
         return self._messages(
@@ -534,6 +675,32 @@ def _first(cur: Any) -> Any:
     row = cur.fetchone()
     assert row is not None
     return row[0]
+
+
+def _lock_device(conn: psycopg.Connection[Any], device_id: str) -> bool:
+    sql = "SELECT 1 FROM devices WHERE device_id = %s FOR UPDATE"
+    return conn.execute(sql, (device_id,)).fetchone() is not None
+
+
+def _device_tags(conn: psycopg.Connection[Any], device_id: str) -> dict[str, str]:
+    sql = "SELECT key, value FROM device_tags WHERE device_id = %s"
+    return dict(conn.execute(sql, (device_id,)).fetchall())
+
+
+def _write_tags(conn: psycopg.Connection[Any], device_id: str, tags: dict[str, str]) -> None:
+    conn.execute("DELETE FROM device_tags WHERE device_id = %s", (device_id,))
+    with conn.cursor() as cur:
+        cur.executemany(
+            "INSERT INTO device_tags (device_id, key, value) VALUES (%s, %s, %s)",
+            [(device_id, k, v) for k, v in tags.items()],
+        )
+
+
+def _last_sample(body: str) -> Any:
+    """The last sample of a telemetry body (SqliteStore's `$.samples[#-1]`)."""
+    loaded = json.loads(body)
+    samples = loaded.get("samples") if isinstance(loaded, dict) else None
+    return samples[-1] if isinstance(samples, list) and samples else None
 
 
 def _configure(conn: psycopg.Connection[Any]) -> None:

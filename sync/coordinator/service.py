@@ -32,9 +32,16 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from dgdm.sync import presence
+from dgdm.sync.coordinator.commands import (
+    DEFAULT_TTL_MS,
+    BadCommand,
+    check_command_request,
+)
 from dgdm.sync.coordinator.config import CoordinatorConfig, IngestSection
 from dgdm.sync.coordinator.fairqueue import FairQueue, Queued, QueueLimits
 from dgdm.sync.coordinator.housekeeping import Housekeeping
+from dgdm.sync.coordinator.jobs import JobSpec
+from dgdm.sync.coordinator.jobs_runner import JobRunner
 from dgdm.sync.coordinator.limits import RECEIPT_BATCH_BYTES, limits_by_kind
 from dgdm.sync.coordinator.lograte import QUARANTINE_LOG
 from dgdm.sync.coordinator.metrics import Metrics
@@ -81,9 +88,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-COMMANDS = ("ping", "diffuse", "set_config")
-DEFAULT_TTL_MS = 60_000
-MAX_TTL_MS = 7 * 24 * 3600 * 1000
 MAX_STATUS_BYTES = 4096
 KEY_ID_OFFSET = 6  # SPEC §6: magic 2, version 1, flags 1, kind 1, priority 1, then the key id
 MAX_ROUTES = 65536
@@ -93,12 +97,6 @@ QUOTA_REFRESH_S = 5.0
 
 class UnknownDevice(SyncError):
     """The device is not enrolled."""
-
-
-class BadCommand(SyncError):
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
 
 
 @dataclass
@@ -123,6 +121,12 @@ class Coordinator:
             2, thread_name_prefix="coord-read"
         )
         self._reader: Store | None = None
+        # The job runner's store calls: on the writer thread for SQLite (one connection,
+        # one writer), on a thread of their own otherwise, so a store outage that makes a
+        # tick wait for the pool never holds up ingest's recovery.
+        self._jobs_executor = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="coord-jobs"
+        )
         ingest = config.ingest
         self._queue = FairQueue(queue_limits(ingest))
         self._quotas = Quotas(quota_policy(ingest))
@@ -141,6 +145,7 @@ class Coordinator:
         self.http_port: int | None = None
         self.mqtt: MqttClient | None = None
         self.registry: Registry | None = None
+        self.jobs = JobRunner(self)
 
     @property
     def store(self) -> Store:
@@ -173,6 +178,7 @@ class Coordinator:
         self._tasks = [
             asyncio.create_task(self._flush_forever(), name="coord-flush"),
             asyncio.create_task(self._refresh_quotas_forever(), name="coord-quotas"),
+            asyncio.create_task(self.jobs.run_forever(), name="coord-jobs"),
         ]
         # Retention, downsampling and quotas run on the writer thread, one small
         # transaction at a time between ingest transactions (housekeeping.py).
@@ -213,6 +219,7 @@ class Coordinator:
             await self._db(self._store.close)
         self._executor.shutdown(wait=True)
         self._read_executor.shutdown(wait=True)
+        self._jobs_executor.shutdown(wait=True)
 
     async def wait_connected(self, timeout: float | None = None) -> None:
         assert self.mqtt is not None
@@ -255,6 +262,16 @@ class Coordinator:
     async def _db(self, fn: Any, *args: Any) -> Any:
         """Every store call runs on the one database thread, never on the loop."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def run_on_writer(self, fn: Any, *args: Any) -> Any:
+        """A store write from another module (the API's job calls, tests), on the one
+        database thread, from any loop."""
+        return await self._db(fn, *args)
+
+    async def run_for_jobs(self, fn: Any, *args: Any) -> Any:
+        """The job runner's store call (see `_jobs_executor`)."""
+        pool = self._executor if isinstance(self.store, SqliteStore) else self._jobs_executor
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
 
     # -- fleet -----------------------------------------------------------------------------
 
@@ -609,17 +626,41 @@ class Coordinator:
         if asyncio.get_running_loop() is not self._loop:
             return int(await self.on_main_loop(self.send_command, device_id, cmd, args, ttl_ms))
         assert self.registry is not None
-        assert self.mqtt is not None
         body = check_command_request(cmd, args, ttl_ms)
-        keys = self.registry.keys_for(device_id)
-        if keys is None:
+        if self.registry.keys_for(device_id) is None:
             raise UnknownDevice(f"device {device_id!r} is not enrolled")
         now = _now_ms()
         seq = await self._db(self.store.new_command, device_id, body, now)
-        payload = seal(Kind.COMMAND, seq, now, device_id, body, key=keys.down, key_id=keys.key_id)
+        await self.publish_command(device_id, seq, now, body)
+        return int(seq)
+
+    async def publish_command(
+        self, device_id: str, seq: int, created_ms: int, body: dict[str, Any]
+    ) -> None:
+        """Seal and publish a stored command (its seq from the store): the one path for a
+        command to one device and for a job's (jobs_runner.py), from any loop."""
+        if asyncio.get_running_loop() is not self._loop:
+            await self.on_main_loop(self.publish_command, device_id, seq, created_ms, body)
+            return
+        assert self.registry is not None
+        assert self.mqtt is not None
+        keys = self.registry.keys_for(device_id)
+        if keys is None:
+            raise UnknownDevice(f"device {device_id!r} is not enrolled")
+        payload = seal(
+            Kind.COMMAND, seq, created_ms, device_id, body, key=keys.down, key_id=keys.key_id
+        )
         await self.mqtt.publish(kind_topic(device_id, Kind.COMMAND), payload)
         self.metrics.commands.inc()
-        return seq
+
+    async def create_job(self, spec: JobSpec) -> dict[str, Any]:
+        """Store a job (its devices resolved now); replicas' runners send it."""
+        job: dict[str, Any] = await self._db(self.store.create_job, spec, _now_ms())
+        return job
+
+    async def cancel_job(self, job_id: int) -> dict[str, Any] | None:
+        job: dict[str, Any] | None = await self._db(self.store.cancel_job, job_id, _now_ms())
+        return job
 
     async def command(self, device_id: str, seq: int) -> dict[str, Any] | None:
         return await self.query("command", device_id, seq)
@@ -629,19 +670,6 @@ class Coordinator:
         reader = self._reader or self.store
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._read_executor, getattr(reader, fn_name), *args)
-
-
-def check_command_request(cmd: Any, args: Any, ttl_ms: Any) -> dict[str, Any]:
-    if cmd not in COMMANDS:
-        raise BadCommand("cmd", f"must be one of {', '.join(COMMANDS)}")
-    args = {} if args is None else args
-    if not isinstance(args, dict):
-        raise BadCommand("args", "must be a JSON object")
-    if isinstance(ttl_ms, bool) or not isinstance(ttl_ms, int) or not 1 <= ttl_ms <= MAX_TTL_MS:
-        raise BadCommand("ttl_ms", f"must be an integer from 1 to {MAX_TTL_MS}")
-    if cmd == "diffuse" and not isinstance(args.get("graph"), dict):
-        raise BadCommand("args.graph", "diffuse needs a graph object (SPEC §3)")
-    return {"cmd": cmd, "args": args, "ttl_ms": ttl_ms}
 
 
 def _reader_for(store: Store) -> Store:

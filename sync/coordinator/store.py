@@ -21,12 +21,15 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
 
+from dgdm.sync.coordinator import jobs_store
+from dgdm.sync.coordinator.jobs_store import Send, Tick
 from dgdm.sync.coordinator.migrations import migrate_sqlite
+from dgdm.sync.coordinator.tags import merged
 from dgdm.sync.envelope import Kind
 
 # A device's stored bytes (its message bodies; ASCII JSON, so length() is bytes) are kept
@@ -37,6 +40,10 @@ _ADD_STORED_BYTES = (
     " (SELECT device_id, sum(length(body)) AS bytes FROM messages WHERE id > ?"
     " GROUP BY device_id) AS n WHERE devices.device_id = n.device_id"
 )
+if TYPE_CHECKING:
+    from dgdm.sync.coordinator.jobs import JobSpec
+
+T = TypeVar("T")
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 # Enough to see what a device sends wrong; a hostile device cannot fill the disk with it.
 QUARANTINE_PER_DEVICE = 1000
@@ -95,12 +102,30 @@ def merge_results(results: list[StoreResult]) -> StoreResult:
 
 class Store(Protocol):
     def add_device(
-        self, device_id: str, public_key: str, *, plaintext_telemetry: bool = False
+        self,
+        device_id: str,
+        public_key: str,
+        *,
+        plaintext_telemetry: bool = False,
+        tags: Mapping[str, str] | None = None,
     ) -> None: ...
     def plaintext_telemetry(self, device_id: str) -> bool: ...
     def remove_device(self, device_id: str) -> bool: ...
     def devices(self) -> list[dict[str, Any]]: ...
     def device(self, device_id: str) -> dict[str, Any] | None: ...
+    def tag(self, device_id: str, add: Mapping[str, str], *, replace: bool = False) -> bool: ...
+    def untag(self, device_id: str, keys: Iterable[str]) -> bool: ...
+    def tags(self) -> dict[str, dict[str, str]]: ...
+    def device_views(
+        self,
+        tags: Mapping[str, str] | None = None,
+        online: bool | None = None,
+        device_id: str | None = None,
+    ) -> list[dict[str, Any]]: ...
+    def commands(self, device_id: str, limit: int) -> list[dict[str, Any]]: ...
+    def telemetry(
+        self, device_id: str, since_ms: int | None, limit: int
+    ) -> list[dict[str, Any]]: ...
     def public_keys(self) -> dict[str, str]: ...
     def set_quota(self, device_id: str, quota: dict[str, float] | None) -> bool: ...
     def quotas(self) -> dict[str, str]: ...
@@ -113,6 +138,14 @@ class Store(Protocol):
     def command(self, device_id: str, seq: int) -> dict[str, Any] | None: ...
     def results_since(self, device_id: str, cursor: int, limit: int) -> list[dict[str, Any]]: ...
     def latest(self, device_id: str, kind: Kind, limit: int) -> list[dict[str, Any]]: ...
+    # jobs (jobs_store.py holds their SQL, shared by both stores)
+    def create_job(self, spec: JobSpec, now_ms: int) -> dict[str, Any]: ...
+    def jobs(self, limit: int) -> list[dict[str, Any]]: ...
+    def job(self, job_id: int) -> dict[str, Any] | None: ...
+    def job_targets(self, job_id: int, after: str, limit: int) -> list[dict[str, Any]]: ...
+    def cancel_job(self, job_id: int, now_ms: int) -> dict[str, Any] | None: ...
+    def job_tick(self, now_ms: int, owner: str, lease_ms: int, max_sends: int) -> Tick: ...
+    def job_published(self, owner: str, sent: list[Send], now_ms: int) -> None: ...
     def ping(self) -> None: ...
     def close(self) -> None: ...
 
@@ -135,10 +168,17 @@ class SqliteStore:
     # -- registry ----------------------------------------------------------------------
 
     def add_device(
-        self, device_id: str, public_key: str, *, plaintext_telemetry: bool = False
+        self,
+        device_id: str,
+        public_key: str,
+        *,
+        plaintext_telemetry: bool = False,
+        tags: Mapping[str, str] | None = None,
     ) -> None:
-        """Enrol (or re-enrol: a new key, and the plaintext flag as given now)."""
+        """Enrol (or re-enrol: a new key, and the plaintext flag as given now); `tags`
+        given (checked by the caller, tags.py) become the device's tags, replacing any."""
         with self._lock, self._db:
+            self._db.execute("BEGIN IMMEDIATE")
             self._db.execute(
                 "INSERT INTO devices (device_id, public_key, added_ms, plaintext_telemetry)"
                 " VALUES (?, ?, ?, ?) ON CONFLICT (device_id) DO UPDATE SET"
@@ -146,6 +186,70 @@ class SqliteStore:
                 " plaintext_telemetry = excluded.plaintext_telemetry",
                 (device_id, public_key, _now_ms(), int(plaintext_telemetry)),
             )
+            if tags is not None:
+                self._write_tags(device_id, dict(tags))
+
+    # -- tags (the rules are tags.py's; at most MAX_TAGS per device, checked on the result)
+
+    def tag(self, device_id: str, add: Mapping[str, str], *, replace: bool = False) -> bool:
+        """Set tags (replacing the values of keys it has; `replace`: exactly these); False
+        if the device is unknown. TagError when the result would exceed MAX_TAGS."""
+        with self._lock, self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            if not self._known(device_id):
+                return False
+            current = {} if replace else self._device_tags(device_id)
+            self._write_tags(device_id, merged(current, add))
+        return True
+
+    def untag(self, device_id: str, keys: Iterable[str]) -> bool:
+        with self._lock, self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            if not self._known(device_id):
+                return False
+            self._db.executemany(
+                "DELETE FROM device_tags WHERE device_id = ? AND key = ?",
+                [(device_id, k) for k in keys],
+            )
+        return True
+
+    def tags(self) -> dict[str, dict[str, str]]:
+        """Device -> its tags, for the devices that have any."""
+        found: dict[str, dict[str, str]] = {}
+        with self._lock:
+            for device_id, key, value in self._db.execute(
+                "SELECT device_id, key, value FROM device_tags ORDER BY device_id, key"
+            ):
+                found.setdefault(device_id, {})[key] = value
+        return found
+
+    def _known(self, device_id: str) -> bool:
+        sql = "SELECT 1 FROM devices WHERE device_id = ?"
+        return self._db.execute(sql, (device_id,)).fetchone() is not None
+
+    def _device_tags(self, device_id: str) -> dict[str, str]:
+        sql = "SELECT key, value FROM device_tags WHERE device_id = ?"
+        return dict(self._db.execute(sql, (device_id,)).fetchall())
+
+    def _write_tags(self, device_id: str, tags: dict[str, str]) -> None:
+        self._db.execute("DELETE FROM device_tags WHERE device_id = ?", (device_id,))
+        self._db.executemany(
+            "INSERT INTO device_tags (device_id, key, value) VALUES (?, ?, ?)",
+            [(device_id, k, v) for k, v in tags.items()],
+        )
+
+    def device_views(
+        self,
+        tags: Mapping[str, str] | None = None,
+        online: bool | None = None,
+        device_id: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """Devices with their tags, the last sample of their latest telemetry and their
+        latest alert, in one query (correlated subqueries on the (device_id, kind, id)
+        index); `tags` AND-ed, `online` and `device_id` filter."""
+        where, params = view_filters(tags, online, device_id, "?")
+        rows = self._rows(_SQLITE_VIEWS.format(where=where), tuple(params))
+        return [device_view_row(r) for r in rows]
 
     def plaintext_telemetry(self, device_id: str) -> bool:
         """Whether the device was enrolled as sending plaintext telemetry (default no)."""
@@ -444,7 +548,60 @@ class SqliteStore:
             return None
         return command_view(rows[0])
 
+    def commands(self, device_id: str, limit: int) -> list[dict[str, Any]]:
+        """The device's latest `limit` commands, newest first, each with its reply."""
+        rows = self._rows(
+            "SELECT seq, body, created_ms, reply, replied_ms FROM commands"
+            " WHERE device_id = ? ORDER BY seq DESC LIMIT ?",
+            (device_id, limit),
+        )
+        return [command_view(r) for r in rows]
+
+    # -- jobs (the SQL is jobs_store.py's, shared with PgStore) --------------------------
+
+    def _job_tx(self, fn: Callable[..., T], *args: Any, write: bool = True) -> T:
+        """One transaction: a write takes the write lock first; a read (the API's, on the
+        reader connection) a WAL snapshot, so it never waits for ingest."""
+        with self._lock, self._db:
+            self._db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            return fn(jobs_store.Tx(self._db, jobs_store.SQLITE), *args)
+
+    def create_job(self, spec: JobSpec, now_ms: int) -> dict[str, Any]:
+        return self._job_tx(jobs_store.create_job, spec, now_ms)
+
+    def jobs(self, limit: int) -> list[dict[str, Any]]:
+        return self._job_tx(jobs_store.list_jobs, limit, write=False)
+
+    def job(self, job_id: int) -> dict[str, Any] | None:
+        return self._job_tx(jobs_store.get_job, job_id, write=False)
+
+    def job_targets(self, job_id: int, after: str, limit: int) -> list[dict[str, Any]]:
+        return self._job_tx(jobs_store.job_targets, job_id, after, limit, write=False)
+
+    def cancel_job(self, job_id: int, now_ms: int) -> dict[str, Any] | None:
+        return self._job_tx(jobs_store.cancel_job, job_id, now_ms)
+
+    def job_tick(self, now_ms: int, owner: str, lease_ms: int, max_sends: int) -> Tick:
+        return self._job_tx(jobs_store.tick, now_ms, owner, lease_ms, max_sends)
+
+    def job_published(self, owner: str, sent: list[Send], now_ms: int) -> None:
+        self._job_tx(jobs_store.published, owner, sent, now_ms)
+
     # -- queries -------------------------------------------------------------------------
+
+    def telemetry(self, device_id: str, since_ms: int | None, limit: int) -> list[dict[str, Any]]:
+        """Telemetry messages oldest first: the first `limit` received at or after
+        `since_ms`, or (None) the latest `limit`."""
+        if since_ms is None:
+            rows = self._messages(
+                "WHERE device_id = ? AND kind = ? ORDER BY id DESC LIMIT ?",
+                (device_id, int(Kind.TELEMETRY), limit),
+            )
+            return rows[::-1]
+        return self._messages(
+            "WHERE device_id = ? AND kind = ? AND received_ms >= ? ORDER BY id LIMIT ?",
+            (device_id, int(Kind.TELEMETRY), since_ms, limit),
+        )
 
     def results_since(self, device_id: str, cursor: int, limit: int) -> list[dict[str, Any]]:
         return self._messages(
@@ -496,6 +653,111 @@ def command_view(row: dict[str, Any]) -> dict[str, Any]:
         "reply": reply,
         "replied_ms": row["replied_ms"],
     }
+
+
+# The device columns a view shows, then its tags (a JSON object), the last sample of its
+# latest telemetry and its latest alert (JSON arrays), each one index lookup per device.
+VIEW_COLUMNS = (
+    "d.device_id, d.public_key, d.online, d.first_seen_ms, d.last_seen_ms, d.agent_version,"
+    " d.backend"
+)
+_SQLITE_VIEWS = (
+    f"SELECT {VIEW_COLUMNS},"  # noqa: S608
+    " (SELECT json_group_object(t.key, t.value) FROM device_tags t"
+    "  WHERE t.device_id = d.device_id) AS tags,"
+    " (SELECT m.body -> '$.samples[#-1]' FROM messages m"
+    f"  WHERE m.device_id = d.device_id AND m.kind = {int(Kind.TELEMETRY)}"
+    "  ORDER BY m.id DESC LIMIT 1) AS sample,"
+    " (SELECT json_array(m.seq, m.created_ms, m.received_ms, json(m.body)) FROM messages m"
+    f"  WHERE m.device_id = d.device_id AND m.kind = {int(Kind.ALERT)}"
+    "  ORDER BY m.id DESC LIMIT 1) AS alert"
+    " FROM devices d {where} ORDER BY d.device_id"
+)
+
+
+def view_filters(
+    tags: Mapping[str, str] | None, online: bool | None, device_id: str | None, mark: str
+) -> tuple[str, list[Any]]:
+    """The WHERE of a device view (`mark`: the driver's placeholder); tags are AND-ed: a
+    device matches when it has all of them."""
+    clauses: list[str] = []
+    params: list[Any] = []
+    if device_id is not None:
+        clauses.append(f"d.device_id = {mark}")
+        params.append(device_id)
+    if online is not None:
+        clauses.append(f"d.online = {mark}")
+        params.append(int(online))
+    if tags:
+        pairs = " OR ".join([f"(key = {mark} AND value = {mark})"] * len(tags))
+        clauses.append(
+            f"d.device_id IN (SELECT device_id FROM device_tags WHERE {pairs}"  # noqa: S608
+            f" GROUP BY device_id HAVING count(*) = {mark})"
+        )
+        params += [x for kv in tags.items() for x in kv] + [len(tags)]
+    return ("WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+
+def device_view_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A device_views row (both stores; JSON columns as text or already decoded) with its
+    `tags`, `summary` and `last_alert` as the API answers them."""
+    tags, sample, alert = (
+        json.loads(v) if isinstance(v, str) else v
+        for v in (row.pop("tags"), row.pop("sample"), row.pop("alert"))
+    )
+    row["tags"] = tags or {}
+    row["summary"] = summary_view(sample, row.get("backend"))
+    row["last_alert"] = alert_view(alert)
+    return row
+
+
+def summary_view(sample: Any, backend: Any) -> dict[str, Any] | None:
+    """What the fleet table shows of a device's latest telemetry sample (SPEC §6); a field
+    the device sent wrong is null, never an error."""
+    if not isinstance(sample, dict):
+        return None
+    tpu = _obj(sample.get("tpu"))
+    outbox = _obj(sample.get("outbox"))
+    return {
+        "ts_ms": _num(sample.get("ts_ms")),
+        "backend": backend,
+        "tpu": {"present": _bool(tpu.get("present")), "temp_c": _num(tpu.get("temp_c"))},
+        "outbox": {k: _num(outbox.get(k)) for k in ("messages", "bytes", "dropped")},
+        "cpu_percent": _num(sample.get("cpu_percent")),
+        "latency_p99_ms": _num(sample.get("latency_p99_ms")),
+    }
+
+
+def alert_view(alert: Any) -> dict[str, Any] | None:
+    """[seq, created_ms, received_ms, body] -> the latest alert as the API answers it."""
+    if not isinstance(alert, list) or len(alert) != 4:
+        return None
+    seq, created_ms, received_ms, body = alert
+    body = _obj(body)
+    return {
+        "code": _text(body.get("code")),
+        "severity": _text(body.get("severity")),
+        "message": _text(body.get("message")),
+        "seq": seq,
+        "created_ms": created_ms,
+        "received_ms": received_ms,
+    }
+
+
+def _obj(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _num(value: Any) -> float | int | None:
+    return value if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _bool(value: Any) -> bool | None:
+    return value if isinstance(value, bool) else None
+
+
+def _text(value: Any) -> str | None:
+    return value[:500] if isinstance(value, str) else None
 
 
 def _now_ms() -> int:

@@ -138,6 +138,7 @@ class Fleet:
             # rules and the unit drop-in.
             "dgdm_agent_tpu": "usb",
             "dgdm_agent_device_id": DEVICE_ID,
+            "dgdm_tags": {"site": "lab", "rack": 3},
             "dgdm_agent_http_port": self.agent_port,
             "dgdm_agent_pubkey_dir": str(self.base / "pubkeys"),
         }

@@ -106,6 +106,8 @@ def test_device_is_enrolled_with_its_own_key(fleet: Fleet) -> None:
     devices = {d["device_id"]: d["public_key"] for d in map(json.loads, listed.splitlines())}
     device_pub = load_public_key(fleet.path("/etc/dgdm/device.pub").read_text())
     assert devices == {DEVICE_ID: base64.b64encode(raw_public(device_pub)).decode()}
+    tags = {d["device_id"]: d["tags"] for d in map(json.loads, listed.splitlines())}
+    assert tags == {DEVICE_ID: {"site": "lab", "rack": "3"}}  # the inventory's dgdm_tags
 
 
 @pytest.mark.slow
