@@ -6,7 +6,8 @@ store holds. Each returns `Violation`s (empty: it held); the run calls them whil
   under the seq the agent answered, and no job is stored under a second seq;
 - seqs: no device seq is used by two messages (one counter per device and direction);
 - commands: no command is replied twice (executed at most once) and, after the drain,
-  every command the coordinators stored has its reply;
+  every command the coordinators stored has its reply; every job completed, every one of
+  its devices succeeded;
 - alerts first: after a reconnect, the device's backlog of alerts is stored before its
   backlog of telemetry (within `ORDER_TOLERANCE_MS`: two replicas commit independently);
 - health: each part's /healthz is 200 again within `RECOVERY_LIMIT_S` of its fault's end;
@@ -18,6 +19,7 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from .schedule import Fault
 
@@ -124,6 +126,24 @@ def commands_once(
     for name, items in sorted(buckets.items()):
         out.append(Violation(name, f"{len(items)}: {_examples(items)}"))
     return out
+
+
+def jobs_done(
+    jobs: list[dict[str, Any]], clock_steps: list[tuple[int, int]], t0_ms: int = 0
+) -> list[Violation]:
+    """After the drain every job (ping to all, no failure gate, a timeout and TTL longer
+    than any fault) is completed with every device succeeded. One created while a clock
+    was stepped is named apart (its command is judged by the wrong clock, SPEC §6.1)."""
+    buckets: dict[str, list[str]] = defaultdict(list)
+    for job in jobs:
+        counts = {k: n for k, n in job["counts"].items() if n and k != "succeeded"}
+        if job["state"] == "completed" and not counts:
+            continue
+        stepped = any(a <= job["created_ms"] <= b for a, b in clock_steps)
+        name = "job_not_done_clock_step" if stepped else "job_not_done"
+        at = (job["created_ms"] - t0_ms) / 1000
+        buckets[name].append(f"job {job['id']} @{at:.1f}s {job['state']} {counts}")
+    return [Violation(n, f"{len(v)}: {_examples(v)}") for n, v in sorted(buckets.items())]
 
 
 def alerts_first(

@@ -23,6 +23,9 @@ class Figures:
     commands: int = 0
     replied: int = 0
     command_posts: Counter[str] = field(default_factory=Counter)
+    jobs: int = 0
+    jobs_completed: int = 0
+    job_posts: Counter[str] = field(default_factory=Counter)
     alert_checks: int = 0
     drain_s: float = 0.0
 
@@ -55,6 +58,8 @@ def table(
         f"duplicates suppressed (coordinators)  {figures.duplicates}",
         f"commands stored / replied             {figures.commands} / {figures.replied}"
         f"  (POST answers: {dict(sorted(figures.command_posts.items()))})",
+        f"jobs created / completed              {figures.jobs} / {figures.jobs_completed}"
+        f"  (POST answers: {dict(sorted(figures.job_posts.items()))})",
         f"reconnects judged for alert order     {figures.alert_checks}",
         f"drain after the run                   {figures.drain_s:.1f} s",
     ]

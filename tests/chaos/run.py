@@ -31,15 +31,16 @@ from .invariants import (
     alerts_first,
     commands_once,
     crashes,
+    jobs_done,
     quiet_reconnect,
     recoveries,
     results_exactly_once,
     seqs_unique,
 )
-from .load import CommandLoad
+from .load import CommandLoad, JobLoad
 from .observe import DuplicateCounter, ExitWatch, HealthWatch, StoreRows
 from .report import Figures, table
-from .rig import Rig, Unavailable, http_get
+from .rig import TOKEN, Rig, Unavailable, http_get
 from .schedule import CLOCK_AGENT, KINDS, Fault, make_schedule
 
 CHECK_EVERY_S = 10.0
@@ -83,16 +84,18 @@ def _run(rig: Rig, schedule: list[Fault], seconds: float, seed: int, clock: bool
     exits = ExitWatch(rig.parts()).start()
     store, duplicates = StoreRows(rig), DuplicateCounter(rig.coordinators)
     rig.start_loaders(RESULTS_PER_S)
-    commands = CommandLoad(rig, seed).start()
+    commands, jobs = CommandLoad(rig, seed).start(), JobLoad(rig, seed).start()
     figures = Figures(seed, seconds, clock, started=time.time())
     try:
         injected, found = _play(rig, schedule, seconds, store, duplicates)
     finally:
         commands.stop()
+        jobs.stop()
         for agent in rig.agents:
             assert agent.loader is not None
             agent.loader.stop()
     figures.command_posts = commands.statuses
+    figures.job_posts = jobs.statuses
     figures.drain_s = _drain(rig, store)
     duplicates.sample()
     health.stop()
@@ -185,6 +188,7 @@ def _drain(rig: Rig, store: StoreRows) -> float:
     while time.monotonic() - started < DRAIN_S:
         try:
             unreplied = sorted((c[0], c[1]) for c in store.commands() if not c[2])
+            unreplied += [("job", j["id"]) for j in _jobs(rig) if j["state"] == "running"]
         except Exception:  # the store answers again soon
             unreplied = [("?", 0)]
         busy = _outbox_busy(rig)
@@ -196,6 +200,20 @@ def _drain(rig: Rig, store: StoreRows) -> float:
     drain_s = time.monotonic() - started
     print(f"chaos: drained in {drain_s:.1f} s (still busy: {_outbox_busy(rig)})", flush=True)
     return drain_s
+
+
+def _jobs(rig: Rig) -> list[dict[str, Any]]:
+    """Every job, from the first coordinator that answers (they answer from the store)."""
+    for part in rig.coordinators:
+        try:
+            status, body = http_get(f"{part.url}/jobs?limit=1000", token=TOKEN, timeout=5)
+        except OSError:
+            continue
+        if status == 200:
+            return list(json.loads(body)["jobs"])
+        if status == 404:  # a coordinator from before jobs: nothing to check
+            return []
+    raise RuntimeError("no coordinator answers GET /jobs")
 
 
 def _accepted(rig: Rig) -> dict[str, list[tuple[int, str]]]:
@@ -239,6 +257,10 @@ def _final_checks(
     )
     figures.stored = Counter(k for _, k, _, _, _ in rows)
     figures.commands, figures.replied = len(commands), sum(1 for c in commands if c[2])
+    all_jobs = _jobs(rig)
+    figures.jobs = len(all_jobs)
+    figures.jobs_completed = sum(1 for j in all_jobs if j["state"] == "completed")
+    found += jobs_done(all_jobs, steps, int(figures.started * 1000))
     for rec in injected:
         if rec.fault.kind not in ("link_cut", "agent_kill"):
             continue

@@ -9,6 +9,7 @@ from tests.chaos.invariants import (
     alerts_first,
     commands_once,
     crashes,
+    jobs_done,
     quiet_reconnect,
     recoveries,
     results_exactly_once,
@@ -115,3 +116,20 @@ def test_exits_and_crash_loops() -> None:
     assert names(crashes([("agent2", 10.0, 1)])) == ["unexpected_exit"]
     loop = [("agent2", t, 1) for t in (10.0, 20.0, 30.0)]
     assert names(crashes(loop))[-1] == "crash_loop"
+
+
+def job(state: str, created_ms: int = 0, **counts: int) -> dict:
+    return {"id": 1, "state": state, "created_ms": created_ms, "counts": counts}
+
+
+@pytest.mark.parametrize(
+    ("jobs", "expected"),
+    [
+        ([job("completed", succeeded=3, failed=0)], []),
+        ([job("completed", succeeded=2, timed_out=1)], ["job_not_done"]),
+        ([job("running", succeeded=2, sent=1)], ["job_not_done"]),
+        ([job("running", 5_000, succeeded=2, sent=1)], ["job_not_done_clock_step"]),
+    ],
+)
+def test_jobs_done(jobs: list, expected: list[str]) -> None:
+    assert names(jobs_done(jobs, [(4_000, 6_000)])) == expected
