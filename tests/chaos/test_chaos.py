@@ -7,6 +7,8 @@ machine that cannot run it (not root, no network namespaces, no PostgreSQL, no f
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from tests.chaos.rig import Unavailable
@@ -18,9 +20,9 @@ START_UP_S = 180  # the rig on a loaded machine, and its stop
 
 @pytest.mark.chaos
 @pytest.mark.timeout(SECONDS + DRAIN_S + START_UP_S)
-def test_chaos_run(capsys: pytest.CaptureFixture[str]) -> None:
-    try:
-        outcome = run(SECONDS, SEED, clock=CLOCK)
+def test_chaos_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    try:  # the logs, configs and data stay in tmp_path (pytest keeps the last three runs)
+        outcome = run(SECONDS, SEED, clock=CLOCK, root=tmp_path)
     except Unavailable as exc:
         pytest.skip(f"the chaos rig cannot run here: {exc}")
     with capsys.disabled():
