@@ -11,7 +11,8 @@ store holds. Each returns `Violation`s (empty: it held); the run calls them whil
 - alerts first: after a reconnect, the device's backlog of alerts is stored before its
   backlog of telemetry (within `ORDER_TOLERANCE_MS`: two replicas commit independently);
 - health: each part's /healthz is 200 again within `RECOVERY_LIMIT_S` of its fault's end;
-- crashes: no process exits unless the harness stopped it, and none keeps exiting.
+- crashes: no process exits unless the harness stopped it, and none keeps exiting;
+- server errors: no request of the load is answered with a 5xx but 503 and 507.
 """
 
 from __future__ import annotations
@@ -214,6 +215,19 @@ def _chain_end(injected: list[Injected], rec: Injected, part: str) -> float:
             if part in other.fault.affects() and other.started <= end < other.ended:
                 end, changed = other.ended, True
     return end
+
+
+def server_errors(answers: dict[str, dict[str, int]]) -> list[Violation]:
+    """`answers`: who -> {HTTP status or error name: count} of the load's requests. A 5xx
+    other than 503 (unavailable, say so and retry) and 507 (the agent's disk is full) is a
+    traceback where a JSON error belongs."""
+    bad = [
+        f"{who}: {n} x {status}"
+        for who, statuses in sorted(answers.items())
+        for status, n in sorted(statuses.items())
+        if status.isdigit() and int(status) >= 500 and int(status) not in (503, 507)
+    ]
+    return [Violation("http_5xx", _examples(bad))] if bad else []
 
 
 def crashes(exits: list[tuple[str, float, int]]) -> list[Violation]:

@@ -3,12 +3,14 @@
 POSTs the karate graph to URL/diffuse?queue=1 about RATE times a second, one request at a
 time, and appends one JSON line {"seq", "job_id", "t"} to OUT for every 200: what the agent
 accepted and must deliver exactly once. Stdlib only, so that it starts fast inside the
-agent's network namespace (`ip netns exec`), where the agent's loopback port is.
+agent's network namespace (`ip netns exec`), where the agent's loopback port is. Every 10 s,
+and when stopped, it prints {"statuses": {...}}: the answers so far by status (or error).
 """
 
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import time
 import urllib.error
@@ -37,6 +39,12 @@ def main(argv: list[str]) -> int:
     body = KARATE.read_bytes()
     statuses: dict[str, int] = {}
     last_report = time.monotonic()
+
+    def report_and_exit(*_: object) -> None:  # SIGTERM: the last line counts everything
+        print(json.dumps({"statuses": statuses}), flush=True)
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, report_and_exit)
     with out.open("a", encoding="utf-8") as sink:
         while True:
             started = time.monotonic()

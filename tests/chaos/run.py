@@ -11,6 +11,7 @@ the length, `DGDM_CHAOS_CLOCK=0` / `--no-clock` leaves the clock fault out.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -36,6 +37,7 @@ from .invariants import (
     recoveries,
     results_exactly_once,
     seqs_unique,
+    server_errors,
 )
 from .load import CommandLoad, JobLoad
 from .observe import DuplicateCounter, ExitWatch, HealthWatch, StoreRows
@@ -102,7 +104,7 @@ def _run(rig: Rig, schedule: list[Fault], seconds: float, seed: int, clock: bool
     exits.stop()
     found += _final_checks(rig, store, injected, figures, commands.refused)
     recovery, slow = recoveries(injected, health.samples)
-    found += slow + crashes(exits.exits)
+    found += slow + crashes(exits.exits) + server_errors(_answers(rig, commands, jobs))
     for name, tail in exits.tails.items():
         print(f"chaos: last log of {name} before it exited:\n{tail}", flush=True)
     figures.duplicates = duplicates.total
@@ -200,6 +202,18 @@ def _drain(rig: Rig, store: StoreRows) -> float:
     drain_s = time.monotonic() - started
     print(f"chaos: drained in {drain_s:.1f} s (still busy: {_outbox_busy(rig)})", flush=True)
     return drain_s
+
+
+def _answers(rig: Rig, commands: CommandLoad, jobs: JobLoad) -> dict[str, dict[str, int]]:
+    """Every load's answers by status: the loaders print theirs every 10 s (the last line
+    counts all) and once more when stopped."""
+    out = {"commands": dict(commands.statuses), "jobs": dict(jobs.statuses)}
+    for agent in rig.agents:
+        assert agent.loader is not None
+        lines = agent.loader.log_tail(4000).strip().splitlines()
+        with contextlib.suppress(IndexError, ValueError, KeyError):
+            out[agent.loader.name] = json.loads(lines[-1])["statuses"]
+    return out
 
 
 def _jobs(rig: Rig) -> list[dict[str, Any]]:

@@ -14,6 +14,7 @@ from tests.chaos.invariants import (
     recoveries,
     results_exactly_once,
     seqs_unique,
+    server_errors,
 )
 from tests.chaos.schedule import Fault
 
@@ -133,3 +134,9 @@ def job(state: str, created_ms: int = 0, **counts: int) -> dict:
 )
 def test_jobs_done(jobs: list, expected: list[str]) -> None:
     assert names(jobs_done(jobs, [(4_000, 6_000)])) == expected
+
+
+def test_server_errors() -> None:
+    assert server_errors({"commands": {"202": 9, "503": 2, "TimeoutError": 1}}) == []
+    assert server_errors({"loader2": {"200": 9, "507": 3}}) == []
+    assert names(server_errors({"commands": {"202": 9, "500": 1}})) == ["http_5xx"]
