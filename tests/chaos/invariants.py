@@ -22,14 +22,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from .schedule import Fault
+from .schedule import FAR_SIDE, Fault
 
 RECOVERY_LIMIT_S = 30.0
 ORDER_TOLERANCE_MS = 1000
 CRASH_LOOP = (3, 120.0)  # this many unexpected exits of one part within this many seconds
 ALERT, TELEMETRY = 3, 2
 SHOWN = 5  # examples named per violation
-FAR_SIDE = ("broker_kill", "coordinator_kill", "coordinator_stop", "pg_restart")
 
 
 @dataclass(frozen=True)

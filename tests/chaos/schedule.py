@@ -1,8 +1,11 @@
 """The fault schedule: pure, seed + run length -> a sorted list of faults.
 
 Every kind appears at least once (when enabled and it fits), then more faults are drawn
-until there is about one every 12 s. Two faults on the same target never overlap (one link,
-one clock, one process each); faults on different targets may, as they would in the field.
+until there is about one every 12 s. The first link cut ends in a quiet spell (no
+broker, coordinator or store fault within 5 s before or 10 s after its end), so that
+every run judges alert order after a reconnect at least once. Two faults on the same
+target never overlap (one link, one clock, one process each); faults on different targets
+may, as they would in the field.
 Durations scale with the run length: a 30-minute run cuts the link for up to 120 s, a
 3-minute run for up to 24 s (never shorter than the kind's minimum).
 """
@@ -102,9 +105,27 @@ def draw(rng: random.Random, kind: str, scale: float) -> tuple[float, str, dict[
     raise ValueError(f"unknown fault kind {kind!r} (known: {', '.join(KINDS)})")
 
 
+FAR_SIDE = ("broker_kill", "coordinator_kill", "coordinator_stop", "pg_restart")
+QUIET_S = (5.0, 10.0)  # around the first link cut's end: no far-side fault
+
+
 def _fits(faults: list[Fault], candidate: Fault) -> bool:
-    return all(
+    return _quiet_kept([*faults, candidate]) and all(
         f.target != candidate.target or f.end + 1 < candidate.t or candidate.end + 1 < f.t
+        for f in faults
+    )
+
+
+def _quiet_kept(faults: list[Fault]) -> bool:
+    """The first link cut placed ends with no broker, coordinator or store fault within
+    QUIET_S of its end, so that every run judges alert order after at least one reconnect
+    (the far side reorders delivery; invariants.quiet_reconnect)."""
+    cut = next((f for f in faults if f.kind == "link_cut"), None)
+    if cut is None:
+        return True
+    before, after = QUIET_S
+    return all(
+        f.kind not in FAR_SIDE or f.t >= cut.end + after or f.end <= cut.end - before
         for f in faults
     )
 
