@@ -14,7 +14,7 @@ import os
 import re
 import struct
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
@@ -492,13 +492,9 @@ def command_expired(created_ms: int, ttl_ms: int, now_ms: int) -> bool:
     return now_ms - created_ms > ttl_ms
 
 
-def is_replay(seq: int, last_executed_seq: int | None) -> bool:
-    """Command seqs only grow, so anything at or below the last executed one already ran."""
-    return last_executed_seq is not None and seq <= last_executed_seq
-
-
-def check_command(envelope: Envelope, now_ms: int, last_executed_seq: int | None) -> None:
-    """Raise EnvelopeError (bad_kind, bad_body, replay, expired) unless it may execute now."""
+def check_command(envelope: Envelope, now_ms: int, executed: Callable[[int], bool]) -> None:
+    """Raise EnvelopeError (bad_kind, bad_body, replay, expired) unless it may execute now;
+    `executed(seq)` says whether that seq already ran (`link_state.ExecutedCommands.seen`)."""
     header, body = envelope.header, envelope.body
     if header.kind is not Kind.COMMAND:
         raise EnvelopeError("bad_kind", f"expected a command, got {header.kind.name.lower()}")
@@ -507,7 +503,7 @@ def check_command(envelope: Envelope, now_ms: int, last_executed_seq: int | None
     ttl_ms = body.get("ttl_ms")
     if isinstance(ttl_ms, bool) or not isinstance(ttl_ms, int) or ttl_ms < 0:
         raise EnvelopeError("bad_body", "command field 'ttl_ms' must be a non-negative integer")
-    if is_replay(header.seq, last_executed_seq):
+    if executed(header.seq):
         raise EnvelopeError("replay", f"command seq {header.seq} was already executed")
     if command_expired(header.created_ms, ttl_ms, now_ms):
         raise EnvelopeError("expired", f"command seq {header.seq} is older than {ttl_ms} ms")

@@ -38,13 +38,14 @@ from dgdm.sync.envelope import (
     receipt_ranges,
 )
 from dgdm.sync.errors import EnvelopeError, OutboxError, TransportError
-from dgdm.sync.link_state import Cursor, ReadPlan, SendState
+from dgdm.sync.link_state import Cursor, ExecutedCommands, ReadPlan, SendState
 from dgdm.sync.mqtt import MqttClient, MqttOptions, Will
 from dgdm.sync.outbox import Outbox, OutboxMessage
 from dgdm.sync.topics import STATUS, device_topic, kind_topic
 
 log = logging.getLogger(__name__)
 
+# The executed command seqs (ExecutedCommands.encode; an older agent kept the last one).
 LAST_COMMAND_KEY = "last_command_seq"
 PAGE_SIZE = 500
 IDLE_POLL_S = 0.25
@@ -111,7 +112,7 @@ class DeviceLink:
         self.counters: collections.Counter[str] = collections.Counter()
         self._wake = asyncio.Event()
         self._commands: asyncio.Queue[Envelope] = asyncio.Queue()
-        self._last_command: int | None = None
+        self._executed = ExecutedCommands()
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[Any]] = set()
 
@@ -127,7 +128,7 @@ class DeviceLink:
 
     async def start(self) -> None:
         stored = await asyncio.to_thread(self.outbox.get_state, LAST_COMMAND_KEY)
-        self._last_command = int(stored) if stored is not None else None
+        self._executed = ExecutedCommands.decode(stored)
         await self.mqtt.start()
         self._tasks = [
             asyncio.create_task(self._drain_forever(), name="link-drain"),
@@ -384,14 +385,15 @@ class DeviceLink:
 
     async def _execute(self, env: Envelope) -> None:
         try:
-            check_command(env, self.coordinator_now_ms(), self._last_command)
+            check_command(env, self.coordinator_now_ms(), self._executed.seen)
         except EnvelopeError as exc:
             self._reject(exc.reason, "cmd", str(exc))
             return
         seq = env.header.seq
         # Persist first: a crash while executing must not run the command again.
-        await asyncio.to_thread(self.outbox.set_state, LAST_COMMAND_KEY, str(seq))
-        self._last_command = seq
+        executed = self._executed.add(seq)
+        await asyncio.to_thread(self.outbox.set_state, LAST_COMMAND_KEY, executed.encode())
+        self._executed = executed
         self.counters["commands"] += 1
         reply = await self._call_handler(seq, env.body)
         await self.enqueue(Kind.REPLY, reply)

@@ -20,6 +20,7 @@ do the whole read (urgent checks, then the page) in one hop while the loop carri
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -231,3 +232,50 @@ def _within(seqs: dict[int, tuple[int, float]] | set[int], first: int, last: int
     if last - first < len(seqs):
         return [s for s in range(first, last + 1) if s in seqs]
     return [s for s in seqs if first <= s <= last]
+
+
+# How far below the highest executed command seq one may still arrive and run.
+COMMAND_WINDOW = 1024
+
+
+@dataclass(frozen=True)
+class ExecutedCommands:
+    """Which command seqs have run (SPEC §6: each at most once).
+
+    The coordinator allocates seqs in order, but they may arrive out of order: two replicas
+    publish side by side, a stopped replica or a broker reconnect delays one publish, a lost
+    claim is published again. So a high-water mark would drop a late lower seq as a replay
+    and never answer it. Instead every seq up to `floor` has run (or is too old to run), and
+    `above` holds those above it that ran; the floor climbs over contiguous runs and never
+    lags the highest executed seq by more than COMMAND_WINDOW, which bounds `above`.
+    """
+
+    floor: int = 0  # the coordinator allocates command seqs from 1
+    above: frozenset[int] = frozenset()
+
+    def seen(self, seq: int) -> bool:
+        return seq <= self.floor or seq in self.above
+
+    def add(self, seq: int) -> ExecutedCommands:
+        above = set(self.above)
+        above.add(seq)
+        floor = self.floor
+        while floor + 1 in above:
+            floor += 1
+            above.discard(floor)
+        floor = max(floor, max(above, default=floor) - COMMAND_WINDOW)
+        return ExecutedCommands(floor, frozenset(s for s in above if s > floor))
+
+    def encode(self) -> str:
+        return json.dumps({"floor": self.floor, "above": sorted(self.above)})
+
+    @classmethod
+    def decode(cls, text: str | None) -> ExecutedCommands:
+        """The persisted form; a bare integer is the older one (the last executed seq: it
+        and everything below it ran)."""
+        if text is None:
+            return cls()
+        value = json.loads(text)
+        if isinstance(value, int):
+            return cls(value)
+        return cls(int(value["floor"]), frozenset(int(s) for s in value["above"]))

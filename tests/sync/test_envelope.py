@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from dgdm.sync import envelope as env
 from dgdm.sync.envelope import Kind
 from dgdm.sync.errors import EnvelopeError
+from dgdm.sync.link_state import ExecutedCommands
 
 KEY = bytes(range(32))
 KEY_ID = b"\x99\x62\x5b\x51"
@@ -328,14 +329,16 @@ def _command(seq: int, created_ms: int, body: dict) -> env.Envelope:
 
 def test_command_ttl_and_replay() -> None:
     cmd = _command(10, 1_000, {"cmd": "ping", "args": {}, "ttl_ms": 500})
-    env.check_command(cmd, now_ms=1_500, last_executed_seq=9)
-    env.check_command(cmd, now_ms=900, last_executed_seq=None)  # sender clock ahead is fine
+    env.check_command(cmd, now_ms=1_500, executed=ExecutedCommands(9).seen)
+    env.check_command(
+        cmd, now_ms=900, executed=ExecutedCommands().seen
+    )  # sender clock ahead is fine
     with pytest.raises(EnvelopeError) as err:
-        env.check_command(cmd, now_ms=1_501, last_executed_seq=9)
+        env.check_command(cmd, now_ms=1_501, executed=ExecutedCommands(9).seen)
     assert err.value.reason == "expired"
     for last in (10, 11):
         with pytest.raises(EnvelopeError) as err:
-            env.check_command(cmd, now_ms=1_000, last_executed_seq=last)
+            env.check_command(cmd, now_ms=1_000, executed=ExecutedCommands(last).seen)
         assert err.value.reason == "replay"
 
 
@@ -352,7 +355,7 @@ def test_command_ttl_and_replay() -> None:
 )
 def test_command_body_must_name_cmd_and_ttl(body) -> None:
     with pytest.raises(EnvelopeError) as err:
-        env.check_command(_command(1, 0, body), now_ms=0, last_executed_seq=None)
+        env.check_command(_command(1, 0, body), now_ms=0, executed=ExecutedCommands().seen)
     assert err.value.reason == "bad_body"
 
 
@@ -361,7 +364,7 @@ def test_check_command_refuses_other_kinds() -> None:
         env.seal(Kind.REPLY, 1, 1, "dev-1", {"cmd": "x", "ttl_ms": 1}, key=KEY, key_id=KEY_ID)
     )
     with pytest.raises(EnvelopeError) as err:
-        env.check_command(reply, now_ms=1, last_executed_seq=None)
+        env.check_command(reply, now_ms=1, executed=ExecutedCommands().seen)
     assert err.value.reason == "bad_kind"
 
 

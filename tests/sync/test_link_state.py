@@ -8,7 +8,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dgdm.sync.link_state import GAP_GRACE_S, MAX_GAP_RESENDS, Cursor, ReadPlan, SendState
+from dgdm.sync.link_state import (
+    COMMAND_WINDOW,
+    GAP_GRACE_S,
+    MAX_GAP_RESENDS,
+    Cursor,
+    ExecutedCommands,
+    ReadPlan,
+    SendState,
+)
 
 
 def _state() -> SendState:
@@ -225,3 +233,52 @@ def test_the_gap_grace_follows_a_slow_coordinator() -> None:
     assert state.expire(now=4.0 + GAP_GRACE_S) == (0, 0)
     assert state.expire(now=4.0 + 7.9) == (0, 0)
     assert state.expire(now=4.0 + 8.0) == (0, 2)
+
+
+# -- executed command seqs -------------------------------------------------------------------
+
+
+def test_a_late_lower_command_seq_still_runs_once() -> None:
+    """Two replicas (or a delayed publish) deliver 5 before 4: 4 still runs, each once."""
+    executed = ExecutedCommands()
+    for seq in (1, 2, 3, 5):
+        assert not executed.seen(seq)
+        executed = executed.add(seq)
+    assert not executed.seen(4)
+    assert (executed.floor, executed.above) == (3, frozenset({5}))
+    executed = executed.add(4)
+    assert (executed.floor, executed.above) == (5, frozenset())
+    assert all(executed.seen(s) for s in range(6))
+
+
+def test_the_window_bounds_what_is_kept() -> None:
+    executed = ExecutedCommands().add(1).add(5000)
+    assert executed.floor == 5000 - COMMAND_WINDOW
+    assert executed.seen(100)  # too far behind to be told apart: refused as a replay
+    assert not executed.seen(5000 - COMMAND_WINDOW + 1)
+
+
+@given(st.lists(st.integers(1, 3000), max_size=200))
+def test_executed_seqs_are_never_run_again_and_survive_encoding(seqs: list[int]) -> None:
+    executed = ExecutedCommands()
+    ran: set[int] = set()
+    for seq in seqs:
+        if not executed.seen(seq):
+            ran.add(seq)
+            executed = executed.add(seq)
+        assert executed.seen(seq)
+        assert len(executed.above) <= COMMAND_WINDOW
+        executed = ExecutedCommands.decode(executed.encode())
+    assert all(executed.seen(s) for s in ran)
+    # Nothing that arrived within the window of the highest one was refused unseen.
+    top = max(seqs, default=0)
+    for seq in set(seqs):
+        if seq > top - COMMAND_WINDOW:
+            assert seq in ran
+
+
+def test_the_older_persisted_form_is_the_last_executed_seq() -> None:
+    executed = ExecutedCommands.decode("41")
+    assert executed.seen(41)
+    assert not executed.seen(42)
+    assert ExecutedCommands.decode(None) == ExecutedCommands()

@@ -8,6 +8,7 @@ import os
 import aiohttp
 
 from dgdm.sync.envelope import Kind, seal
+from dgdm.sync.link_state import ExecutedCommands
 from dgdm.sync.mqtt import MqttClient
 
 from .conftest import eventually, mqtt_options
@@ -128,8 +129,10 @@ async def test_commands_run_once_and_reply(mqtt_broker, sync_rig, rig_store) -> 
     finally:
         await pub.stop()
     assert [s for s, _ in calls] == [seq, bad]
-    # The executed seq survives a restart of the link.
-    assert device.outbox.get_state("last_command_seq") == str(bad)
+    # The executed seqs survive a restart of the link.
+    stored = ExecutedCommands.decode(device.outbox.get_state("last_command_seq"))
+    assert stored.seen(seq)
+    assert stored.seen(bad)
 
 
 async def test_http_api(mqtt_broker, sync_rig, rig_store) -> None:
