@@ -67,6 +67,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from dgdm.sync.coordinator import page
+from dgdm.sync.coordinator.stores import StoreUnavailable
 from dgdm.sync.envelope import Kind, valid_device_id
 from dgdm.sync.errors import ConfigError, TransportError
 from dgdm.sync.http_guard import HttpGuard
@@ -88,6 +89,18 @@ INT63_MAX = 2**63 - 1  # store integers are signed 64-bit; a larger seq cannot e
 
 def _error(status: int, message: str, field: str | None = None) -> web.Response:
     return web.json_response({"error": message, "field": field}, status=status)
+
+
+@web.middleware
+async def _failures(request: web.Request, handler: Any) -> web.StreamResponse:
+    """What a handler cannot answer itself: the store gone (a PostgreSQL restart) is a 503
+    naming it, a client gone mid-body is nobody's error (no traceback in the log)."""
+    try:
+        return await handler(request)
+    except StoreUnavailable as exc:
+        return _error(503, f"store unavailable: {exc}", "store")
+    except ConnectionResetError:
+        return _error(400, "the client closed the connection", "body")
 
 
 def _token_middleware(token: str | None) -> Any:
@@ -112,7 +125,7 @@ def make_app(coordinator: Any) -> web.Application:
         raise ConfigError("http.token", "is required when the API listens beyond loopback")
     guard = _guard(coordinator)
     app = web.Application(
-        middlewares=[guard.middleware(), _token_middleware(http.token)],
+        middlewares=[guard.middleware(), _token_middleware(http.token), _failures],
         client_max_size=MAX_BODY_BYTES,
     )
     app[COORDINATOR] = coordinator

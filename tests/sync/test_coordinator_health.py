@@ -19,9 +19,15 @@ from .conftest import eventually
 
 
 def healthz(coordinator: Coordinator) -> tuple[int, dict[str, Any]]:
-    url = f"http://127.0.0.1:{coordinator.http_port}/healthz"  # no token: it is open
+    return get(coordinator, "/healthz")  # no token needed: it is open
+
+
+def get(coordinator: Coordinator, path: str) -> tuple[int, dict[str, Any]]:
+    request = urllib.request.Request(f"http://127.0.0.1:{coordinator.http_port}{path}")
+    if coordinator.config.http.token:
+        request.add_header("Authorization", f"Bearer {coordinator.config.http.token}")
     try:
-        with urllib.request.urlopen(url, timeout=30) as resp:
+        with urllib.request.urlopen(request, timeout=30) as resp:
             return resp.status, json.loads(resp.read())
     except urllib.error.HTTPError as exc:
         with exc:
@@ -70,6 +76,9 @@ async def test_postgres_down_pauses_ingest_without_receipts_and_it_resumes(
     )
     _, body = healthz(coordinator)
     assert body["checks"]["store"].startswith("failing")
+    # An API read that needs the store answers 503 naming it (not a 500 with a traceback).
+    status, body = get(coordinator, f"/devices/{device.device_id}")
+    assert (status, body["field"]) == (503, "store"), body
     print(f"/healthz 503 {time.monotonic() - started:.1f} s after the store went away")
     device.enqueue(Kind.RESULT, {"n": 2})
     device.enqueue(Kind.ALERT, {"code": "x"})
