@@ -87,6 +87,7 @@ if TYPE_CHECKING:
     from dgdm.sync.coordinator.api_thread import ApiThread
 
 log = logging.getLogger(__name__)
+COORDINATOR_BACKOFF_MAX_S = 5.0
 
 MAX_STATUS_BYTES = 4096
 KEY_ID_OFFSET = 6  # SPEC §6: magic 2, version 1, flags 1, kind 1, priority 1, then the key id
@@ -240,7 +241,9 @@ class Coordinator:
         """The broker connection; with `announcer`, its will says the presence was lost."""
         m = self.config.mqtt
         client_id = m.client_id or f"dgdm-coordinator-{self.config.coordinator.id}"
-        extra: dict[str, Any] = {}
+        # One client a fleet waits for, not thousands that could stampede a broker coming
+        # back: reconnect within seconds (the devices keep their 60 s cap).
+        extra: dict[str, Any] = {"backoff_max_s": COORDINATOR_BACKOFF_MAX_S}
         if announcer is not None:
             extra["will"] = Will(announcer.topic, announcer.will_payload())
         return options_from_settings(m, client_id, **extra)
