@@ -51,6 +51,11 @@ class Metrics:
         )
         self.receipts = Counter("dgdm_receipts_sent", "Receipts published", registry=self.registry)
         self.commands = Counter("dgdm_commands_sent", "Commands published", registry=self.registry)
+        self.commands_resent = Counter(
+            "dgdm_coordinator_commands_resent",
+            "Unreplied commands published again (a lost publish; the device runs a seq once)",
+            registry=self.registry,
+        )
         self.http_refused = Counter(
             "dgdm_coordinator_http_refused",
             "API connections or requests cut off by a limit (evicted_idle, refused_all_busy, "

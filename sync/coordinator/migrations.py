@@ -267,6 +267,18 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX job_targets_by_state ON job_targets (state, job_id)",
         ),
     ),
+    Migration(
+        6,
+        "commands waiting for a reply, by age: the coordinator publishes them again",
+        sqlite=(
+            "CREATE INDEX IF NOT EXISTS commands_unreplied ON commands (created_ms)"
+            " WHERE reply IS NULL",
+        ),
+        postgres=(
+            "CREATE INDEX IF NOT EXISTS commands_unreplied ON commands (created_ms)"
+            " WHERE reply IS NULL",
+        ),
+    ),
 )
 
 SCHEMA_VERSION_TABLE = (

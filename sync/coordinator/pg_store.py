@@ -491,7 +491,7 @@ class PgStore:
             with self._tx() as conn:
                 return conn.execute(
                     "DELETE FROM commands WHERE (device_id, seq) IN (SELECT device_id, seq"
-                    " FROM commands WHERE created_ms < %s ORDER BY created_ms LIMIT %s"
+                    " FROM commands WHERE created_ms < %s ORDER BY created_ms DESC LIMIT %s"
                     " FOR UPDATE SKIP LOCKED)",
                     (older_than_ms, limit),
                 ).rowcount
@@ -581,6 +581,15 @@ class PgStore:
             return int(row[0])
 
         return self._retrying(run)
+
+    def unreplied_commands(self, since_ms: int, until_ms: int, limit: int) -> list[dict[str, Any]]:
+        rows = self._rows(
+            "SELECT device_id, seq, body, created_ms FROM commands"
+            " WHERE reply IS NULL AND created_ms BETWEEN %s AND %s"
+            " ORDER BY created_ms DESC LIMIT %s",
+            (since_ms, until_ms, limit),
+        )
+        return [{**row, "body": json.loads(row["body"])} for row in rows]
 
     def command(self, device_id: str, seq: int) -> dict[str, Any] | None:
         if _bigint_or_none(seq) is None:

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from dgdm.sync import presence
 from dgdm.sync.coordinator.commands import (
     DEFAULT_TTL_MS,
+    MAX_TTL_MS,
     BadCommand,
     check_command_request,
 )
@@ -88,6 +89,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 COORDINATOR_BACKOFF_MAX_S = 5.0
+# Unreplied commands are published again every RESEND_INTERVAL_S once RESEND_AFTER_MS old,
+# the newest RESEND_BATCH a round.
+RESEND_INTERVAL_S = 10.0
+RESEND_AFTER_MS = 10_000
+RESEND_BATCH = 500
 
 MAX_STATUS_BYTES = 4096
 KEY_ID_OFFSET = 6  # SPEC §6: magic 2, version 1, flags 1, kind 1, priority 1, then the key id
@@ -186,6 +192,7 @@ class Coordinator:
             asyncio.create_task(self._flush_forever(), name="coord-flush"),
             asyncio.create_task(self._refresh_quotas_forever(), name="coord-quotas"),
             asyncio.create_task(self.jobs.run_forever(), name="coord-jobs"),
+            asyncio.create_task(self._resend_forever(), name="coord-resend"),
         ]
         # Retention, downsampling and quotas run on the writer thread, one small
         # transaction at a time between ingest transactions (housekeeping.py).
@@ -646,8 +653,39 @@ class Coordinator:
             raise UnknownDevice(f"device {device_id!r} is not enrolled")
         now = _now_ms()
         seq = await self._db(self.store.new_command, device_id, body, now)
-        await self.publish_command(device_id, seq, now, body)
+        try:
+            await self.publish_command(device_id, seq, now, body)
+        except TransportError as exc:
+            # Stored is what counts: the resend round publishes it once the broker is back.
+            details = {"device": device_id, "seq": seq, "error": str(exc)}
+            log.warning("command stored, its publish failed: sent again later", extra=details)
         return int(seq)
+
+    async def _resend_forever(self) -> None:
+        while True:
+            await asyncio.sleep(RESEND_INTERVAL_S)
+            try:
+                await self.resend_commands(_now_ms())
+            except (StoreUnavailable, sqlite3.Error, TransportError) as exc:
+                log.debug("command resend round skipped: %s", exc)
+
+    async def resend_commands(self, now_ms: int) -> int:
+        """Publish again the stored commands still without a reply to online devices, within
+        their TTL and older than RESEND_AFTER_MS (a publish lost to a broker restart, a
+        replica that died between store and publish). The device runs each seq at most
+        once, so a copy of one that did arrive is dropped there. Returns how many went."""
+        rows = await self.query(
+            "unreplied_commands", now_ms - MAX_TTL_MS, now_ms - RESEND_AFTER_MS, RESEND_BATCH
+        )
+        sent = 0
+        for row in rows:
+            body, created = row["body"], row["created_ms"]
+            if row["device_id"] not in self._online or created + body["ttl_ms"] <= now_ms:
+                continue
+            await self.publish_command(row["device_id"], row["seq"], created, body)
+            sent += 1
+        self.metrics.commands_resent.inc(sent)
+        return sent
 
     async def publish_command(
         self, device_id: str, seq: int, created_ms: int, body: dict[str, Any]

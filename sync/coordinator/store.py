@@ -136,6 +136,9 @@ class Store(Protocol):
     def set_status(self, device_id: str, status: dict[str, Any], now_ms: int) -> None: ...
     def new_command(self, device_id: str, body: dict[str, Any], now_ms: int) -> int: ...
     def command(self, device_id: str, seq: int) -> dict[str, Any] | None: ...
+    def unreplied_commands(
+        self, since_ms: int, until_ms: int, limit: int
+    ) -> list[dict[str, Any]]: ...
     def results_since(self, device_id: str, cursor: int, limit: int) -> list[dict[str, Any]]: ...
     def latest(self, device_id: str, kind: Kind, limit: int) -> list[dict[str, Any]]: ...
     # jobs (jobs_store.py holds their SQL, shared by both stores)
@@ -413,7 +416,7 @@ class SqliteStore:
             if kind is Kind.COMMAND:
                 return self._db.execute(
                     "DELETE FROM commands WHERE rowid IN (SELECT rowid FROM commands"
-                    " WHERE created_ms < ? ORDER BY created_ms LIMIT ?)",
+                    " WHERE created_ms < ? ORDER BY created_ms DESC LIMIT ?)",
                     (older_than_ms, limit),
                 ).rowcount
             return self._delete_rows(
@@ -537,6 +540,17 @@ class SqliteStore:
                 (device_id, seq, _dumps(body), now_ms),
             )
         return seq
+
+    def unreplied_commands(self, since_ms: int, until_ms: int, limit: int) -> list[dict[str, Any]]:
+        """Commands created in [since_ms, until_ms] with no reply yet, newest first (to be
+        published again: the device runs each seq at most once)."""
+        rows = self._rows(
+            "SELECT device_id, seq, body, created_ms FROM commands"
+            " WHERE reply IS NULL AND created_ms BETWEEN ? AND ?"
+            " ORDER BY created_ms DESC LIMIT ?",
+            (since_ms, until_ms, limit),
+        )
+        return [{**row, "body": json.loads(row["body"])} for row in rows]
 
     def command(self, device_id: str, seq: int) -> dict[str, Any] | None:
         rows = self._rows(

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 
 import aiohttp
 
+from dgdm.sync.coordinator.service import RESEND_AFTER_MS
 from dgdm.sync.envelope import Kind, seal
 from dgdm.sync.link_state import ExecutedCommands
 from dgdm.sync.mqtt import MqttClient
@@ -133,6 +135,39 @@ async def test_commands_run_once_and_reply(mqtt_broker, sync_rig, rig_store) -> 
     stored = ExecutedCommands.decode(device.outbox.get_state("last_command_seq"))
     assert stored.seen(seq)
     assert stored.seen(bad)
+
+
+async def test_a_command_whose_publish_was_lost_is_sent_again_and_runs_once(
+    mqtt_broker, sync_rig, rig_store
+) -> None:
+    """Stored but never published (a broker restart, a replica killed between its store
+    and its publish): the resend round publishes it to the online device, within its TTL;
+    a further copy is dropped by the device as a replay, so the command runs once."""
+    calls: list[int] = []
+
+    async def on_command(seq, body):
+        calls.append(seq)
+        return {"pong": True}
+
+    rig = sync_rig(mqtt_broker, rig_store)
+    device = rig.device("d", on_command=on_command)
+    coordinator = await rig.start_coordinator()
+    await device.start()
+    await eventually(lambda: coordinator.is_online(device.device_id), what="device online")
+    now = time.time_ns() // 1_000_000
+    body = {"cmd": "ping", "args": {}, "ttl_ms": 600_000}
+    lost = coordinator.store.new_command(device.device_id, body, now)
+    expired = coordinator.store.new_command(device.device_id, {**body, "ttl_ms": 5_000}, now)
+    later = now + RESEND_AFTER_MS + 1
+    assert await coordinator.resend_commands(later) == 1  # not the expired one
+    await eventually(
+        lambda: coordinator.store.command(device.device_id, lost)["status"] == "replied",
+        what="the lost command replied",
+    )
+    assert await coordinator.resend_commands(later) == 0  # replied: nothing to send again
+    assert calls == [lost]
+    assert coordinator.store.command(device.device_id, expired)["status"] == "pending"
+    assert coordinator.metrics.value("dgdm_coordinator_commands_resent_total") == 1
 
 
 async def test_http_api(mqtt_broker, sync_rig, rig_store) -> None:
