@@ -79,10 +79,6 @@ class Graph:
     def n(self) -> int:
         return len(self.node_ids)
 
-    def index_of(self) -> dict[NodeId, int]:
-        """Map node id -> row; built on demand (edge deltas), not kept."""
-        return {node: i for i, node in enumerate(self.node_ids)}
-
 
 def parse_graph_json(data: bytes | str, limits: Limits | None = None) -> Graph:
     """Parse a JSON document (bytes or text) into a Graph, enforcing the byte limit first."""
@@ -513,16 +509,22 @@ def _checked_edges(
     for e, edge in enumerate(edges):
         if not isinstance(edge, Mapping):
             raise GraphError(f"edges[{e}]", "must be an object")
-        for key in edge:
-            if key not in _EDGE_KEYS:
-                raise GraphError(f"edges[{e}].{key}", "is not a known edge field")
-        rows[e] = _endpoint(edge.get("source"), index, f"edges[{e}].source")
-        cols[e] = _endpoint(edge.get("target"), index, f"edges[{e}].target")
+        check_edge_keys(edge, f"edges[{e}]")
+        rows[e] = edge_endpoint(edge.get("source"), index, f"edges[{e}].source")
+        cols[e] = edge_endpoint(edge.get("target"), index, f"edges[{e}].target")
         weights[e] = parse_weight(edge.get("weight", 1.0), f"edges[{e}].weight")
     return rows, cols, weights
 
 
-def _endpoint(value: Any, index: Mapping[NodeId, int], name: str) -> int:
+def check_edge_keys(edge: Mapping[str, Any], field: str) -> None:
+    """An edge object names only source, target and weight (also an edge delta's)."""
+    for key in edge:
+        if key not in _EDGE_KEYS:
+            raise GraphError(f"{field}.{key}", "is not a known edge field")
+
+
+def edge_endpoint(value: Any, index: Mapping[NodeId, int], name: str) -> int:
+    """The row of an edge's source or target node id (also an edge delta's)."""
     if not _is_node_id(value):
         raise GraphError(name, "must be a node id (string or integer)")
     try:

@@ -19,7 +19,7 @@ from dgdm.kernels.backends.base import Problem, RunOutput
 from dgdm.kernels.backends.numpy_backend import NumpyBackend
 from dgdm.kernels.backends.sparse_backend import SparseBackend
 from dgdm.kernels.diffusion import diffuse
-from dgdm.kernels.engine import Engine, RegistryLimits
+from dgdm.kernels.engine import Engine
 from dgdm.kernels.errors import (
     BackendError,
     BackendUnavailable,
@@ -30,6 +30,7 @@ from dgdm.kernels.errors import (
 from dgdm.kernels.graph import Graph, parse_graph_json
 from dgdm.kernels.method import Method
 from dgdm.kernels.operator import problem_for
+from dgdm.kernels.registry import RegistryLimits
 
 from .conftest import FIXTURES, geometric, graph_from_nx
 
