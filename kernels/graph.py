@@ -20,6 +20,7 @@ from typing import Any, TypeGuard
 import numpy as np
 import scipy.sparse as sp
 
+from dgdm.common.fields import unknown_field
 from dgdm.kernels.errors import GraphError
 from dgdm.kernels.method import Method, parse_method
 
@@ -280,9 +281,9 @@ def _reject_constant(name: str) -> float:
 
 
 def _check_keys(obj: Mapping[str, Any], allowed: frozenset[str]) -> None:
-    for key in obj:
-        if key not in allowed:
-            raise GraphError(str(key), "is not a known graph field for this form")
+    key = unknown_field(obj, allowed)
+    if key is not None:
+        raise GraphError(key, "is not a known graph field for this form")
 
 
 def _parse_directed(value: Any) -> bool:
@@ -341,9 +342,9 @@ def _checked_node_ids(nodes: Sequence[Any]) -> list[NodeId]:
     for i, node in enumerate(nodes):
         if not isinstance(node, Mapping):
             raise GraphError(f"nodes[{i}]", "must be an object")
-        for key in node:
-            if key not in _NODE_KEYS:
-                raise GraphError(f"nodes[{i}].{key}", "is not a known node field")
+        key = unknown_field(node, _NODE_KEYS)
+        if key is not None:
+            raise GraphError(f"nodes[{i}].{key}", "is not a known node field")
         node_id = node.get("id")
         if not _is_node_id(node_id):
             raise GraphError(f"nodes[{i}].id", "must be a string or an integer")
@@ -518,9 +519,9 @@ def _checked_edges(
 
 def check_edge_keys(edge: Mapping[str, Any], field: str) -> None:
     """An edge object names only source, target and weight (also an edge delta's)."""
-    for key in edge:
-        if key not in _EDGE_KEYS:
-            raise GraphError(f"{field}.{key}", "is not a known edge field")
+    key = unknown_field(edge, _EDGE_KEYS)
+    if key is not None:
+        raise GraphError(f"{field}.{key}", "is not a known edge field")
 
 
 def edge_endpoint(value: Any, index: Mapping[NodeId, int], name: str) -> int:

@@ -14,11 +14,11 @@ released migration is never edited (stores out there have applied it).
 from __future__ import annotations
 
 import sqlite3
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from dgdm.sync.clock import now_ms
 from dgdm.sync.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -367,4 +367,4 @@ def _pg_scalar(conn: psycopg.Connection[Any], sql: LiteralString) -> Any:
 
 
 def _row(migration: Migration) -> tuple[int, str, int]:
-    return (migration.version, migration.description, time.time_ns() // 1_000_000)
+    return (migration.version, migration.description, now_ms())

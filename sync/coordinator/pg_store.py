@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -33,6 +32,7 @@ from psycopg import errors
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
+from dgdm.sync.clock import now_ms
 from dgdm.sync.coordinator import jobs_store
 from dgdm.sync.coordinator.jobs_store import Send, Tick
 from dgdm.sync.coordinator.migrations import migrate_postgres
@@ -284,7 +284,7 @@ class PgStore:
                 " VALUES (%s, %s, %s, %s) ON CONFLICT (device_id) DO UPDATE SET"
                 " public_key = excluded.public_key,"
                 " plaintext_telemetry = excluded.plaintext_telemetry",
-                (device_id, public_key, _now_ms(), int(plaintext_telemetry)),
+                (device_id, public_key, now_ms(), int(plaintext_telemetry)),
             )
             if tags is not None:
                 _write_tags(conn, device_id, dict(tags))
@@ -707,10 +707,6 @@ def _configure(conn: psycopg.Connection[Any]) -> None:
     """Each pooled connection gets its staging table once (a temp table is per session)."""
     conn.execute(_STAGING)
     conn.commit()
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 # As SqliteStore's: the same JSON text in both stores.

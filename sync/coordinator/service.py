@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from dgdm.sync import presence
+from dgdm.sync.clock import now_ms
 from dgdm.sync.coordinator.commands import (
     DEFAULT_TTL_MS,
     BadCommand,
@@ -475,7 +476,7 @@ class Coordinator:
 
     async def _flush(self, raw: list[Queued]) -> None:
         started = time.monotonic()
-        batch, result = await self._db(self._ingest, raw, _now_ms())
+        batch, result = await self._db(self._ingest, raw, now_ms())
         per_message = (time.monotonic() - started) / max(1, len(raw))
         self._seconds_per_message = (
             per_message
@@ -591,7 +592,7 @@ class Coordinator:
             payload = seal(
                 Kind.RECEIPT,
                 result.receipt_seqs[device_id],
-                _now_ms(),
+                now_ms(),
                 device_id,
                 body,
                 key=keys.down,
@@ -625,7 +626,7 @@ class Coordinator:
         else:
             self._online.discard(device_id)
         self.metrics.devices_online.set(len(self._online))
-        task = asyncio.ensure_future(self._db(self.store.set_status, device_id, status, _now_ms()))
+        task = asyncio.ensure_future(self._db(self.store.set_status, device_id, status, now_ms()))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -641,7 +642,7 @@ class Coordinator:
         body = check_command_request(cmd, args, ttl_ms)
         if self.registry.keys_for(device_id) is None:
             raise UnknownDevice(f"device {device_id!r} is not enrolled")
-        now = _now_ms()
+        now = now_ms()
         seq = await self._db(self.store.new_command, device_id, body, now)
         await self.publish_command(device_id, seq, now, body)
         return int(seq)
@@ -667,11 +668,11 @@ class Coordinator:
 
     async def create_job(self, spec: JobSpec) -> dict[str, Any]:
         """Store a job (its devices resolved now); replicas' runners send it."""
-        job: dict[str, Any] = await self._db(self.store.create_job, spec, _now_ms())
+        job: dict[str, Any] = await self._db(self.store.create_job, spec, now_ms())
         return job
 
     async def cancel_job(self, job_id: int) -> dict[str, Any] | None:
-        job: dict[str, Any] | None = await self._db(self.store.cancel_job, job_id, _now_ms())
+        job: dict[str, Any] | None = await self._db(self.store.cancel_job, job_id, now_ms())
         return job
 
     async def command(self, device_id: str, seq: int) -> dict[str, Any] | None:
@@ -725,7 +726,3 @@ def _key_id(payload: bytes) -> bytes | None:
     header (so it is not parsed twice per message) and names what is wrong with it."""
     key_id = payload[KEY_ID_OFFSET : KEY_ID_OFFSET + KEY_ID_BYTES]
     return key_id if len(key_id) == KEY_ID_BYTES else None
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000

@@ -20,12 +20,12 @@ import json
 import os
 import sqlite3
 import threading
-import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
 
+from dgdm.sync.clock import now_ms
 from dgdm.sync.coordinator import jobs_store
 from dgdm.sync.coordinator.jobs_store import Send, Tick
 from dgdm.sync.coordinator.migrations import migrate_sqlite
@@ -184,7 +184,7 @@ class SqliteStore:
                 " VALUES (?, ?, ?, ?) ON CONFLICT (device_id) DO UPDATE SET"
                 " public_key = excluded.public_key,"
                 " plaintext_telemetry = excluded.plaintext_telemetry",
-                (device_id, public_key, _now_ms(), int(plaintext_telemetry)),
+                (device_id, public_key, now_ms(), int(plaintext_telemetry)),
             )
             if tags is not None:
                 self._write_tags(device_id, dict(tags))
@@ -758,10 +758,6 @@ def _bool(value: Any) -> bool | None:
 
 def _text(value: Any) -> str | None:
     return value[:500] if isinstance(value, str) else None
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 # json.dumps with any non-default argument builds a new encoder per call; one will do.
