@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any
 from dgdm.agent import status
 from dgdm.agent.answers import command_answer
 from dgdm.agent.errors import AgentError
-from dgdm.kernels.errors import DgdmError, GraphError
+from dgdm.common.errors import DgdmError
+from dgdm.kernels.errors import GraphError
 from dgdm.sync.replies import reply_body
 
 if TYPE_CHECKING:

@@ -226,7 +226,7 @@ async def _device_or_404(request: web.Request) -> tuple[Any, str, dict[str, Any]
     device_id = request.match_info["device_id"]
     if not valid_device_id(device_id):
         raise ApiError(404, "no such device", "device_id")
-    rows = await coordinator.query("device_views", None, None, device_id)
+    rows = await coordinator.device_views(None, None, device_id)
     if not rows:
         raise ApiError(404, f"device {device_id!r} is not enrolled", "device_id")
     return coordinator, device_id, rows[0]
@@ -249,14 +249,14 @@ def _device_filters(request: web.Request) -> tuple[dict[str, str], bool | None]:
 async def list_devices(request: web.Request) -> web.Response:
     coordinator = request.app[COORDINATOR]
     tags, online = _device_filters(request)
-    rows = await coordinator.query("device_views", tags, online, None)
+    rows = await coordinator.device_views(tags, online, None)
     return web.json_response({"devices": [_device_view(coordinator, r) for r in rows]})
 
 
 async def get_device(request: web.Request) -> web.Response:
     coordinator, device_id, row = await _device_or_404(request)
-    telemetry = await coordinator.query("latest", device_id, Kind.TELEMETRY, 1)
-    alerts = await coordinator.query("latest", device_id, Kind.ALERT, RECENT_ALERTS)
+    telemetry = await coordinator.latest(device_id, Kind.TELEMETRY, 1)
+    alerts = await coordinator.latest(device_id, Kind.ALERT, RECENT_ALERTS)
     return web.json_response(
         {
             **_device_view(coordinator, row),
@@ -287,7 +287,7 @@ async def get_results(request: web.Request) -> web.Response:
     coordinator, device_id, _ = await _device_or_404(request)
     since = _int_param(request, "since", 0, 0, 2**63 - 1)
     limit = _int_param(request, "limit", 100, 1, MAX_RESULTS)
-    rows = await coordinator.query("results_since", device_id, since, limit)
+    rows = await coordinator.results_since(device_id, since, limit)
     cursor = rows[-1]["cursor"] if rows else since
     return web.json_response({"results": rows, "next": cursor})
 
@@ -380,23 +380,21 @@ async def get_command(request: web.Request) -> web.Response:
 async def list_commands(request: web.Request) -> web.Response:
     coordinator, device_id, _ = await _device_or_404(request)
     limit = _int_param(request, "limit", 20, 1, MAX_RESULTS)
-    return web.json_response({"commands": await coordinator.query("commands", device_id, limit)})
+    return web.json_response({"commands": await coordinator.commands(device_id, limit)})
 
 
 async def get_telemetry(request: web.Request) -> web.Response:
     coordinator, device_id, _ = await _device_or_404(request)
     since = _int_param(request, "since_ms", -1, 0, INT63_MAX)
     limit = _int_param(request, "limit", 100, 1, MAX_RESULTS)
-    rows = await coordinator.query("telemetry", device_id, None if since < 0 else since, limit)
+    rows = await coordinator.telemetry(device_id, None if since < 0 else since, limit)
     return web.json_response({"telemetry": rows})
 
 
 async def get_quarantine(request: web.Request) -> web.Response:
     coordinator, device_id, _ = await _device_or_404(request)
     limit = _int_param(request, "limit", 100, 1, MAX_RESULTS)
-    return web.json_response(
-        {"quarantine": await coordinator.query("quarantined", device_id, limit)}
-    )
+    return web.json_response({"quarantine": await coordinator.quarantined(device_id, limit)})
 
 
 # -- jobs -------------------------------------------------------------------------------------
@@ -417,7 +415,7 @@ async def post_job(request: web.Request) -> web.Response:
 async def list_jobs(request: web.Request) -> web.Response:
     coordinator = request.app[COORDINATOR]
     limit = _int_param(request, "limit", 50, 1, MAX_RESULTS)
-    return web.json_response({"jobs": await coordinator.query("jobs", limit)})
+    return web.json_response({"jobs": await coordinator.list_jobs(limit)})
 
 
 def _job_id(request: web.Request) -> int:
@@ -432,14 +430,14 @@ async def get_job(request: web.Request) -> web.Response:
     of the previous page), `limit`; `next` is the cursor of the next page, or null."""
     coordinator = request.app[COORDINATOR]
     job_id = _job_id(request)
-    job = await coordinator.query("job", job_id)
+    job = await coordinator.job(job_id)
     if job is None:
         raise ApiError(404, f"no job {job_id}", "job_id")
     cursor = request.query.get("cursor", "")
     if cursor and not valid_device_id(cursor):
         raise _bad_query("cursor", "must be a device id (the previous page's `next`)")
     limit = _int_param(request, "limit", 100, 1, MAX_RESULTS)
-    devices = await coordinator.query("job_targets", job_id, cursor, limit + 1)
+    devices = await coordinator.job_targets(job_id, cursor, limit + 1)
     more = len(devices) > limit  # one beyond the page says whether another page exists
     devices = devices[:limit]
     return web.json_response(

@@ -29,7 +29,7 @@ import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from dgdm.sync import presence
 from dgdm.sync.clock import now_ms
@@ -88,6 +88,7 @@ if TYPE_CHECKING:
     from dgdm.sync.coordinator.api_thread import ApiThread
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 MAX_STATUS_BYTES = 4096
 KEY_ID_OFFSET = 6  # SPEC §6: magic 2, version 1, flags 1, kind 1, priority 1, then the key id
@@ -297,9 +298,6 @@ class Coordinator:
         assert self.registry is not None
         await self._db(self.registry.reload)
 
-    def is_online(self, device_id: str) -> bool:
-        return device_id in self._online
-
     def is_flooding(self, device_id: str) -> bool:
         """This replica raised device_flooding for it within ingest.flooding_alert_s."""
         return self._quotas.is_flooding(device_id, time.monotonic())
@@ -361,7 +359,7 @@ class Coordinator:
                 log.debug("quota overrides not refreshed: %s", exc)
 
     async def _load_quotas(self) -> None:
-        stored = await self.query("quotas")
+        stored = await self._read(lambda s: s.quotas())
         ingest = self.config.ingest
         overrides = {}
         for device_id, text in stored.items():
@@ -391,7 +389,7 @@ class Coordinator:
         the broker connection is up; the failing checks are named."""
         checks: dict[str, Any] = {}
         try:
-            await asyncio.wait_for(self.query("ping"), HEALTH_TIMEOUT_S)
+            await asyncio.wait_for(self._read(lambda s: s.ping()), HEALTH_TIMEOUT_S)
             checks["store"] = "ok"
         except (asyncio.TimeoutError, StoreUnavailable, sqlite3.Error) as exc:
             checks["store"] = f"failing: {exc or 'no answer within the timeout'}"
@@ -675,14 +673,50 @@ class Coordinator:
         job: dict[str, Any] | None = await self._db(self.store.cancel_job, job_id, now_ms())
         return job
 
-    async def command(self, device_id: str, seq: int) -> dict[str, Any] | None:
-        return await self.query("command", device_id, seq)
+    # -- reads for the HTTP API and the page, beside ingest (never behind it) ----------------
 
-    async def query(self, fn_name: str, *args: Any) -> Any:
-        """Run a read-only store query for the HTTP API, beside ingest (never behind it)."""
+    async def _read(self, call: Callable[[Store], _T]) -> _T:
         reader = self._reader or self.store
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._read_executor, getattr(reader, fn_name), *args)
+        return await loop.run_in_executor(self._read_executor, call, reader)
+
+    async def devices(self) -> list[dict[str, Any]]:
+        return await self._read(lambda s: s.devices())
+
+    async def device_views(
+        self, tags: dict[str, str] | None, online: bool | None, device_id: str | None
+    ) -> list[dict[str, Any]]:
+        return await self._read(lambda s: s.device_views(tags, online, device_id))
+
+    async def latest(self, device_id: str, kind: Kind, limit: int) -> list[dict[str, Any]]:
+        return await self._read(lambda s: s.latest(device_id, kind, limit))
+
+    async def results_since(self, device_id: str, cursor: int, limit: int) -> list[dict[str, Any]]:
+        return await self._read(lambda s: s.results_since(device_id, cursor, limit))
+
+    async def telemetry(
+        self, device_id: str, since_ms: int | None, limit: int
+    ) -> list[dict[str, Any]]:
+        return await self._read(lambda s: s.telemetry(device_id, since_ms, limit))
+
+    async def quarantined(self, device_id: str, limit: int) -> list[dict[str, Any]]:
+        return await self._read(lambda s: s.quarantined(device_id, limit))
+
+    async def command(self, device_id: str, seq: int) -> dict[str, Any] | None:
+        return await self._read(lambda s: s.command(device_id, seq))
+
+    async def commands(self, device_id: str, limit: int) -> list[dict[str, Any]]:
+        return await self._read(lambda s: s.commands(device_id, limit))
+
+    async def list_jobs(self, limit: int) -> list[dict[str, Any]]:
+        """Named apart from `jobs`, this replica's job runner."""
+        return await self._read(lambda s: s.jobs(limit))
+
+    async def job(self, job_id: int) -> dict[str, Any] | None:
+        return await self._read(lambda s: s.job(job_id))
+
+    async def job_targets(self, job_id: int, after: str, limit: int) -> list[dict[str, Any]]:
+        return await self._read(lambda s: s.job_targets(job_id, after, limit))
 
 
 def _reader_for(store: Store) -> Store:
