@@ -14,7 +14,8 @@ import sys
 from collections.abc import Sequence
 
 from dgdm.agent import __version__
-from dgdm.kernels.errors import DgdmError, GraphError
+from dgdm.common.errors import DgdmError
+from dgdm.kernels.errors import GraphError
 from dgdm.sync.errors import ConfigError
 
 EXIT_OK = 0

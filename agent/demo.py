@@ -229,7 +229,7 @@ async def _send(session: Any, url: str, graph: dict[str, Any], tally: Tally) -> 
 async def _watch_results(coordinator: Any, tally: Tally) -> None:
     cursor = 0
     while True:
-        rows = await coordinator.query("results_since", DEVICE_ID, cursor, 500)
+        rows = await coordinator.results_since(DEVICE_ID, cursor, 500)
         now = time.monotonic()
         for row in rows:
             cursor = max(cursor, row["cursor"])

@@ -6,7 +6,7 @@ carries its message.
 
 from __future__ import annotations
 
-from dgdm.kernels.errors import DgdmError
+from dgdm.common.errors import DgdmError
 
 
 class AgentError(DgdmError):

@@ -13,7 +13,9 @@ from typing import TYPE_CHECKING, Any
 from dgdm.agent import status
 from dgdm.agent.answers import command_answer
 from dgdm.agent.errors import AgentError
-from dgdm.kernels.errors import DgdmError, GraphError
+from dgdm.common.errors import DgdmError
+from dgdm.kernels.errors import GraphError
+from dgdm.sync.replies import reply_body
 
 if TYPE_CHECKING:
     from dgdm.agent.runtime import Agent
@@ -27,9 +29,9 @@ async def on_command(agent: Agent, cmd_seq: int, body: dict[str, Any]) -> dict[s
         data = await _command(agent, str(cmd), args)
     except (DgdmError, ValueError, TypeError) as exc:
         agent.metrics.commands.labels(str(cmd)[:32], "false").inc()
-        return {"cmd_seq": cmd_seq, "ok": False, "error": str(exc), "data": None}
+        return reply_body(cmd_seq, error=str(exc))
     agent.metrics.commands.labels(str(cmd), "true").inc()
-    return {"cmd_seq": cmd_seq, "ok": True, "error": None, "data": data}
+    return reply_body(cmd_seq, data)
 
 
 async def _command(agent: Agent, cmd: str, args: Any) -> Any:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from dgdm.agent import __version__
 from dgdm.agent.answers import outbox_json
 from dgdm.agent.metrics import Snapshot
-from dgdm.kernels.errors import DgdmError
+from dgdm.common.errors import DgdmError
 
 if TYPE_CHECKING:
     from dgdm.agent.runtime import Agent

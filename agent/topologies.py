@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from dgdm.common.fields import unknown_field
 from dgdm.kernels.errors import GraphError, UnknownTopology
 
 EDGE_CHANGES = ("add", "remove", "reweight")
@@ -51,9 +52,9 @@ def parse_features(obj: Any, n: int, max_features: int) -> Any:
 def _feature_rows(obj: Any, n: int) -> list[Any]:
     if not isinstance(obj, dict):
         raise GraphError("body", "must be a JSON object")
-    unknown = set(obj) - {"x"}
-    if unknown:
-        raise GraphError(str(sorted(unknown)[0]), "is not a known field (only x)")
+    unknown = unknown_field(obj, ("x",))
+    if unknown is not None:
+        raise GraphError(unknown, "is not a known field (only x)")
     x = obj.get("x")
     if not isinstance(x, list) or len(x) != n:
         raise GraphError("x", f"must be a list of {n} feature rows, one per node")
@@ -74,9 +75,9 @@ def parse_edge_changes(obj: Any) -> dict[str, list[Any]]:
     checks each edge (known nodes, weights) and names the bad one."""
     if not isinstance(obj, dict):
         raise GraphError("body", "must be a JSON object")
-    unknown = set(obj) - set(EDGE_CHANGES)
-    if unknown:
-        raise GraphError(str(sorted(unknown)[0]), "is not a known field (add, remove, reweight)")
+    unknown = unknown_field(obj, EDGE_CHANGES)
+    if unknown is not None:
+        raise GraphError(unknown, "is not a known field (add, remove, reweight)")
     changes: dict[str, list[Any]] = {}
     for name in EDGE_CHANGES:
         edges = obj.get(name, [])

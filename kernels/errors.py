@@ -1,14 +1,9 @@
-"""The exception tree shared by all dgdm packages.
-
-`DgdmError` is the root: a user sees `str(err)` (one sentence), logs get `__cause__`.
-`sync` and `agent` derive their own trees from it; nothing in `kernels` imports them.
-"""
+"""The diffusion core's exception tree, below the shared root `dgdm.common.errors.DgdmError`
+(a user sees `str(err)`, one sentence; logs get `__cause__`)."""
 
 from __future__ import annotations
 
-
-class DgdmError(Exception):
-    """Root of every error dgdm raises on purpose."""
+from dgdm.common.errors import DgdmError
 
 
 class KernelError(DgdmError):

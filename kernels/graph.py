@@ -20,6 +20,7 @@ from typing import Any, TypeGuard
 import numpy as np
 import scipy.sparse as sp
 
+from dgdm.common.fields import unknown_field
 from dgdm.kernels.errors import GraphError
 from dgdm.kernels.method import Method, parse_method
 
@@ -78,10 +79,6 @@ class Graph:
     @property
     def n(self) -> int:
         return len(self.node_ids)
-
-    def index_of(self) -> dict[NodeId, int]:
-        """Map node id -> row; built on demand (edge deltas), not kept."""
-        return {node: i for i, node in enumerate(self.node_ids)}
 
 
 def parse_graph_json(data: bytes | str, limits: Limits | None = None) -> Graph:
@@ -284,9 +281,9 @@ def _reject_constant(name: str) -> float:
 
 
 def _check_keys(obj: Mapping[str, Any], allowed: frozenset[str]) -> None:
-    for key in obj:
-        if key not in allowed:
-            raise GraphError(str(key), "is not a known graph field for this form")
+    key = unknown_field(obj, allowed)
+    if key is not None:
+        raise GraphError(key, "is not a known graph field for this form")
 
 
 def _parse_directed(value: Any) -> bool:
@@ -345,9 +342,9 @@ def _checked_node_ids(nodes: Sequence[Any]) -> list[NodeId]:
     for i, node in enumerate(nodes):
         if not isinstance(node, Mapping):
             raise GraphError(f"nodes[{i}]", "must be an object")
-        for key in node:
-            if key not in _NODE_KEYS:
-                raise GraphError(f"nodes[{i}].{key}", "is not a known node field")
+        key = unknown_field(node, _NODE_KEYS)
+        if key is not None:
+            raise GraphError(f"nodes[{i}].{key}", "is not a known node field")
         node_id = node.get("id")
         if not _is_node_id(node_id):
             raise GraphError(f"nodes[{i}].id", "must be a string or an integer")
@@ -513,16 +510,22 @@ def _checked_edges(
     for e, edge in enumerate(edges):
         if not isinstance(edge, Mapping):
             raise GraphError(f"edges[{e}]", "must be an object")
-        for key in edge:
-            if key not in _EDGE_KEYS:
-                raise GraphError(f"edges[{e}].{key}", "is not a known edge field")
-        rows[e] = _endpoint(edge.get("source"), index, f"edges[{e}].source")
-        cols[e] = _endpoint(edge.get("target"), index, f"edges[{e}].target")
+        check_edge_keys(edge, f"edges[{e}]")
+        rows[e] = edge_endpoint(edge.get("source"), index, f"edges[{e}].source")
+        cols[e] = edge_endpoint(edge.get("target"), index, f"edges[{e}].target")
         weights[e] = parse_weight(edge.get("weight", 1.0), f"edges[{e}].weight")
     return rows, cols, weights
 
 
-def _endpoint(value: Any, index: Mapping[NodeId, int], name: str) -> int:
+def check_edge_keys(edge: Mapping[str, Any], field: str) -> None:
+    """An edge object names only source, target and weight (also an edge delta's)."""
+    key = unknown_field(edge, _EDGE_KEYS)
+    if key is not None:
+        raise GraphError(f"{field}.{key}", "is not a known edge field")
+
+
+def edge_endpoint(value: Any, index: Mapping[NodeId, int], name: str) -> int:
+    """The row of an edge's source or target node id (also an edge delta's)."""
     if not _is_node_id(value):
         raise GraphError(name, "must be a node id (string or integer)")
     try:

@@ -7,12 +7,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from dgdm.common.fields import unknown_field
 from dgdm.kernels.errors import MethodError
 
 KINDS = ("ppr", "heat", "poly")
 NORMALIZATIONS = ("sym", "col", "row")
 MAX_K = 1000
 MAX_COEFFICIENTS = 1000
+_METHOD_KEYS = frozenset({"kind", "alpha", "t", "coefficients", "normalization", "self_loops", "k"})
 
 
 @dataclass(frozen=True)
@@ -48,9 +50,9 @@ def parse_method(obj: Any, field: str = "method") -> Method:
         return Method()
     if not isinstance(obj, Mapping):
         raise MethodError(field, "must be an object")
-    unknown = set(obj) - {"kind", "alpha", "t", "coefficients", "normalization", "self_loops", "k"}
-    if unknown:
-        raise MethodError(f"{field}.{sorted(unknown)[0]}", "is not a known method field")
+    unknown = unknown_field(obj, _METHOD_KEYS)
+    if unknown is not None:
+        raise MethodError(f"{field}.{unknown}", "is not a known method field")
     kind = obj.get("kind", "ppr")
     if kind not in KINDS:
         raise MethodError(f"{field}.kind", f"must be one of {', '.join(KINDS)}")

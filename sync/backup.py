@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from dgdm.sync import wallclock
 from dgdm.sync.errors import SyncError
 
 FORMAT = "dgdm-backup"
@@ -139,7 +140,7 @@ def create(out: Path, kind: str, parts: Sequence[Part], info: Mapping[str, Any])
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "kind": kind,
-            "created_ms": time.time_ns() // 1_000_000,
+            "created_ms": wallclock.now_ms(),
             **info,
             "parts": held,
             "files": files,
@@ -252,7 +253,7 @@ def read(path: Path, kind: str, staging: Path) -> dict[str, Any]:
 
 
 def seq_floor(now_ms: int | None = None) -> int:
-    return (time.time_ns() // 1_000_000 if now_ms is None else now_ms) * 1000
+    return (wallclock.now_ms() if now_ms is None else now_ms) * 1000
 
 
 def advance_seqs(staging: Path, manifest: Mapping[str, Any], floor: int) -> None:

@@ -125,11 +125,6 @@ class Broker:
         """SIGKILL: the broker loses whatever it had not saved yet."""
         self._signal(signal.SIGKILL)
 
-    def restart(self) -> None:
-        """Start again on the same port with the same data directory."""
-        self.stop()
-        self.start()
-
     def is_running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 

@@ -14,6 +14,8 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dgdm.sync.wallclock import now_ms
+
 if TYPE_CHECKING:
     from dgdm.sync.coordinator.config import CoordinatorConfig
     from dgdm.sync.coordinator.store import Store
@@ -329,7 +331,7 @@ def _jobs_create(args: argparse.Namespace) -> int:
             body[name] = getattr(args, name)
     _, store = _open_store(args)
     try:
-        job = store.create_job(parse_job(body), _now_ms())
+        job = store.create_job(parse_job(body), now_ms())
     except BadJob as exc:
         raise ConfigError(exc.field, str(exc).split(": ", 1)[-1]) from exc
     finally:
@@ -378,19 +380,13 @@ def _jobs_cancel(args: argparse.Namespace) -> int:
 
     _, store = _open_store(args)
     try:
-        job = store.cancel_job(args.job_id, _now_ms())
+        job = store.cancel_job(args.job_id, now_ms())
     finally:
         store.close()
     if job is None:
         raise ConfigError("job_id", f"no job {args.job_id}")
     print(json.dumps(job, sort_keys=True))
     return 0
-
-
-def _now_ms() -> int:
-    import time
-
-    return time.time_ns() // 1_000_000
 
 
 def _telemetry_watch(args: argparse.Namespace) -> int:

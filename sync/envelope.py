@@ -271,11 +271,6 @@ def _maybe_compress(plain: bytes, compress: bool | None) -> tuple[bytes, int]:
     return plain, 0
 
 
-def peek_header(data: bytes) -> Header:
-    """Parse and validate the header only (no key needed): for routing and counting."""
-    return _parse_header(data)[0]
-
-
 def _parse_header(data: bytes) -> tuple[Header, int]:
     if len(data) < FIXED_HEADER_BYTES:
         raise EnvelopeError("malformed", f"envelope is {len(data)} bytes, shorter than a header")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dgdm.kernels.errors import DgdmError
+from dgdm.common.errors import DgdmError
 
 
 class SyncError(DgdmError):

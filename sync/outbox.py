@@ -33,6 +33,7 @@ import sqlite_utils
 from dgdm.sync import outbox_policy as policy
 from dgdm.sync.envelope import PRIORITY, Kind
 from dgdm.sync.errors import OutboxError, OutboxFull, StorageFull
+from dgdm.sync.wallclock import now_ms
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +79,6 @@ class OutboxStats:
     max_bytes: int
     file_bytes: int
     storage_full: bool
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 def _outbox_kind(kind: Kind | int) -> Kind:
@@ -147,7 +144,7 @@ def _migrate(conn: sqlite3.Connection) -> None:
         conn.execute("BEGIN IMMEDIATE")
         try:
             apply(db)
-            conn.execute("INSERT INTO _migrations VALUES (?, ?)", (name, _now_ms()))
+            conn.execute("INSERT INTO _migrations VALUES (?, ?)", (name, now_ms()))
         except BaseException:
             conn.execute("ROLLBACK")
             raise
@@ -379,7 +376,7 @@ class Outbox:
         seqs once all are durable. Each message stands alone: if one fails (bad body, full
         outbox) its error is raised after all were settled, and the others may be stored."""
         kinds = [_outbox_kind(kind) for kind, _ in items]
-        stamp = _now_ms() if created_ms is None else created_ms
+        stamp = now_ms() if created_ms is None else created_ms
         if self._closed:
             raise OutboxError("the outbox is closed")
         with self._alloc_lock:
@@ -410,7 +407,7 @@ class Outbox:
         producer. The writer thread seals and commits a whole batch and wakes the loop once
         per batch, so thousands of concurrent producers cost one hand-off each."""
         kind = _outbox_kind(kind)
-        stamp = _now_ms() if created_ms is None else created_ms
+        stamp = now_ms() if created_ms is None else created_ms
         if self._closed:
             raise OutboxError("the outbox is closed")
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
@@ -489,7 +486,7 @@ class Outbox:
         return [OutboxMessage(r[0], Kind(r[1]), r[2], r[3], bytes(r[4])) for r in rows]
 
     def stats(self) -> OutboxStats:
-        now = _now_ms()
+        now = now_ms()
         groups = self._read(
             "SELECT kind, count(*), total(size), min(created_ms) FROM messages GROUP BY kind", ()
         )
@@ -969,7 +966,7 @@ class Outbox:
             return
         self._last_maintenance = now
         self._try_recover()
-        cutoffs = policy.expiry_cutoffs(self._ttl_s, _now_ms())
+        cutoffs = policy.expiry_cutoffs(self._ttl_s, now_ms())
         if not cutoffs:
             return
         evicted: dict[Kind, int] = {}

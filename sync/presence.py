@@ -44,13 +44,13 @@ import contextlib
 import json
 import random
 import secrets
-import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Protocol
 
 from dgdm.sync.envelope import valid_device_id
 from dgdm.sync.errors import TransportError
+from dgdm.sync.wallclock import now_ms
 
 PREFIX = "dgdm/coordinators"
 FILTER = f"{PREFIX}/+"
@@ -75,7 +75,7 @@ def payload(state: str, coordinator_id: str, incarnation: str, ts_ms: int | None
         "state": state,
         "coordinator_id": coordinator_id,
         "incarnation": incarnation,
-        "ts_ms": time.time_ns() // 1_000_000 if ts_ms is None else ts_ms,
+        "ts_ms": now_ms() if ts_ms is None else ts_ms,
     }
     return json.dumps(body, separators=(",", ":")).encode()
 

@@ -4,7 +4,7 @@
 - `tls_broker` (session): mosquitto with TLS and required client certificates (mutual TLS);
   `broker.tls` holds `ca_file`, `client_cert`, `client_key`.
 - `fresh_broker` (function): a broker of its own, for tests that `kill()` (SIGKILL),
-  `stop()` or `restart()` it; it saves on every change (`save_on_change`) and its data
+  `stop()` and `start()` it again; it saves on every change (`save_on_change`) and its data
   directory survives restarts, so persistent sessions and queued messages survive a SIGKILL
   (slow: ~800 msg/s; the session brokers are fast and save only at a clean stop).
 

@@ -67,7 +67,7 @@ def test_wheel_imports_without_the_source_tree(wheel: Path, tmp_path: Path) -> N
     )
     code = (
         "import sys; sys.path.insert(0, sys.argv[1]);"
-        "import dgdm.agent, dgdm.sync.errors, dgdm.kernels.method;"
+        "import dgdm.agent, dgdm.sync.errors, dgdm.kernels.method, dgdm.common.fields;"
         "print(dgdm.agent.__file__)"
     )
     # -S: no site-packages, so neither the editable install nor PyPI's `kernels` can answer.
@@ -83,10 +83,12 @@ def test_wheel_imports_without_the_source_tree(wheel: Path, tmp_path: Path) -> N
 
 def test_editable_install_maps_the_folders() -> None:
     import dgdm.agent
+    import dgdm.common
     import dgdm.kernels
     import dgdm.sync
 
-    for module, folder in ((dgdm.agent, "agent"), (dgdm.sync, "sync"), (dgdm.kernels, "kernels")):
+    folders = ((dgdm.agent, "agent"), (dgdm.sync, "sync"), (dgdm.kernels, "kernels"))
+    for module, folder in (*folders, (dgdm.common, "common")):
         assert Path(module.__file__).parent == ROOT / folder
 
 

@@ -66,6 +66,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from dgdm.common.fields import unknown_field
 from dgdm.sync.coordinator import page
 from dgdm.sync.coordinator.stores import StoreUnavailable
 from dgdm.sync.envelope import Kind, valid_device_id
@@ -91,12 +92,25 @@ def _error(status: int, message: str, field: str | None = None) -> web.Response:
     return web.json_response({"error": message, "field": field}, status=status)
 
 
+class ApiError(Exception):
+    """A refusal raised anywhere below a handler; `_errors_middleware` answers it as
+    `{"error": message, "field": field}` with its status."""
+
+    def __init__(self, status: int, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.field = field
+
+
 @web.middleware
-async def _failures(request: web.Request, handler: Any) -> web.StreamResponse:
-    """What a handler cannot answer itself: the store gone (a PostgreSQL restart) is a 503
-    naming it, a client gone mid-body is nobody's error (no traceback in the log)."""
+async def _errors_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Refusals, and what a handler cannot answer itself: the store gone (a PostgreSQL
+    restart) is a 503 naming it, a client gone mid-body nobody's error (no traceback)."""
     try:
         return await handler(request)
+    except ApiError as exc:
+        return _error(exc.status, exc.message, exc.field)
     except StoreUnavailable as exc:
         return _error(503, f"store unavailable: {exc}", "store")
     except ConnectionResetError:
@@ -125,7 +139,7 @@ def make_app(coordinator: Any) -> web.Application:
         raise ConfigError("http.token", "is required when the API listens beyond loopback")
     guard = _guard(coordinator)
     app = web.Application(
-        middlewares=[guard.middleware(), _token_middleware(http.token), _failures],
+        middlewares=[guard.middleware(), _token_middleware(http.token), _errors_middleware],
         client_max_size=MAX_BODY_BYTES,
     )
     app[COORDINATOR] = coordinator
@@ -214,14 +228,14 @@ def _device_view(coordinator: Any, row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-async def _device_or_404(request: web.Request) -> tuple[Any, str, dict[str, Any]] | web.Response:
+async def _device_or_404(request: web.Request) -> tuple[Any, str, dict[str, Any]]:
     coordinator = request.app[COORDINATOR]
     device_id = request.match_info["device_id"]
     if not valid_device_id(device_id):
-        return _error(404, "no such device", "device_id")
-    rows = await coordinator.query("device_views", None, None, device_id)
+        raise ApiError(404, "no such device", "device_id")
+    rows = await coordinator.device_views(None, None, device_id)
     if not rows:
-        return _error(404, f"device {device_id!r} is not enrolled", "device_id")
+        raise ApiError(404, f"device {device_id!r} is not enrolled", "device_id")
     return coordinator, device_id, rows[0]
 
 
@@ -242,17 +256,14 @@ def _device_filters(request: web.Request) -> tuple[dict[str, str], bool | None]:
 async def list_devices(request: web.Request) -> web.Response:
     coordinator = request.app[COORDINATOR]
     tags, online = _device_filters(request)
-    rows = await coordinator.query("device_views", tags, online, None)
+    rows = await coordinator.device_views(tags, online, None)
     return web.json_response({"devices": [_device_view(coordinator, r) for r in rows]})
 
 
 async def get_device(request: web.Request) -> web.Response:
-    found = await _device_or_404(request)
-    if isinstance(found, web.Response):
-        return found
-    coordinator, device_id, row = found
-    telemetry = await coordinator.query("latest", device_id, Kind.TELEMETRY, 1)
-    alerts = await coordinator.query("latest", device_id, Kind.ALERT, RECENT_ALERTS)
+    coordinator, device_id, row = await _device_or_404(request)
+    telemetry = await coordinator.latest(device_id, Kind.TELEMETRY, 1)
+    alerts = await coordinator.latest(device_id, Kind.ALERT, RECENT_ALERTS)
     return web.json_response(
         {
             **_device_view(coordinator, row),
@@ -262,11 +273,8 @@ async def get_device(request: web.Request) -> web.Response:
     )
 
 
-def _bad_query(field: str, message: str) -> web.HTTPBadRequest:
-    """The same body as `_error`, raised from inside a parameter parser."""
-    return web.HTTPBadRequest(
-        text=json.dumps({"error": message, "field": field}), content_type="application/json"
-    )
+def _bad_query(field: str, message: str) -> ApiError:
+    return ApiError(400, message, field)
 
 
 def _int_param(request: web.Request, name: str, default: int, low: int, high: int) -> int:
@@ -283,13 +291,10 @@ def _int_param(request: web.Request, name: str, default: int, low: int, high: in
 
 
 async def get_results(request: web.Request) -> web.Response:
-    found = await _device_or_404(request)
-    if isinstance(found, web.Response):
-        return found
-    coordinator, device_id, _ = found
+    coordinator, device_id, _ = await _device_or_404(request)
     since = _int_param(request, "since", 0, 0, 2**63 - 1)
     limit = _int_param(request, "limit", 100, 1, MAX_RESULTS)
-    rows = await coordinator.query("results_since", device_id, since, limit)
+    rows = await coordinator.results_since(device_id, since, limit)
     cursor = rows[-1]["cursor"] if rows else since
     return web.json_response({"results": rows, "next": cursor})
 
@@ -315,18 +320,22 @@ def _strict_loads(text: str) -> Any:
     return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
 
 
-async def _command_body(request: web.Request) -> dict[str, Any] | web.Response:
+async def _json_body(request: web.Request) -> Any:
     try:
-        body = await request.json(loads=_strict_loads)
+        return await request.json(loads=_strict_loads)
     except _NotJson as exc:
-        return _error(400, f"body is not valid JSON: {exc}", "body")
+        raise ApiError(400, f"body is not valid JSON: {exc}", "body") from None
     except ValueError:
-        return _error(400, "body is not valid JSON", "body")
+        raise ApiError(400, "body is not valid JSON", "body") from None
+
+
+async def _command_body(request: web.Request) -> dict[str, Any]:
+    body = await _json_body(request)
     if not isinstance(body, dict):
-        return _error(422, "body must be a JSON object", "body")
-    unknown = set(body) - {"cmd", "args", "ttl_ms"}
-    if unknown:
-        return _error(422, "unknown field", sorted(unknown)[0])
+        raise ApiError(422, "body must be a JSON object", "body")
+    unknown = unknown_field(body, ("cmd", "args", "ttl_ms"))
+    if unknown is not None:
+        raise ApiError(422, "unknown field", unknown)
     return body
 
 
@@ -336,7 +345,7 @@ def _token_required(handler: Any) -> Any:
 
     async def checked(request: web.Request) -> web.StreamResponse:
         if not request.app[COORDINATOR].config.http.token:
-            return _error(403, "commands and jobs need an API token: set http.token", "http.token")
+            raise ApiError(403, "commands and jobs need an API token: set http.token", "http.token")
         return await handler(request)
 
     return checked
@@ -346,72 +355,53 @@ async def post_command(request: web.Request) -> web.Response:
     from dgdm.sync.coordinator.commands import DEFAULT_TTL_MS, BadCommand
     from dgdm.sync.coordinator.service import UnknownDevice
 
-    found = await _device_or_404(request)
-    if isinstance(found, web.Response):
-        return found
-    coordinator, device_id, _ = found
+    coordinator, device_id, _ = await _device_or_404(request)
     body = await _command_body(request)
-    if isinstance(body, web.Response):
-        return body
     try:
         seq = await coordinator.send_command(
             device_id, body.get("cmd"), body.get("args"), body.get("ttl_ms", DEFAULT_TTL_MS)
         )
     except BadCommand as exc:
-        return _error(422, str(exc), exc.field)
+        raise ApiError(422, str(exc), exc.field) from None
     except UnknownDevice:  # enrolled once (the row stays) but removed since
-        return _error(404, f"device {device_id!r} is not enrolled", "device_id")
+        raise ApiError(404, f"device {device_id!r} is not enrolled", "device_id") from None
     except TransportError as exc:
-        return _error(503, f"broker unavailable: {exc}", None)
+        raise ApiError(503, f"broker unavailable: {exc}") from None
     return web.json_response({"seq": seq, "device_id": device_id}, status=202)
 
 
 async def get_command(request: web.Request) -> web.Response:
-    found = await _device_or_404(request)
-    if isinstance(found, web.Response):
-        return found
-    coordinator, device_id, _ = found
+    coordinator, device_id, _ = await _device_or_404(request)
     try:
         seq = int(request.match_info["seq"])
     except ValueError:
-        return _error(404, "command seq must be an integer", "seq")
+        raise ApiError(404, "command seq must be an integer", "seq") from None
     if not 1 <= seq <= INT63_MAX:
-        return _error(404, f"command seq must be from 1 to {INT63_MAX}", "seq")
+        raise ApiError(404, f"command seq must be from 1 to {INT63_MAX}", "seq")
     command = await coordinator.command(device_id, seq)
     if command is None:
-        return _error(404, f"no command {seq} for {device_id!r}", "seq")
+        raise ApiError(404, f"no command {seq} for {device_id!r}", "seq")
     return web.json_response(command)
 
 
 async def list_commands(request: web.Request) -> web.Response:
-    found = await _device_or_404(request)
-    if isinstance(found, web.Response):
-        return found
-    coordinator, device_id, _ = found
+    coordinator, device_id, _ = await _device_or_404(request)
     limit = _int_param(request, "limit", 20, 1, MAX_RESULTS)
-    return web.json_response({"commands": await coordinator.query("commands", device_id, limit)})
+    return web.json_response({"commands": await coordinator.commands(device_id, limit)})
 
 
 async def get_telemetry(request: web.Request) -> web.Response:
-    found = await _device_or_404(request)
-    if isinstance(found, web.Response):
-        return found
-    coordinator, device_id, _ = found
+    coordinator, device_id, _ = await _device_or_404(request)
     since = _int_param(request, "since_ms", -1, 0, INT63_MAX)
     limit = _int_param(request, "limit", 100, 1, MAX_RESULTS)
-    rows = await coordinator.query("telemetry", device_id, None if since < 0 else since, limit)
+    rows = await coordinator.telemetry(device_id, None if since < 0 else since, limit)
     return web.json_response({"telemetry": rows})
 
 
 async def get_quarantine(request: web.Request) -> web.Response:
-    found = await _device_or_404(request)
-    if isinstance(found, web.Response):
-        return found
-    coordinator, device_id, _ = found
+    coordinator, device_id, _ = await _device_or_404(request)
     limit = _int_param(request, "limit", 100, 1, MAX_RESULTS)
-    return web.json_response(
-        {"quarantine": await coordinator.query("quarantined", device_id, limit)}
-    )
+    return web.json_response({"quarantine": await coordinator.quarantined(device_id, limit)})
 
 
 # -- jobs -------------------------------------------------------------------------------------
@@ -421,29 +411,24 @@ async def post_job(request: web.Request) -> web.Response:
     from dgdm.sync.coordinator.jobs import BadJob, parse_job
 
     coordinator = request.app[COORDINATOR]
-    try:
-        body = await request.json(loads=_strict_loads)
-    except _NotJson as exc:
-        return _error(400, f"body is not valid JSON: {exc}", "body")
-    except ValueError:
-        return _error(400, "body is not valid JSON", "body")
+    body = await _json_body(request)
     try:
         job = await coordinator.create_job(parse_job(body))
     except BadJob as exc:
-        return _error(422, str(exc), exc.field)
+        raise ApiError(422, str(exc), exc.field) from None
     return web.json_response(job, status=201)
 
 
 async def list_jobs(request: web.Request) -> web.Response:
     coordinator = request.app[COORDINATOR]
     limit = _int_param(request, "limit", 50, 1, MAX_RESULTS)
-    return web.json_response({"jobs": await coordinator.query("jobs", limit)})
+    return web.json_response({"jobs": await coordinator.list_jobs(limit)})
 
 
-def _job_id(request: web.Request) -> int | web.Response:
+def _job_id(request: web.Request) -> int:
     text = request.match_info["job_id"]
     if not text.isascii() or not text.isdigit() or not 1 <= int(text) <= INT63_MAX:
-        return _error(404, "a job id is a positive integer", "job_id")
+        raise ApiError(404, "a job id is a positive integer", "job_id")
     return int(text)
 
 
@@ -452,16 +437,14 @@ async def get_job(request: web.Request) -> web.Response:
     of the previous page), `limit`; `next` is the cursor of the next page, or null."""
     coordinator = request.app[COORDINATOR]
     job_id = _job_id(request)
-    if isinstance(job_id, web.Response):
-        return job_id
-    job = await coordinator.query("job", job_id)
+    job = await coordinator.job(job_id)
     if job is None:
-        return _error(404, f"no job {job_id}", "job_id")
+        raise ApiError(404, f"no job {job_id}", "job_id")
     cursor = request.query.get("cursor", "")
     if cursor and not valid_device_id(cursor):
         raise _bad_query("cursor", "must be a device id (the previous page's `next`)")
     limit = _int_param(request, "limit", 100, 1, MAX_RESULTS)
-    devices = await coordinator.query("job_targets", job_id, cursor, limit + 1)
+    devices = await coordinator.job_targets(job_id, cursor, limit + 1)
     more = len(devices) > limit  # one beyond the page says whether another page exists
     devices = devices[:limit]
     return web.json_response(
@@ -472,11 +455,9 @@ async def get_job(request: web.Request) -> web.Response:
 async def cancel_job(request: web.Request) -> web.Response:
     coordinator = request.app[COORDINATOR]
     job_id = _job_id(request)
-    if isinstance(job_id, web.Response):
-        return job_id
     job = await coordinator.cancel_job(job_id)
     if job is None:
-        return _error(404, f"no job {job_id}", "job_id")
+        raise ApiError(404, f"no job {job_id}", "job_id")
     return web.json_response(job)
 
 

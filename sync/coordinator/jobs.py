@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from dgdm.common.fields import unknown_field
 from dgdm.sync.coordinator.commands import MAX_TTL_MS, BadCommand, check_command_request
 from dgdm.sync.coordinator.tags import TagError, check_tags
 from dgdm.sync.envelope import valid_device_id
@@ -145,9 +146,9 @@ def parse_job(body: Any) -> JobSpec:
     """A `POST /jobs` body (or the CLI's) to a JobSpec; BadJob naming the field."""
     if not isinstance(body, dict):
         raise BadJob("body", "must be a JSON object")
-    unknown = set(body) - JOB_FIELDS
-    if unknown:
-        raise BadJob(sorted(unknown)[0], "unknown field")
+    unknown = unknown_field(body, JOB_FIELDS)
+    if unknown is not None:
+        raise BadJob(unknown, "unknown field")
     values = {**DEFAULTS, **body}
     ttl_ms = values["ttl_ms"]
     if isinstance(ttl_ms, bool) or not isinstance(ttl_ms, int) or not 1 <= ttl_ms <= MAX_TTL_MS:
@@ -187,11 +188,9 @@ def parse_target(target: Any) -> Target:
 def _command(command: Any) -> dict[str, Any]:
     if not isinstance(command, dict):
         raise BadJob("command", 'must be an object {"cmd", "args"}')
-    unknown = set(command) - {"cmd", "args"}
-    if unknown:
-        raise BadJob(
-            f"command.{sorted(unknown)[0]}", "unknown field (the job's ttl_ms is top level)"
-        )
+    unknown = unknown_field(command, ("cmd", "args"))
+    if unknown is not None:
+        raise BadJob(f"command.{unknown}", "unknown field (the job's ttl_ms is top level)")
     try:
         body = check_command_request(command.get("cmd"), command.get("args"), 1)
     except BadCommand as exc:

@@ -15,13 +15,13 @@ import asyncio
 import logging
 import secrets
 import sqlite3
-import time
 from typing import TYPE_CHECKING
 
 from dgdm.sync.coordinator.jobs import TARGET_STATES
 from dgdm.sync.coordinator.jobs_store import Send, Tick
 from dgdm.sync.coordinator.stores import StoreUnavailable
 from dgdm.sync.errors import SyncError
+from dgdm.sync.wallclock import now_ms
 
 if TYPE_CHECKING:
     from dgdm.sync.coordinator.service import Coordinator
@@ -70,11 +70,11 @@ class JobRunner:
         coordinator = self.coordinator
         store = coordinator.store
         result: Tick = await coordinator.run_for_jobs(
-            store.job_tick, _now_ms(), self.owner, self.lease_ms, self.max_sends
+            store.job_tick, now_ms(), self.owner, self.lease_ms, self.max_sends
         )
         published = [s for s in result.sends if await self._publish(s)]
         if published:
-            await coordinator.run_for_jobs(store.job_published, self.owner, published, _now_ms())
+            await coordinator.run_for_jobs(store.job_published, self.owner, published, now_ms())
         self._count(result)
         return result
 
@@ -98,7 +98,3 @@ class JobRunner:
         metrics.jobs_active.set(result.active_jobs)
         for state in TARGET_STATES:
             metrics.job_targets.labels(state=state).set(result.active_targets.get(state, 0))
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000

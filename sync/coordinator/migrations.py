@@ -14,12 +14,12 @@ released migration is never edited (stores out there have applied it).
 from __future__ import annotations
 
 import sqlite3
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from dgdm.sync.errors import ConfigError
+from dgdm.sync.wallclock import now_ms
 
 if TYPE_CHECKING:
     import psycopg
@@ -379,4 +379,4 @@ def _pg_scalar(conn: psycopg.Connection[Any], sql: LiteralString) -> Any:
 
 
 def _row(migration: Migration) -> tuple[int, str, int]:
-    return (migration.version, migration.description, time.time_ns() // 1_000_000)
+    return (migration.version, migration.description, now_ms())

@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -54,6 +53,7 @@ from dgdm.sync.coordinator.stores import StoreUnavailable
 from dgdm.sync.coordinator.tags import merged
 from dgdm.sync.envelope import Kind
 from dgdm.sync.errors import ConfigError
+from dgdm.sync.wallclock import now_ms
 
 if TYPE_CHECKING:
     from typing_extensions import LiteralString
@@ -284,7 +284,7 @@ class PgStore:
                 " VALUES (%s, %s, %s, %s) ON CONFLICT (device_id) DO UPDATE SET"
                 " public_key = excluded.public_key,"
                 " plaintext_telemetry = excluded.plaintext_telemetry",
-                (device_id, public_key, _now_ms(), int(plaintext_telemetry)),
+                (device_id, public_key, now_ms(), int(plaintext_telemetry)),
             )
             if tags is not None:
                 _write_tags(conn, device_id, dict(tags))
@@ -716,10 +716,6 @@ def _configure(conn: psycopg.Connection[Any]) -> None:
     """Each pooled connection gets its staging table once (a temp table is per session)."""
     conn.execute(_STAGING)
     conn.commit()
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 # As SqliteStore's: the same JSON text in both stores.

@@ -29,7 +29,7 @@ import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from dgdm.sync import presence
 from dgdm.sync.coordinator.commands import (
@@ -83,11 +83,13 @@ from dgdm.sync.topics import (
     kind_topic,
     parse_topic,
 )
+from dgdm.sync.wallclock import now_ms
 
 if TYPE_CHECKING:
     from dgdm.sync.coordinator.api_thread import ApiThread
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 COORDINATOR_BACKOFF_MAX_S = 5.0
 # Unreplied commands are published again every RESEND_INTERVAL_S once RESEND_AFTER_MS old,
 # the newest RESEND_BATCH a round.
@@ -306,9 +308,6 @@ class Coordinator:
         assert self.registry is not None
         await self._db(self.registry.reload)
 
-    def is_online(self, device_id: str) -> bool:
-        return device_id in self._online
-
     def is_flooding(self, device_id: str) -> bool:
         """This replica raised device_flooding for it within ingest.flooding_alert_s."""
         return self._quotas.is_flooding(device_id, time.monotonic())
@@ -370,7 +369,7 @@ class Coordinator:
                 log.debug("quota overrides not refreshed: %s", exc)
 
     async def _load_quotas(self) -> None:
-        stored = await self.query("quotas")
+        stored = await self._read(lambda s: s.quotas())
         ingest = self.config.ingest
         overrides = {}
         for device_id, text in stored.items():
@@ -400,7 +399,7 @@ class Coordinator:
         the broker connection is up; the failing checks are named."""
         checks: dict[str, Any] = {}
         try:
-            await asyncio.wait_for(self.query("ping"), HEALTH_TIMEOUT_S)
+            await asyncio.wait_for(self._read(lambda s: s.ping()), HEALTH_TIMEOUT_S)
             checks["store"] = "ok"
         except (asyncio.TimeoutError, StoreUnavailable, sqlite3.Error) as exc:
             checks["store"] = f"failing: {exc or 'no answer within the timeout'}"
@@ -485,7 +484,7 @@ class Coordinator:
 
     async def _flush(self, raw: list[Queued]) -> None:
         started = time.monotonic()
-        batch, result = await self._db(self._ingest, raw, _now_ms())
+        batch, result = await self._db(self._ingest, raw, now_ms())
         per_message = (time.monotonic() - started) / max(1, len(raw))
         self._seconds_per_message = (
             per_message
@@ -601,7 +600,7 @@ class Coordinator:
             payload = seal(
                 Kind.RECEIPT,
                 result.receipt_seqs[device_id],
-                _now_ms(),
+                now_ms(),
                 device_id,
                 body,
                 key=keys.down,
@@ -635,7 +634,7 @@ class Coordinator:
         else:
             self._online.discard(device_id)
         self.metrics.devices_online.set(len(self._online))
-        task = asyncio.ensure_future(self._db(self.store.set_status, device_id, status, _now_ms()))
+        task = asyncio.ensure_future(self._db(self.store.set_status, device_id, status, now_ms()))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -651,7 +650,7 @@ class Coordinator:
         body = check_command_request(cmd, args, ttl_ms)
         if self.registry.keys_for(device_id) is None:
             raise UnknownDevice(f"device {device_id!r} is not enrolled")
-        now = _now_ms()
+        now = now_ms()
         seq = await self._db(self.store.new_command, device_id, body, now)
         try:
             await self.publish_command(device_id, seq, now, body)
@@ -665,7 +664,7 @@ class Coordinator:
         while True:
             await asyncio.sleep(RESEND_INTERVAL_S)
             try:
-                await self.resend_commands(_now_ms())
+                await self.resend_commands(now_ms())
             except (StoreUnavailable, sqlite3.Error, TransportError) as exc:
                 log.debug("command resend round skipped: %s", exc)
 
@@ -674,9 +673,8 @@ class Coordinator:
         their TTL and older than RESEND_AFTER_MS (a publish lost to a broker restart, a
         replica that died between store and publish). The device runs each seq at most
         once, so a copy of one that did arrive is dropped there. Returns how many went."""
-        rows = await self.query(
-            "unreplied_commands", now_ms - MAX_TTL_MS, now_ms - RESEND_AFTER_MS, RESEND_BATCH
-        )
+        since, until = now_ms - MAX_TTL_MS, now_ms - RESEND_AFTER_MS
+        rows = await self._read(lambda s: s.unreplied_commands(since, until, RESEND_BATCH))
         sent = 0
         for row in rows:
             body, created = row["body"], row["created_ms"]
@@ -708,21 +706,57 @@ class Coordinator:
 
     async def create_job(self, spec: JobSpec) -> dict[str, Any]:
         """Store a job (its devices resolved now); replicas' runners send it."""
-        job: dict[str, Any] = await self._db(self.store.create_job, spec, _now_ms())
+        job: dict[str, Any] = await self._db(self.store.create_job, spec, now_ms())
         return job
 
     async def cancel_job(self, job_id: int) -> dict[str, Any] | None:
-        job: dict[str, Any] | None = await self._db(self.store.cancel_job, job_id, _now_ms())
+        job: dict[str, Any] | None = await self._db(self.store.cancel_job, job_id, now_ms())
         return job
 
-    async def command(self, device_id: str, seq: int) -> dict[str, Any] | None:
-        return await self.query("command", device_id, seq)
+    # -- reads for the HTTP API and the page, beside ingest (never behind it) ----------------
 
-    async def query(self, fn_name: str, *args: Any) -> Any:
-        """Run a read-only store query for the HTTP API, beside ingest (never behind it)."""
+    async def _read(self, call: Callable[[Store], _T]) -> _T:
         reader = self._reader or self.store
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._read_executor, getattr(reader, fn_name), *args)
+        return await loop.run_in_executor(self._read_executor, call, reader)
+
+    async def devices(self) -> list[dict[str, Any]]:
+        return await self._read(lambda s: s.devices())
+
+    async def device_views(
+        self, tags: dict[str, str] | None, online: bool | None, device_id: str | None
+    ) -> list[dict[str, Any]]:
+        return await self._read(lambda s: s.device_views(tags, online, device_id))
+
+    async def latest(self, device_id: str, kind: Kind, limit: int) -> list[dict[str, Any]]:
+        return await self._read(lambda s: s.latest(device_id, kind, limit))
+
+    async def results_since(self, device_id: str, cursor: int, limit: int) -> list[dict[str, Any]]:
+        return await self._read(lambda s: s.results_since(device_id, cursor, limit))
+
+    async def telemetry(
+        self, device_id: str, since_ms: int | None, limit: int
+    ) -> list[dict[str, Any]]:
+        return await self._read(lambda s: s.telemetry(device_id, since_ms, limit))
+
+    async def quarantined(self, device_id: str, limit: int) -> list[dict[str, Any]]:
+        return await self._read(lambda s: s.quarantined(device_id, limit))
+
+    async def command(self, device_id: str, seq: int) -> dict[str, Any] | None:
+        return await self._read(lambda s: s.command(device_id, seq))
+
+    async def commands(self, device_id: str, limit: int) -> list[dict[str, Any]]:
+        return await self._read(lambda s: s.commands(device_id, limit))
+
+    async def list_jobs(self, limit: int) -> list[dict[str, Any]]:
+        """Named apart from `jobs`, this replica's job runner."""
+        return await self._read(lambda s: s.jobs(limit))
+
+    async def job(self, job_id: int) -> dict[str, Any] | None:
+        return await self._read(lambda s: s.job(job_id))
+
+    async def job_targets(self, job_id: int, after: str, limit: int) -> list[dict[str, Any]]:
+        return await self._read(lambda s: s.job_targets(job_id, after, limit))
 
 
 def _reader_for(store: Store) -> Store:
@@ -766,7 +800,3 @@ def _key_id(payload: bytes) -> bytes | None:
     header (so it is not parsed twice per message) and names what is wrong with it."""
     key_id = payload[KEY_ID_OFFSET : KEY_ID_OFFSET + KEY_ID_BYTES]
     return key_id if len(key_id) == KEY_ID_BYTES else None
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000

@@ -20,7 +20,6 @@ import json
 import os
 import sqlite3
 import threading
-import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from dgdm.sync.coordinator.jobs_store import Send, Tick
 from dgdm.sync.coordinator.migrations import migrate_sqlite
 from dgdm.sync.coordinator.tags import merged
 from dgdm.sync.envelope import Kind
+from dgdm.sync.wallclock import now_ms
 
 # A device's stored bytes (its message bodies; ASCII JSON, so length() is bytes) are kept
 # in devices.stored_bytes by every insert and delete here, per transaction (a trigger per
@@ -187,7 +187,7 @@ class SqliteStore:
                 " VALUES (?, ?, ?, ?) ON CONFLICT (device_id) DO UPDATE SET"
                 " public_key = excluded.public_key,"
                 " plaintext_telemetry = excluded.plaintext_telemetry",
-                (device_id, public_key, _now_ms(), int(plaintext_telemetry)),
+                (device_id, public_key, now_ms(), int(plaintext_telemetry)),
             )
             if tags is not None:
                 self._write_tags(device_id, dict(tags))
@@ -772,10 +772,6 @@ def _bool(value: Any) -> bool | None:
 
 def _text(value: Any) -> str | None:
     return value[:500] if isinstance(value, str) else None
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 # json.dumps with any non-default argument builds a new encoder per call; one will do.

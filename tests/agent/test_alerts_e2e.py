@@ -158,7 +158,7 @@ async def test_outbox_eviction_alert_once_and_delivered_once_a_coordinator_appea
     try:
 
         async def results_stored() -> list[str]:
-            rows = await coordinator.query("results_since", unique_id, 0, 1000)
+            rows = await coordinator.results_since(unique_id, 0, 1000)
             stored = [row["body"]["job_id"] for row in rows]
             left = (await get_json(agent, "/outbox"))["kinds"]["result"]["messages"]
             return stored if stored and left == 0 else []
@@ -170,7 +170,7 @@ async def test_outbox_eviction_alert_once_and_delivered_once_a_coordinator_appea
         assert len(stored) == RESULTS - kinds["result"]["dropped"]
 
         async def alerts_stored() -> list[dict[str, Any]]:
-            return await coordinator.query("latest", unique_id, Kind.ALERT, 100)
+            return await coordinator.latest(unique_id, Kind.ALERT, 100)
 
         rows = await eventually(alerts_stored)
         assert [row["body"]["code"] for row in rows] == ["outbox_evicting"], rows

@@ -66,7 +66,7 @@ async def test_telemetry_results_and_commands_reach_the_coordinator(
         agent = await asyncio.to_thread(start_agent, sections)
 
         async def telemetry() -> Any:
-            return await coordinator.query("latest", DEVICE, Kind.TELEMETRY, 5)
+            return await coordinator.latest(DEVICE, Kind.TELEMETRY, 5)
 
         stored = await _eventually(telemetry)
         samples = stored[0]["body"]["samples"]
@@ -77,7 +77,7 @@ async def test_telemetry_results_and_commands_reach_the_coordinator(
         job = answer.json()["job_id"]
 
         async def result() -> Any:
-            rows = await coordinator.query("results_since", DEVICE, 0, 100)
+            rows = await coordinator.results_since(DEVICE, 0, 100)
             return [r for r in rows if r["body"]["job_id"] == job]
 
         assert (await _eventually(result))[0]["body"]["backend"] == answer.json()["backend"]
@@ -103,7 +103,7 @@ async def test_telemetry_results_and_commands_reach_the_coordinator(
         created = await coordinator.create_job(spec)
 
         async def job_done() -> Any:
-            job = await coordinator.query("job", created["id"])
+            job = await coordinator.job(created["id"])
             return job if job["state"] != "running" else None
 
         job = await _eventually(job_done)

@@ -13,9 +13,10 @@ import scipy.sparse as sp
 
 from dgdm.kernels.backends.numpy_backend import NumpyBackend
 from dgdm.kernels.backends.sparse_backend import SparseBackend
+from dgdm.kernels.costs import runner_bytes
 from dgdm.kernels.deadline import Deadline, applied
 from dgdm.kernels.diffusion import PPR_RTOL, PprSolver
-from dgdm.kernels.engine import Engine, EngineBounds, runner_bytes
+from dgdm.kernels.engine import Engine, EngineBounds
 from dgdm.kernels.errors import DeadlineExceeded, GraphError
 from dgdm.kernels.method import Method
 from dgdm.kernels.operator import normalized_operator

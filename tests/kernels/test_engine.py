@@ -19,7 +19,7 @@ from dgdm.kernels.backends.base import Problem, RunOutput
 from dgdm.kernels.backends.numpy_backend import NumpyBackend
 from dgdm.kernels.backends.sparse_backend import SparseBackend
 from dgdm.kernels.diffusion import diffuse
-from dgdm.kernels.engine import Engine, RegistryLimits
+from dgdm.kernels.engine import Engine
 from dgdm.kernels.errors import (
     BackendError,
     BackendUnavailable,
@@ -30,6 +30,7 @@ from dgdm.kernels.errors import (
 from dgdm.kernels.graph import Graph, parse_graph_json
 from dgdm.kernels.method import Method
 from dgdm.kernels.operator import problem_for
+from dgdm.kernels.registry import RegistryLimits
 
 from .conftest import FIXTURES, geometric, graph_from_nx
 
@@ -261,10 +262,15 @@ def test_edge_deltas_build_a_new_operator(tmp_path: Path) -> None:
         ({"add": [("a", "zz")]}, "add[0].target"),
         ({"reweight": [("a", "b", -1)]}, "reweight[0].weight"),
         ({"add": ["ab"]}, "add[0]"),
+        # graph.py's own edge checks: the same fields and sentences as a graph body's edges
+        ({"add": [{"source": "a", "target": "b", "zeta": 1, "colour": 2}]}, "add[0].colour"),
+        ({"remove": [(True, "b")]}, "remove[0].source"),
     ]:
         with pytest.raises(GraphError) as info:
             engine.update_edges("triangle-directed", **bad)
         assert info.value.field == field
+    with pytest.raises(GraphError, match="must be a node id"):
+        engine.update_edges("triangle-directed", add=[("a", 1.5)])
 
 
 def test_undirected_deltas_touch_both_directions(karate) -> None:

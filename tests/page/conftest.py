@@ -129,10 +129,10 @@ async def _populate(rig: Rig) -> dict[str, str]:
 
     async def landed() -> bool:
         command = await coordinator.command(berlin.device_id, seq)
-        results = await coordinator.query("results_since", berlin.device_id, 0, 10)
-        paris_results = await coordinator.query("results_since", paris.device_id, 1000, 1000)
-        alerts = await coordinator.query("latest", paris.device_id, Kind.ALERT, 5)
-        rows = {r["device_id"]: r for r in await coordinator.query("devices")}
+        results = await coordinator.results_since(berlin.device_id, 0, 10)
+        paris_results = await coordinator.results_since(paris.device_id, 1000, 1000)
+        alerts = await coordinator.latest(paris.device_id, Kind.ALERT, 5)
+        rows = {r["device_id"]: r for r in await coordinator.devices()}
         online = rows[berlin.device_id]["online"] and rows[paris.device_id]["online"]
         replied = command is not None and command["status"] == "replied"
         paris_done = paris_results and paris_results[-1]["body"]["job_id"] == last_paris
@@ -154,7 +154,7 @@ async def _start_job(coordinator: Coordinator, base: str) -> int:
         job_id = int((await response.json())["id"])
 
     async def decided() -> bool:
-        job = await coordinator.query("job", job_id)
+        job = await coordinator.job(job_id)
         return bool(job and job["counts"]["succeeded"] == 1)
 
     await until(decided, "the job's ping answered by berlin")
@@ -171,7 +171,7 @@ async def running_fleet(
         ids = await _populate(rig)
         base = f"http://127.0.0.1:{coordinator.http_port}"
         job_id = await _start_job(coordinator, base)
-        (last,) = await coordinator.query("commands", ids["berlin"], 1)  # the job's ping
+        (last,) = await coordinator.commands(ids["berlin"], 1)  # the job's ping
         yield Fleet(coordinator, base, ids, last["seq"], job_id, artifacts_dir(REPO))
     finally:
         await rig.close()

@@ -167,8 +167,8 @@ async def test_the_cookie_reads_but_never_acts(http: aiohttp.ClientSession, flee
         assert response.status == 401
     async with http.post(f"{fleet.base}/jobs/{fleet.job_id}/cancel", cookies=cookie) as response:
         assert response.status == 401
-    assert [j["id"] for j in await fleet.coordinator.query("jobs", 10)] == [fleet.job_id]
-    assert (await fleet.coordinator.query("job", fleet.job_id))["state"] == "running"
+    assert [j["id"] for j in await fleet.coordinator.list_jobs(10)] == [fleet.job_id]
+    assert (await fleet.coordinator.job(fleet.job_id))["state"] == "running"
 
 
 @pytest.mark.parametrize(

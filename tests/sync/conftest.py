@@ -46,6 +46,18 @@ async def eventually(predicate: Callable[[], Any], timeout: float = 15.0, what: 
         await asyncio.sleep(0.02)
 
 
+async def online(coordinator: Coordinator, *device_ids: str, timeout: float = 15.0) -> None:
+    """Wait until the coordinator's store shows these devices online (what its HTTP API and
+    its jobs read: the status row is written by the writer thread)."""
+    deadline = time.monotonic() + timeout
+    while not set(device_ids) <= {
+        v["device_id"] for v in await coordinator.device_views(None, True, None)
+    }:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {device_ids} to be online")
+        await asyncio.sleep(0.02)
+
+
 def mqtt_options(broker: Broker, client_id: str, **kw: Any) -> MqttOptions:
     if broker.tls is not None:
         kw.setdefault("ca_file", broker.tls.ca_file)

@@ -97,5 +97,5 @@ async def test_postgres_down_pauses_ingest_without_receipts_and_it_resumes(
     await eventually(lambda: device.queued() == 0, timeout=60, what="ingest resumed by itself")
     assert healthz(coordinator)[0] == 200
     assert coordinator.metrics.value("dgdm_coordinator_store_up") == 1
-    rows = await coordinator.query("results_since", device.device_id, 0, 10)
+    rows = await coordinator.results_since(device.device_id, 0, 10)
     assert sorted(r["body"]["n"] for r in rows) == [1, 2]

@@ -29,4 +29,4 @@ async def test_commands_need_a_configured_token_even_on_loopback(
         async with http.post(f"{base}/{device.device_id}/commands", json={"cmd": "ping"}) as r:
             assert r.status == 403
             assert (await r.json())["field"] == "http.token"
-    assert await coordinator.query("command", device.device_id, 1) is None
+    assert await coordinator.command(device.device_id, 1) is None

@@ -6,7 +6,7 @@ import pytest
 
 from dgdm.sync.envelope import Kind
 
-from .conftest import eventually
+from .conftest import eventually, online
 
 BODIES = {
     Kind.RESULT: {"job_id": "j", "graph_id": "g", "node_ids": ["a"], "embedding": {}},
@@ -34,4 +34,4 @@ async def test_every_kind_is_stored_once_and_receipted(
     assert results[0]["body"] == BODIES[Kind.RESULT]
     assert coordinator.metrics.value("dgdm_messages_in_total", kind="alert") == 5
     assert device.link.counters["receipted"] == 20
-    await eventually(lambda: coordinator.is_online(device.device_id), what="online status")
+    await online(coordinator, device.device_id)

@@ -18,7 +18,7 @@ from dgdm.sync.coordinator.config import HttpSection
 from dgdm.sync.coordinator.service import Coordinator
 from dgdm.sync.envelope import Kind
 
-from .conftest import Device, Rig, eventually
+from .conftest import Device, Rig, eventually, online
 
 AUTH = {"Authorization": "Bearer tok"}
 
@@ -94,8 +94,7 @@ async def test_a_set_config_job_changes_a_sites_telemetry_interval(
         await box.start()
     session, call = await _api(coordinator)
     try:
-        await eventually(lambda: all(coordinator.is_online(b.device.device_id) for b in boxes))
-        await asyncio.sleep(0.3)  # the status rows are written by the writer thread
+        await online(coordinator, *(b.device.device_id for b in boxes))
         status, job = await call(
             "POST",
             "/jobs",
@@ -173,9 +172,7 @@ async def test_gate_timeouts_ttl_and_cancel(mqtt_broker, sync_rig) -> None:
         await device.start()
     session, call = await _api(coordinator)
     try:
-        await eventually(lambda: all(coordinator.is_online(d.device_id) for d in failing))
-        await eventually(lambda: coordinator.is_online(silent.device_id))
-        await asyncio.sleep(0.3)
+        await online(coordinator, *(d.device_id for d in failing), silent.device_id)
         ids = [d.device_id for d in failing]
         status, job = await call(
             "POST",

@@ -71,6 +71,6 @@ async def test_a_device_quota_set_by_the_cli_lifts_the_default(
     assert done.returncode == 0, done.stderr
 
     await eventually(lambda: device.queued() == 0, timeout=30, what="all stored once lifted")
-    rows = await coordinator.query("latest", device.device_id, Kind.TELEMETRY, 500)
+    rows = await coordinator.latest(device.device_id, Kind.TELEMETRY, 500)
     assert sorted(r["body"]["samples"][0]["i"] for r in rows) == list(range(150))
     assert _cli(toml, "quota", device.device_id, "--clear").returncode == 0

@@ -13,7 +13,7 @@ from dgdm.sync.envelope import Kind, seal
 from dgdm.sync.link_state import ExecutedCommands
 from dgdm.sync.mqtt import MqttClient
 
-from .conftest import eventually, mqtt_options
+from .conftest import eventually, mqtt_options, online
 
 
 async def _raw_publisher(broker, name):
@@ -153,7 +153,7 @@ async def test_a_command_whose_publish_was_lost_is_sent_again_and_runs_once(
     device = rig.device("d", on_command=on_command)
     coordinator = await rig.start_coordinator()
     await device.start()
-    await eventually(lambda: coordinator.is_online(device.device_id), what="device online")
+    await online(coordinator, device.device_id)
     now = time.time_ns() // 1_000_000
     body = {"cmd": "ping", "args": {}, "ttl_ms": 600_000}
     lost = coordinator.store.new_command(device.device_id, body, now)
