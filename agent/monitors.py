@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from dgdm.agent import status
 from dgdm.agent.alerts import INFO, WARNING, Alert
 from dgdm.agent.telemetry import SampleInputs, Sampler
-from dgdm.kernels.errors import DgdmError
+from dgdm.common.errors import DgdmError
 
 if TYPE_CHECKING:
     from dgdm.agent.runtime import Agent

@@ -35,7 +35,7 @@ from dgdm.agent.sdnotify import Notifier
 from dgdm.agent.telemetry import LatencyWindow, TelemetryBatcher
 from dgdm.agent.tpu import TpuMonitor
 from dgdm.agent.work import GraphParser, WorkQueue
-from dgdm.kernels.errors import DgdmError
+from dgdm.common.errors import DgdmError
 from dgdm.sync import datalock
 from dgdm.sync.http_limits import BodyBudget, ConnectionTable, connection_cap, default_body_budget
 from dgdm.sync.listener import memory_bytes

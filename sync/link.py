@@ -41,7 +41,9 @@ from dgdm.sync.errors import EnvelopeError, OutboxError, TransportError
 from dgdm.sync.link_state import Cursor, ExecutedCommands, ReadPlan, SendState
 from dgdm.sync.mqtt import MqttClient, MqttOptions, Will
 from dgdm.sync.outbox import Outbox, OutboxMessage
+from dgdm.sync.replies import reply_body
 from dgdm.sync.topics import STATUS, device_topic, kind_topic
+from dgdm.sync.wallclock import now_ms
 
 log = logging.getLogger(__name__)
 
@@ -54,18 +56,10 @@ TICK_S = 1.0
 CommandHandler = Callable[[int, dict[str, Any]], Awaitable[Any]]
 
 
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
 def status_payload(state: str, agent_version: str, backend: str) -> bytes:
     """The plain JSON of the retained status topic (SPEC §5)."""
-    body = {"state": state, "ts_ms": _now_ms(), "agent_version": agent_version, "backend": backend}
+    body = {"state": state, "ts_ms": now_ms(), "agent_version": agent_version, "backend": backend}
     return json.dumps(body, separators=(",", ":")).encode()
-
-
-def reply_body(cmd_seq: int, result: Any = None, error: str | None = None) -> dict[str, Any]:
-    return {"cmd_seq": cmd_seq, "ok": error is None, "error": error, "data": result}
 
 
 class DeviceLink:
@@ -82,7 +76,7 @@ class DeviceLink:
         receipt_timeout_s: float = 60.0,
         max_unreceipted: int = 20_000,
         page_size: int = PAGE_SIZE,
-        wall_ms: Callable[[], int] = _now_ms,
+        wall_ms: Callable[[], int] = now_ms,
     ) -> None:
         self.outbox = outbox
         self._wall_ms = wall_ms  # the device's wall clock (tests step it)
@@ -365,7 +359,7 @@ class DeviceLink:
         if was_full and not self.state.window_full():
             self._wake.set()
         self.counters["receipts"] += 1
-        self.last_sync_ms = _now_ms()
+        self.last_sync_ms = now_ms()
         self._spawn(self._apply_receipt(ranges))
 
     async def _apply_receipt(self, ranges: list[tuple[int, int]]) -> None:
