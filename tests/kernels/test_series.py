@@ -196,3 +196,13 @@ def test_threads_setting(monkeypatch) -> None:
     assert kernel_threads.count() == 3
     with pytest.raises(ValueError, match="threads must be >= 0"):
         kernel_threads.configure(-1)
+
+
+def test_kernels_threads_is_a_config_key() -> None:
+    from dgdm.agent.config import load_config
+    from dgdm.sync.errors import ConfigError
+
+    assert load_config(None, env={}).kernels.threads == 0
+    assert load_config(None, env={"DGDM__KERNELS__THREADS": "2"}).kernels.threads == 2
+    with pytest.raises(ConfigError, match=r"kernels\.threads"):
+        load_config(None, env={"DGDM__KERNELS__THREADS": "-1"})
