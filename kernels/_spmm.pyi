@@ -13,6 +13,8 @@ _Array: TypeAlias = np.ndarray[Any, Any] | Buffer
 
 isa: str
 """The product kernel chosen at import: "avx2" or "portable"."""
+series_isas: str
+"""The fused series' instruction sets this CPU runs, e.g. "portable avx2 avx512"."""
 
 def csr_spmm(
     indptr: _Array,
@@ -40,7 +42,7 @@ def csr_series(
     chunk: int = 64,
     threads: int = 1,
     scatter: _Array | None = None,
-    portable: bool = False,
+    isa: str | None = None,
 ) -> None:
     """out = sum_j coeffs[j] T^j x in one wavefront pass; every |row - column| <= band."""
 

@@ -71,7 +71,7 @@ class _Spmm(Protocol):
         chunk: int = 64,
         threads: int = 1,
         scatter: np.ndarray | None = None,
-        portable: bool = False,
+        isa: str | None = None,
     ) -> None: ...
 
     def take_rows(self, src: np.ndarray, rows: np.ndarray, out: np.ndarray, /) -> None: ...

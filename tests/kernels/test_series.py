@@ -45,12 +45,15 @@ def horner64(t: sp.csr_matrix, coeffs: np.ndarray, x: np.ndarray) -> np.ndarray:
     return z
 
 
-def series(t, coeffs, x, *, band, chunk=64, threads=1, scatter=None, portable=False):
+ISAS = _spmm.series_isas.split()
+
+
+def series(t, coeffs, x, *, band, chunk=64, threads=1, scatter=None, isa=None):
     out = np.full_like(x, np.nan)
     _spmm.csr_series(
         t.indptr.astype(np.int32), t.indices.astype(np.int32), t.data,
         np.asarray(coeffs, dtype=np.float32), x, out,
-        band=band, chunk=chunk, threads=threads, scatter=scatter, portable=portable,
+        band=band, chunk=chunk, threads=threads, scatter=scatter, isa=isa,
     )  # fmt: skip
     return out
 
@@ -69,20 +72,18 @@ def assert_close(out, ref, t, coeffs, x) -> None:
     k=st.integers(1, 12),
     chunk=st.sampled_from([1, 3, 16, 64, 1000]),
     threads=st.integers(1, 4),
-    portable=st.booleans(),
+    isa=st.sampled_from(ISAS),
     permuted=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_matches_float64_horner(n, f, band_frac, k, chunk, threads, portable, permuted, seed):
+def test_matches_float64_horner(n, f, band_frac, k, chunk, threads, isa, permuted, seed):
     band = int(band_frac * (n - 1))
     t = banded(n, band, 0.3, seed)
     rng = np.random.default_rng(seed + 1)
     coeffs = rng.standard_normal(k + 1)
     x = rng.standard_normal((n, f)).astype(np.float32)
     perm = rng.permutation(n).astype(np.int32) if permuted else None
-    out = series(
-        t, coeffs, x, band=band, chunk=chunk, threads=threads, scatter=perm, portable=portable
-    )
+    out = series(t, coeffs, x, band=band, chunk=chunk, threads=threads, scatter=perm, isa=isa)
     ref = horner64(t, coeffs.astype(np.float32).astype(np.float64), x)
     if perm is not None:
         unscattered = np.empty_like(ref)
@@ -91,15 +92,25 @@ def test_matches_float64_horner(n, f, band_frac, k, chunk, threads, portable, pe
     assert_close(out, ref, t, coeffs, x)
 
 
+def test_the_best_isa_is_the_default() -> None:
+    assert ISAS[0] == "portable"
+    t = banded(500, 5, 0.3, seed=0)
+    x = np.random.default_rng(0).standard_normal((500, 20)).astype(np.float32)
+    np.testing.assert_array_equal(
+        series(t, [1, 2], x, band=5), series(t, [1, 2], x, band=5, isa=ISAS[-1])
+    )
+
+
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("f", [16, 64, 5])
-def test_threads_give_the_single_thread_result(threads, f) -> None:
+def test_threads_give_the_single_thread_result(threads, f, isa) -> None:
     """Parts recompute their halo rows with the same arithmetic: bit for bit equal."""
     t = banded(20_000, 40, 0.1, seed=f)
     x = np.random.default_rng(f).standard_normal((20_000, f)).astype(np.float32)
     coeffs = 0.15 * 0.85 ** np.arange(11)
-    one = series(t, coeffs, x, band=40)
-    np.testing.assert_array_equal(series(t, coeffs, x, band=40, threads=threads), one)
+    one = series(t, coeffs, x, band=40, isa=isa)
+    np.testing.assert_array_equal(series(t, coeffs, x, band=40, threads=threads, isa=isa), one)
     assert_close(one, horner64(t, coeffs.astype(np.float32), x), t, coeffs, x)
 
 
@@ -111,6 +122,7 @@ def test_threads_give_the_single_thread_result(threads, f) -> None:
         ({"chunk": 0}, ValueError, "chunk >= 1"),
         ({"threads": 0}, ValueError, "threads in"),
         ({"threads": 65}, ValueError, "threads in"),
+        ({"isa": "sse9"}, ValueError, "isa sse9 is not one of this CPU's: portable"),
         ({"coeffs": np.ones(1, np.float32)}, ValueError, "at least 2 values"),
         ({"coeffs": np.ones(3)}, TypeError, "coeffs must be float32"),
         ({"indices": np.array([0, 5], np.int32)}, ValueError, "indices must lie in"),

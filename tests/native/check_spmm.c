@@ -170,12 +170,13 @@ int main(void)
             check_random(7u + (unsigned)w, widths[w], kernels32[which], kernels64[which]);
     }
     check_take_rows();
-    series_task_fn tasks[2] = {series_task_portable, series_task_portable};
-#ifdef SPMM_HAVE_AVX2
-    if (kernel_i32 == spmm_avx2_i32)
-        tasks[1] = series_task_avx2;
-#endif
-    for (int which = 0; which < 2; which++)
+    /* every series path this CPU has (the portable one stands in for the others) */
+    series_task_fn tasks[3] = {series_task_for("portable"), series_task_for("avx2"),
+                               series_task_for("avx512")};
+    for (int which = 0; which < 3; which++)
+        if (!tasks[which])
+            tasks[which] = series_task_portable;
+    for (int which = 0; which < 3; which++)
         for (size_t w = 0; w < sizeof widths / sizeof widths[0]; w++)
             for (int threads = 1; threads <= 3; threads += 2)
                 check_series(tasks[which], widths[w], threads);
