@@ -201,6 +201,17 @@ def test_backend_keeps_small_graphs_on_one_thread_and_wide_bands_step_by_step(mo
     assert np.linalg.norm(got.z - exact) <= got.error_bound * np.linalg.norm(exact)
 
 
+def test_padded_rows_hold_the_same_matrix() -> None:
+    t = banded(300, 7, 0.2, seed=3)
+    indptr, indices, data = sparse_backend._pad_rows(
+        t.indptr.astype(np.int32), t.indices.astype(np.int32), t.data, 2
+    )
+    assert (np.diff(indptr) % 2 == 0).all()
+    padded = sp.csr_matrix((data, indices, indptr), shape=t.shape)
+    assert abs(padded - t).max() == 0
+    assert padded.nnz - t.nnz == (np.diff(t.indptr) % 2).sum()
+
+
 def test_threads_setting(monkeypatch) -> None:
     monkeypatch.setattr(kernel_threads, "_configured", 0)
     assert kernel_threads.count() == kernel_threads.available() >= 1
