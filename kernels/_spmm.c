@@ -329,16 +329,17 @@ static int series_task_portable(const series_args *p, float *rings, ptrdiff_t s,
 }
 
 #ifdef SPMM_HAVE_AVX2
-/* NV registers of 8 columns, four accumulator sets over neighbours jj, jj+1, jj+2, jj+3:
- * an FMA's latency no longer serialises a row's ~9 neighbours. */
+/* NV registers of 8 columns, two accumulator sets over alternate neighbours (two FMA
+ * chains per register; four were slower: rows of ~9 entries paid more for the reduction).
+ * The runner pads rows to even lengths, so the remainder loop rarely runs. */
 #define SERIES_AVX_BLOCK(NV, TAIL)                                                        \
     do {                                                                                  \
-        __m256 acc[4][NV];                                                                \
-        for (int u = 0; u < 4; u++)                                                       \
+        __m256 acc[2][NV];                                                                \
+        for (int u = 0; u < 2; u++)                                                       \
             for (int q = 0; q < NV; q++) acc[u][q] = _mm256_setzero_ps();                 \
         ptrdiff_t jj = lo;                                                                \
-        for (; jj + 4 <= hi; jj += 4)                                                     \
-            for (int u = 0; u < 4; u++) {                                                 \
+        for (; jj + 2 <= hi; jj += 2)                                                     \
+            for (int u = 0; u < 2; u++) {                                                 \
                 const __m256 v = _mm256_broadcast_ss(data + jj + u);                      \
                 const float *zr = zin + ((size_t)ix[jj + u] & zmask) * uf + k0;           \
                 for (int q = 0; q < NV; q++)                                              \
@@ -355,8 +356,7 @@ static int series_task_portable(const series_args *p, float *rings, ptrdiff_t s,
                     acc[0][q]);                                                           \
         }                                                                                 \
         for (int q = 0; q < NV; q++) {                                                    \
-            const __m256 sum = _mm256_add_ps(_mm256_add_ps(acc[0][q], acc[1][q]),         \
-                                             _mm256_add_ps(acc[2][q], acc[3][q]));        \
+            const __m256 sum = _mm256_add_ps(acc[0][q], acc[1][q]);                          \
             const __m256 xv = TAIL ? _mm256_maskload_ps(xr + k0, mask)                    \
                                    : _mm256_loadu_ps(xr + k0 + 8 * q);                    \
             const __m256 res = _mm256_fmadd_ps(vc, xv, _mm256_mul_ps(va, sum));           \
@@ -390,7 +390,7 @@ series_task_avx2(const series_args *p, float *rings, ptrdiff_t s, ptrdiff_t firs
     SERIES_TASK_BODY(SERIES_ROW_AVX2, p->f);
 }
 
-/* AVX-512: a 16-column block is one register; NV of them, four accumulator sets. */
+/* AVX-512: a 16-column block is one register; NV of them, two accumulator sets. */
 #define SERIES_AVX512_BLOCK(NV, TAIL)                                                     \
     do {                                                                                  \
         __m512 acc[2][NV];                                                                \
