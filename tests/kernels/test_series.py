@@ -3,6 +3,9 @@ over threads) against float64 Horner with scipy, and the sparse backend that use
 
 from __future__ import annotations
 
+import threading
+import time
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -147,6 +150,28 @@ def test_bad_arguments_raise_clearly(change, error, message) -> None:
     positional = [args.pop(k) for k in ("indptr", "indices", "data", "coeffs", "x", "out")]
     with pytest.raises(error, match=message):
         _spmm.csr_series(*positional, **args)
+
+
+def test_the_gil_is_released_during_the_series() -> None:
+    """An agent's event loop keeps running while a worker thread diffuses."""
+    t = banded(20_000, 30, 0.2, seed=9)
+    x = np.ones((20_000, 64), np.float32)
+    started = threading.Event()
+
+    def work() -> None:
+        started.set()
+        for _ in range(3):
+            series(t, np.ones(11), x, band=30)
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    started.wait()
+    spins = 0
+    while worker.is_alive():
+        spins += 1
+        time.sleep(0)
+    worker.join()
+    assert spins > 20  # with the GIL held the whole call, this thread would not run at all
 
 
 def test_out_must_not_share_memory_with_x() -> None:
