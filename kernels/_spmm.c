@@ -845,13 +845,12 @@ static PyObject *csr_series(PyObject *self, PyObject *args, PyObject *kwargs)
     }
     if (threads > 1 && n < 2 * threads * (p.band + 1))
         threads = 1; /* parts narrower than their halos would only repeat work */
-    const size_t ring_floats = series_ring_floats(&p) * (size_t)threads;
-    if (ring_floats > 0) {
-        rings = PyMem_RawMalloc(ring_floats * sizeof(float));
-        if (!rings) {
-            PyErr_NoMemory();
-            goto done;
-        }
+    /* one float at least: the parts' ring pointers are offsets from it (none for k = 1) */
+    const size_t ring_floats = series_ring_floats(&p) * (size_t)threads + 1;
+    rings = PyMem_RawMalloc(ring_floats * sizeof(float));
+    if (!rings) {
+        PyErr_NoMemory();
+        goto done;
     }
     int status;
     Py_BEGIN_ALLOW_THREADS

@@ -155,6 +155,10 @@ class SeriesRunner:
         # fuse=False: one product per step even where the band allows the wavefront (the
         # bench's before/after baseline)
         self._fused = fuse and compiled and len(coeffs) >= 2 and self._band <= MAX_BAND_FRACTION * n
+        # the kernel's rings, in rows of X per thread; at most the two step buffers (z, y)
+        # that the fused pass does without, so it never needs more memory than the steps
+        self._ring_rows = (len(coeffs) - 2) * _ring_rows(self._band, SERIES_CHUNK)
+        self._fused = self._fused and self._ring_rows <= 2 * n
         if self._fused:  # even row lengths: the kernel's two-way loop then has no remainder
             self._series_csr = _pad_rows(self._indptr, self._indices, tp.data, 2)
         self._buffers: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
@@ -165,7 +169,7 @@ class SeriesRunner:
     def run(self, x: np.ndarray) -> RunOutput:
         x = np.ascontiguousarray(x, dtype=np.float32)
         with self._lock:
-            xp, z, y = self._buffers_for(x.shape[1])
+            xp, z, y = self._buffers_for(x.shape[1], 1 if self._fused else 3)
             if not self._compiled:
                 np.take(x, self._perm, axis=0, out=xp)
                 z = self._scipy_series(xp, z, y)
@@ -229,15 +233,17 @@ class SeriesRunner:
 
     def threads(self) -> int:
         """Threads for one diffusion: `kernels.threads`, or 1 below THREADS_MIN_NODES."""
-        if self._t.shape[0] < THREADS_MIN_NODES:
+        n = self._t.shape[0]
+        if n < THREADS_MIN_NODES:
             return 1
-        return kernel_threads.count()
+        return max(1, min(kernel_threads.count(), 2 * n // max(self._ring_rows, 1)))
 
-    def _buffers_for(self, f: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _buffers_for(self, f: int, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """xp, z, y of width f (z and y empty when count is 1: the fused pass has rings)."""
         buffers = self._buffers.get(f)
         if buffers is None:
             n = self._t.shape[0]
-            xp, z, y = (np.empty((n, f), dtype=np.float32) for _ in range(3))
+            xp, z, y = (np.empty((n if k < count else 0, f), dtype=np.float32) for k in range(3))
             buffers = (xp, z, y)
             self._buffers = {f: buffers}  # keep one width: bounded memory
         return buffers
@@ -263,6 +269,13 @@ def _pad_rows(
     new_indices[at] = indices
     new_data[at] = data
     return new_indptr, new_indices, new_data
+
+
+def _ring_rows(band: int, chunk: int) -> int:
+    """Rows of one intermediate step's ring in csr_series (its series_plan)."""
+    lag = 1 + -(-band // chunk)
+    need = (lag + 1) * chunk + band
+    return 1 << max(need - 1, 0).bit_length()
 
 
 def _band(indptr: np.ndarray, indices: np.ndarray) -> int:
