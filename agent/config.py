@@ -112,6 +112,9 @@ class KernelsSettings:
     # Workers of the lane for diffusions the cost model calls heavy, beside `workers`; at
     # most min(queue_size, 4) heavy ones wait.
     heavy_workers: int = setting(1, minimum=1, maximum=16)
+    # Threads of one large diffusion's compiled series (N >= 10,000); 0: the CPUs the
+    # process may use (its affinity, e.g. systemd's CPUAffinity=).
+    threads: int = setting(0, minimum=0, maximum=64)
 
 
 @dataclass(frozen=True)

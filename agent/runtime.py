@@ -36,6 +36,7 @@ from dgdm.agent.telemetry import LatencyWindow, TelemetryBatcher
 from dgdm.agent.tpu import TpuMonitor
 from dgdm.agent.work import GraphParser, WorkQueue
 from dgdm.common.errors import DgdmError
+from dgdm.kernels import threads as kernel_threads
 from dgdm.sync import datalock
 from dgdm.sync.http_limits import BodyBudget, ConnectionTable, connection_cap, default_body_budget
 from dgdm.sync.listener import memory_bytes
@@ -230,6 +231,7 @@ class Agent:
         cache_dir = k.cache_dir or self.config.device.data_dir / "cache"
         registry = RegistryLimits(k.max_topologies, k.max_topology_bytes)
         bounds = EngineBounds(k.max_diffusion_bytes or None, k.cache_bytes)
+        kernel_threads.configure(k.threads)
         self.engine = Engine(
             backend=k.backend, cache_dir=cache_dir, limits=limits, registry=registry, bounds=bounds
         )

@@ -22,6 +22,11 @@
 #include <stdint.h>
 #include <string.h>
 
+#include <pthread.h>
+#include <sched.h>
+
+#define SERIES_MAX_THREADS 64
+
 #if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
 #define SPMM_HAVE_AVX2 1
 #include <immintrin.h>
@@ -204,6 +209,342 @@ static void choose_kernels(void)
 
 TAKE_ROWS(take_rows_i32, int32_t)
 TAKE_ROWS(take_rows_i64, int64_t)
+
+/* ---- The whole truncated series in one pass: z_K = c_K x, z_j = c_j x + T z_{j+1}. ----
+ *
+ * Step by step, every Horner step streams T, its input and x through memory (~3 x 7 MB per
+ * step at 100,000 nodes, F = 16, ten steps). After reverse Cuthill-McKee every row's
+ * neighbours lie within `band` rows of it, so step s can run on a chunk of rows as soon as
+ * step s - 1 is `band` rows further on: a wavefront. At time t, step s works on chunk
+ * t - (s - 1) L (L = 1 + ceil(band / chunk) chunks of lag), so rows of T, of x and of every
+ * step's output are reused while they are still in cache. An intermediate step keeps only
+ * a ring of `ring` rows (a power of two >= (L + 1) chunk + band: what its successor may
+ * still read plus what it writes now), so memory is (K - 1) rings, not K arrays.
+ *
+ * Threads split the output rows into contiguous parts and share nothing but x, T and out:
+ * a part's step s also computes the (K - s) band rows either side that its later steps
+ * read (a few % redundant work at 10,000+ nodes), so no thread ever waits for another.
+ * (A barrier per time step instead was 3-10x slower on a loaded 2-core machine.)
+ *
+ * Every stored entry is checked by step 1 (indptr order, column in range, |i - j| <= band)
+ * before any step reads through it; a part's later steps read rows its step 1 checked. */
+
+typedef struct {
+    ptrdiff_t n, f, nnz, k, chunk, lag, ring, band;
+    const int32_t *indptr, *indices, *scatter; /* scatter may be NULL: out row = row */
+    const float *data, *coeffs, *x;            /* coeffs: k + 1 values, c_0 .. c_k */
+    float *out;
+} series_args;
+
+/* Lag and ring rows for a band and chunk (the ring a power of two: slots by masking). */
+static void series_plan(ptrdiff_t band, ptrdiff_t chunk, ptrdiff_t *lag, ptrdiff_t *ring)
+{
+    *lag = 1 + (band + chunk - 1) / chunk;
+    const ptrdiff_t need = (*lag + 1) * chunk + band;
+    ptrdiff_t r = 1;
+    while (r < need) r *= 2;
+    *ring = r;
+}
+
+/* Step 1's checks of row i: 0, or -1 bad indptr, -2 column out of range, -3 beyond band. */
+static int series_check_row(const series_args *p, ptrdiff_t i)
+{
+    const ptrdiff_t lo = p->indptr[i], hi = p->indptr[i + 1];
+    if (lo < 0 || hi < lo || hi > p->nnz) return -1;
+    for (ptrdiff_t jj = lo; jj < hi; jj++) {
+        const ptrdiff_t j = p->indices[jj];
+        if (j < 0 || j >= p->n) return -2;
+        if (j - i > p->band || i - j > p->band) return -3;
+    }
+    return 0;
+}
+
+/* Rows [first, last) of step s: y = a * T z + c * x, z = x (s = 1) or step s - 1's ring.
+ * F is p->f; the tasks also expand it with F = 16, a constant the compiler folds into the
+ * row offsets and block loops (16 features is the common width, ~15% fewer instructions). */
+#define SERIES_TASK_BODY(ROW, F)                                                          \
+    const ptrdiff_t f = (F);                                                              \
+    const size_t rmask = (size_t)p->ring - 1, uf = (size_t)f;                             \
+    const float *zin = s == 1 ? p->x : rings + (size_t)(s - 2) * (size_t)p->ring * uf;    \
+    const size_t zmask = s == 1 ? (size_t)-1 : rmask;                                     \
+    float *ring_out = s == p->k ? NULL : rings + (size_t)(s - 1) * (size_t)p->ring * uf;  \
+    const float a = s == 1 ? p->coeffs[p->k] : 1.0f, cc = p->coeffs[p->k - s];           \
+    (void)a, (void)cc; /* the AVX2 row has them broadcast already */                      \
+    for (ptrdiff_t i = first; i < last; i++) {                                            \
+        if (s == 1) {                                                                     \
+            const int bad = series_check_row(p, i);                                       \
+            if (bad) return bad;                                                          \
+        }                                                                                 \
+        const ptrdiff_t lo = p->indptr[i], hi = p->indptr[i + 1];                         \
+        float *yr = ring_out ? ring_out + ((size_t)i & rmask) * uf                        \
+                             : p->out + (size_t)(p->scatter ? p->scatter[i] : i) * uf;    \
+        const float *xr = p->x + (size_t)i * uf;                                          \
+        const int32_t *ix = p->indices;                                                   \
+        const float *data = p->data;                                                      \
+        ROW;                                                                              \
+    }                                                                                     \
+    return 0
+
+/* Portable row: two accumulator sets over alternate neighbours (two dependency chains per
+ * register instead of one), 16-column blocks in vector registers, then the last columns. */
+#define SERIES_ROW_PORTABLE                                                               \
+    do {                                                                                  \
+        ptrdiff_t k0 = 0;                                                                 \
+        for (; k0 + SPMM_BLOCK <= f; k0 += SPMM_BLOCK) {                                  \
+            SPMM_BLOCK_ACC;                                                               \
+            SERIES_ACC2;                                                                  \
+            ptrdiff_t jj = lo;                                                            \
+            for (; jj + 2 <= hi; jj += 2) {                                               \
+                SPMM_BLOCK_ACCUMULATE(acc, data[jj], zin + ((size_t)ix[jj] & zmask) * uf + k0); \
+                SPMM_BLOCK_ACCUMULATE(acc2, data[jj + 1],                                 \
+                                      zin + ((size_t)ix[jj + 1] & zmask) * uf + k0);      \
+            }                                                                             \
+            for (; jj < hi; jj++)                                                         \
+                SPMM_BLOCK_ACCUMULATE(acc, data[jj], zin + ((size_t)ix[jj] & zmask) * uf + k0); \
+            for (int q = 0; q < (int)(sizeof acc / sizeof acc[0]); q++) acc[q] += acc2[q];  \
+            SPMM_BLOCK_STORE(yr + k0, a, acc);                                            \
+        }                                                                                 \
+        for (ptrdiff_t k = k0; k < f; k++) {                                              \
+            float acc1 = 0.0f;                                                            \
+            for (ptrdiff_t jj = lo; jj < hi; jj++)                                        \
+                acc1 += data[jj] * zin[((size_t)ix[jj] & zmask) * uf + (size_t)k];        \
+            yr[k] = a * acc1;                                                             \
+        }                                                                                 \
+        for (ptrdiff_t k = 0; k < f; k++) yr[k] += cc * xr[k];                            \
+    } while (0)
+
+#if defined(__GNUC__) || defined(__clang__)
+#define SERIES_ACC2 spmm_f4 acc2[4] = {{0}}
+#else
+#define SERIES_ACC2 float acc2[SPMM_BLOCK] = {0}
+#endif
+
+static int series_task_portable(const series_args *p, float *rings, ptrdiff_t s,
+                                ptrdiff_t first, ptrdiff_t last)
+{
+    if (p->f == 16) {
+        SERIES_TASK_BODY(SERIES_ROW_PORTABLE, 16);
+    }
+    SERIES_TASK_BODY(SERIES_ROW_PORTABLE, p->f);
+}
+
+#ifdef SPMM_HAVE_AVX2
+/* NV registers of 8 columns, two accumulator sets over alternate neighbours (two FMA
+ * chains per register; four were slower: rows of ~9 entries paid more for the reduction).
+ * The runner pads rows to even lengths, so the remainder loop rarely runs. */
+#define SERIES_AVX_BLOCK(NV, TAIL)                                                        \
+    do {                                                                                  \
+        __m256 acc[2][NV];                                                                \
+        for (int u = 0; u < 2; u++)                                                       \
+            for (int q = 0; q < NV; q++) acc[u][q] = _mm256_setzero_ps();                 \
+        ptrdiff_t jj = lo;                                                                \
+        for (; jj + 2 <= hi; jj += 2)                                                     \
+            for (int u = 0; u < 2; u++) {                                                 \
+                const __m256 v = _mm256_broadcast_ss(data + jj + u);                      \
+                const float *zr = zin + ((size_t)ix[jj + u] & zmask) * uf + k0;           \
+                for (int q = 0; q < NV; q++)                                              \
+                    acc[u][q] = _mm256_fmadd_ps(                                          \
+                        v, TAIL ? _mm256_maskload_ps(zr, mask) : _mm256_loadu_ps(zr + 8 * q), \
+                        acc[u][q]);                                                       \
+            }                                                                             \
+        for (; jj < hi; jj++) {                                                           \
+            const __m256 v = _mm256_broadcast_ss(data + jj);                              \
+            const float *zr = zin + ((size_t)ix[jj] & zmask) * uf + k0;                   \
+            for (int q = 0; q < NV; q++)                                                  \
+                acc[0][q] = _mm256_fmadd_ps(                                              \
+                    v, TAIL ? _mm256_maskload_ps(zr, mask) : _mm256_loadu_ps(zr + 8 * q), \
+                    acc[0][q]);                                                           \
+        }                                                                                 \
+        for (int q = 0; q < NV; q++) {                                                    \
+            const __m256 sum = _mm256_add_ps(acc[0][q], acc[1][q]);                          \
+            const __m256 xv = TAIL ? _mm256_maskload_ps(xr + k0, mask)                    \
+                                   : _mm256_loadu_ps(xr + k0 + 8 * q);                    \
+            const __m256 res = _mm256_fmadd_ps(vc, xv, _mm256_mul_ps(va, sum));           \
+            if (TAIL)                                                                     \
+                _mm256_maskstore_ps(yr + k0, mask, res);                                  \
+            else                                                                          \
+                _mm256_storeu_ps(yr + k0 + 8 * q, res);                                   \
+        }                                                                                 \
+        k0 += TAIL ? f - k0 : 8 * NV;                                                     \
+    } while (0)
+
+#define SERIES_ROW_AVX2                                                                   \
+    do {                                                                                  \
+        ptrdiff_t k0 = 0;                                                                 \
+        while (k0 + 16 <= f) SERIES_AVX_BLOCK(2, 0);                                      \
+        if (k0 + 8 <= f) SERIES_AVX_BLOCK(1, 0);                                          \
+        if (k0 < f) SERIES_AVX_BLOCK(1, 1);                                               \
+    } while (0)
+
+__attribute__((target("avx2,fma"))) static int
+series_task_avx2(const series_args *p, float *rings, ptrdiff_t s, ptrdiff_t first,
+                 ptrdiff_t last)
+{
+    const __m256 va = _mm256_set1_ps(s == 1 ? p->coeffs[p->k] : 1.0f);
+    const __m256 vc = _mm256_set1_ps(p->coeffs[p->k - s]);
+    const __m256i mask =
+        _mm256_loadu_si256((const __m256i *)(spmm_mask_table + 8 - (p->f % 8)));
+    if (p->f == 16) {
+        SERIES_TASK_BODY(SERIES_ROW_AVX2, 16);
+    }
+    SERIES_TASK_BODY(SERIES_ROW_AVX2, p->f);
+}
+
+/* AVX-512: a 16-column block is one register; NV of them, two accumulator sets. */
+#define SERIES_AVX512_BLOCK(NV, TAIL)                                                     \
+    do {                                                                                  \
+        __m512 acc[2][NV];                                                                \
+        for (int u = 0; u < 2; u++)                                                       \
+            for (int q = 0; q < NV; q++) acc[u][q] = _mm512_setzero_ps();                 \
+        ptrdiff_t jj = lo;                                                                \
+        for (; jj + 2 <= hi; jj += 2)                                                     \
+            for (int u = 0; u < 2; u++) {                                                 \
+                const __m512 v = _mm512_set1_ps(data[jj + u]);                            \
+                const float *zr = zin + ((size_t)ix[jj + u] & zmask) * uf + k0;           \
+                for (int q = 0; q < NV; q++)                                              \
+                    acc[u][q] = _mm512_fmadd_ps(                                          \
+                        v, TAIL ? _mm512_maskz_loadu_ps(tail, zr) : _mm512_loadu_ps(zr + 16 * q), \
+                        acc[u][q]);                                                       \
+            }                                                                             \
+        for (; jj < hi; jj++) {                                                           \
+            const __m512 v = _mm512_set1_ps(data[jj]);                                    \
+            const float *zr = zin + ((size_t)ix[jj] & zmask) * uf + k0;                   \
+            for (int q = 0; q < NV; q++)                                                  \
+                acc[0][q] = _mm512_fmadd_ps(                                              \
+                    v, TAIL ? _mm512_maskz_loadu_ps(tail, zr) : _mm512_loadu_ps(zr + 16 * q), \
+                    acc[0][q]);                                                           \
+        }                                                                                 \
+        for (int q = 0; q < NV; q++) {                                                    \
+            const __m512 sum = _mm512_add_ps(acc[0][q], acc[1][q]);                          \
+            const __m512 xv = TAIL ? _mm512_maskz_loadu_ps(tail, xr + k0)                 \
+                                   : _mm512_loadu_ps(xr + k0 + 16 * q);                   \
+            const __m512 res = _mm512_fmadd_ps(vc, xv, _mm512_mul_ps(va, sum));           \
+            if (TAIL)                                                                     \
+                _mm512_mask_storeu_ps(yr + k0, tail, res);                                \
+            else                                                                          \
+                _mm512_storeu_ps(yr + k0 + 16 * q, res);                                  \
+        }                                                                                 \
+        k0 += TAIL ? f - k0 : 16 * NV;                                                    \
+    } while (0)
+
+#define SERIES_ROW_AVX512                                                                 \
+    do {                                                                                  \
+        ptrdiff_t k0 = 0;                                                                 \
+        while (k0 + 64 <= f) SERIES_AVX512_BLOCK(4, 0);                                   \
+        if (k0 + 32 <= f) SERIES_AVX512_BLOCK(2, 0);                                      \
+        if (k0 + 16 <= f) SERIES_AVX512_BLOCK(1, 0);                                      \
+        if (k0 < f) SERIES_AVX512_BLOCK(1, 1);                                            \
+    } while (0)
+
+__attribute__((target("avx512f"))) static int
+series_task_avx512(const series_args *p, float *rings, ptrdiff_t s, ptrdiff_t first,
+                   ptrdiff_t last)
+{
+    const __m512 va = _mm512_set1_ps(s == 1 ? p->coeffs[p->k] : 1.0f);
+    const __m512 vc = _mm512_set1_ps(p->coeffs[p->k - s]);
+    const __mmask16 tail = (__mmask16)((1u << (p->f % 16)) - 1u);
+    if (p->f == 16) {
+        SERIES_TASK_BODY(SERIES_ROW_AVX512, 16);
+    }
+    SERIES_TASK_BODY(SERIES_ROW_AVX512, p->f);
+}
+#endif
+
+typedef int (*series_task_fn)(const series_args *, float *, ptrdiff_t, ptrdiff_t, ptrdiff_t);
+
+/* The series task of an instruction set ("portable", "avx2", "avx512"; NULL: the best this
+ * CPU has), or NULL when the CPU lacks it. choose_kernels() must have run. */
+static series_task_fn series_task_for(const char *isa)
+{
+#ifdef SPMM_HAVE_AVX2
+    const int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    const int avx512 = __builtin_cpu_supports("avx512f");
+    if (!isa)
+        return avx512 ? series_task_avx512 : (avx2 ? series_task_avx2 : series_task_portable);
+    if (strcmp(isa, "avx512") == 0)
+        return avx512 ? series_task_avx512 : NULL;
+    if (strcmp(isa, "avx2") == 0)
+        return avx2 ? series_task_avx2 : NULL;
+#else
+    if (!isa)
+        return series_task_portable;
+#endif
+    return strcmp(isa, "portable") == 0 ? series_task_portable : NULL;
+}
+
+typedef struct {
+    const series_args *p;
+    series_task_fn task;
+    ptrdiff_t r0, r1; /* the output rows of this part */
+    float *rings;     /* its own (k - 1) rings */
+    int status;
+} series_part;
+
+/* One part's wavefront: chunk c of step s at time c + (s - 1) lag, each step clipped to
+ * the rows it must provide: [r0 - (k - s) band, r1 + (k - s) band). */
+static void *series_part_run(void *arg)
+{
+    series_part *w = arg;
+    const series_args *p = w->p;
+    const ptrdiff_t k = p->k, b = p->band, C = p->chunk;
+    const ptrdiff_t base = w->r0 - (k - 1) * b > 0 ? w->r0 - (k - 1) * b : 0;
+    const ptrdiff_t top = w->r1 + (k - 1) * b < p->n ? w->r1 + (k - 1) * b : p->n;
+    const ptrdiff_t nchunks = (top - base + C - 1) / C;
+    const ptrdiff_t steps = nchunks + (k - 1) * p->lag;
+    for (ptrdiff_t t = 0; t < steps; t++)
+        for (ptrdiff_t s = 1; s <= k; s++) {
+            const ptrdiff_t c = t - (s - 1) * p->lag;
+            if (c < 0)
+                break;
+            if (c >= nchunks)
+                continue;
+            const ptrdiff_t lo_s = w->r0 - (k - s) * b, hi_s = w->r1 + (k - s) * b;
+            ptrdiff_t first = base + c * C, last = first + C;
+            if (first < lo_s) first = lo_s;
+            if (last > hi_s) last = hi_s;
+            if (last > p->n) last = p->n;
+            if (first >= last)
+                continue;
+            const int status = w->task(p, w->rings, s, first, last);
+            if (status) {
+                w->status = status;
+                return NULL;
+            }
+        }
+    return NULL;
+}
+
+/* Ring floats one part needs. */
+static size_t series_ring_floats(const series_args *p)
+{
+    return (size_t)(p->k - 1) * (size_t)p->ring * (size_t)p->f;
+}
+
+/* The whole series in `threads` parts, `rings` holding threads * series_ring_floats; the
+ * caller's thread runs part 0, and parts whose thread cannot start run on it after. */
+static int series_run(const series_args *p, series_task_fn task, int threads, float *rings)
+{
+    series_part parts[SERIES_MAX_THREADS];
+    pthread_t ids[SERIES_MAX_THREADS];
+    int started[SERIES_MAX_THREADS] = {0};
+    if (threads < 1) threads = 1;
+    if (threads > SERIES_MAX_THREADS) threads = SERIES_MAX_THREADS;
+    for (int w = 0; w < threads; w++)
+        parts[w] = (series_part){p, task, p->n * w / threads, p->n * (w + 1) / threads,
+                                 rings + (size_t)w * series_ring_floats(p), 0};
+    for (int w = 1; w < threads; w++)
+        started[w] = pthread_create(&ids[w], NULL, series_part_run, &parts[w]) == 0;
+    series_part_run(&parts[0]);
+    int status = parts[0].status;
+    for (int w = 1; w < threads; w++) {
+        if (started[w])
+            pthread_join(ids[w], NULL);
+        else
+            series_part_run(&parts[w]);
+        if (!status) status = parts[w].status;
+    }
+    return status;
+}
 
 #ifndef DGDM_KERNELS_ONLY
 /* The element type of a buffer from its struct-module format ("f", "=i", "<l", ...). */
@@ -389,6 +730,149 @@ done:
     return result;
 }
 
+PyDoc_STRVAR(csr_series_doc,
+"csr_series(indptr, indices, data, coeffs, x, out, *, band, chunk=64, threads=1,\n"
+"           scatter=None, isa=None)\n--\n\n"
+"out = sum_j coeffs[j] T^j x (Horner's rule, all steps in one wavefront pass) for the CSR\n"
+"matrix T = (data, indices, indptr) whose entries all satisfy |row - column| <= band.\n\n"
+"indptr/indices: int32; data, coeffs (>= 2 values), x and out (N, F): float32, C-contiguous;\n"
+"out must not overlap x. scatter (int32, N): row i of the result goes to out[scatter[i]]\n"
+"(give a permutation, or some rows of out are left as they were). threads: the rows are\n"
+"split over this many threads (1: none started). isa: \"portable\", \"avx2\" or\n"
+"\"avx512\" (default: the best of series_isas, this CPU's).");
+
+static const char *series_isas = "portable"; /* set at import */
+
+static int check_int32(const Py_buffer *b, const char *name, Py_ssize_t len)
+{
+    if (check_index(b, name))
+        return -1;
+    if (b->itemsize != 4) {
+        PyErr_Format(PyExc_TypeError, "%s must be int32", name);
+        return -1;
+    }
+    if (len >= 0 && b->shape[0] != len) {
+        PyErr_Format(PyExc_ValueError, "%s must have %zd entries, got %zd", name, len,
+                     b->shape[0]);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *csr_series(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    (void)self;
+    static char *kwlist[] = {"indptr", "indices", "data", "coeffs", "x", "out", "band",
+                             "chunk", "threads", "scatter", "isa", NULL};
+    PyObject *objs[7] = {NULL, NULL, NULL, NULL, NULL, NULL, Py_None};
+    Py_ssize_t band = -1, chunk = 64;
+    int threads = 1;
+    const char *isa = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOO|$nniOz:csr_series", kwlist,
+                                     &objs[0], &objs[1], &objs[2], &objs[3], &objs[4],
+                                     &objs[5], &band, &chunk, &threads, &objs[6], &isa))
+        return NULL;
+    series_task_fn task = series_task_for(isa);
+    if (!task) {
+        PyErr_Format(PyExc_ValueError, "isa %s is not one of this CPU's: %s", isa, series_isas);
+        return NULL;
+    }
+    static const char *names[7] = {"indptr", "indices", "data", "coeffs", "x", "out", "scatter"};
+    Py_buffer views[7];
+    Py_buffer *bufs[7] = {NULL, NULL, NULL, NULL, NULL, NULL, NULL};
+    PyObject *result = NULL;
+    float *rings = NULL;
+    for (int k = 0; k < 7; k++) {
+        if (k == 6 && objs[k] == Py_None)
+            break;
+        if (get_buffer(objs[k], &views[k], names[k], k == 5))
+            goto done;
+        bufs[k] = &views[k];
+    }
+    Py_buffer *ip = bufs[0], *ix = bufs[1], *data = bufs[2], *co = bufs[3], *x = bufs[4],
+              *out = bufs[5], *sc = bufs[6];
+    if (check_float(data, "data", 1) || check_float(co, "coeffs", 1) ||
+        check_float(x, "x", 2) || check_float(out, "out", 2))
+        goto done;
+    const Py_ssize_t n = out->shape[0], f = out->shape[1];
+    if (check_int32(ip, "indptr", n + 1) || check_int32(ix, "indices", data->shape[0]) ||
+        (sc && check_int32(sc, "scatter", n)))
+        goto done;
+    if (x->shape[0] != n || x->shape[1] != f) {
+        PyErr_Format(PyExc_ValueError, "x must have the shape of out (%zd, %zd), got (%zd, %zd)",
+                     n, f, x->shape[0], x->shape[1]);
+        goto done;
+    }
+    if (co->shape[0] < 2) {
+        PyErr_SetString(PyExc_ValueError, "coeffs must have at least 2 values (one product)");
+        goto done;
+    }
+    if (overlaps(out, x)) {
+        PyErr_SetString(PyExc_ValueError, "out must not share memory with x");
+        goto done;
+    }
+    if (band < 0 || chunk < 1 || threads < 1 || threads > SERIES_MAX_THREADS) {
+        PyErr_Format(PyExc_ValueError,
+                     "band must be >= 0, chunk >= 1 and threads in [1, %d]", SERIES_MAX_THREADS);
+        goto done;
+    }
+    if (sc) {
+        const int32_t *s = sc->buf;
+        for (Py_ssize_t i = 0; i < n; i++)
+            if (s[i] < 0 || s[i] >= n) {
+                PyErr_Format(PyExc_ValueError, "scatter[%zd] is outside [0, %zd)", i, n);
+                goto done;
+            }
+    }
+    series_args p = {0};
+    p.n = n;
+    p.f = f;
+    p.nnz = data->shape[0];
+    p.k = co->shape[0] - 1;
+    p.band = band < n ? band : n;
+    p.chunk = chunk < n ? chunk : (n > 0 ? n : 1);
+    series_plan(p.band, p.chunk, &p.lag, &p.ring);
+    p.indptr = ip->buf;
+    p.indices = ix->buf;
+    p.scatter = sc ? sc->buf : NULL;
+    p.data = data->buf;
+    p.coeffs = co->buf;
+    p.x = x->buf;
+    p.out = out->buf;
+    if (n == 0 || f == 0) {
+        result = Py_NewRef(Py_None);
+        goto done;
+    }
+    if (threads > 1 && n < 2 * threads * (p.band + 1))
+        threads = 1; /* parts narrower than their halos would only repeat work */
+    /* one float at least: the parts' ring pointers are offsets from it (none for k = 1) */
+    const size_t ring_floats = series_ring_floats(&p) * (size_t)threads + 1;
+    rings = PyMem_RawMalloc(ring_floats * sizeof(float));
+    if (!rings) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = series_run(&p, task, threads, rings);
+    Py_END_ALLOW_THREADS
+    if (status == -1)
+        PyErr_SetString(PyExc_ValueError,
+                        "indptr must be non-decreasing, start at >= 0 and end at <= len(data)");
+    else if (status == -2)
+        PyErr_Format(PyExc_ValueError, "indices must lie in [0, %zd)", n);
+    else if (status == -3)
+        PyErr_Format(PyExc_ValueError, "an entry lies more than band = %zd from its row's diagonal", band);
+    else
+        result = Py_NewRef(Py_None);
+done:
+    PyMem_RawFree(rings);
+    for (int k = 0; k < 7; k++)
+        if (bufs[k])
+            PyBuffer_Release(bufs[k]);
+    return result;
+}
+
 PyDoc_STRVAR(take_rows_doc,
 "take_rows(src, rows, out)\n--\n\n"
 "out[i] = src[rows[i]] for float32 src (M, F) and out (N, F), rows int32/int64 (N,).");
@@ -441,6 +925,8 @@ done:
 static PyMethodDef spmm_methods[] = {
     {"csr_spmm", (PyCFunction)(void (*)(void))csr_spmm, METH_VARARGS | METH_KEYWORDS,
      csr_spmm_doc},
+    {"csr_series", (PyCFunction)(void (*)(void))csr_series, METH_VARARGS | METH_KEYWORDS,
+     csr_series_doc},
     {"take_rows", take_rows, METH_VARARGS, take_rows_doc},
     {NULL, NULL, 0, NULL},
 };
@@ -454,8 +940,12 @@ static struct PyModuleDef spmm_module = {
 PyMODINIT_FUNC PyInit__spmm(void)
 {
     choose_kernels();
+    series_isas = series_task_for("avx512")  ? "portable avx2 avx512"
+                  : series_task_for("avx2") ? "portable avx2"
+                                            : "portable";
     PyObject *module = PyModule_Create(&spmm_module);
-    if (module && PyModule_AddStringConstant(module, "isa", kernel_isa) < 0) {
+    if (module && (PyModule_AddStringConstant(module, "isa", kernel_isa) < 0 ||
+                   PyModule_AddStringConstant(module, "series_isas", series_isas) < 0)) {
         Py_DECREF(module);
         return NULL;
     }

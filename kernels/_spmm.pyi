@@ -13,6 +13,8 @@ _Array: TypeAlias = np.ndarray[Any, Any] | Buffer
 
 isa: str
 """The product kernel chosen at import: "avx2" or "portable"."""
+series_isas: str
+"""The fused series' instruction sets this CPU runs, e.g. "portable avx2 avx512"."""
 
 def csr_spmm(
     indptr: _Array,
@@ -27,6 +29,22 @@ def csr_spmm(
     portable: bool = False,
 ) -> None:
     """y = a * (T @ z) + c * x for the CSR matrix T = (data, indices, indptr), in float32."""
+
+def csr_series(
+    indptr: _Array,
+    indices: _Array,
+    data: _Array,
+    coeffs: _Array,
+    x: _Array,
+    out: _Array,
+    *,
+    band: int,
+    chunk: int = 64,
+    threads: int = 1,
+    scatter: _Array | None = None,
+    isa: str | None = None,
+) -> None:
+    """out = sum_j coeffs[j] T^j x in one wavefront pass; every |row - column| <= band."""
 
 def take_rows(src: _Array, rows: _Array, out: _Array, /) -> None:
     """out[i] = src[rows[i]] for float32 src (M, F) and out (N, F), rows int32/int64 (N,)."""

@@ -3,7 +3,10 @@
 Random geometric graphs (unit square, average degree ~8), ppr with k = 10, F = 16 and 64,
 every backend present, single thread; in the same run the baselines a user would reach for:
 networkx.pagerank (one vector) and PyTorch Geometric's APPNP propagation (K = 10, sparse
-adjacency) when torch/torch_geometric import (the optional extra `bench`).
+adjacency) when torch/torch_geometric import (the optional extra `bench`). With the compiled
+extension, also: `sparse-steps`, the sparse series one compiled product per step (what the
+fused wavefront replaced, the same float32 numbers), and from 10,000 nodes `sparse-mt`, the
+fused series on `--threads` threads (default: the CPUs the process may use).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ THREAD_VARS = (
 DEFAULT_SIZES = (100, 1_000, 10_000, 100_000)
 QUICK_SIZES = (100, 1_000)
 BACKEND_ORDER = ("numpy", "sparse", "tflite", "edgetpu")
+VARIANTS = ("sparse-steps",)  # ratios also against these (same run, our own baselines)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,6 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes, few repeats")
     parser.add_argument("--json", dest="json_out", metavar="FILE", help="also write rows here")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--threads", type=int, default=0, help="sparse-mt's threads (0: the usable CPUs)"
+    )
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -64,6 +71,10 @@ def _str_list(text: str) -> tuple[str, ...]:
 
 def main(args: argparse.Namespace) -> int:
     _single_thread()
+    from dgdm.kernels import threads as kernel_threads
+
+    mt_threads = args.threads or kernel_threads.available()
+    kernel_threads.configure(1)
     sizes = args.sizes or (QUICK_SIZES if args.quick else DEFAULT_SIZES)
     repeats = args.repeats or (5 if args.quick else 20)
     rows: list[dict[str, Any]] = []
@@ -72,7 +83,7 @@ def main(args: argparse.Namespace) -> int:
         f"1 thread, median of {repeats}; {_load_note()}"
     )
     for n in sizes:
-        rows += _bench_size(n, args, repeats)
+        rows += _bench_size(n, args, repeats, mt_threads)
     _print_ratios(rows)
     print(f"at the end: {_load_note()}")
     if args.json_out:
@@ -118,7 +129,9 @@ def random_geometric(n: int, avg_degree: float = 8.0, seed: int = 0) -> Any:
     return pairs[:, 0].astype(np.int64), pairs[:, 1].astype(np.int64)
 
 
-def _bench_size(n: int, args: argparse.Namespace, repeats: int) -> list[dict[str, Any]]:
+def _bench_size(
+    n: int, args: argparse.Namespace, repeats: int, mt_threads: int = 1
+) -> list[dict[str, Any]]:
     """All implementations for one N, timed round-robin so machine load hits them alike."""
     import numpy as np
 
@@ -148,12 +161,14 @@ def _bench_size(n: int, args: argparse.Namespace, repeats: int) -> list[dict[str
             call = _engine_call(engine, graph_id, x, name)
             if call is not None:
                 calls[name] = call
+        if "sparse" in calls:
+            calls.update(_sparse_variants(graph, x, mt_threads))
         if not args.no_baselines:
             pyg = _pyg_call(n, rows, cols, x, k=args.k)
             if pyg is not None:
                 calls["pyg_appnp"] = pyg
         for impl, median in _round_robin(calls, repeats).items():
-            print(f"  F={f:<3} {impl:<9} {median:10.3f} ms")
+            print(f"  F={f:<3} {impl:<12} {median:10.3f} ms")
             out.append({"n": n, "f": f, "impl": impl, "median_ms": median})
     return out
 
@@ -178,6 +193,33 @@ def _engine_call(engine: Any, graph_id: str, x: Any, name: str) -> Callable[[], 
         f"error bound {first.error_bound:.1e}"
     )
     return lambda: engine.diffuse_registered(graph_id, x, backend=name)
+
+
+def _sparse_variants(graph: Any, x: Any, mt_threads: int) -> dict[str, Callable[[], Any]]:
+    """The compiled sparse series step by step, and fused on several threads (N >= 10,000)."""
+    from dgdm.kernels import threads as kernel_threads
+    from dgdm.kernels.backends import sparse_backend
+    from dgdm.kernels.diffusion import series_coefficients
+    from dgdm.kernels.operator import problem_for
+
+    coeffs = series_coefficients(graph.method)
+    if sparse_backend._spmm is None or coeffs is None:
+        return {}
+    t = problem_for(graph).t
+    steps = sparse_backend.SeriesRunner(t, coeffs, reorder=True, compiled=True, fuse=False)
+    calls: dict[str, Callable[[], Any]] = {"sparse-steps": lambda: steps.run(x)}
+    fused = sparse_backend.SeriesRunner(t, coeffs, reorder=True, compiled=True)
+    if mt_threads > 1 and t.shape[0] >= sparse_backend.THREADS_MIN_NODES:
+
+        def threaded() -> Any:
+            kernel_threads.configure(mt_threads)
+            try:
+                return fused.run(x)
+            finally:
+                kernel_threads.configure(1)
+
+        calls[f"sparse-mt{mt_threads}"] = threaded
+    return calls
 
 
 def _round_robin(calls: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
@@ -247,12 +289,16 @@ def _print_ratios(rows: list[dict[str, Any]]) -> None:
         exact = [r for r in ours if r["impl"] in ("numpy", "sparse")]
         best_float = min(exact, key=lambda r: r["median_ms"]) if exact else best
         parts = []
-        for base in (r for r in here if r["impl"] in ("networkx", "pyg_appnp")):
+        for base in (r for r in here if r["impl"] in ("networkx", "pyg_appnp", *VARIANTS)):
             parts.append(
                 f"{base['impl']} / {best['impl']} = {base['median_ms'] / best['median_ms']:.1f}x"
             )
             if best_float is not best:
                 ratio = base["median_ms"] / best_float["median_ms"]
                 parts.append(f"{base['impl']} / {best_float['impl']} = {ratio:.1f}x")
+        sparse = [r for r in here if r["impl"] == "sparse"]
+        for mt in (r for r in here if r["impl"].startswith("sparse-mt") and sparse):
+            ratio = sparse[0]["median_ms"] / mt["median_ms"]
+            parts.append(f"sparse / {mt['impl']} = {ratio:.2f}x")
         if parts:
             print(f"  N={n:<7,} F={f:<3} " + ", ".join(parts))

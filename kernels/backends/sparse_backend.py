@@ -3,11 +3,15 @@
 Truncated series (ppr/heat with k, poly) run in float32 with Horner's rule on a CSR copy
 of T reordered by reverse Cuthill-McKee: neighbours then sit close in memory, so the
 gathers of X rows stay in cache (2x faster at 100,000 nodes of a random geometric graph).
-Each Horner step y = c * X + T z is one pass of the optional compiled extension
-`dgdm.kernels._spmm` (AVX2+FMA chosen at run time, portable C otherwise): every output row
-stays in registers while its neighbours are gathered, ~1.8x faster than scipy's
-csr_matvecs, which is the fallback when the extension is not built (no compiler at install
-time). Both write into preallocated buffers, so a diffusion allocates only its result.
+With the optional compiled extension `dgdm.kernels._spmm` (AVX2+FMA chosen at run time,
+portable C otherwise) the whole series is one wavefront pass (`csr_series`): after the
+reordering every entry lies within `band` rows of the diagonal, so all K steps run a few
+chunks of rows apart and T, X and the steps' outputs are reused from cache instead of
+streamed from memory K times; graphs of N >= THREADS_MIN_NODES split their rows over
+`kernels.threads` threads (`dgdm.kernels.threads`). A graph the reordering leaves without
+a narrow band runs one compiled product per step (`csr_spmm`); without the extension (no
+compiler at install time) scipy's csr_matvecs does. Products write into preallocated
+buffers, so a diffusion allocates only its result.
 Exact ppr is the iterative solve of `diffusion.PprSolver` (float64, to a 1e-10 relative
 residual); exact heat is scipy's expm_multiply (float64).
 """
@@ -21,6 +25,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.csgraph import reverse_cuthill_mckee
 
+from dgdm.kernels import threads as kernel_threads
 from dgdm.kernels.backends.base import Problem, RunOutput
 from dgdm.kernels.diffusion import (
     PprSolver,
@@ -53,6 +58,22 @@ class _Spmm(Protocol):
         portable: bool = False,
     ) -> None: ...
 
+    def csr_series(  # noqa: PLR0917 - the C extension's signature
+        self,
+        indptr: np.ndarray,
+        indices: np.ndarray,
+        data: np.ndarray,
+        coeffs: np.ndarray,
+        x: np.ndarray,
+        out: np.ndarray,
+        *,
+        band: int,
+        chunk: int = 64,
+        threads: int = 1,
+        scatter: np.ndarray | None = None,
+        isa: str | None = None,
+    ) -> None: ...
+
     def take_rows(self, src: np.ndarray, rows: np.ndarray, out: np.ndarray, /) -> None: ...
 
 
@@ -63,6 +84,11 @@ except ImportError:
     _spmm = None
 
 KERNELS = ("auto", "compiled", "scipy")
+# Threads only from this many nodes: below it a thread's start costs more than it saves.
+THREADS_MIN_NODES = 10_000
+# The wavefront needs a band narrow against N (its rings hold ~3 band rows per step).
+MAX_BAND_FRACTION = 0.125
+SERIES_CHUNK = 64  # rows per wavefront chunk (fastest of 32..256 at 10^4..10^5 nodes)
 
 
 class SparseBackend:
@@ -103,7 +129,13 @@ class SeriesRunner:
     backend = "sparse"
 
     def __init__(
-        self, t: sp.csr_matrix, coeffs: np.ndarray, *, reorder: bool, compiled: bool = False
+        self,
+        t: sp.csr_matrix,
+        coeffs: np.ndarray,
+        *,
+        reorder: bool,
+        compiled: bool = False,
+        fuse: bool = True,
     ) -> None:
         n = t.shape[0]
         perm = _rcm(t) if reorder and n > 1 else np.arange(n)
@@ -117,7 +149,18 @@ class SeriesRunner:
         self._perm32 = self._perm.astype(np.int32)
         self._inverse32 = self._inverse.astype(np.int32)
         self._coeffs = [np.float32(c) for c in coeffs]
+        self._coeffs32 = np.asarray(coeffs, dtype=np.float32)
         self._compiled = compiled
+        self._band = _band(self._indptr, self._indices)
+        # fuse=False: one product per step even where the band allows the wavefront (the
+        # bench's before/after baseline)
+        self._fused = fuse and compiled and len(coeffs) >= 2 and self._band <= MAX_BAND_FRACTION * n
+        # the kernel's rings, in rows of X per thread; at most the two step buffers (z, y)
+        # that the fused pass does without, so it never needs more memory than the steps
+        self._ring_rows = (len(coeffs) - 2) * _ring_rows(self._band, SERIES_CHUNK)
+        self._fused = self._fused and self._ring_rows <= 2 * n
+        if self._fused:  # even row lengths: the kernel's two-way loop then has no remainder
+            self._series_csr = _pad_rows(self._indptr, self._indices, tp.data, 2)
         self._buffers: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         self._lock = threading.Lock()
         row_nnz = int(np.diff(tp.indptr).max()) if tp.nnz else 1
@@ -126,7 +169,7 @@ class SeriesRunner:
     def run(self, x: np.ndarray) -> RunOutput:
         x = np.ascontiguousarray(x, dtype=np.float32)
         with self._lock:
-            xp, z, y = self._buffers_for(x.shape[1])
+            xp, z, y = self._buffers_for(x.shape[1], 1 if self._fused else 3)
             if not self._compiled:
                 np.take(x, self._perm, axis=0, out=xp)
                 z = self._scipy_series(xp, z, y)
@@ -134,6 +177,19 @@ class SeriesRunner:
             # the extension's row copy: np.take costs about one CSR product per direction
             assert _spmm is not None  # compiled runners come from load(), which probes
             _spmm.take_rows(x, self._perm32, xp)
+            if self._fused:
+                out = np.empty_like(xp)
+                _spmm.csr_series(
+                    *self._series_csr,
+                    self._coeffs32,
+                    xp,
+                    out,
+                    band=self._band,
+                    chunk=SERIES_CHUNK,
+                    threads=self.threads(),
+                    scatter=self._perm32,
+                )
+                return RunOutput(out, self._bound)
             z = self._compiled_series(xp, z, y)
             out = np.empty_like(z)
             _spmm.take_rows(z, self._inverse32, out)
@@ -175,17 +231,59 @@ class SeriesRunner:
             n, n, f, self._indptr, self._indices, self._t.data, z.reshape(-1), y.reshape(-1)
         )
 
-    def _buffers_for(self, f: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def threads(self) -> int:
+        """Threads for one diffusion: `kernels.threads`, or 1 below THREADS_MIN_NODES."""
+        n = self._t.shape[0]
+        if n < THREADS_MIN_NODES:
+            return 1
+        return max(1, min(kernel_threads.count(), 2 * n // max(self._ring_rows, 1)))
+
+    def _buffers_for(self, f: int, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """xp, z, y of width f (z and y empty when count is 1: the fused pass has rings)."""
         buffers = self._buffers.get(f)
         if buffers is None:
             n = self._t.shape[0]
-            xp, z, y = (np.empty((n, f), dtype=np.float32) for _ in range(3))
+            xp, z, y = (np.empty((n if k < count else 0, f), dtype=np.float32) for k in range(3))
             buffers = (xp, z, y)
             self._buffers = {f: buffers}  # keep one width: bounded memory
         return buffers
 
     def close(self) -> None:
         self._buffers = {}
+
+
+def _pad_rows(
+    indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, multiple: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The CSR with every row padded to a multiple of `multiple` entries by zeros on its own
+    diagonal (exact: features are finite; inside any band)."""
+    n = len(indptr) - 1
+    lengths = np.diff(indptr)
+    padded = (lengths + multiple - 1) // multiple * multiple
+    new_indptr = np.zeros(n + 1, dtype=np.int32)
+    np.cumsum(padded, out=new_indptr[1:])
+    new_indices = np.repeat(np.arange(n, dtype=np.int32), padded)
+    new_data = np.zeros(int(new_indptr[-1]), dtype=np.float32)
+    within = np.arange(len(indices)) - np.repeat(indptr[:-1], lengths)
+    at = np.repeat(new_indptr[:-1], lengths) + within
+    new_indices[at] = indices
+    new_data[at] = data
+    return new_indptr, new_indices, new_data
+
+
+def _ring_rows(band: int, chunk: int) -> int:
+    """Rows of one intermediate step's ring in csr_series (its series_plan)."""
+    lag = 1 + -(-band // chunk)
+    need = (lag + 1) * chunk + band
+    return 1 << max(need - 1, 0).bit_length()
+
+
+def _band(indptr: np.ndarray, indices: np.ndarray) -> int:
+    """max |row - column| over the stored entries (0 for none)."""
+    if len(indices) == 0:
+        return 0
+    rows = np.repeat(np.arange(len(indptr) - 1, dtype=np.int64), np.diff(indptr))
+    return int(np.abs(rows - indices).max())
 
 
 def _rcm(t: sp.csr_matrix) -> np.ndarray:

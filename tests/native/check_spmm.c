@@ -86,6 +86,53 @@ static void check_random(unsigned seed, ptrdiff_t f, spmm_kernel k32, spmm_kerne
     free(y);
 }
 
+/* The fused series (three coefficients: two products) = two reference products, bit for
+ * bit (dyadic values: every sum is exact), on one thread and three, rows scattered. */
+static void check_series(series_task_fn task, ptrdiff_t f, int threads)
+{
+    enum { N = 40, BAND = 3, MAXNNZ = N * 5 };
+    srand((unsigned)(f * 31 + threads));
+    int64_t ip64[N + 1], ix64[MAXNNZ];
+    int32_t ip32[N + 1], ix32[MAXNNZ], scatter[N];
+    float data[MAXNNZ];
+    ip64[0] = 0;
+    for (int i = 0; i < N; i++) {
+        int count = rand() % 5;
+        ip64[i + 1] = ip64[i] + count;
+        for (int64_t jj = ip64[i]; jj < ip64[i + 1]; jj++) {
+            int j = i + rand() % (2 * BAND + 1) - BAND;
+            ix64[jj] = j < 0 ? 0 : (j >= N ? N - 1 : j);
+            data[jj] = (float)(rand() % 9 - 4) * 0.25f;
+        }
+        scatter[i] = N - 1 - i;
+    }
+    const ptrdiff_t nnz = (ptrdiff_t)ip64[N];
+    for (int i = 0; i <= N; i++) ip32[i] = (int32_t)ip64[i];
+    for (ptrdiff_t jj = 0; jj < nnz; jj++) ix32[jj] = (int32_t)ix64[jj];
+    const size_t size = sizeof(float) * (size_t)(N * f);
+    float *x = malloc(size), *mid = malloc(size), *want = malloc(size), *out = malloc(size);
+    for (ptrdiff_t q = 0; q < N * f; q++) x[q] = (float)(rand() % 9 - 4) * 0.25f;
+    const float coeffs[3] = {0.25f, 0.75f, 0.5f};
+    reference(ip64, ix64, data, x, x, mid, N, f, coeffs[2], coeffs[1]);
+    reference(ip64, ix64, data, mid, x, want, N, f, 1.0f, coeffs[0]);
+    series_args p = {N, f, nnz, 2, 4, 0, 0, BAND, ip32, ix32, scatter, data, coeffs, x, out};
+    series_plan(p.band, p.chunk, &p.lag, &p.ring);
+    float *rings = malloc(series_ring_floats(&p) * sizeof(float) * (size_t)threads);
+    int ok = series_run(&p, task, threads, rings) == 0;
+    for (int i = 0; i < N && ok; i++)
+        ok = memcmp(out + (size_t)(scatter[i] * f), want + (size_t)(i * f),
+                    sizeof(float) * (size_t)f) == 0;
+    check(ok, "series = two reference products, F", (long)f);
+    ix32[0] = ip32[1] > 0 ? (int32_t)N - 1 : 0; /* row 0 -> column N - 1: beyond the band */
+    check(ip32[1] == 0 || series_run(&p, task, threads, rings) == -3,
+          "an entry beyond the band is refused", (long)f);
+    free(rings);
+    free(x);
+    free(mid);
+    free(want);
+    free(out);
+}
+
 static void check_bad_indices(spmm_kernel kernel)
 {
     const int32_t bad_ip[] = {0, 2, 1}, ix[] = {0, 1}, bad_ix[] = {0, 5};
@@ -123,6 +170,16 @@ int main(void)
             check_random(7u + (unsigned)w, widths[w], kernels32[which], kernels64[which]);
     }
     check_take_rows();
+    /* every series path this CPU has (the portable one stands in for the others) */
+    series_task_fn tasks[3] = {series_task_for("portable"), series_task_for("avx2"),
+                               series_task_for("avx512")};
+    for (int which = 0; which < 3; which++)
+        if (!tasks[which])
+            tasks[which] = series_task_portable;
+    for (int which = 0; which < 3; which++)
+        for (size_t w = 0; w < sizeof widths / sizeof widths[0]; w++)
+            for (int threads = 1; threads <= 3; threads += 2)
+                check_series(tasks[which], widths[w], threads);
     if (failures) {
         printf("%d of %d checks failed\n", failures, checks);
         return 1;
