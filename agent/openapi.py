@@ -110,6 +110,8 @@ def _operation(
         if name in EXAMPLES:
             media["example"] = EXAMPLES[name]
         op["requestBody"] = {"required": True, "content": {_JSON: media}}
+        # sync/http_guard.py cuts off a body slower than http.body_min_bytes_per_s
+        op["responses"]["408"] = {"description": "The body came too slowly; no content"}
     return op
 
 
