@@ -264,17 +264,11 @@ def openapi_document(
     for path, ops in paths.items():
         for method, op in ops.items():
             op["operationId"] = _operation_id(method, path)
+            if path.startswith("/v2"):
+                op["responses"].update(_oip_refusals(path, t))
     for method in ("put", "patch"):
         graph_ops[method]["responses"]["200"]["links"] = _TOPOLOGY_LINKS
-    components: dict[str, Any] = {
-        "schemas": {**SCHEMAS, **OIP_SCHEMAS},
-        "responses": {
-            "OipError": {
-                "description": "A refusal on a /v2 path (400, 401, 404, 405, 413, 421, 503)",
-                "content": {_JSON: {"schema": _ref("OipError")}},
-            },
-        },
-    }
+    components: dict[str, Any] = {"schemas": {**SCHEMAS, **OIP_SCHEMAS}}
     doc: dict[str, Any] = {
         "openapi": "3.0.3",
         "info": {"title": "dgdm-edge agent", "version": version},
@@ -434,7 +428,6 @@ def _oip_op(
         "summary": summary,
         "responses": {
             "200": {"description": "OK", "content": {"application/json": {"schema": _ref(answer)}}},
-            "default": {"$ref": "#/components/responses/OipError"},
         },
     }
     params = []
@@ -478,6 +471,28 @@ def _infer(version: bool, graph_id_pattern: str) -> dict[str, Any]:
         }
     }
     return op
+
+
+def _oip_refusals(path: str, token: bool) -> dict[str, Any]:
+    """Every refusal a /v2 operation may answer, as the protocol's `{"error": sentence}`."""
+    answers = {**_ALWAYS}
+    if token and path not in ("/v2/health/live", "/v2/health/ready"):
+        answers["401"] = "A valid bearer token is required (WWW-Authenticate)"
+    if path == "/v2/health/ready":
+        answers["503"] = "Not ready: the sentence names the failing checks of /healthz"
+    if "{name}" in path:
+        answers["404"] = "No such model (registered topology), or not at this version"
+    refusals = {code: _json(_ref("OipError"), text) for code, text in sorted(answers.items())}
+    if path.endswith("/infer"):
+        infer = {
+            "400": "A malformed request: the sentence names the field (shape, data, F, N)",
+            "413": "The body is over http.max_body_bytes or the diffusion over a kernels limit",
+            "503": "busy, shutting down, no backend, or the results could not be queued",
+            "504": "The diffusion outlived kernels.deadline_s",
+        }
+        refusals.update({code: _json(_ref("OipError"), text) for code, text in infer.items()})
+        refusals["408"] = {"description": "The body came too slowly; no content"}
+    return dict(sorted(refusals.items()))
 
 
 def _oip_paths(graph_id_pattern: str) -> dict[str, Any]:
