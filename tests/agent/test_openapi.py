@@ -106,6 +106,12 @@ def test_the_document_names_every_route_the_agent_registers() -> None:
         assert described == registered
         ids = [op["operationId"] for ops in doc["paths"].values() for op in ops.values()]
         assert len(set(ids)) == len(ids) == len(registered)
+        unauthorized = {
+            (m, p) for p, ops in doc["paths"].items() for m in ops if "401" in ops[m]["responses"]
+        }
+        open_paths = {("get", "/healthz"), ("get", "/v2/health/live"), ("get", "/v2/health/ready")}
+        assert unauthorized == (registered - open_paths if token_required else set())
+        assert ("securitySchemes" in doc["components"]) == token_required
 
 
 def test_infer_answers_match_their_schemas(
