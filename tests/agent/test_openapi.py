@@ -1,7 +1,8 @@
 """`/openapi.json` describes the whole local HTTP endpoint (SPEC §4 and the Open Inference
 Protocol routes of §4.1) as the agent answers them: schemathesis (`run --checks all`, its
 coverage, fuzzing and stateful phases) against live agents in both security setups, a
-token set and loopback without one, finds no failure, and the agent logs no 500.
+token set (with an outbox and a queued result) and loopback without one (no outbox),
+finds no failure, and the agent logs no 500.
 
 Limits of what this proves, on purpose:
 - `positive_data_acceptance` is excluded: JSON Schema cannot say that an input's N is the
@@ -28,14 +29,17 @@ from typing import Any
 
 import pytest
 
+from dgdm.sync.crypto import generate_keypair
+
 pytest.importorskip("schemathesis")
 
 TOKEN = "openapi-token"
 Agent = Any  # conftest.AgentProcess
 SETUPS = {
-    # A token set: bearer security on every operation but /healthz and /v2/health/*.
+    # A token set: bearer security on every operation but /healthz and /v2/health/*; with an
+    # outbox, so ?queue=1 answers carry outbox_seq and /outbox, /status show its depth.
     "token": {"http": {"token": TOKEN}, "kernels": {"backend": "numpy"}},
-    # Loopback without a token: the document asks for no credentials at all.
+    # Loopback without a token: the document asks for no credentials at all; no outbox.
     "loopback": {"kernels": {"backend": "numpy"}},
 }
 # Every operation but GET /openapi.json, which schemathesis does not test (it is the schema).
@@ -57,7 +61,23 @@ def _schemathesis_config(path: Path, version: str) -> Path:
 def test_the_whole_api_conforms_to_the_openapi_document(
     setup: str, start_agent: Callable[..., Agent], karate: dict[str, Any], tmp_path: Path
 ) -> None:
-    agent = start_agent(SETUPS[setup])
+    sections = dict(SETUPS[setup])
+    if setup == "token":
+        _, _, coordinator = generate_keypair(tmp_path / "keys", name="coordinator")
+        device_key, _, _ = generate_keypair(tmp_path / "keys", name="device")
+        sections["device"] = {"private_key": str(device_key)}
+        sections["sync"] = {"coordinator_public_key": coordinator}
+    agent = start_agent(sections)
+    assert agent.get("/outbox").json()["enabled"] == (setup == "token")
+    if setup == "token":  # a queued result: /outbox and /status then show a kind's stats
+        import jsonschema
+
+        queued = agent.request("POST", "/diffuse?queue=1", json.dumps(karate).encode())
+        assert queued.status == 200, queued.body
+        schemas = agent.get("/openapi.json").json()["components"]["schemas"]
+        jsonschema.validate(queued.json(), schemas["Diffusion"])
+        assert "outbox_seq" in queued.json()
+        assert agent.get("/outbox").json()["kinds"]["result"]["messages"] == 1
     registered = agent.request("PUT", "/graphs/karate", json.dumps(karate).encode())
     assert registered.status == 200, registered.body
     doc = agent.get("/openapi.json").json()
