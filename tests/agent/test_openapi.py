@@ -200,3 +200,23 @@ def test_a_tiny_alpha_is_not_a_500(start_agent: Callable[..., Agent]) -> None:
     agent = start_agent({"kernels": {"backend": "numpy"}})
     answer = agent.post_json("/diffuse", {"x": [[1.0]], "method": {"alpha": 5e-324}})
     assert answer.status < 500, answer.body
+
+
+def _strict_json(body: bytes) -> Any:
+    def refuse(name: str) -> Any:
+        raise ValueError(f"{name} is not JSON")
+
+    return json.loads(body, parse_constant=refuse)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a finite feature past the float32 range diffuses to inf, answered as the non-JSON "
+    "`Infinity` (the numpy backend computes in float32; agent/jsonio.py writes it); found by "
+    "schemathesis with --seed 17 --max-examples 100",
+)
+def test_features_past_float32_give_json_or_a_refusal(start_agent: Callable[..., Agent]) -> None:
+    agent = start_agent({"kernels": {"backend": "numpy"}})
+    answer = agent.post_json("/diffuse", {"x": [[1.0, 1e149]]})
+    assert answer.status < 500, answer.body
+    _strict_json(answer.body)
