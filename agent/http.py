@@ -337,7 +337,8 @@ async def diffuse_graph(request: web.Request) -> web.Response:
 
 
 async def openapi(request: web.Request) -> web.Response:
-    return json_response(openapi_document(__version__, GRAPH_ID.pattern))
+    required = _token_required(request.app[AGENT])
+    return json_response(openapi_document(__version__, GRAPH_ID.pattern, token_required=required))
 
 
 async def index(request: web.Request) -> web.Response:
