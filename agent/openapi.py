@@ -547,7 +547,7 @@ def _graph_forms() -> dict[str, Any]:
             "additionalProperties": False,
             "properties": {
                 "kind": _KINDS,
-                "alpha": {**_POSITIVE, "maximum": 1},
+                "alpha": {**_NUMBER, "minimum": 1e-6, "maximum": 1},
                 "t": {**_NUMBER, "minimum": 0, "maximum": 1000},
                 "coefficients": _nullable(_array(_NUMBER, minItems=1, maxItems=1000)),
                 "normalization": _NORMALIZATIONS,
@@ -678,6 +678,8 @@ _STATUS_KEYS = {
             "connected": _BOOL,
             "last_sync_ms": _nullable(_INT),
             "wire": _STRING,
+            # coordinator minus device wall clock (SPEC §6.1); null before two receipts agree
+            "clock_skew_ms": _nullable(_INT),
         },
     ),
     "outbox": _ref("Outbox"),
@@ -687,6 +689,7 @@ _STATUS_KEYS = {
         ["p50", "p99", "n"], {"p50": _nullable(_NUMBER), "p99": _nullable(_NUMBER), "n": _COUNT}
     ),
     "recent_latency_ms": _array(_NUMBER),
+    "loop_lag_ms": _NUMBER,
     # agent/alerts.py: each alert's body with its time; the config without secrets
     "alerts": _array({"type": "object", "required": ["ts_ms"]}),
     "config": {"type": "object"},

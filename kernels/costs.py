@@ -107,6 +107,9 @@ def work_bytes(name: str, problem: Problem, features: int, *, built: bool) -> in
     return build + 3 * _F64 * call
 
 
+MAX_PRODUCTS = 10**12
+
+
 def _products(problem: Problem) -> int:
     """Products with T per call: the series' k; for the exact forms what their solvers
     take, so that a slow one is costed as slow: conjugate gradients ~sqrt(cond) ln(2/tol) / 2
@@ -122,5 +125,11 @@ def _products(problem: Problem) -> int:
         return 1
     if method.normalization == "sym":
         condition = (2.0 - method.alpha) / method.alpha
-        return int(math.sqrt(condition) * math.log(2.0 / PPR_RTOL) / 2) + 1
-    return int(math.log(PPR_RTOL) / math.log1p(-method.alpha)) + 1
+        return _count(math.sqrt(condition) * math.log(2.0 / PPR_RTOL) / 2)
+    return _count(math.log(PPR_RTOL) / math.log1p(-method.alpha))
+
+
+def _count(products: float) -> int:
+    """A product count as an int; a tiny alpha (down to denormals) makes it astronomical or
+    inf, which is costed as MAX_PRODUCTS (the deadline stops such a solve)."""
+    return int(min(products, MAX_PRODUCTS)) + 1

@@ -14,6 +14,9 @@ KINDS = ("ppr", "heat", "poly")
 NORMALIZATIONS = ("sym", "col", "row")
 MAX_K = 1000
 MAX_COEFFICIENTS = 1000
+# Below this the exact ppr needs over 10^7 products (ln(tol) / ln(1 - alpha)) and the
+# series no longer decays: a denormal alpha only ever ends at the deadline, or overflows.
+MIN_ALPHA = 1e-6
 _METHOD_KEYS = frozenset({"kind", "alpha", "t", "coefficients", "normalization", "self_loops", "k"})
 
 
@@ -63,8 +66,8 @@ def parse_method(obj: Any, field: str = "method") -> Method:
     if not isinstance(self_loops, bool):
         raise MethodError(f"{field}.self_loops", "must be true or false")
     alpha = _number(obj.get("alpha", 0.15), f"{field}.alpha")
-    if not 0.0 < alpha <= 1.0:
-        raise MethodError(f"{field}.alpha", "must be in (0, 1]")
+    if not MIN_ALPHA <= alpha <= 1.0:
+        raise MethodError(f"{field}.alpha", f"must be in [{MIN_ALPHA:g}, 1] (0 excluded)")
     t = _number(obj.get("t", 5.0), f"{field}.t")
     if not 0.0 <= t <= 1000.0:
         raise MethodError(f"{field}.t", "must be in [0, 1000]")

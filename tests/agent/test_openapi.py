@@ -191,15 +191,11 @@ def test_the_documented_examples_succeed(start_agent: Callable[..., Agent]) -> N
         assert answer.status == 200, (method, template, answer.body)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="kernels/engine.py _products: int(sqrt(1/alpha) ...) overflows for a denormal alpha "
-    "(OverflowError -> 500); found by schemathesis with --seed 15 --max-examples 100",
-)
 def test_a_tiny_alpha_is_not_a_500(start_agent: Callable[..., Agent]) -> None:
     agent = start_agent({"kernels": {"backend": "numpy"}})
     answer = agent.post_json("/diffuse", {"x": [[1.0]], "method": {"alpha": 5e-324}})
-    assert answer.status < 500, answer.body
+    assert answer.status == 422, answer.body
+    assert "method.alpha" in _strict_json(answer.body)["message"]
 
 
 def _strict_json(body: bytes) -> Any:
@@ -209,14 +205,10 @@ def _strict_json(body: bytes) -> Any:
     return json.loads(body, parse_constant=refuse)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a finite feature past the float32 range diffuses to inf, answered as the non-JSON "
-    "`Infinity` (the numpy backend computes in float32; agent/jsonio.py writes it); found by "
-    "schemathesis with --seed 17 --max-examples 100",
-)
 def test_features_past_float32_give_json_or_a_refusal(start_agent: Callable[..., Agent]) -> None:
     agent = start_agent({"kernels": {"backend": "numpy"}})
     answer = agent.post_json("/diffuse", {"x": [[1.0, 1e149]]})
     assert answer.status < 500, answer.body
     _strict_json(answer.body)
+    assert answer.status == 422
+    assert "float32" in _strict_json(answer.body)["message"]
