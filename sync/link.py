@@ -123,6 +123,7 @@ class DeviceLink:
     async def start(self) -> None:
         stored = await asyncio.to_thread(self.outbox.get_state, LAST_COMMAND_KEY)
         self._executed = ExecutedCommands.decode(stored)
+        await self._answer_interrupted()
         await self.mqtt.start()
         self._tasks = [
             asyncio.create_task(self._drain_forever(), name="link-drain"),
@@ -384,13 +385,27 @@ class DeviceLink:
             self._reject(exc.reason, "cmd", str(exc))
             return
         seq = env.header.seq
-        # Persist first: a crash while executing must not run the command again.
-        executed = self._executed.add(seq)
-        await asyncio.to_thread(self.outbox.set_state, LAST_COMMAND_KEY, executed.encode())
-        self._executed = executed
+        # Persist first: a crash while executing must not run the command again (it is
+        # answered as interrupted at the next start instead).
+        await self._save_executed(self._executed.start(seq))
         self.counters["commands"] += 1
         reply = await self._call_handler(seq, env.body)
         await self.enqueue(Kind.REPLY, reply)
+        await self._save_executed(self._executed.replied())
+
+    async def _answer_interrupted(self) -> None:
+        """A command that started before a crash and has no reply queued gets one now."""
+        seq = self._executed.running
+        if seq is None:
+            return
+        log.warning("command %s was interrupted by a stop; answered, not run again", seq)
+        error = "interrupted: the agent stopped while running it (it is not run again)"
+        await self.enqueue(Kind.REPLY, reply_body(seq, error=error))
+        await self._save_executed(self._executed.replied())
+
+    async def _save_executed(self, executed: ExecutedCommands) -> None:
+        await asyncio.to_thread(self.outbox.set_state, LAST_COMMAND_KEY, executed.encode())
+        self._executed = executed
 
     async def _call_handler(self, seq: int, body: dict[str, Any]) -> dict[str, Any]:
         if self.on_command is None:

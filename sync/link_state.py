@@ -20,6 +20,7 @@ do the whole read (urgent checks, then the page) in one hop while the loop carri
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -252,6 +253,9 @@ class ExecutedCommands:
 
     floor: int = 0  # the coordinator allocates command seqs from 1
     above: frozenset[int] = frozenset()
+    # The seq that started and has no reply queued yet: after a crash it is answered as
+    # interrupted (never run again), so every command that ran gets a reply.
+    running: int | None = None
 
     def seen(self, seq: int) -> bool:
         return seq <= self.floor or seq in self.above
@@ -264,10 +268,19 @@ class ExecutedCommands:
             floor += 1
             above.discard(floor)
         floor = max(floor, max(above, default=floor) - COMMAND_WINDOW)
-        return ExecutedCommands(floor, frozenset(s for s in above if s > floor))
+        return ExecutedCommands(floor, frozenset(s for s in above if s > floor), self.running)
+
+    def start(self, seq: int) -> ExecutedCommands:
+        """`seq` ran (see `add`) and is running now."""
+        return dataclasses.replace(self.add(seq), running=seq)
+
+    def replied(self) -> ExecutedCommands:
+        return dataclasses.replace(self, running=None)
 
     def encode(self) -> str:
-        return json.dumps({"floor": self.floor, "above": sorted(self.above)})
+        return json.dumps(
+            {"floor": self.floor, "above": sorted(self.above), "running": self.running}
+        )
 
     @classmethod
     def decode(cls, text: str | None) -> ExecutedCommands:
@@ -278,4 +291,9 @@ class ExecutedCommands:
         value = json.loads(text)
         if isinstance(value, int):
             return cls(value)
-        return cls(int(value["floor"]), frozenset(int(s) for s in value["above"]))
+        running = value.get("running")
+        return cls(
+            int(value["floor"]),
+            frozenset(int(s) for s in value["above"]),
+            None if running is None else int(running),
+        )

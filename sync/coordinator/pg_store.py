@@ -477,7 +477,8 @@ class PgStore:
             stored += 1
             conn.execute(_ADD_BYTES, (len("{}"), item.device_id))
             conn.execute(
-                "UPDATE commands SET reply = %s, replied_ms = %s WHERE device_id = %s AND seq = %s",
+                "UPDATE commands SET reply = %s, replied_ms = %s"
+                " WHERE device_id = %s AND seq = %s AND reply IS NULL",  # the first reply wins
                 (text, now_ms, item.device_id, _bigint_or_none(item.body.get("cmd_seq"))),
             )
         return stored

@@ -393,7 +393,8 @@ class SqliteStore:
                 continue
             stored += 1
             self._db.execute(
-                "UPDATE commands SET reply = ?, replied_ms = ? WHERE device_id = ? AND seq = ?",
+                "UPDATE commands SET reply = ?, replied_ms = ?"
+                " WHERE device_id = ? AND seq = ? AND reply IS NULL",  # the first reply wins
                 (text, now_ms, item.device_id, _int64_or_none(item.body.get("cmd_seq"))),
             )
         return stored

@@ -282,3 +282,12 @@ def test_the_older_persisted_form_is_the_last_executed_seq() -> None:
     assert executed.seen(41)
     assert not executed.seen(42)
     assert ExecutedCommands.decode(None) == ExecutedCommands()
+
+
+def test_a_started_command_is_running_until_replied_and_survives_encoding() -> None:
+    executed = ExecutedCommands().start(3)
+    assert executed.running == 3
+    assert executed.seen(3)
+    assert ExecutedCommands.decode(executed.encode()) == executed
+    assert executed.replied().running is None
+    assert executed.replied().seen(3)

@@ -170,6 +170,42 @@ async def test_a_command_whose_publish_was_lost_is_sent_again_and_runs_once(
     assert coordinator.metrics.value("dgdm_coordinator_commands_resent_total") == 1
 
 
+async def test_a_command_a_crash_interrupted_is_answered_once_and_not_run_again(
+    mqtt_broker, sync_rig, rig_store
+) -> None:
+    """The device persisted seq s as started, then died before queueing its reply: at the
+    next start it answers s as interrupted, and a copy of s (the resend round) is dropped."""
+    calls: list[int] = []
+
+    async def on_command(seq, body):
+        calls.append(seq)
+        return {"pong": True}
+
+    rig = sync_rig(mqtt_broker, rig_store)
+    device = rig.device("d", on_command=on_command)
+    coordinator = await rig.start_coordinator()
+    now = time.time_ns() // 1_000_000
+    seq = coordinator.store.new_command(
+        device.device_id, {"cmd": "ping", "args": {}, "ttl_ms": 600_000}, now
+    )
+    device.outbox.set_state("last_command_seq", ExecutedCommands().start(seq).encode())
+    await device.start()
+    await eventually(
+        lambda: coordinator.store.command(device.device_id, seq)["status"] == "replied",
+        what="the interrupted command answered",
+    )
+    reply = coordinator.store.command(device.device_id, seq)["reply"]
+    assert reply["ok"] is False
+    assert "interrupted" in reply["error"]
+    await online(coordinator, device.device_id)
+    await coordinator.publish_command(
+        device.device_id, seq, now, {"cmd": "ping", "args": {}, "ttl_ms": 600_000}
+    )
+    await eventually(lambda: device.link.counters["rejected_replay"] == 1, what="copy dropped")
+    assert calls == []
+    assert ExecutedCommands.decode(device.outbox.get_state("last_command_seq")).running is None
+
+
 async def test_http_api(mqtt_broker, sync_rig, rig_store) -> None:
     rig = sync_rig(mqtt_broker, rig_store)
     device = rig.device("d")
