@@ -372,6 +372,11 @@ class Engine:
         node_ids: tuple[NodeId, ...],
         failed: tuple[str, ...],
     ) -> DiffusionResult:
+        embedding = np.asarray(out.z, dtype=np.float32)
+        if not np.isfinite(embedding).all():
+            # float64 features near or past float32's range diffuse to inf: an answer with
+            # Infinity would not be JSON, and a stored one no use.
+            raise GraphError("x", "the embedding overflowed float32: scale the features down")
         return DiffusionResult(
             job_id=os.urandom(16).hex(),
             graph_id=graph_id,
@@ -380,7 +385,7 @@ class Engine:
             latency_ms=(time.perf_counter() - start) * 1000.0,
             error_bound=_as_float32_bound(out.z, out.error_bound),
             node_ids=node_ids,
-            embedding=np.asarray(out.z, dtype=np.float32),
+            embedding=embedding,
             fallbacks=failed,
         )
 
