@@ -305,7 +305,7 @@ def _wait_for(
 def _wheel_with_version(tmp_path: Path, version: str) -> Path:
     """A wheel of this checkout that calls itself `version` (built from a copy)."""
     source = tmp_path / "src"
-    keep = {"pyproject.toml", "README.md", "agent", "sync", "kernels"}
+    keep = {"pyproject.toml", "README.md", "agent", "sync", "kernels", "common"}
     for name in keep & {p.name for p in REPO.iterdir()}:
         src = REPO / name
         if src.is_dir():
