@@ -123,8 +123,19 @@ class SoakRig:
         self._wait(self.coordinator, "coordinator", lambda: self.api("GET", "/healthz"))
         agent_config = self._write_agent_config(device_key, coord_pub)
         argv = [sys.executable, "-m", "dgdm.agent", "agent", "--config", str(agent_config)]
-        self.agent = self._spawn([*self.agent_prefix, *argv], "agent", self.agent_env)
-        self._wait(self.agent, "agent", lambda: self.agent_get("/healthz"))
+        preloaded = "LD_PRELOAD" in (self.agent_env or {})
+        for attempt in (1, 2):
+            self.agent = self._spawn([*self.agent_prefix, *argv], "agent", self.agent_env)
+            try:
+                self._wait(self.agent, "agent", lambda: self.agent_get("/healthz"))
+                break
+            except RuntimeError:
+                # libfaketime's LD_PRELOAD shim now and then segfaults a Python process as it
+                # starts (seen once in CI: exit -11 before the agent logged a line); the
+                # same agent without it never did. One more try, only then.
+                crashed = (self.agent.returncode or 0) < 0
+                if not (preloaded and crashed and attempt == 1):
+                    raise
         return self
 
     def stop(self) -> None:
@@ -142,7 +153,11 @@ class SoakRig:
             self.broker.stop()
 
     def __enter__(self) -> SoakRig:
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()  # what did start: no process outlives a failed start
+            raise
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
