@@ -67,10 +67,12 @@ def client_cert(fleet: Fleet, name: str) -> tuple[Path, Path]:
 class Client:
     """A blocking MQTT 5 client over TLS, with received messages in a queue."""
 
-    def __init__(self, host: Fleet, name: str) -> None:
+    def __init__(self, host: Fleet, name: str, client_id: str | None = None) -> None:
         self.messages: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self.acks: queue.Queue[list[int]] = queue.Queue()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=name, protocol=mqtt.MQTTv5)
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=client_id or name, protocol=mqtt.MQTTv5
+        )
         certfile, keyfile = client_cert(host, name)
         self.client.tls_set(ca_certs=str(host.pki / "ca.pem"), certfile=certfile, keyfile=keyfile)
         self.client.on_message = lambda _c, _u, msg: self.messages.put((msg.topic, msg.payload))
@@ -80,9 +82,9 @@ class Client:
         self.client.on_publish = lambda _c, _u, _mid, code, _p: self.acks.put([code.value])
         self.port = host.broker_port
 
-    def connect(self, *, clean_start: bool = True) -> None:
+    def connect(self, *, clean_start: bool = True, session_expiry_s: int = 3600) -> None:
         props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = 3600
+        props.SessionExpiryInterval = session_expiry_s
         self.client.connect("127.0.0.1", self.port, clean_start=clean_start, properties=props)
         self.client.loop_start()
 
@@ -169,6 +171,7 @@ def test_only_the_coordinator_joins_its_shared_subscription(fleet: Fleet) -> Non
     deliver to the device by ACL: the message is gone for the coordinator too. The role's
     dynamic-security configuration refuses the subscription itself.
     """
+    _forget_the_deployed_coordinators_session(fleet)
     coordinator = Client(fleet, "dgdm-coordinator")
     hostile = [Client(fleet, f"edge-share-{i}") for i in range(4)]
     device = Client(fleet, "edge-share-src")
@@ -193,6 +196,19 @@ def test_only_the_coordinator_joins_its_shared_subscription(fleet: Fleet) -> Non
     finally:
         for client in clients:
             client.close()
+
+
+def _forget_the_deployed_coordinators_session(fleet: Fleet) -> None:
+    """Drop the session a deployed coordinator run by an earlier test left on this broker.
+
+    Its session (`mqtt.session_expiry_s`, 60 s, by design: a restart resumes its share)
+    keeps its seat in `$share/dgdm`, and the broker queues every other message for it: this
+    test's coordinator would get half. A clean start under its client id with no expiry
+    ends that session; nothing else here has one.
+    """
+    stale = Client(fleet, "dgdm-coordinator", client_id="dgdm-coordinator-coordinator")
+    stale.connect(clean_start=True, session_expiry_s=0)
+    stale.close()
 
 
 def test_an_identity_the_broker_does_not_list_gets_no_topic(fleet: Fleet) -> None:
