@@ -133,7 +133,9 @@ class Batcher(Generic[K, R]):
 
 def split_columns(z: np.ndarray, parts: Sequence[np.ndarray]) -> list[np.ndarray]:
     """`z` of `[X1 | X2 | ...]` cut back into one block of columns per part."""
-    bounds = np.cumsum([0, *(p.shape[1] for p in parts)])
+    if len(parts) == 1:
+        return [z]
+    bounds = itertools.accumulate((p.shape[1] for p in parts), initial=0)
     return [z[:, a:b] for a, b in itertools.pairwise(bounds)]
 
 
@@ -141,6 +143,8 @@ def side_by_side(sets: np.ndarray, max_width: int) -> list[np.ndarray]:
     """B feature sets (B, N, F) as few (N, k * F) blocks as fit `max_width` columns: set b
     is columns b * F .. (b + 1) * F of its block. One copy, not B slices stacked."""
     b, n, f = sets.shape
+    if b == 1:
+        return [sets[0]]
     per_block = max(1, max_width // f)
     return [
         np.ascontiguousarray(sets[i : i + per_block].transpose(1, 0, 2)).reshape(n, -1)
@@ -151,6 +155,8 @@ def side_by_side(sets: np.ndarray, max_width: int) -> list[np.ndarray]:
 def sets_of(blocks: Sequence[np.ndarray], f: int) -> np.ndarray:
     """`side_by_side` undone: (N, k * F) blocks back to (B, N, F)."""
     n = blocks[0].shape[0]
+    if len(blocks) == 1 and blocks[0].shape[1] == f:
+        return blocks[0][None]
     return np.concatenate([z.reshape(n, -1, f).transpose(1, 0, 2) for z in blocks])
 
 

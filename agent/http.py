@@ -177,22 +177,13 @@ def _sentence(exc: web.HTTPException) -> str:
 async def host_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """DNS rebinding: answer only requests addressed to this box by a name it trusts."""
     http = request.app[AGENT].config.http
-    if not _host_allowed(request.headers.get("Host"), http.bind, _extra_hosts(http.allowed_hosts)):
+    if not hosts.addressed_here(request.headers.get("Host"), http.bind, http.allowed_hosts):
         raise ApiError(
             421,
             "bad_host",
             "the Host header must name a loopback address, http.bind or one of http.allowed_hosts",
         )
     return await handler(request)
-
-
-# Asked on every request with the same few Host values (~4 us parsed, ~0.2 us cached).
-_host_allowed = functools.lru_cache(maxsize=64)(hosts.allowed)
-
-
-@functools.lru_cache(maxsize=4)
-def _extra_hosts(names: tuple[str, ...]) -> frozenset[str]:
-    return frozenset(hosts.hostname(name) for name in names)
 
 
 @web.middleware

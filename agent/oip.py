@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 import numpy as np
 from aiohttp import web
 
-from dgdm.agent import __version__, hosts, topologies
+from dgdm.agent import __version__, hosts
 from dgdm.agent import status as state
 from dgdm.agent.answers import result_body
 from dgdm.agent.batcher import Batcher, sets_of, side_by_side
@@ -44,6 +44,7 @@ from dgdm.sync.errors import OutboxError
 
 if TYPE_CHECKING:
     from dgdm.agent.runtime import Agent
+    from dgdm.kernels.registry import Topology
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
@@ -72,6 +73,7 @@ class OipError(Exception):
 class _Models:
     agent: Agent
     batcher: Batcher[Key, Any]
+    counters: _Counters
 
 
 MODELS: web.AppKey[_Models] = web.AppKey("oip_models")
@@ -81,7 +83,7 @@ def add_oip_routes(app: web.Application, agent: Agent) -> None:
     kernels = agent.config.kernels
     run = _Runs(agent)
     batcher: Batcher[Key, Any] = Batcher(run, kernels.batch_window_us / 1e6, kernels.max_features)
-    app[MODELS] = _Models(agent, batcher)
+    app[MODELS] = _Models(agent, batcher, _Counters(agent))
     app.middlewares.insert(0, oip_middleware)
     app.add_routes(ROUTES)
 
@@ -117,8 +119,7 @@ async def oip_middleware(request: web.Request, handler: Handler) -> web.StreamRe
 def _host_allowed(request: web.Request) -> bool:
     """The app's DNS-rebinding check, which the open paths skip along with its auth."""
     http = request.app[MODELS].agent.config.http
-    extra = frozenset(hosts.hostname(name) for name in http.allowed_hosts)
-    return hosts.allowed(request.headers.get("Host"), http.bind, extra)
+    return hosts.addressed_here(request.headers.get("Host"), http.bind, http.allowed_hosts)
 
 
 def _refusals(handler: Handler) -> Handler:
@@ -180,22 +181,23 @@ _REFUSED = (
 # -- models -------------------------------------------------------------------------------
 
 
-def _model(agent: Agent, name: str, version: str | None) -> dict[str, Any]:
+def _model(agent: Agent, name: str, version: str | None) -> Topology:
     """The registered topology `name`, which must be at `version` when one is asked."""
     try:
-        topo = topologies.topology(agent.engine.topologies(), name)
+        topo = agent.engine.topology(name)
     except UnknownTopology:
         raise OipError(
             404, f"unknown model {name!r}: register it with PUT /graphs/{{id}}"
         ) from None
-    if version is not None and version != topo["key"]:
-        raise OipError(404, f"model {name!r} has no version {version!r} (it is at {topo['key']})")
+    at = topo.problem.key
+    if version is not None and version != at:
+        raise OipError(404, f"model {name!r} has no version {version!r} (it is at {at})")
     return topo
 
 
-def _feature_width(topo: dict[str, Any]) -> int:
+def _feature_width(topo: Topology) -> int:
     """The registered feature width, or -1 (any) when the topology came without features."""
-    width = topo.get("features")
+    width = topo.features
     return width if type(width) is int and width > 0 else -1
 
 
@@ -254,12 +256,12 @@ async def ready(request: web.Request) -> web.Response:
 async def model_metadata(request: web.Request) -> web.Response:
     name, version = _path(request)
     topo = _model(request.app[MODELS].agent, name, version)
-    shape = [-1, int(topo["nodes"]), _feature_width(topo)]
+    shape = [-1, len(topo.node_ids), _feature_width(topo)]
     tensor = {"datatype": DATATYPE, "shape": shape}
     return _json(
         {
             "name": name,
-            "versions": [topo["key"]],
+            "versions": [topo.problem.key],
             "platform": "dgdm",
             "inputs": [{"name": INPUT, **tensor}],
             "outputs": [{"name": OUTPUT, **tensor}],
@@ -270,7 +272,7 @@ async def model_metadata(request: web.Request) -> web.Response:
 async def model_ready(request: web.Request) -> web.Response:
     name, version = _path(request)
     topo = _model(request.app[MODELS].agent, name, version)
-    return _json({"name": name, "version": topo["key"], "ready": True})
+    return _json({"name": name, "version": topo.problem.key, "ready": True})
 
 
 async def infer(request: web.Request) -> web.Response:
@@ -282,12 +284,12 @@ async def infer(request: web.Request) -> web.Response:
     sets = _feature_sets(req.x, topo, max_features)
     if req.queue and models.agent.outbox is None:
         raise OipError(400, "parameters.queue needs an outbox: set sync.coordinator_public_key")
-    key = (name, topo["key"])
+    key = (name, topo.problem.key)
     try:
         pieces = await models.batcher.diffuse(key, side_by_side(sets, max_features))
         z = sets_of([z for _, z in pieces], sets.shape[2])
         per_block = max(1, max_features // sets.shape[2])
-        _count(models.agent, [r for r, _ in pieces], per_block, len(z))
+        models.counters.count([r for r, _ in pieces], per_block, len(z))
         seqs = []
         if req.queue:
             per_set = [(pieces[b // per_block][0], z[b]) for b in range(len(z))]
@@ -339,14 +341,14 @@ def _check_same_site(request: web.Request) -> None:
         raise OipError(400, f"cross-site requests are refused (Origin {origin!r})")
 
 
-def _feature_sets(x: np.ndarray, topo: dict[str, Any], max_features: int) -> np.ndarray:
+def _feature_sets(x: np.ndarray, topo: Topology, max_features: int) -> np.ndarray:
     """x as (B, N, F) feature sets, checked against the model."""
     n, f = x.shape[-2], x.shape[-1]
-    if n != topo["nodes"]:
+    if n != len(topo.node_ids):
         raise OipError(
             400,
-            f"input {INPUT} has N = {n} rows but model {topo['graph_id']!r} has "
-            f"{topo['nodes']} nodes",
+            f"input {INPUT} has N = {n} rows but model {topo.graph_id!r} has "
+            f"{len(topo.node_ids)} nodes",
         )
     width = _feature_width(topo)
     if width > 0 and f != width:
@@ -356,15 +358,29 @@ def _feature_sets(x: np.ndarray, topo: dict[str, Any], max_features: int) -> np.
     return x if x.ndim == 3 else x[None]
 
 
-def _count(agent: Agent, results: list[Any], per_block: int, sets: int) -> None:
-    """Each block's call once in the latency figures; its feature sets in the counter."""
-    for i, result in enumerate(results):
-        seconds = result.latency_ms / 1000.0
-        agent.latency.record(result.latency_ms)
-        agent.metrics.diffusions.labels(result.backend, "oip").inc(
-            min(per_block, sets - i * per_block)
-        )
-        agent.metrics.duration.labels(result.backend).observe(seconds)
+class _Counters:
+    """Each block's call once in the latency figures; its feature sets in the counter. The
+    metric children are looked up once per backend (a label lookup costs as much as the
+    rest of the count)."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        self._children: dict[str, tuple[Any, Any]] = {}
+
+    def count(self, results: list[Any], per_block: int, sets: int) -> None:
+        for i, result in enumerate(results):
+            diffusions, duration = self._of(result.backend)
+            self.agent.latency.record(result.latency_ms)
+            diffusions.inc(min(per_block, sets - i * per_block))
+            duration.observe(result.latency_ms / 1000.0)
+
+    def _of(self, backend: str) -> tuple[Any, Any]:
+        children = self._children.get(backend)
+        if children is None:
+            metrics = self.agent.metrics
+            children = (metrics.diffusions.labels(backend, "oip"), metrics.duration.labels(backend))
+            self._children[backend] = children
+        return children
 
 
 async def _queue(agent: Agent, per_set: list[tuple[Any, np.ndarray]]) -> list[int]:

@@ -9,6 +9,7 @@ an `OipRequestError` whose sentence names what is wrong (the client shows it to 
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,10 @@ OUTPUT = "z"
 DATATYPE = "FP32"
 _WIRE_DTYPE = np.dtype("<f4")
 _NUMBERS = (int, float)
+# A binary request's JSON header is the same bytes request after request (one client, one
+# shape): headers up to this size are checked once and remembered (MAX_HEADERS of them).
+CACHED_HEADER_BYTES = 1024
+MAX_HEADERS = 256
 
 
 class OipRequestError(ValueError):
@@ -51,15 +56,49 @@ def parse_infer(body: bytes, header_length: int | None) -> InferRequest:
                 f"{len(body)} bytes"
             )
         header, tail = body[:header_length], body[header_length:]
+    binary = header_length is not None
+    if binary and len(header) <= CACHED_HEADER_BYTES:
+        checked = _remembered_header(header)
+    else:
+        checked = _header(header, binary_allowed=binary)
+    return InferRequest(
+        x=_input_data(checked, tail),
+        request_id=checked.request_id,
+        binary_output=checked.binary_output,
+        queue=checked.queue,
+    )
+
+
+@dataclass(frozen=True)
+class _Header:
+    """An infer request's JSON header, checked: everything but the tensor's data."""
+
+    shape: tuple[int, ...]
+    binary_size: int | None  # None: the data is in the header, `data`
+    data: Any
+    request_id: str | None
+    binary_output: bool
+    queue: bool
+
+
+def _header(header: bytes, *, binary_allowed: bool) -> _Header:
     obj = _decode(header)
     params = _parameters(obj.get("parameters"), "request parameters")
-    x = _input_tensor(obj.get("inputs"), tail, binary_allowed=header_length is not None)
-    return InferRequest(
-        x=x,
+    shape, size, data = _input_tensor(obj.get("inputs"), binary_allowed=binary_allowed)
+    return _Header(
+        shape=shape,
+        binary_size=size,
+        data=data,
         request_id=_request_id(obj.get("id")),
         binary_output=_binary_output(obj.get("outputs"), params),
         queue=_flag(params, "queue", "request parameters"),
     )
+
+
+@functools.lru_cache(maxsize=MAX_HEADERS)
+def _remembered_header(header: bytes) -> _Header:
+    """`_header` of a binary request, once per distinct header (a refusal is not kept)."""
+    return _header(header, binary_allowed=True)
 
 
 def encode_infer(
@@ -72,22 +111,46 @@ def encode_infer(
     parameters: dict[str, Any] | None = None,
 ) -> tuple[bytes, int | None]:
     """The infer response body and, for a binary `z`, the JSON header's length."""
-    output: dict[str, Any] = {"name": OUTPUT, "datatype": DATATYPE, "shape": list(z.shape)}
     raw = np.ascontiguousarray(z, dtype=_WIRE_DTYPE)
+    if binary and not parameters:
+        header = _binary_answer_header(model_name, model_version, request_id, z.shape)
+        return header + raw.tobytes(), len(header)
+    output: dict[str, Any] = {"name": OUTPUT, "datatype": DATATYPE, "shape": list(z.shape)}
     if binary:
         output["parameters"] = {"binary_data_size": raw.nbytes}
     else:
         output["data"] = raw.reshape(-1)
+    header = _answer_header(model_name, model_version, request_id, parameters, output)
+    if not binary:
+        return header, None
+    return header + raw.tobytes(), len(header)
+
+
+def _answer_header(
+    model_name: str,
+    model_version: str,
+    request_id: str | None,
+    parameters: dict[str, Any] | None,
+    output: dict[str, Any],
+) -> bytes:
     answer: dict[str, Any] = {"model_name": model_name, "model_version": model_version}
     if request_id is not None:
         answer["id"] = request_id
     if parameters:
         answer["parameters"] = parameters
     answer["outputs"] = [output]
-    header = dumps(answer)
-    if not binary:
-        return header, None
-    return header + raw.tobytes(), len(header)
+    return dumps(answer)
+
+
+@functools.lru_cache(maxsize=MAX_HEADERS)
+def _binary_answer_header(
+    model_name: str, model_version: str, request_id: str | None, shape: tuple[int, ...]
+) -> bytes:
+    """A binary answer's header, the same bytes answer after answer (one model, one shape)."""
+    size = math.prod(shape) * _WIRE_DTYPE.itemsize
+    output: dict[str, Any] = {"name": OUTPUT, "datatype": DATATYPE, "shape": list(shape)}
+    output["parameters"] = {"binary_data_size": size}
+    return _answer_header(model_name, model_version, request_id, None, output)
 
 
 def error_body(sentence: str) -> bytes:
@@ -129,7 +192,9 @@ def _flag(params: dict[str, Any], name: str, where: str) -> bool:
     return value
 
 
-def _input_tensor(inputs: Any, tail: bytes, *, binary_allowed: bool) -> np.ndarray:
+def _input_tensor(inputs: Any, *, binary_allowed: bool) -> tuple[tuple[int, ...], int | None, Any]:
+    """The one input's shape, binary size (None: JSON data) and JSON data, checked as far as
+    the header alone allows."""
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
         raise OipRequestError(f"inputs must be a list of exactly one tensor, {INPUT}")
     tensor = inputs[0]
@@ -141,19 +206,37 @@ def _input_tensor(inputs: Any, tail: bytes, *, binary_allowed: bool) -> np.ndarr
     params = _parameters(tensor.get("parameters"), f"input {INPUT} parameters")
     size = params.get("binary_data_size")
     if size is None:
+        return shape, None, tensor.get("data")
+    if not binary_allowed:
+        raise OipRequestError(
+            f"input {INPUT} declares binary_data_size but the request has no "
+            "Inference-Header-Content-Length"
+        )
+    expected = math.prod(shape) * _WIRE_DTYPE.itemsize
+    if type(size) is not int or size != expected:
+        raise OipRequestError(
+            f"input {INPUT} binary_data_size is {size!r} but shape {list(shape)} of "
+            f"{DATATYPE} needs {expected} bytes"
+        )
+    return shape, size, None
+
+
+def _input_data(header: _Header, tail: bytes) -> np.ndarray:
+    """The input tensor from the header's JSON data or the binary tail."""
+    if header.binary_size is None:
         if tail:
             raise OipRequestError(
                 f"the body has {len(tail)} bytes after the header but input {INPUT} "
                 "declares no binary_data_size"
             )
-        x = _json_data(tensor.get("data"), shape)
+        x = _json_data(header.data, header.shape)
     else:
-        if not binary_allowed:
+        if len(tail) != header.binary_size:
             raise OipRequestError(
-                f"input {INPUT} declares binary_data_size but the request has no "
-                "Inference-Header-Content-Length"
+                f"the binary tensor data is {len(tail)} bytes but binary_data_size says "
+                f"{header.binary_size}"
             )
-        x = _binary_data(size, tail, shape)
+        x = np.frombuffer(tail, dtype=_WIRE_DTYPE).astype(np.float32).reshape(header.shape)
     if not np.isfinite(x).all():
         raise OipRequestError(f"input {INPUT} must hold finite FP32 numbers only")
     return x
@@ -169,20 +252,6 @@ def _shape(value: Any) -> tuple[int, ...]:
             f"input {INPUT} shape must be [N, F] or [B, N, F] of positive integers, not {value!r}"
         )
     return tuple(value)
-
-
-def _binary_data(size: Any, tail: bytes, shape: tuple[int, ...]) -> np.ndarray:
-    expected = math.prod(shape) * _WIRE_DTYPE.itemsize
-    if type(size) is not int or size != expected:
-        raise OipRequestError(
-            f"input {INPUT} binary_data_size is {size!r} but shape {list(shape)} of "
-            f"{DATATYPE} needs {expected} bytes"
-        )
-    if len(tail) != size:
-        raise OipRequestError(
-            f"the binary tensor data is {len(tail)} bytes but binary_data_size says {size}"
-        )
-    return np.frombuffer(tail, dtype=_WIRE_DTYPE).astype(np.float32).reshape(shape)
 
 
 def _json_data(data: Any, shape: tuple[int, ...]) -> np.ndarray:

@@ -622,6 +622,12 @@ class Engine:
         with self._lock:
             return [t.describe() for t in self._topologies.values()]
 
+    def topology(self, graph_id: str) -> Topology:
+        """The topology registered as `graph_id`, to read (an inference request is checked
+        against its key, node count and feature width on every call: no description is
+        built). Raises UnknownTopology."""
+        return self._topology(graph_id)
+
     def _topology(self, graph_id: str) -> Topology:
         try:
             return self._topologies[graph_id]
