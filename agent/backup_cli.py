@@ -22,20 +22,11 @@ LOCK_NAME = "agent.lock"
 
 
 def register(actions: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from dgdm.sync.backup_cli import config_arg
+    from dgdm.sync.backup_cli import add_backup_and_restore
 
-    backup = actions.add_parser(
-        "backup", help="copy the outbox and registered topologies to FILE while the agent runs"
+    add_backup_and_restore(
+        actions, "agent", "the outbox and registered topologies", _backup, _restore
     )
-    backup.add_argument("--out", type=Path, required=True, help="the backup file (made 0600)")
-    config_arg(backup, "agent")
-    backup.set_defaults(func=_backup)
-    restore = actions.add_parser(
-        "restore", help="replace the outbox and topologies by a backup (the agent stopped)"
-    )
-    restore.add_argument("file", type=Path, metavar="FILE", help="a file of `backup --out`")
-    config_arg(restore, "agent")
-    restore.set_defaults(func=_restore)
 
 
 def lock_path(config: AgentConfig) -> Path:

@@ -4,6 +4,7 @@ a PostgreSQL store is backed up with `pg_dump`). The work is in `sync/backup.py`
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,18 +18,31 @@ PG_BACKUP = (
 
 
 def register(actions: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    backup = actions.add_parser(
-        "backup", help="copy the SQLite store to FILE while the coordinator runs"
+    add_backup_and_restore(actions, "coordinator", "the SQLite store", _backup, _restore)
+
+
+def add_backup_and_restore(
+    actions: argparse._SubParsersAction[argparse.ArgumentParser],
+    service: str,
+    contents: str,
+    backup: Callable[[argparse.Namespace], int],
+    restore: Callable[[argparse.Namespace], int],
+) -> None:
+    """`backup --out FILE` and `restore FILE`, the same for the agent and the coordinator."""
+    backup_parser = actions.add_parser(
+        "backup", help=f"copy {contents} to FILE while the {service} runs"
     )
-    backup.add_argument("--out", type=Path, required=True, help="the backup file (made 0600)")
-    config_arg(backup, "coordinator")
-    backup.set_defaults(func=_backup)
-    restore = actions.add_parser(
-        "restore", help="replace the SQLite store by a backup (the coordinator stopped)"
+    backup_parser.add_argument(
+        "--out", type=Path, required=True, help="the backup file (made 0600)"
     )
-    restore.add_argument("file", type=Path, metavar="FILE", help="a file of `backup --out`")
-    config_arg(restore, "coordinator")
-    restore.set_defaults(func=_restore)
+    config_arg(backup_parser, service)
+    backup_parser.set_defaults(func=backup)
+    restore_parser = actions.add_parser(
+        "restore", help=f"replace {contents} by a backup (the {service} stopped)"
+    )
+    restore_parser.add_argument("file", type=Path, metavar="FILE", help="a file of `backup --out`")
+    config_arg(restore_parser, service)
+    restore_parser.set_defaults(func=restore)
 
 
 def config_arg(parser: argparse.ArgumentParser, service: str) -> None:

@@ -41,6 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dgdm.sync.child_procs import terminate, toml_text
+
 TOKEN = secrets.token_urlsafe(16)  # the replicas' API token, new for every bench process
 DEVICES_PER_WORKER = 1000
 FLOODER = "flood-0"
@@ -213,13 +215,7 @@ class Fleet:
 
     def stop(self) -> None:
         for proc in reversed(self.procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            terminate(proc, 20)
         if self.pg is not None:
             self.pg.destroy()
 
@@ -354,14 +350,6 @@ def _start_postgres(fleet: Fleet) -> None:
     fleet.env[PG_PASSWORD_ENV] = fleet.pg.password
 
 
-def _toml(sections: dict[str, dict[str, Any]]) -> str:
-    lines = []
-    for name, values in sections.items():
-        lines.append(f"[{name}]")
-        lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
-    return "\n".join(lines) + "\n"
-
-
 def _write_config(fleet: Fleet, broker_url: str, coord_key: Path, index: int) -> tuple[Path, int]:
     from dgdm.sync.broker import free_port
 
@@ -371,7 +359,7 @@ def _write_config(fleet: Fleet, broker_url: str, coord_key: Path, index: int) ->
         store = {"url": fleet.store_url, "password": f"env:{PG_PASSWORD_ENV}"}
     path, port = root / f"coordinator-{index}.toml", free_port()
     path.write_text(
-        _toml(
+        toml_text(
             {
                 "coordinator": {
                     "id": f"replica-{index}",

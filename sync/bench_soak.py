@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dgdm.sync.child_procs import toml_text, wait_or_kill
+
 DEVICE_ID = "soak-edge-1"
 SAMPLE_S = 10.0
 GROWTH_LIMIT = 0.05
@@ -68,14 +70,6 @@ def main(args: argparse.Namespace) -> int:
 
 
 # -- the rig ------------------------------------------------------------------------------
-
-
-def _toml(sections: dict[str, dict[str, Any]]) -> str:
-    lines = []
-    for name, values in sections.items():
-        lines.append(f"[{name}]")
-        lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
-    return "\n".join(lines) + "\n"
 
 
 def _merge(base: dict[str, dict[str, Any]], extra: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -144,11 +138,7 @@ class SoakRig:
                 proc.send_signal(signal.SIGTERM)
         for proc in (self.agent, self.coordinator):
             if proc is not None:
-                try:
-                    proc.wait(15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+                wait_or_kill(proc, 15)
         if self.broker is not None:
             self.broker.stop()
 
@@ -232,7 +222,7 @@ class SoakRig:
             "http": {"port": self.api_port, "token": self.token},
         }
         path = self.root / "coordinator.toml"
-        path.write_text(_toml(_merge(base, self.coordinator_settings)))
+        path.write_text(toml_text(_merge(base, self.coordinator_settings)))
         return path
 
     def _write_agent_config(self, key: Path, coord_pub: str) -> Path:
@@ -244,7 +234,7 @@ class SoakRig:
             "log": {"level": "warning"},
         }
         path = self.root / "agent.toml"
-        path.write_text(_toml(_merge(base, self.agent_settings)))
+        path.write_text(toml_text(_merge(base, self.agent_settings)))
         return path
 
 

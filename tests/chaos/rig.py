@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from dgdm.sync.broker import Broker, free_port
+from dgdm.sync.child_procs import toml_text, wait_or_kill
 
 from .schedule import AGENTS, CLOCK_AGENT, DISK_AGENT, NETNS_AGENT, REPLICAS
 
@@ -193,25 +194,13 @@ class Part:
             return
         self.signal(signal.SIGCONT)  # a SIGSTOPped coordinator must hear the SIGTERM
         self.signal(signal.SIGTERM)
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        wait_or_kill(self.proc, 15)
 
     def log_tail(self, chars: int = 1500) -> str:
         try:
             return self.log_path.read_text(errors="replace")[-chars:]
         except OSError:
             return "(no log)"
-
-
-def _toml(sections: dict[str, dict[str, Any]]) -> str:
-    lines = []
-    for name, values in sections.items():
-        lines.append(f"[{name}]")
-        lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
-    return "\n".join(lines) + "\n"
 
 
 def _public_b64(key_path: Path) -> str:
@@ -303,7 +292,7 @@ class Rig:
             "http": {"port": port, "token": TOKEN},
             "store": {"url": self.store_url, "password": f"env:{PG_PASSWORD_ENV}"},
         }
-        path.write_text(_toml(sections))
+        path.write_text(toml_text(sections))
         return path, port
 
     def _enrol(self, config: tuple[Path, int], devices: list[tuple[str, str]]) -> None:
@@ -349,7 +338,7 @@ class Rig:
             "alerts": {"disk_min_free_bytes": 2**50, "repeat_s": 5.0},
         }
         config = workdir / "agent.toml"
-        config.write_text(_toml(sections))
+        config.write_text(toml_text(sections))
         argv = [*prefix, sys.executable, "-m", "dgdm.agent", "agent", "--config", str(config)]
         part = Part(f"agent{index}", argv, workdir / "agent.log", f"http://{host}:{port}", env)
         part.start()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -29,6 +28,7 @@ import psutil
 import pytest
 
 from dgdm.sync.broker import Broker, free_port
+from dgdm.sync.child_procs import terminate, toml_text
 from dgdm.sync.crypto import generate_keypair
 
 pytestmark = pytest.mark.flood
@@ -40,14 +40,6 @@ FLOOD_S = float(os.environ.get("DGDM_FLOOD_S", "30"))
 TOKEN = "flood-token"
 TELEMETRY_PER_S = 20.0
 BURST_S = 30.0
-
-
-def _toml(sections: dict[str, dict[str, Any]]) -> str:
-    lines = []
-    for name, values in sections.items():
-        lines.append(f"[{name}]")
-        lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
-    return "\n".join(lines) + "\n"
 
 
 def _dgdm(*args: str) -> list[str]:
@@ -105,13 +97,7 @@ class Fleet:
 
     def stop(self) -> None:
         for proc in reversed(self.procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            terminate(proc, 20)
         self.broker.stop()
 
 
@@ -126,7 +112,7 @@ def fleet(tmp_path: Path) -> Iterator[Fleet]:
     coord_port, agent_port = free_port(), free_port()
     coord_cfg = tmp_path / "coordinator.toml"
     coord_cfg.write_text(
-        _toml(
+        toml_text(
             {
                 "coordinator": {"data_dir": str(tmp_path / "coord"), "private_key": str(coord_key)},
                 "mqtt": {"broker_url": broker.url, "client_id": "coord-flood"},
@@ -163,7 +149,7 @@ def fleet(tmp_path: Path) -> Iterator[Fleet]:
         )
         agent_cfg = tmp_path / "agent.toml"
         agent_cfg.write_text(
-            _toml(
+            toml_text(
                 {
                     "device": {
                         "id": "edge-a",

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import networkx as nx
@@ -46,6 +49,27 @@ def directed(n: int, seed: int) -> nx.DiGraph:
     for u, v in g.edges():
         g[u][v]["weight"] = float(rng.uniform(0.5, 2.0))
     return g
+
+
+def spins_while(work: Callable[[], object], times: int = 3) -> int:
+    """How often this thread ran while a worker thread called `work` `times` times: with the
+    GIL held for the whole call, hardly at all."""
+    started = threading.Event()
+
+    def worker_loop() -> None:
+        started.set()
+        for _ in range(times):
+            work()
+
+    worker = threading.Thread(target=worker_loop)
+    worker.start()
+    started.wait()
+    spins = 0
+    while worker.is_alive():
+        spins += 1
+        time.sleep(0)
+    worker.join()
+    return spins
 
 
 def karate(n: int = 34, seed: int = 0) -> nx.Graph:

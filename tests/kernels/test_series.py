@@ -3,9 +3,6 @@ over threads) against float64 Horner with scipy, and the sparse backend that use
 
 from __future__ import annotations
 
-import threading
-import time
-
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -19,7 +16,7 @@ from dgdm.kernels.diffusion import diffuse, series_coefficients
 from dgdm.kernels.method import Method
 from dgdm.kernels.operator import problem_for
 
-from .conftest import geometric, graph_from_nx
+from .conftest import geometric, graph_from_nx, spins_while
 
 _spmm = pytest.importorskip(
     "dgdm.kernels._spmm", reason="the optional C extension is not built (no compiler?)"
@@ -156,21 +153,7 @@ def test_the_gil_is_released_during_the_series() -> None:
     """An agent's event loop keeps running while a worker thread diffuses."""
     t = banded(20_000, 30, 0.2, seed=9)
     x = np.ones((20_000, 64), np.float32)
-    started = threading.Event()
-
-    def work() -> None:
-        started.set()
-        for _ in range(3):
-            series(t, np.ones(11), x, band=30)
-
-    worker = threading.Thread(target=work)
-    worker.start()
-    started.wait()
-    spins = 0
-    while worker.is_alive():
-        spins += 1
-        time.sleep(0)
-    worker.join()
+    spins = spins_while(lambda: series(t, np.ones(11), x, band=30))
     assert spins > 20  # with the GIL held the whole call, this thread would not run at all
 
 

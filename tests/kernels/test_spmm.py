@@ -3,9 +3,6 @@ backend with and without it (same float32 numerics)."""
 
 from __future__ import annotations
 
-import threading
-import time
-
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -19,7 +16,7 @@ from dgdm.kernels.errors import BackendUnavailable
 from dgdm.kernels.method import Method
 from dgdm.kernels.operator import problem_for
 
-from .conftest import directed, geometric, graph_from_nx
+from .conftest import directed, geometric, graph_from_nx, spins_while
 
 _spmm = pytest.importorskip(
     "dgdm.kernels._spmm", reason="the optional C extension is not built (no compiler?)"
@@ -173,21 +170,7 @@ def test_the_gil_is_released_during_the_product() -> None:
     data = np.ones(n * per_row, np.float32)
     z = np.ones((n, 128), np.float32)
     y = np.empty_like(z)
-    started = threading.Event()
-
-    def work() -> None:
-        started.set()
-        for _ in range(3):
-            _spmm.csr_spmm(ip, ix, data, z, y)
-
-    worker = threading.Thread(target=work)
-    worker.start()
-    started.wait()
-    spins = 0
-    while worker.is_alive():
-        spins += 1
-        time.sleep(0)
-    worker.join()
+    spins = spins_while(lambda: _spmm.csr_spmm(ip, ix, data, z, y))
     assert spins > 20  # with the GIL held the whole call, this thread would not run at all
 
 

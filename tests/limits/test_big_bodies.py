@@ -69,6 +69,29 @@ class BigBody(threading.Thread):
             self.answer += sock.recv(4096)
 
 
+def stop_and_report(clients: list[BigBody], label: str, before: int, peak: int) -> list[BigBody]:
+    """Stops the clients, prints what they did to the RSS and returns those answered early."""
+    buffered = sum(c.sent for c in clients if not c.answer)
+    for client in clients:
+        client.stop.set()
+    for client in clients:
+        client.join(10)
+    refused = [c for c in clients if c.answer]
+    print(
+        f"\n{label}: RSS {before >> 20} -> peak {peak >> 20} MiB "
+        f"(+{(peak - before) >> 20}); {len(refused)} answered early, "
+        f"{buffered >> 20} MiB held by the others"
+    )
+    return refused
+
+
+def assert_refused_for_the_budget(refused: list[BigBody]) -> None:
+    for client in refused:
+        assert client.answer.startswith(b"HTTP/1.1 503"), client.answer[:200]
+        assert b"Retry-After: 1" in client.answer
+        assert b"max_inflight_body_bytes" in client.answer
+
+
 @pytest.mark.slow
 def test_twenty_big_bodies_leave_rss_within_300_mb(start_agent: Callable[..., Any]) -> None:
     agent = start_agent({"http": {"token": TOKEN}, "kernels": {"backend": "numpy"}})
@@ -85,24 +108,11 @@ def test_twenty_big_bodies_leave_rss_within_300_mb(start_agent: Callable[..., An
         assert agent.get("/healthz", timeout=5).status == 200
         assert agent.request("POST", "/diffuse", small, timeout=5).status == 200
         time.sleep(0.1)
-    buffered = sum(c.sent for c in clients if not c.answer)
-    for client in clients:
-        client.stop.set()
-    for client in clients:
-        client.join(10)
+    refused = stop_and_report(clients, "big bodies", before, peak)
     metrics = agent.get("/metrics").body.decode()
-    refused = [c for c in clients if c.answer]
-    print(
-        f"\nbig bodies: RSS {before >> 20} -> peak {peak >> 20} MiB "
-        f"(+{(peak - before) >> 20}); {len(refused)} answered early, "
-        f"{buffered >> 20} MiB held by the others"
-    )
     assert peak - before < 300 * (1 << 20)
     assert 'dgdm_http_refused_total{reason="body_budget"}' in metrics
-    for client in refused:
-        assert client.answer.startswith(b"HTTP/1.1 503"), client.answer[:200]
-        assert b"Retry-After: 1" in client.answer
-        assert b"max_inflight_body_bytes" in client.answer
+    assert_refused_for_the_budget(refused)
     time.sleep(0.5)
     assert agent.request("POST", "/diffuse", small).status == 200  # the budget came back
 
@@ -128,24 +138,11 @@ def test_twenty_big_bodies_leave_coordinator_rss_within_300_mb(
         answered.append(coordinator.get("/healthz", token=False, timeout=5).status)
         answered.append(coordinator.get("/devices", timeout=5).status)
         time.sleep(0.1)
-    buffered = sum(c.sent for c in clients if not c.answer)
-    for client in clients:
-        client.stop.set()
-    for client in clients:
-        client.join(10)
+    refused = stop_and_report(clients, "coordinator big bodies", before, peak)
     metrics = coordinator.get("/metrics").body.decode()
-    refused = [c for c in clients if c.answer]
-    print(
-        f"\ncoordinator big bodies: RSS {before >> 20} -> peak {peak >> 20} MiB "
-        f"(+{(peak - before) >> 20}); {len(refused)} answered early, "
-        f"{buffered >> 20} MiB held by the others"
-    )
     assert set(answered) == {200}
     assert peak - before < 300 * (1 << 20)
     assert 'dgdm_coordinator_http_refused_total{reason="body_budget"}' in metrics
-    for client in refused:
-        assert client.answer.startswith(b"HTTP/1.1 503"), client.answer[:200]
-        assert b"Retry-After: 1" in client.answer
-        assert b"max_inflight_body_bytes" in client.answer
+    assert_refused_for_the_budget(refused)
     time.sleep(0.5)
     assert coordinator.get("/devices").status == 200

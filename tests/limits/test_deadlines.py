@@ -36,14 +36,40 @@ def connect(agent: Any) -> socket.socket:
     return socket.create_connection(("127.0.0.1", agent.port))
 
 
-def test_silent_partial_and_idle_connections_are_closed(start_agent: Callable[..., Any]) -> None:
-    agent = start_agent({"http": {"header_timeout_s": TIMEOUT_S}, "kernels": {"backend": "numpy"}})
-    with connect(agent) as silent, connect(agent) as partial, connect(agent) as idle:
+def assert_silent_partial_and_idle_closed(server: Any) -> None:
+    with connect(server) as silent, connect(server) as partial, connect(server) as idle:
         start = time.monotonic()
         partial.sendall(b"GET /healthz HTTP/1.1\r\nHost: local")
         idle.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
         for sock in (silent, partial, idle):
             assert TIMEOUT_S * 0.5 < closed_after(sock, 3 * TIMEOUT_S, start) < 2.5 * TIMEOUT_S
+
+
+def send_slowly(server: Any, head: bytes, body: bytes) -> tuple[float, bytes]:
+    """Sends `head` and `body` at ~20 KB/s until the server answers or drops the connection
+    (10 s at the most): the seconds that took, and the answer."""
+    with connect(server) as slow:
+        slow.sendall(head + body[:1000])
+        start = time.monotonic()
+        slow.settimeout(0.05)
+        sent, answer = 1000, b""
+        while time.monotonic() - start < 10.0:
+            try:
+                slow.sendall(body[sent : sent + 1000])
+                sent += 1000
+                answer += slow.recv(4096)
+                if answer:
+                    break
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+        return time.monotonic() - start, answer
+
+
+def test_silent_partial_and_idle_connections_are_closed(start_agent: Callable[..., Any]) -> None:
+    agent = start_agent({"http": {"header_timeout_s": TIMEOUT_S}, "kernels": {"backend": "numpy"}})
+    assert_silent_partial_and_idle_closed(agent)
     with connect(agent) as dripping:  # data does not extend the deadline
         start = time.monotonic()
         try:
@@ -66,24 +92,7 @@ def test_a_slow_body_is_cut_off_and_a_fast_one_answered(start_agent: Callable[..
         "POST /diffuse HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\n\r\n"
     ).encode()
-    with connect(agent) as slow:
-        slow.sendall(head + body[:1000])
-        start = time.monotonic()
-        slow.settimeout(0.05)
-        sent, answer = 1000, b""
-        while time.monotonic() - start < 10.0:
-            try:
-                slow.sendall(body[sent : sent + 1000])  # ~20 KB/s
-                sent += 1000
-                answer += slow.recv(4096)
-                if not answer:
-                    continue
-                break
-            except TimeoutError:
-                continue
-            except OSError:
-                break
-        cut_after = time.monotonic() - start
+    cut_after, answer = send_slowly(agent, head, body)
     assert cut_after < 4.0, cut_after  # needed 64 KB by 2 s, 128 KB by 3 s
     assert not answer.startswith(b"HTTP/1.1 200")
     with connect(agent) as fast:
@@ -111,16 +120,7 @@ def test_coordinator_closes_silent_partial_and_idle_connections(
     start_coordinator: Callable[..., Any],
 ) -> None:
     coordinator = start_coordinator(http={"header_timeout_s": TIMEOUT_S})
-    with (
-        connect(coordinator) as silent,
-        connect(coordinator) as partial,
-        connect(coordinator) as idle,
-    ):
-        start = time.monotonic()
-        partial.sendall(b"GET /healthz HTTP/1.1\r\nHost: local")
-        idle.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
-        for sock in (silent, partial, idle):
-            assert TIMEOUT_S * 0.5 < closed_after(sock, 3 * TIMEOUT_S, start) < 2.5 * TIMEOUT_S
+    assert_silent_partial_and_idle_closed(coordinator)
 
 
 def test_coordinator_cuts_off_a_slow_body_and_answers_a_fast_one(
@@ -137,23 +137,7 @@ def test_coordinator_cuts_off_a_slow_body_and_answers_a_fast_one(
         f"Authorization: Bearer {coordinator.token}\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\n\r\n"
     ).encode()
-    with connect(coordinator) as slow:
-        slow.sendall(head + body[:1000])
-        start = time.monotonic()
-        slow.settimeout(0.05)
-        sent, answer = 1000, b""
-        while time.monotonic() - start < 10.0:
-            try:
-                slow.sendall(body[sent : sent + 1000])  # ~20 KB/s
-                sent += 1000
-                answer += slow.recv(4096)
-                if answer:
-                    break
-            except TimeoutError:
-                continue
-            except OSError:
-                break
-        cut_after = time.monotonic() - start
+    cut_after, answer = send_slowly(coordinator, head, body)
     assert cut_after < 4.0, cut_after
     assert not answer.startswith(b"HTTP/1.1 202")
     with connect(coordinator) as fast:

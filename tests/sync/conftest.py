@@ -190,8 +190,9 @@ async def sync_rig(tmp_path: Path, unique_id: str) -> AsyncIterator[Callable[[Br
 
 @pytest.fixture(params=["sqlite", "postgres"])
 def rig_store(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> StoreSection:
-    """Run a coordinator test on either store: `sync_rig(broker, rig_store)`. PostgreSQL is
-    a fresh database in the session's private cluster (tests/pg.py)."""
+    """Run a coordinator test on either store: `sync_rig(broker, rig_store)`, or a store's
+    own tests on a config with it. PostgreSQL is a fresh database in the session's private
+    cluster (tests/pg.py)."""
     if request.param == "sqlite":
         return StoreSection()
     cluster = request.getfixturevalue("pg_cluster")

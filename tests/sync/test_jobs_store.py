@@ -23,21 +23,10 @@ T0 = 1_700_000_000_000
 LEASE = 10_000
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def config(
-    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> CoordinatorConfig:
-    if request.param == "sqlite":
-        section = StoreSection()
-    else:
-        cluster = request.getfixturevalue("pg_cluster")
-        monkeypatch.setenv("DGDM_TEST_PG_PASSWORD", cluster.password)
-        section = StoreSection(
-            url=cluster.url(request.getfixturevalue("pg_database")),
-            password="env:DGDM_TEST_PG_PASSWORD",
-        )
+@pytest.fixture
+def config(rig_store: StoreSection, tmp_path: Path) -> CoordinatorConfig:
     return CoordinatorConfig(
-        coordinator=CoordinatorSection(data_dir=tmp_path / "data"), store=section
+        coordinator=CoordinatorSection(data_dir=tmp_path / "data"), store=rig_store
     )
 
 

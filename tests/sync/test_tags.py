@@ -102,21 +102,10 @@ def test_seventeen_tags_are_refused() -> None:
 # -- both stores ----------------------------------------------------------------------------
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def store(
-    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[Store]:
-    if request.param == "sqlite":
-        section = StoreSection()
-    else:
-        cluster = request.getfixturevalue("pg_cluster")
-        monkeypatch.setenv("DGDM_TEST_PG_PASSWORD", cluster.password)
-        section = StoreSection(
-            url=cluster.url(request.getfixturevalue("pg_database")),
-            password="env:DGDM_TEST_PG_PASSWORD",
-        )
+@pytest.fixture
+def store(rig_store: StoreSection, tmp_path: Path) -> Iterator[Store]:
     config = CoordinatorConfig(
-        coordinator=CoordinatorSection(data_dir=tmp_path / "data"), store=section
+        coordinator=CoordinatorSection(data_dir=tmp_path / "data"), store=rig_store
     )
     opened = open_store(config)
     yield opened

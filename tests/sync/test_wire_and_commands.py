@@ -16,6 +16,17 @@ from dgdm.sync.mqtt import MqttClient
 from .conftest import eventually, mqtt_options, online
 
 
+def _pong_device(rig):
+    """Device "d", answering every command with a pong; the list gets each seq it ran."""
+    calls: list[int] = []
+
+    async def on_command(seq, body):
+        calls.append(seq)
+        return {"pong": True}
+
+    return rig.device("d", on_command=on_command), calls
+
+
 async def _raw_publisher(broker, name):
     client = MqttClient(mqtt_options(broker, name))
     await client.start()
@@ -143,14 +154,8 @@ async def test_a_command_whose_publish_was_lost_is_sent_again_and_runs_once(
     """Stored but never published (a broker restart, a replica killed between its store
     and its publish): the resend round publishes it to the online device, within its TTL;
     a further copy is dropped by the device as a replay, so the command runs once."""
-    calls: list[int] = []
-
-    async def on_command(seq, body):
-        calls.append(seq)
-        return {"pong": True}
-
     rig = sync_rig(mqtt_broker, rig_store)
-    device = rig.device("d", on_command=on_command)
+    device, calls = _pong_device(rig)
     coordinator = await rig.start_coordinator()
     await device.start()
     await online(coordinator, device.device_id)
@@ -175,14 +180,8 @@ async def test_a_command_a_crash_interrupted_is_answered_once_and_not_run_again(
 ) -> None:
     """The device persisted seq s as started, then died before queueing its reply: at the
     next start it answers s as interrupted, and a copy of s (the resend round) is dropped."""
-    calls: list[int] = []
-
-    async def on_command(seq, body):
-        calls.append(seq)
-        return {"pong": True}
-
     rig = sync_rig(mqtt_broker, rig_store)
-    device = rig.device("d", on_command=on_command)
+    device, calls = _pong_device(rig)
     coordinator = await rig.start_coordinator()
     now = time.time_ns() // 1_000_000
     seq = coordinator.store.new_command(
