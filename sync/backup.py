@@ -35,8 +35,9 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from dgdm.sync import wallclock
+from dgdm.sync import migrations_sqlite, wallclock
 from dgdm.sync.errors import SyncError
+from dgdm.sync.migrations import checked
 
 FORMAT = "dgdm-backup"
 FORMAT_VERSION = 1
@@ -57,38 +58,25 @@ class BackupError(SyncError):
 @dataclass(frozen=True)
 class Schema:
     """What a database must look like to be restored: its tables, and its schema version
-    as `version(conn)` reads it, which `check(version)` refuses when this code does not
-    know it (a newer release wrote it)."""
+    as `version(conn)` reads it, raising `SyncError` when this code does not know it (a
+    newer release wrote it)."""
 
     name: str
     tables: tuple[str, ...]
-    version: Callable[[sqlite3.Connection], Any]
-    check: Callable[[Any], str | None]
+    version: Callable[[sqlite3.Connection], int]
     advance: str  # SQL run on the restored copy with the seq floor (see `seq_floor`)
 
 
-def _outbox_version(conn: sqlite3.Connection) -> list[str]:
-    return sorted(row[0] for row in conn.execute("SELECT name FROM _migrations"))
+def _outbox_version(conn: sqlite3.Connection) -> int:
+    from dgdm.sync.outbox import schema_version
 
-
-def _outbox_check(applied: Any) -> str | None:
-    from dgdm.sync.outbox import MIGRATIONS
-
-    unknown = sorted(set(applied) - {name for name, _ in MIGRATIONS})
-    return f"unknown outbox migrations {unknown}" if unknown else None
+    return schema_version(conn)  # either bookkeeping: a backup of an older release too
 
 
 def _store_version(conn: sqlite3.Connection) -> int:
-    return int(conn.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()[0])
-
-
-def _store_check(version: Any) -> str | None:
     from dgdm.sync.coordinator.migrations import MIGRATIONS
 
-    known = MIGRATIONS[-1].version
-    if version > known:
-        return f"schema version {version}, newer than the {known} this dgdm-edge knows"
-    return None
+    return checked(migrations_sqlite.version(conn), MIGRATIONS)
 
 
 # A restore puts the data back at an earlier point, but seqs are never reused (SPEC §6): the
@@ -99,9 +87,8 @@ def _store_check(version: Any) -> str | None:
 # per millisecond) as long as the clock is roughly right.
 OUTBOX = Schema(
     "outbox",
-    ("messages", "counters", "state", "_migrations"),
+    ("messages", "counters", "state"),
     _outbox_version,
-    _outbox_check,
     "INSERT INTO counters (name, value) VALUES ('next_seq', :floor)"
     " ON CONFLICT (name) DO UPDATE SET value = max(value, :floor)",
 )
@@ -109,7 +96,6 @@ COORDINATOR = Schema(
     "coordinator",
     ("devices", "messages", "commands", "schema_version"),
     _store_version,
-    _store_check,
     "UPDATE devices SET down_seq = max(down_seq, :floor)",
 )
 SCHEMAS = {s.name: s for s in (OUTBOX, COORDINATOR)}
@@ -351,11 +337,10 @@ def _checked(conn: sqlite3.Connection, schema: Schema, where: str) -> Any:
     missing = [t for t in schema.tables if t not in have]
     if missing:
         raise BackupError(f"{where}: not a {schema.name} database (no table {missing[0]})")
-    version = schema.version(conn)
-    refusal = schema.check(version)
-    if refusal:
-        raise BackupError(f"{where}: the {schema.name} database has {refusal}")
-    return version
+    try:
+        return schema.version(conn)
+    except SyncError as exc:
+        raise BackupError(f"{where}: the {schema.name} database has {exc}") from None
 
 
 def install(staging: Path, parts: Sequence[Part], held: Sequence[str]) -> list[Path]:

@@ -30,9 +30,11 @@ from typing import Any
 
 import sqlite_utils
 
+from dgdm.sync import migrations_sqlite
 from dgdm.sync import outbox_policy as policy
 from dgdm.sync.envelope import PRIORITY, Kind
 from dgdm.sync.errors import OutboxError, OutboxFull, StorageFull
+from dgdm.sync.migrations import SCHEMA_VERSION_TABLE, TooNew, checked, numbered
 from dgdm.sync.wallclock import now_ms
 
 log = logging.getLogger(__name__)
@@ -125,30 +127,65 @@ def _m001_initial(db: sqlite_utils.Database) -> None:
     db["state"].create({"key": str, "value": str}, pk="key", not_null={"value"})  # type: ignore[union-attr]
 
 
-MIGRATIONS: tuple[tuple[str, Callable[[sqlite_utils.Database], None]], ...] = (
-    ("001_initial", _m001_initial),
+@dataclass(frozen=True)
+class OutboxMigration:
+    version: int
+    description: str
+    apply: Callable[[sqlite_utils.Database], None]
+
+
+MIGRATIONS = numbered(
+    (OutboxMigration(1, "messages in read order and by kind, counters, state", _m001_initial),)
 )
+# Releases before the numbered scheme recorded the outbox's migrations by name in
+# `_migrations`; the version each name stands for (no other name was ever released).
+NAMED_VERSIONS = {"001_initial": 1}
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
-    """Apply pending migrations, each recorded in `_migrations` in its own transaction."""
-    db = sqlite_utils.Database(conn)
-    conn.execute(
-        "CREATE TABLE IF NOT EXISTS _migrations "
-        "(name TEXT PRIMARY KEY, applied_ms INTEGER NOT NULL)"
-    )
-    done = {row[0] for row in conn.execute("SELECT name FROM _migrations")}
-    for name, apply in MIGRATIONS:
-        if name in done:
-            continue
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            apply(db)
-            conn.execute("INSERT INTO _migrations VALUES (?, ?)", (name, now_ms()))
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+    """Bring the outbox up to date (`migrations.TooNew` when a newer release wrote it)."""
+    _adopt_named(conn)
+    migrations_sqlite.migrate(conn, MIGRATIONS, lambda db, m: m.apply(sqlite_utils.Database(db)))
+
+
+def _adopt_named(conn: sqlite3.Connection) -> None:
+    """A file that records its migrations by name only gets them as versions, with their
+    applied_ms, so that none is applied again. `_migrations` is left as it was: should a
+    rollback start the release before, it still opens the file."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute(SCHEMA_VERSION_TABLE)
+        if migrations_sqlite.version(conn) == 0 and migrations_sqlite.has_table(
+            conn, "_migrations"
+        ):
+            named = conn.execute("SELECT name, applied_ms FROM _migrations").fetchall()
+            _named_version(name for name, _ in named)  # refuses names it does not know
+            for name, applied_ms in named:
+                migrations_sqlite.record(conn, MIGRATIONS[NAMED_VERSIONS[name] - 1], applied_ms)
         conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def schema_version(conn: sqlite3.Connection) -> int:
+    """The outbox file's schema version, in either scheme; `OutboxError` or
+    `migrations.TooNew` when this code does not know it."""
+    if migrations_sqlite.has_table(conn, "schema_version"):
+        version = migrations_sqlite.version(conn)
+        if version:
+            return checked(version, MIGRATIONS)
+    if migrations_sqlite.has_table(conn, "_migrations"):
+        return _named_version(row[0] for row in conn.execute("SELECT name FROM _migrations"))
+    return 0
+
+
+def _named_version(names: Iterable[str]) -> int:
+    names = list(names)
+    unknown = sorted(set(names) - set(NAMED_VERSIONS))
+    if unknown:
+        raise OutboxError(f"unknown outbox migrations {unknown}")
+    return max((NAMED_VERSIONS[name] for name in names), default=0)
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -312,7 +349,7 @@ class Outbox:
         try:
             self._wconn = self._open_writer()
             self._rconn = _connect(self.path)
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, TooNew) as exc:
             raise OutboxError(f"cannot open outbox {self.path}: {exc}") from exc
         self._load_accounting()
         self._next_seq = self._load_next_seq()

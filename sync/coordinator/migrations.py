@@ -1,14 +1,13 @@
-"""One versioned schema for both coordinator stores (SPEC §7.1 "Schema").
+"""The coordinator stores' migrations (SPEC §7.1 "Schema"), in `dgdm.sync.migrations`'
+numbered scheme, and their runners for both dialects.
 
-`schema_version` holds one row per applied migration. Whichever process opens a store first
-applies the missing migrations, in order, inside one transaction under a lock, so replicas
-starting together neither race nor apply a step twice: `pg_advisory_xact_lock` on
-PostgreSQL (released by the commit), `BEGIN IMMEDIATE` on SQLite (the write lock). A store
-whose schema is newer than this code knows is refused with `SchemaTooNew`: an old replica
-must not write rows a newer one no longer reads.
+Whichever process opens a store first applies the missing migrations, in order, inside
+one transaction under a lock, so replicas starting together neither race nor apply a
+step twice: `pg_advisory_xact_lock` on PostgreSQL (released by the commit), `BEGIN
+IMMEDIATE` on SQLite (the write lock). A store whose schema is newer than this code knows
+is refused with `SchemaTooNew`.
 
-A new migration is appended to `MIGRATIONS` with its statements for both dialects; a
-released migration is never edited (stores out there have applied it).
+A new migration is appended to `MIGRATIONS` with its statements for both dialects.
 """
 
 from __future__ import annotations
@@ -18,7 +17,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from dgdm.sync import migrations_sqlite
 from dgdm.sync.errors import ConfigError
+from dgdm.sync.migrations import (
+    CURRENT_VERSION,
+    SCHEMA_VERSION_TABLE,
+    TooNew,
+    numbered,
+    pending,
+    version_row,
+)
 from dgdm.sync.wallclock import now_ms
 
 if TYPE_CHECKING:
@@ -51,7 +59,7 @@ class Migration:
 
 # Version 1 is the schema SqliteStore created before migrations existed; `IF NOT EXISTS`
 # lets such a database adopt it without change.
-MIGRATIONS: tuple[Migration, ...] = (
+_MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         1,
         "devices, messages unique by (device_id, kind, seq), commands",
@@ -280,12 +288,8 @@ MIGRATIONS: tuple[Migration, ...] = (
         ),
     ),
 )
+MIGRATIONS = numbered(_MIGRATIONS)
 
-SCHEMA_VERSION_TABLE = (
-    "CREATE TABLE IF NOT EXISTS schema_version ("
-    " version INTEGER PRIMARY KEY, description TEXT NOT NULL, applied_ms BIGINT NOT NULL)"
-)
-_RECORD_SQLITE = "INSERT INTO schema_version (version, description, applied_ms) VALUES (?, ?, ?)"
 _RECORD_PG = "INSERT INTO schema_version (version, description, applied_ms) VALUES (%s, %s, %s)"
 # Any constant both sides agree on; it only has to differ from other advisory locks taken
 # in the same database ("dgdm" in ASCII).
@@ -305,30 +309,12 @@ class SchemaTooNew(ConfigError):
         self.known = known
 
 
-def pending(current: int, migrations: Sequence[Migration] = MIGRATIONS) -> list[Migration]:
-    """The migrations still to apply to a store at `current` (0: a new store), in order."""
-    known = migrations[-1].version
-    if current > known:
-        raise SchemaTooNew(current, known)
-    return [m for m in migrations if m.version > current]
-
-
 def migrate_sqlite(db: sqlite3.Connection, migrations: Sequence[Migration] = MIGRATIONS) -> int:
     """Bring a SQLite database (an autocommit connection) up to date; returns its version."""
-    db.execute("BEGIN IMMEDIATE")
     try:
-        db.execute(SCHEMA_VERSION_TABLE)
-        current = db.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()[0]
-        todo = pending(int(current), migrations)
-        for migration in todo:
-            for step in migration.sqlite:
-                _sqlite_step(db, step)
-            db.execute(_RECORD_SQLITE, _row(migration))
-        db.execute("COMMIT")
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
-    return todo[-1].version if todo else int(current)
+        return migrations_sqlite.migrate(db, migrations, _apply_sqlite)
+    except TooNew as exc:
+        raise SchemaTooNew(exc.found, exc.known) from None
 
 
 def migrate_postgres(
@@ -343,14 +329,22 @@ def migrate_postgres(
         # (least privilege) can then open a store that is already up to date.
         if _pg_scalar(conn, "SELECT to_regclass('schema_version')") is None:
             conn.execute(SCHEMA_VERSION_TABLE)
-        current = int(_pg_scalar(conn, "SELECT coalesce(max(version), 0) FROM schema_version"))
-        todo = pending(current, migrations)
+        current = int(_pg_scalar(conn, CURRENT_VERSION))
+        try:
+            todo = pending(current, migrations)
+        except TooNew as exc:
+            raise SchemaTooNew(exc.found, exc.known) from None
         for migration in todo:
             for step in migration.postgres:
                 for statement in _pg_steps(step):
                     conn.execute(statement)
-            conn.execute(_RECORD_PG, _row(migration))
+            conn.execute(_RECORD_PG, version_row(migration, now_ms()))
     return todo[-1].version if todo else current
+
+
+def _apply_sqlite(db: sqlite3.Connection, migration: Migration) -> None:
+    for step in migration.sqlite:
+        _sqlite_step(db, step)
 
 
 def _sqlite_step(db: sqlite3.Connection, step: Step) -> None:
@@ -376,7 +370,3 @@ def _pg_scalar(conn: psycopg.Connection[Any], sql: LiteralString) -> Any:
     row = conn.execute(sql).fetchone()
     assert row is not None  # a SELECT of one value returns one row
     return row[0]
-
-
-def _row(migration: Migration) -> tuple[int, str, int]:
-    return (migration.version, migration.description, now_ms())

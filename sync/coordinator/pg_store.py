@@ -33,20 +33,18 @@ from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
 from dgdm.sync.coordinator import jobs_store
-from dgdm.sync.coordinator.jobs_store import Send, Tick
 from dgdm.sync.coordinator.migrations import migrate_postgres
 from dgdm.sync.coordinator.store import (
     QUARANTINE_PER_DEVICE,
     VIEW_COLUMNS,
     Incoming,
     Quarantined,
-    Refused,
+    StoreJobs,
     StoreResult,
     command_view,
     device_view_row,
     quarantine_row,
-    quarantined_item,
-    row_text,
+    split_batch,
     view_filters,
 )
 from dgdm.sync.coordinator.stores import StoreUnavailable
@@ -58,7 +56,6 @@ from dgdm.sync.wallclock import now_ms
 if TYPE_CHECKING:
     from typing_extensions import LiteralString
 
-    from dgdm.sync.coordinator.jobs import JobSpec
 
 T = TypeVar("T")
 BIGINT_MAX = 2**63 - 1
@@ -140,7 +137,7 @@ _PG_VIEWS = (
 )
 
 
-class PgStore:
+class PgStore(StoreJobs):
     def __init__(
         self,
         conninfo: str,
@@ -420,22 +417,7 @@ class PgStore:
         PostgreSQL has nothing left to refuse (bigints, ASCII JSON text), so a database
         error fails the whole batch: nothing is receipted and the devices resend it."""
         given = list(quarantine)
-        refused: list[Quarantined] = []
-        rows: list[tuple[Any, ...]] = []
-        replies: list[tuple[Incoming, str]] = []
-        for item in items:
-            try:
-                text = row_text(item)
-            except Refused as exc:
-                refused.append(quarantined_item(item, exc.reason, str(exc)))
-                continue
-            if item.kind is Kind.REPLY:
-                replies.append((item, text))
-            else:
-                rows.append(
-                    (item.device_id, int(item.kind), item.seq, item.created_ms, now_ms, text)
-                )
-        devices = sorted({i.device_id for i in items} | {q.device_id for q in given})
+        rows, replies, refused, devices = split_batch(items, now_ms, given)
         held = given + refused
 
         def run(conn: psycopg.Connection[Any]) -> StoreResult:
@@ -612,31 +594,11 @@ class PgStore:
         )
         return [command_view(r) for r in rows]
 
-    # -- jobs (jobs_store.py; each call one transaction, run again if it lost a race) ----
+    # -- jobs (StoreJobs; each call one transaction, run again if it lost a race) -------
 
-    def _job_tx(self, fn: Callable[..., T], *args: Any) -> T:
+    def _job_tx(self, fn: Callable[..., T], *args: Any, write: bool = True) -> T:
+        """`write` is for SqliteStore: here a read's snapshot never waits for a writer."""
         return self._retrying(lambda conn: fn(jobs_store.Tx(conn, jobs_store.POSTGRES), *args))
-
-    def create_job(self, spec: JobSpec, now_ms: int) -> dict[str, Any]:
-        return self._job_tx(jobs_store.create_job, spec, now_ms)
-
-    def jobs(self, limit: int) -> list[dict[str, Any]]:
-        return self._job_tx(jobs_store.list_jobs, limit)
-
-    def job(self, job_id: int) -> dict[str, Any] | None:
-        return self._job_tx(jobs_store.get_job, job_id)
-
-    def job_targets(self, job_id: int, after: str, limit: int) -> list[dict[str, Any]]:
-        return self._job_tx(jobs_store.job_targets, job_id, after, limit)
-
-    def cancel_job(self, job_id: int, now_ms: int) -> dict[str, Any] | None:
-        return self._job_tx(jobs_store.cancel_job, job_id, now_ms)
-
-    def job_tick(self, now_ms: int, owner: str, lease_ms: int, max_sends: int) -> Tick:
-        return self._job_tx(jobs_store.tick, now_ms, owner, lease_ms, max_sends)
-
-    def job_published(self, owner: str, sent: list[Send], now_ms: int) -> None:
-        self._job_tx(jobs_store.published, owner, sent, now_ms)
 
     # -- queries -----------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ All methods block; the service calls them from one worker thread.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import json
 import os
@@ -153,7 +154,36 @@ class Store(Protocol):
     def close(self) -> None: ...
 
 
-class SqliteStore:
+class StoreJobs(abc.ABC):
+    """The `Store` job methods of both stores: each runs one of jobs_store.py's functions
+    in one transaction of the store's own (`_job_tx`; `write=False`: a read)."""
+
+    @abc.abstractmethod
+    def _job_tx(self, fn: Callable[..., T], *args: Any, write: bool = True) -> T: ...
+
+    def create_job(self, spec: JobSpec, now_ms: int) -> dict[str, Any]:
+        return self._job_tx(jobs_store.create_job, spec, now_ms)
+
+    def jobs(self, limit: int) -> list[dict[str, Any]]:
+        return self._job_tx(jobs_store.list_jobs, limit, write=False)
+
+    def job(self, job_id: int) -> dict[str, Any] | None:
+        return self._job_tx(jobs_store.get_job, job_id, write=False)
+
+    def job_targets(self, job_id: int, after: str, limit: int) -> list[dict[str, Any]]:
+        return self._job_tx(jobs_store.job_targets, job_id, after, limit, write=False)
+
+    def cancel_job(self, job_id: int, now_ms: int) -> dict[str, Any] | None:
+        return self._job_tx(jobs_store.cancel_job, job_id, now_ms)
+
+    def job_tick(self, now_ms: int, owner: str, lease_ms: int, max_sends: int) -> Tick:
+        return self._job_tx(jobs_store.tick, now_ms, owner, lease_ms, max_sends)
+
+    def job_published(self, owner: str, sent: list[Send], now_ms: int) -> None:
+        self._job_tx(jobs_store.published, owner, sent, now_ms)
+
+
+class SqliteStore(StoreJobs):
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
         _private_files(self.path)
@@ -328,34 +358,20 @@ class SqliteStore:
         """Store `items` in one transaction and record `quarantine`; an item that cannot be
         stored is quarantined alone. Every device of either list gets a receipt seq."""
         given = list(quarantine)
-        refused: list[Quarantined] = []  # items this store could not take
-        rows: list[tuple[Any, ...]] = []
-        replies: list[tuple[Incoming, str]] = []
-        for item in items:
-            try:
-                text = row_text(item)
-            except Refused as exc:
-                refused.append(quarantined_item(item, exc.reason, str(exc)))
-                continue
-            if item.kind is Kind.REPLY:
-                replies.append((item, text))
-            else:
-                rows.append(
-                    (item.device_id, int(item.kind), item.seq, item.created_ms, now_ms, text)
-                )
-        devices = sorted({i.device_id for i in items} | {q.device_id for q in given})
+        batch = split_batch(items, now_ms, given)
+        refused = batch.refused  # and the rows the database refuses
         with self._lock, self._db:
             self._db.execute("BEGIN IMMEDIATE")
             last_id = self._db.execute("SELECT coalesce(max(id), 0) FROM messages").fetchone()[0]
             before = self._db.total_changes
-            refused += self._insert_messages(rows, items)
+            refused += self._insert_messages(batch.rows, items)
             stored = self._db.total_changes - before
-            stored += self._store_replies(replies, now_ms)
+            stored += self._store_replies(batch.replies, now_ms)
             if stored:
                 self._db.execute(_ADD_STORED_BYTES, (last_id,))
             self._quarantine(given + refused, now_ms)
-            self._touch(devices, now_ms)
-            receipt_seqs = {d: self._next_down_seq(d) for d in devices}
+            self._touch(batch.devices, now_ms)
+            receipt_seqs = {d: self._next_down_seq(d) for d in batch.devices}
         duplicates = len(items) - len(refused) - stored
         return StoreResult(stored, duplicates, receipt_seqs, tuple(given + refused))
 
@@ -572,7 +588,7 @@ class SqliteStore:
         )
         return [command_view(r) for r in rows]
 
-    # -- jobs (the SQL is jobs_store.py's, shared with PgStore) --------------------------
+    # -- jobs (StoreJobs, on jobs_store.py's SQL, shared with PgStore) -------------------
 
     def _job_tx(self, fn: Callable[..., T], *args: Any, write: bool = True) -> T:
         """One transaction: a write takes the write lock first; a read (the API's, on the
@@ -580,27 +596,6 @@ class SqliteStore:
         with self._lock, self._db:
             self._db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
             return fn(jobs_store.Tx(self._db, jobs_store.SQLITE), *args)
-
-    def create_job(self, spec: JobSpec, now_ms: int) -> dict[str, Any]:
-        return self._job_tx(jobs_store.create_job, spec, now_ms)
-
-    def jobs(self, limit: int) -> list[dict[str, Any]]:
-        return self._job_tx(jobs_store.list_jobs, limit, write=False)
-
-    def job(self, job_id: int) -> dict[str, Any] | None:
-        return self._job_tx(jobs_store.get_job, job_id, write=False)
-
-    def job_targets(self, job_id: int, after: str, limit: int) -> list[dict[str, Any]]:
-        return self._job_tx(jobs_store.job_targets, job_id, after, limit, write=False)
-
-    def cancel_job(self, job_id: int, now_ms: int) -> dict[str, Any] | None:
-        return self._job_tx(jobs_store.cancel_job, job_id, now_ms)
-
-    def job_tick(self, now_ms: int, owner: str, lease_ms: int, max_sends: int) -> Tick:
-        return self._job_tx(jobs_store.tick, now_ms, owner, lease_ms, max_sends)
-
-    def job_published(self, owner: str, sent: list[Send], now_ms: int) -> None:
-        self._job_tx(jobs_store.published, owner, sent, now_ms)
 
     # -- queries -------------------------------------------------------------------------
 
@@ -807,6 +802,34 @@ def row_text(item: Incoming) -> str:
         return _dumps_strict(item.body)
     except ValueError as exc:
         raise Refused("bad_body", f"body is not storable JSON: {exc}") from exc
+
+
+class Batch(NamedTuple):
+    """An ingest batch sorted out before its transaction (both stores)."""
+
+    rows: list[tuple[Any, ...]]  # messages: (device_id, kind, seq, created_ms, received_ms, body)
+    replies: list[tuple[Incoming, str]]  # stored with their commands
+    refused: list[Quarantined]  # items no store can take (row_text's checks)
+    devices: list[str]  # every device of the batch or its quarantine, sorted: receipts
+
+
+def split_batch(items: list[Incoming], now_ms: int, quarantine: list[Quarantined]) -> Batch:
+    batch = Batch(
+        [], [], [], sorted({i.device_id for i in items} | {q.device_id for q in quarantine})
+    )
+    for item in items:
+        try:
+            text = row_text(item)
+        except Refused as exc:
+            batch.refused.append(quarantined_item(item, exc.reason, str(exc)))
+            continue
+        if item.kind is Kind.REPLY:
+            batch.replies.append((item, text))
+        else:
+            batch.rows.append(
+                (item.device_id, int(item.kind), item.seq, item.created_ms, now_ms, text)
+            )
+    return batch
 
 
 def quarantined_item(item: Incoming, reason: str, message: str) -> Quarantined:

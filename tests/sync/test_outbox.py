@@ -158,7 +158,7 @@ def test_migrations_are_recorded_once(tmp_path) -> None:
     _open(tmp_path / "o.db").close()
     _open(tmp_path / "o.db").close()
     conn = sqlite3.connect(tmp_path / "o.db")
-    assert conn.execute("SELECT name FROM _migrations").fetchall() == [("001_initial",)]
+    assert conn.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     plan = conn.execute(
         "EXPLAIN QUERY PLAN SELECT seq FROM messages ORDER BY priority, seq LIMIT 5"
