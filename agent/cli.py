@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from dgdm.agent import __version__
 from dgdm.common.errors import DgdmError
+from dgdm.kernels import blas
 from dgdm.kernels.errors import GraphError
 from dgdm.sync.errors import ConfigError
 
@@ -41,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    blas.one_thread_unless_set()  # before any command imports numpy
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or EXIT_OK)

@@ -21,14 +21,8 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-THREAD_VARS = (
-    "OMP_NUM_THREADS",
-    "OPENBLAS_NUM_THREADS",
-    "MKL_NUM_THREADS",
-    "BLIS_NUM_THREADS",
-    "VECLIB_MAXIMUM_CNT",
-    "NUMEXPR_NUM_THREADS",
-)
+from dgdm.kernels import blas
+
 DEFAULT_SIZES = (100, 1_000, 10_000, 100_000)
 QUICK_SIZES = (100, 1_000)
 BACKEND_ORDER = ("numpy", "sparse", "tflite", "edgetpu")
@@ -104,7 +98,7 @@ def _load_note() -> str:
 
 def _single_thread() -> None:
     """One thread for BLAS/OpenMP (env before the libraries load; threadpoolctl if present)."""
-    for var in THREAD_VARS:
+    for var in blas.THREAD_VARS:
         os.environ[var] = "1"
     try:
         from threadpoolctl import threadpool_limits
