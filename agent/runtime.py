@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from dgdm.agent import anomaly_alerts, logs, monitors, remote, remote_config, spool, uplink
+from dgdm.agent import status as state
 from dgdm.agent.alerts import Alert, AlertPolicy, Alerts
 from dgdm.agent.anomaly import LatencyDetector
 from dgdm.agent.answers import result_body
@@ -34,6 +35,7 @@ from dgdm.agent.reload import changed_settings, merge_reloadable
 from dgdm.agent.sdnotify import Notifier
 from dgdm.agent.telemetry import LatencyWindow, TelemetryBatcher
 from dgdm.agent.tpu import TpuMonitor
+from dgdm.agent.watchers import eviction_alert
 from dgdm.agent.work import GraphParser, WorkQueue
 from dgdm.common.errors import DgdmError
 from dgdm.kernels import threads as kernel_threads
@@ -81,6 +83,7 @@ class Agent:
             AlertPolicy(config.alerts.repeat_s, config.alerts.max_per_minute), self._queue_alert
         )
         self.anomalies = LatencyDetector()
+        self.monitors = monitors.Monitors(config, time.monotonic())
         self.engine: Any = None
         self.jobs: EngineJobs | None = None
         self.outbox: Any = None
@@ -89,8 +92,6 @@ class Agent:
         self.tpu: TpuMonitor | None = None
         self.telemetry: TelemetryBatcher | None = None
         self.http_port: int | None = None
-        self.loop_lag_s = 0.0
-        self.offline_since: float | None = time.monotonic()
         self._runner: Any = None
         self._listener: Any = None
         self._stop = asyncio.Event()
@@ -214,6 +215,28 @@ class Agent:
 
     def uptime_s(self) -> float:
         return time.monotonic() - self._started
+
+    def view(self) -> state.AgentView:
+        """What /status, /metrics and the TPU view read, as of now."""
+        return state.AgentView(
+            config=self.config,
+            engine=self.engine,
+            work=self.work,
+            outbox=self.outbox,
+            link=self.link,
+            tpu=self.tpu,
+            latency=self.latency,
+            alerts=self.alerts,
+            loop_lag_s=self.monitors.loop_lag_s,
+            uptime_s=self.uptime_s(),
+            started_wall=self.started_wall,
+            active_backend=self.active_backend(),
+            http_connections=len(self.connections),
+        )
+
+    async def health(self) -> tuple[bool, dict[str, Any]]:
+        """/healthz and the watchdog's check: (healthy, each check)."""
+        return await state.health(self.monitors.loop_lag_s, self.outbox, self.engine, self.work)
 
     # -- parts ----------------------------------------------------------------------------
 
@@ -339,7 +362,7 @@ class Agent:
 
     def _on_evict(self, kind: Any, count: int) -> None:
         """Called by the outbox writer thread: hop onto the loop."""
-        alert = monitors.eviction_alert(kind, count)
+        alert = eviction_alert(kind, count)
         with contextlib.suppress(RuntimeError):  # the loop is already closed at shutdown
             self._loop.call_soon_threadsafe(self.alerts.condition, alert)
 
@@ -414,6 +437,7 @@ class Agent:
         logs.set_level(self.config.log.level)
         self.alerts.policy.repeat_s = self.config.alerts.repeat_s
         self.alerts.policy.max_per_minute = self.config.alerts.max_per_minute
+        self.monitors.watchers.configure(self.config)
         return applied, ignored
 
 
