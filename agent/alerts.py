@@ -31,6 +31,8 @@ class Alert:
     # What the policy tracks it by, when one code can hold for several things at once
     # (latency_anomaly per topology); not part of the body.
     key: str | None = None
+    # A recovery names the condition it clears (disk_ok clears disk_low); not in the body.
+    clears: str | None = None
 
     def body(self) -> dict[str, Any]:
         """The SPEC §6 alert body."""
@@ -91,6 +93,15 @@ class Alerts:
         self.policy = policy
         self._sink = sink
         self.recent: deque[dict[str, Any]] = deque(maxlen=50)
+
+    def report(self, alert: Alert | None) -> None:
+        """What a watcher found this round: a condition, a recovery, or nothing."""
+        if alert is None:
+            return
+        if alert.clears is None:
+            self.condition(alert)
+        else:
+            self.resolved(alert.clears, alert)
 
     def condition(self, alert: Alert) -> None:
         if self.policy.raise_(alert.key or alert.code):

@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from dgdm.kernels.engine import DiffusionResult
+    from dgdm.sync.outbox import OutboxStats
 
 
-def http_answer(result: Any, seq: int | None) -> dict[str, Any]:
+def http_answer(result: DiffusionResult, seq: int | None) -> dict[str, Any]:
     """The `POST /diffuse` answer (SPEC §4)."""
     import numpy as np
 
@@ -26,13 +30,13 @@ def http_answer(result: Any, seq: int | None) -> dict[str, Any]:
     return answer
 
 
-def result_body(result: Any) -> dict[str, Any]:
+def result_body(result: DiffusionResult) -> dict[str, Any]:
     """The result message body (SPEC §6): the embedding as little-endian float32 base64."""
     z = result.embedding.astype("<f4", copy=False)
     return {
         "job_id": result.job_id,
         "graph_id": result.graph_id,
-        "method": result.method.to_json() if hasattr(result.method, "to_json") else result.method,
+        "method": result.method.to_json(),
         "backend": result.backend,
         "latency_ms": result.latency_ms,
         "error_bound": result.error_bound,
@@ -45,7 +49,7 @@ def result_body(result: Any) -> dict[str, Any]:
     }
 
 
-def command_answer(result: Any, seq: int | None) -> dict[str, Any]:
+def command_answer(result: DiffusionResult, seq: int | None) -> dict[str, Any]:
     """The `diffuse` command's reply data: the embedding itself goes out as a result."""
     return {
         "job_id": result.job_id,
@@ -56,7 +60,7 @@ def command_answer(result: Any, seq: int | None) -> dict[str, Any]:
     }
 
 
-def outbox_json(stats: Any) -> dict[str, Any]:
+def outbox_json(stats: OutboxStats | None) -> dict[str, Any]:
     """Depth, bytes and oldest age per kind, never payloads (SPEC §4 /outbox)."""
     if stats is None:
         return {"enabled": False}

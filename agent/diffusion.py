@@ -11,14 +11,21 @@ carries one deadline from its arrival (`kernels.deadline_s`, or the request's lo
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dgdm.agent import topologies
 from dgdm.agent.jsonio import loads
 from dgdm.agent.work import GraphParser, WorkQueue, parse_graph_body
 from dgdm.kernels.deadline import Deadline
 from dgdm.kernels.deadline import check as deadline_check
+
+if TYPE_CHECKING:
+    # The engine (numpy, scipy, the backends) is imported in a thread at start-up.
+    from dgdm.kernels.engine import DiffusionResult, Engine
+    from dgdm.kernels.graph import Graph, Limits
 
 # JSON decoding and graph validation hold the GIL for their whole run (~40 ms per MB), so in
 # a thread they would still stall the event loop; bodies above this size are parsed in a
@@ -39,12 +46,14 @@ HEAVY_S = 0.02
 
 @dataclass(frozen=True)
 class EngineJobs:
-    engine: Any
-    limits: Any
+    engine: Engine
+    limits: Limits
     work: WorkQueue
     parser: GraphParser
 
-    async def diffuse(self, data: bytes | dict[str, Any], deadline_s: float | None = None) -> Any:
+    async def diffuse(
+        self, data: bytes | dict[str, Any], deadline_s: float | None = None
+    ) -> DiffusionResult:
         """Parse and diffuse a graph body (or an already decoded graph object)."""
         deadline = self.work.deadline(deadline_s)
         if isinstance(data, bytes) and len(data) <= INLINE_BODY_BYTES:
@@ -53,18 +62,16 @@ class EngineJobs:
             return await self.work.run(self._diffuse_large, data, deadline=deadline, heavy=True)
         done = await self.work.run(self._parse_then_light, data, deadline=deadline)
         if isinstance(done, _Heavy):
-            run = self.engine.diffuse
-            return await self.work.run(run, *done.args, deadline=deadline, heavy=True)
+            return await self.work.run(done.run, deadline=deadline, heavy=True)
         return done
 
     async def diffuse_registered(
         self, graph_id: str, data: bytes | dict[str, Any], deadline_s: float | None = None
-    ) -> Any:
+    ) -> DiffusionResult:
         deadline = self.work.deadline(deadline_s)
         done = await self.work.run(self._features_then_light, graph_id, data, deadline=deadline)
         if isinstance(done, _Heavy):
-            run = self.engine.diffuse_registered
-            return await self.work.run(run, *done.args, deadline=deadline, heavy=True)
+            return await self.work.run(done.run, deadline=deadline, heavy=True)
         return done
 
     async def register(self, graph_id: str, data: bytes) -> dict[str, Any]:
@@ -77,7 +84,7 @@ class EngineJobs:
         await self.work.run(self.engine.unregister, graph_id)
         return {"graph_id": graph_id, "deleted": True}
 
-    async def _diffuse_small(self, data: bytes, deadline: Deadline) -> Any:
+    async def _diffuse_small(self, data: bytes, deadline: Deadline) -> DiffusionResult:
         """A small body: parsed here, diffused here if that is quick, else in a worker."""
         self.work.check_accepting()
         graph = parse_graph_body(data, self.limits)
@@ -86,11 +93,11 @@ class EngineJobs:
             return result
         return await self._diffuse_parsed(graph, deadline)
 
-    async def _diffuse_parsed(self, graph: Any, deadline: Deadline) -> Any:
+    async def _diffuse_parsed(self, graph: Graph, deadline: Deadline) -> DiffusionResult:
         heavy = self.engine.estimate_seconds(graph) > HEAVY_S
         return await self.work.run(self.engine.diffuse, graph, deadline=deadline, heavy=heavy)
 
-    def _diffuse_large(self, data: bytes) -> Any:
+    def _diffuse_large(self, data: bytes) -> DiffusionResult:
         graph = self.parser.parse(data, self.limits)
         deadline_check()  # the parse cannot be interrupted: see whether time is left
         return self.engine.diffuse(graph)
@@ -98,18 +105,20 @@ class EngineJobs:
     # In a light worker: parse, then diffuse there too unless the cost model calls it heavy
     # (one thread hop for the common case, a second into the heavy lane otherwise).
 
-    def _parse_then_light(self, data: bytes | dict[str, Any]) -> Any:
+    def _parse_then_light(self, data: bytes | dict[str, Any]) -> DiffusionResult | _Heavy:
         graph = parse_graph_body(data, self.limits)
         if self.engine.estimate_seconds(graph) > HEAVY_S:
-            return _Heavy((graph,))
+            return _Heavy(functools.partial(self.engine.diffuse, graph))
         return self.engine.diffuse(graph)
 
-    def _features_then_light(self, graph_id: str, data: bytes | dict[str, Any]) -> Any:
+    def _features_then_light(
+        self, graph_id: str, data: bytes | dict[str, Any]
+    ) -> DiffusionResult | _Heavy:
         obj = loads(data) if isinstance(data, (bytes, str)) else data
         n = int(topologies.topology(self.engine.topologies(), graph_id)["nodes"])
         x = topologies.parse_features(obj, n, self.limits.max_features)
         if self.engine.estimate_registered_seconds(graph_id, x.shape[1]) > HEAVY_S:
-            return _Heavy((graph_id, x))
+            return _Heavy(functools.partial(self.engine.diffuse_registered, graph_id, x))
         return self.engine.diffuse_registered(graph_id, x)
 
     def _register_blocking(self, graph_id: str, data: bytes) -> dict[str, Any]:
@@ -126,6 +135,6 @@ class EngineJobs:
 
 @dataclass(frozen=True)
 class _Heavy:
-    """What a light worker hands back for the heavy lane: the engine call's arguments."""
+    """What a light worker hands back for the heavy lane: the engine call to make there."""
 
-    args: tuple[Any, ...]
+    run: Callable[[], DiffusionResult]

@@ -262,24 +262,25 @@ async def _json_body(request: web.Request) -> bytes:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    agent = request.app[AGENT]
-    ok, checks = await state.health(agent)
+    ok, checks = await request.app[AGENT].health()
     body = {"status": "ok" if ok else "failing", "checks": checks, "version": __version__}
     return json_response(body, 200 if ok else 503)
 
 
 async def status(request: web.Request) -> web.Response:
-    return json_response(await state.status(request.app[AGENT]))
+    return json_response(await state.status(request.app[AGENT].view()))
 
 
 async def metrics(request: web.Request) -> web.Response:
-    text = await state.metrics_text(request.app[AGENT])
+    agent = request.app[AGENT]
+    text = await state.metrics_text(agent.view(), agent.metrics)
     return web.Response(body=text, headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 
 async def tpu(request: web.Request) -> web.Response:
-    agent = request.app[AGENT]
-    return json_response({**state.tpu_json(agent), "backends": agent.engine.backends_status()})
+    view = request.app[AGENT].view()
+    tpu = state.tpu_json(view.tpu, view.config.tpu.temperature_limit_c)
+    return json_response({**tpu, "backends": view.engine.backends_status()})
 
 
 async def outbox(request: web.Request) -> web.Response:

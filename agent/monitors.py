@@ -1,22 +1,29 @@
 """The agent's periodic checks: loop lag, the systemd watchdog, the TPU, telemetry (with the
-disk check) and the broker's reachability. Each loop runs until cancelled at shutdown and
-reads its period from the live config, so SIGHUP changes take effect on the next round."""
+disk check), the broker's reachability, the clock and the backends. Each loop runs until
+cancelled at shutdown, reads its period from the live config (so SIGHUP changes take effect
+on the next round) and hands its readings to a watcher (agent/watchers.py), which decides
+the alert."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
-from dgdm.agent import status
-from dgdm.agent.alerts import INFO, WARNING, Alert
 from dgdm.agent.telemetry import SampleInputs, Sampler
+from dgdm.agent.watchers import BrokerWatch, ClockWatch, Watchers, backend_alert
 from dgdm.common.errors import DgdmError
 
 if TYPE_CHECKING:
+    from dgdm.agent.alerts import Alerts
+    from dgdm.agent.config import AgentConfig
     from dgdm.agent.runtime import Agent
+    from dgdm.agent.sdnotify import Notifier
+    from dgdm.agent.tpu import TpuMonitor
+    from dgdm.kernels.engine import Engine
+    from dgdm.sync.link import DeviceLink
 
 log = logging.getLogger("dgdm.agent")
 LAG_PERIOD_S = 0.25
@@ -27,50 +34,63 @@ MONO_KEY = "_mono"  # a sample's monotonic time, until it is queued
 EARLY_SAMPLES = 6
 
 
+class Monitors:
+    """What the periodic checks keep between rounds: the loop's lag and the watchers."""
+
+    def __init__(self, config: AgentConfig, now: float) -> None:
+        self.loop_lag_s = 0.0
+        self.watchers = Watchers(config, now)
+
+
 def loops(agent: Agent) -> list[Coroutine[Any, Any, None]]:
+    tpu = agent.tpu
+    assert tpu is not None
+    watchers = agent.monitors.watchers
     jobs = [
-        tpu_loop(agent),
+        tpu_loop(tpu, lambda: agent.config),
         telemetry_loop(agent),
-        lag_loop(agent),
-        broker_loop(agent),
-        backends_loop(agent),
-        clock_loop(agent),
+        lag_loop(agent.monitors),
+        backends_loop(agent.engine, agent.alerts),
     ]
+    if agent.link is not None:
+        jobs.append(broker_loop(agent.link, agent.alerts, watchers.broker))
+        jobs.append(clock_loop(agent.link, agent.alerts, watchers.clock))
     if agent.notifier.watchdog_interval_s:
-        jobs.append(watchdog_loop(agent))
+        jobs.append(watchdog_loop(agent.notifier, agent.health))
     return jobs
 
 
-async def lag_loop(agent: Agent) -> None:
+async def lag_loop(monitors: Monitors) -> None:
     """Measures how late the loop wakes up: a blocked loop shows up here and in health."""
     while True:
         before = time.monotonic()
         await asyncio.sleep(LAG_PERIOD_S)
-        agent.loop_lag_s = max(0.0, time.monotonic() - before - LAG_PERIOD_S)
+        monitors.loop_lag_s = max(0.0, time.monotonic() - before - LAG_PERIOD_S)
 
 
-async def watchdog_loop(agent: Agent) -> None:
-    interval = agent.notifier.watchdog_interval_s or 1.0
+async def watchdog_loop(
+    notifier: Notifier, health: Callable[[], Awaitable[tuple[bool, dict[str, Any]]]]
+) -> None:
+    interval = notifier.watchdog_interval_s or 1.0
     while True:
-        healthy, checks = await status.health(agent)
+        healthy, checks = await health()
         if healthy:
-            agent.notifier.watchdog()
+            notifier.watchdog()
         else:
             log.warning("health check failed: no watchdog ping", extra={"checks": checks})
         await asyncio.sleep(interval)
 
 
-async def tpu_loop(agent: Agent) -> None:
-    tpu = agent.tpu
-    assert tpu is not None
+async def tpu_loop(tpu: TpuMonitor, settings: Callable[[], AgentConfig]) -> None:
     while True:
         try:
             await tpu.poll()
         except DgdmError as exc:
             log.warning("TPU poll failed", extra={"error": str(exc)})
-        tpu.limit_c = agent.config.tpu.temperature_limit_c
-        tpu.hysteresis_c = agent.config.tpu.hysteresis_c
-        await asyncio.sleep(agent.config.tpu.poll_s)
+        config = settings().tpu
+        tpu.limit_c = config.temperature_limit_c
+        tpu.hysteresis_c = config.hysteresis_c
+        await asyncio.sleep(config.poll_s)
 
 
 # -- telemetry ----------------------------------------------------------------------------
@@ -89,7 +109,7 @@ async def telemetry_loop(agent: Agent) -> None:
         except Exception as exc:  # noqa: BLE001 - one bad round must not end telemetry and the disk checks
             log.warning("telemetry sample failed", extra={"error": repr(exc)})
             continue
-        check_disk(agent, sample["disk_free_bytes"])
+        agent.alerts.report(agent.monitors.watchers.disk.observe(sample["disk_free_bytes"]))
         await agent.flush_alerts()  # any the outbox refused before
         batcher.batch_s = _batch_s(agent, rounds)
         body = batcher.add(sample)
@@ -163,116 +183,23 @@ async def flush_telemetry(agent: Agent) -> None:
         await queue_telemetry(agent, body)
 
 
-def check_disk(agent: Agent, free: int) -> None:
-    limit = agent.config.alerts.disk_min_free_bytes
-    details = {
-        "free_bytes": free,
-        "min_free_bytes": limit,
-        "path": str(agent.config.device.data_dir),
-    }
-    if free < limit:
-        agent.alerts.condition(Alert("disk_low", WARNING, f"Disk low: {free} bytes free.", details))
-    else:
-        agent.alerts.resolved("disk_low", Alert("disk_ok", INFO, "Disk space is back.", details))
+# -- broker, clock, backends --------------------------------------------------------------
 
 
-# -- broker -------------------------------------------------------------------------------
-
-
-async def broker_loop(agent: Agent) -> None:
+async def broker_loop(link: DeviceLink, alerts: Alerts, watch: BrokerWatch) -> None:
     while True:
         await asyncio.sleep(BROKER_PERIOD_S)
-        check_broker(agent, time.monotonic())
+        alerts.report(watch.observe(link.connected, time.monotonic()))
 
 
-def check_broker(agent: Agent, now: float) -> None:
-    if agent.link is None:
-        return
-    if agent.link.connected:
-        agent.offline_since = None
-        agent.alerts.resolved(
-            "broker_unreachable", Alert("broker_reachable", INFO, "Broker reachable again.")
-        )
-        return
-    if agent.offline_since is None:
-        agent.offline_since = now
-    offline_s = now - agent.offline_since
-    if offline_s > agent.config.sync.offline_alert_s:
-        message = f"Broker unreachable for {int(offline_s)} s."
-        details = {"offline_s": round(offline_s, 1)}
-        agent.alerts.condition(Alert("broker_unreachable", WARNING, message, details))
-
-
-# -- clock --------------------------------------------------------------------------------
-
-
-async def clock_loop(agent: Agent) -> None:
-    skewed = False
+async def clock_loop(link: DeviceLink, alerts: Alerts, watch: ClockWatch) -> None:
     while True:
         await asyncio.sleep(CLOCK_PERIOD_S)
-        skewed = check_clock(agent, skewed)
+        best = link.clock.best
+        alerts.report(watch.observe(link.clock_skew_ms(), None if best is None else best.rtt_ms))
 
 
-def check_clock(agent: Agent, skewed: bool) -> bool:
-    """`clock_skew` while the wall clock is more than `sync.max_clock_skew_ms` off the
-    coordinator's as estimated from receipts (SPEC §6.1), `clock_ok` once back within half
-    of it; returns whether it holds."""
-    from dgdm.sync.clock import skew_alarm
-
-    skew = agent.link.clock_skew_ms() if agent.link is not None else None
-    if skew is None:
-        return skewed
-    limit = agent.config.sync.max_clock_skew_ms
-    now_skewed = skew_alarm(skewed, skew, limit)
-    best = agent.link.clock.best
-    details = {"skew_ms": skew, "max_skew_ms": limit, "rtt_ms": best and round(best.rtt_ms, 1)}
-    if now_skewed:
-        ahead = "behind" if skew > 0 else "ahead of"
-        message = f"Clock {abs(skew)} ms {ahead} the coordinator's."
-        agent.alerts.condition(Alert("clock_skew", WARNING, message, details))
-    else:
-        message = "Clock agrees with the coordinator's again."
-        agent.alerts.resolved("clock_skew", Alert("clock_ok", INFO, message, details))
-    return now_skewed
-
-
-# -- backends -----------------------------------------------------------------------------
-
-
-async def backends_loop(agent: Agent) -> None:
+async def backends_loop(engine: Engine, alerts: Alerts) -> None:
     while True:
         await asyncio.sleep(BACKENDS_PERIOD_S)
-        check_backends(agent)
-
-
-def check_backends(agent: Agent) -> None:
-    """`backend_failed` while any backend's last run failed (the engine fell back); its
-    recovery once each of them has answered again. Repeats are deduplicated by the policy."""
-    failing = failing_backends(agent.engine.backends_status())
-    if not failing:
-        agent.alerts.resolved(
-            "backend_failed",
-            Alert("backend_recovered", INFO, "Every failed backend answers again."),
-        )
-        return
-    names = sorted(failing)
-    message = f"Backend {', '.join(names)} failed at run time: diffusions fall back."
-    details = {"backends": names, "reasons": failing}
-    agent.alerts.condition(Alert("backend_failed", WARNING, message, details))
-
-
-def failing_backends(statuses: list[dict[str, Any]]) -> dict[str, str]:
-    """Backend name -> its last error, for each whose last run failed."""
-    return {b["name"]: b.get("last_error", "") for b in statuses if b.get("failing")}
-
-
-def eviction_alert(kind: Any, count: int) -> Alert:
-    """The outbox dropped `count` messages of `kind` to stay within its size: older ones
-    evicted, or a new one refused when only more urgent messages were left to evict."""
-    name = getattr(kind, "name", str(kind)).lower()
-    return Alert(
-        "outbox_evicting",
-        WARNING,
-        f"Outbox full: dropped {count} {name} message(s) to stay within max_outbox_bytes.",
-        {"kind": name, "count": count},
-    )
+        alerts.report(backend_alert(engine.backends_status()))

@@ -24,7 +24,6 @@ import numpy as np
 from aiohttp import web
 
 from dgdm.agent import __version__, hosts
-from dgdm.agent import status as state
 from dgdm.agent.answers import result_body
 from dgdm.agent.batcher import Batcher, sets_of, side_by_side
 from dgdm.agent.errors import BadJson, NoOutbox, QueueFull, ShuttingDown
@@ -246,7 +245,7 @@ async def live(request: web.Request) -> web.Response:
 
 
 async def ready(request: web.Request) -> web.Response:
-    ok, checks = await state.health(request.app[MODELS].agent)
+    ok, checks = await request.app[MODELS].agent.health()
     if not ok:
         failing = ", ".join(sorted(name for name, good in checks.items() if not good))
         raise OipError(503, f"the agent is not ready (failing checks: {failing})")

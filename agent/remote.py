@@ -38,7 +38,7 @@ async def _command(agent: Agent, cmd: str, args: Any) -> Any:
     if cmd == "ping":
         return {"pong": True, "ts_ms": int(time.time() * 1000)}
     if cmd == "status":
-        return await status.status(agent)
+        return await status.status(agent.view())
     if cmd == "diffuse":
         if not isinstance(args, dict):
             raise GraphError("args", "must be a graph object")

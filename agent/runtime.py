@@ -19,9 +19,10 @@ import time
 from collections import deque
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from dgdm.agent import anomaly_alerts, logs, monitors, remote, remote_config, spool, uplink
+from dgdm.agent import status as state
 from dgdm.agent.alerts import Alert, AlertPolicy, Alerts
 from dgdm.agent.anomaly import LatencyDetector
 from dgdm.agent.answers import result_body
@@ -34,12 +35,25 @@ from dgdm.agent.reload import changed_settings, merge_reloadable
 from dgdm.agent.sdnotify import Notifier
 from dgdm.agent.telemetry import LatencyWindow, TelemetryBatcher
 from dgdm.agent.tpu import TpuMonitor
+from dgdm.agent.watchers import eviction_alert
 from dgdm.agent.work import GraphParser, WorkQueue
 from dgdm.common.errors import DgdmError
 from dgdm.kernels import threads as kernel_threads
 from dgdm.sync import datalock
 from dgdm.sync.http_limits import BodyBudget, ConnectionTable, connection_cap, default_body_budget
 from dgdm.sync.listener import memory_bytes
+
+if TYPE_CHECKING:
+    # Imported where they are first needed, at start-up: numpy, scipy and aiohttp load in
+    # parallel with other start-up work (see start()).
+    from aiohttp import web
+
+    from dgdm.kernels.engine import DiffusionResult, Engine
+    from dgdm.sync.crypto import LinkKeys
+    from dgdm.sync.envelope import Kind
+    from dgdm.sync.link import DeviceLink
+    from dgdm.sync.listener import Listener
+    from dgdm.sync.outbox import Outbox, OutboxStats
 
 log = logging.getLogger("dgdm.agent")
 STOP_BUDGET_S = 10.0
@@ -81,18 +95,17 @@ class Agent:
             AlertPolicy(config.alerts.repeat_s, config.alerts.max_per_minute), self._queue_alert
         )
         self.anomalies = LatencyDetector()
-        self.engine: Any = None
+        self.monitors = monitors.Monitors(config, time.monotonic())
+        self._engine: Engine | None = None
         self.jobs: EngineJobs | None = None
-        self.outbox: Any = None
-        self.keys: Any = None
-        self.link: Any = None
+        self.outbox: Outbox | None = None
+        self.keys: LinkKeys | None = None
+        self.link: DeviceLink | None = None
         self.tpu: TpuMonitor | None = None
         self.telemetry: TelemetryBatcher | None = None
         self.http_port: int | None = None
-        self.loop_lag_s = 0.0
-        self.offline_since: float | None = time.monotonic()
-        self._runner: Any = None
-        self._listener: Any = None
+        self._runner: web.AppRunner | None = None
+        self._listener: Listener | None = None
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._side_tasks: set[asyncio.Task[Any]] = set()
@@ -200,8 +213,8 @@ class Agent:
             await asyncio.to_thread(self.outbox.close)
         self.work.close()
         await asyncio.to_thread(self._parser.close)
-        if self.engine is not None and hasattr(self.engine, "close"):
-            await asyncio.to_thread(self.engine.close)
+        if self._engine is not None:
+            await asyncio.to_thread(self._engine.close)
         self.notifier.close()
         if self._data_lock is not None:
             self._data_lock.close()
@@ -214,6 +227,34 @@ class Agent:
 
     def uptime_s(self) -> float:
         return time.monotonic() - self._started
+
+    @property
+    def engine(self) -> Engine:
+        """The diffusion engine, open from before the HTTP endpoint listens."""
+        assert self._engine is not None, "the engine is opened by start()"
+        return self._engine
+
+    def view(self) -> state.AgentView:
+        """What /status, /metrics and the TPU view read, as of now."""
+        return state.AgentView(
+            config=self.config,
+            engine=self.engine,
+            work=self.work,
+            outbox=self.outbox,
+            link=self.link,
+            tpu=self.tpu,
+            latency=self.latency,
+            alerts=self.alerts,
+            loop_lag_s=self.monitors.loop_lag_s,
+            uptime_s=self.uptime_s(),
+            started_wall=self.started_wall,
+            active_backend=self.active_backend(),
+            http_connections=len(self.connections),
+        )
+
+    async def health(self) -> tuple[bool, dict[str, Any]]:
+        """/healthz and the watchdog's check: (healthy, each check)."""
+        return await state.health(self.monitors.loop_lag_s, self.outbox, self.engine, self.work)
 
     # -- parts ----------------------------------------------------------------------------
 
@@ -232,10 +273,11 @@ class Agent:
         registry = RegistryLimits(k.max_topologies, k.max_topology_bytes)
         bounds = EngineBounds(k.max_diffusion_bytes or None, k.cache_bytes)
         kernel_threads.configure(k.threads)
-        self.engine = Engine(
+        engine = Engine(
             backend=k.backend, cache_dir=cache_dir, limits=limits, registry=registry, bounds=bounds
         )
-        self.jobs = EngineJobs(self.engine, limits, self.work, self._parser)
+        self._engine = engine
+        self.jobs = EngineJobs(engine, limits, self.work, self._parser)
 
     async def _prepare_http(self) -> None:
         from aiohttp import web
@@ -258,11 +300,12 @@ class Agent:
 
         http = self.config.http
         closed = self.metrics.http_refused
-        self._listener = Listener(
-            self._runner.server, self.connections, lambda reason: closed.labels(reason).inc()
-        )
+        server = self._runner.server if self._runner is not None else None
+        assert server is not None, "_prepare_http() comes first"
+        listener = Listener(server, self.connections, lambda reason: closed.labels(reason).inc())
+        self._listener = listener
         try:
-            self.http_port = await self._listener.start(http.bind, http.port)
+            self.http_port = await listener.start(http.bind, http.port)
         except OSError as exc:
             raise AgentError(f"cannot listen on {http.bind}:{http.port}: {exc.strerror}") from exc
 
@@ -274,20 +317,22 @@ class Agent:
         if self.link is not None:
             await self.link.start()
 
-    async def enqueue(self, kind: Any, body: dict[str, Any]) -> int:
+    async def enqueue(self, kind: Kind, body: dict[str, Any]) -> int:
         """Durably queue a message and wake the sender so it goes out at once."""
         if self.link is not None:
-            return int(await self.link.enqueue(kind, body))
-        return int(await self.outbox.enqueue_async(kind, body))
+            return await self.link.enqueue(kind, body)
+        if self.outbox is None:
+            raise NoOutbox("no outbox to queue in: set sync.coordinator_public_key")
+        return await self.outbox.enqueue_async(kind, body)
 
-    async def outbox_stats(self) -> Any:
+    async def outbox_stats(self) -> OutboxStats | None:
         if self.outbox is None:
             return None
         return await asyncio.to_thread(self.outbox.stats)
 
     def active_backend(self) -> str:
         try:
-            return str(self.engine.active_backend())
+            return self.engine.active_backend()
         except DgdmError:
             return "none"
 
@@ -300,7 +345,7 @@ class Agent:
         *,
         queue: bool,
         deadline_s: float | None = None,
-    ) -> tuple[Any, int | None]:
+    ) -> tuple[DiffusionResult, int | None]:
         """Parse and diffuse a graph; optionally commit the result to the outbox."""
         self._check_outbox(queue)
         assert self.jobs is not None
@@ -314,7 +359,7 @@ class Agent:
         *,
         queue: bool,
         deadline_s: float | None = None,
-    ) -> tuple[Any, int | None]:
+    ) -> tuple[DiffusionResult, int | None]:
         self._check_outbox(queue)
         assert self.jobs is not None
         result = await self.jobs.diffuse_registered(graph_id, data, deadline_s)
@@ -325,7 +370,9 @@ class Agent:
         if queue and self.outbox is None:
             raise NoOutbox("queue=1 needs an outbox: set sync.coordinator_public_key")
 
-    async def _finish(self, result: Any, source: str, queue: bool) -> tuple[Any, int | None]:
+    async def _finish(
+        self, result: DiffusionResult, source: str, queue: bool
+    ) -> tuple[DiffusionResult, int | None]:
         """Count the diffusion; queue its result message when asked (the outbox seq)."""
         self.latency.record(result.latency_ms)
         self.metrics.count_diffusion(result.backend, source, result.latency_ms / 1000.0)
@@ -337,9 +384,9 @@ class Agent:
 
     # -- alerts ---------------------------------------------------------------------------
 
-    def _on_evict(self, kind: Any, count: int) -> None:
+    def _on_evict(self, kind: Kind, count: int) -> None:
         """Called by the outbox writer thread: hop onto the loop."""
-        alert = monitors.eviction_alert(kind, count)
+        alert = eviction_alert(kind, count)
         with contextlib.suppress(RuntimeError):  # the loop is already closed at shutdown
             self._loop.call_soon_threadsafe(self.alerts.condition, alert)
 
@@ -414,6 +461,7 @@ class Agent:
         logs.set_level(self.config.log.level)
         self.alerts.policy.repeat_s = self.config.alerts.repeat_s
         self.alerts.policy.max_per_minute = self.config.alerts.max_per_minute
+        self.monitors.watchers.configure(self.config)
         return applied, ignored
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from dgdm.agent import __version__
@@ -13,72 +14,102 @@ from dgdm.agent.metrics import Snapshot
 from dgdm.common.errors import DgdmError
 
 if TYPE_CHECKING:
-    from dgdm.agent.runtime import Agent
+    from dgdm.agent.alerts import Alerts
+    from dgdm.agent.config import AgentConfig
+    from dgdm.agent.metrics import AgentMetrics
+    from dgdm.agent.telemetry import LatencyWindow
+    from dgdm.agent.tpu import TpuMonitor
+    from dgdm.agent.work import WorkQueue
+    from dgdm.kernels.engine import Engine
+    from dgdm.sync.link import DeviceLink
+    from dgdm.sync.outbox import Outbox, OutboxStats
 
 log = logging.getLogger("dgdm.agent")
 LOOP_LAG_UNHEALTHY_S = 5.0
 
 
-async def status(agent: Agent) -> dict[str, Any]:
+@dataclass(frozen=True)
+class AgentView:
+    """The parts of a running agent that its views read, as of one request
+    (`Agent.view()`): the config as reloaded last, the link and TPU once started."""
+
+    config: AgentConfig
+    engine: Engine
+    work: WorkQueue
+    outbox: Outbox | None
+    link: DeviceLink | None
+    tpu: TpuMonitor | None
+    latency: LatencyWindow
+    alerts: Alerts
+    loop_lag_s: float
+    uptime_s: float
+    started_wall: float
+    active_backend: str
+    http_connections: int
+
+    async def outbox_stats(self) -> OutboxStats | None:
+        if self.outbox is None:
+            return None
+        return await asyncio.to_thread(self.outbox.stats)
+
+
+async def status(view: AgentView) -> dict[str, Any]:
     from dgdm.sync.settings import summary
 
-    stats = await agent.outbox_stats()
-    latency = agent.latency
+    stats = await view.outbox_stats()
+    latency = view.latency
     return {
-        "device_id": agent.config.device.id,
+        "device_id": view.config.device.id,
         "agent_version": __version__,
-        "uptime_s": round(agent.uptime_s(), 3),
-        "loop_lag_ms": round(agent.loop_lag_s * 1000, 1),
-        "started_ms": int(agent.started_wall * 1000),
-        "active_backend": agent.active_backend(),
-        "backends": agent.engine.backends_status(),
-        "tpu": tpu_json(agent),
-        "broker": broker_json(agent),
+        "uptime_s": round(view.uptime_s, 3),
+        "loop_lag_ms": round(view.loop_lag_s * 1000, 1),
+        "started_ms": int(view.started_wall * 1000),
+        "active_backend": view.active_backend,
+        "backends": view.engine.backends_status(),
+        "tpu": tpu_json(view.tpu, view.config.tpu.temperature_limit_c),
+        "broker": broker_json(view.link, bool(view.config.sync.broker_url)),
         "outbox": outbox_json(stats),
-        "queue": {"in_flight": agent.work.in_flight, "capacity": agent.work.capacity},
+        "queue": {"in_flight": view.work.in_flight, "capacity": view.work.capacity},
         "diffusions": latency.count,
         "latency_ms": latency.recent_percentiles(),
         "recent_latency_ms": [round(ms, 3) for _, ms in list(latency.recent)[-60:]],
-        "alerts": list(agent.alerts.recent)[-10:],
-        "config": summary(agent.config),
+        "alerts": list(view.alerts.recent)[-10:],
+        "config": summary(view.config),
     }
 
 
-def tpu_json(agent: Agent) -> dict[str, Any]:
-    reading = agent.tpu.reading.to_json() if agent.tpu else {"present": False}
-    limit = agent.config.tpu.temperature_limit_c
-    protecting = bool(agent.tpu and agent.tpu.protecting)
-    return {**reading, "temperature_limit_c": limit, "thermal_protection": protecting}
+def tpu_json(tpu: TpuMonitor | None, limit_c: float) -> dict[str, Any]:
+    reading = tpu.reading.to_json() if tpu else {"present": False}
+    protecting = bool(tpu and tpu.protecting)
+    return {**reading, "temperature_limit_c": limit_c, "thermal_protection": protecting}
 
 
-def broker_json(agent: Agent) -> dict[str, Any]:
-    if agent.link is None:
-        return {"configured": bool(agent.config.sync.broker_url), "connected": False}
-    last = getattr(agent.link, "last_sync_ms", None)
-    wire = agent.link.mqtt.active_wire  # sync.wire, or "paho" where lean is unsupported
-    connected = bool(agent.link.connected)
-    skew = agent.link.clock_skew_ms()  # the wall clock against the coordinator's (SPEC §6.1)
+def broker_json(link: DeviceLink | None, configured: bool) -> dict[str, Any]:
+    if link is None:
+        return {"configured": configured, "connected": False}
     return {
         "configured": True,
-        "connected": connected,
-        "last_sync_ms": last,
-        "wire": wire,
-        "clock_skew_ms": skew,
+        "connected": link.connected,
+        "last_sync_ms": link.last_sync_ms,
+        "wire": link.mqtt.active_wire,  # sync.wire, or "paho" where lean is unsupported
+        "clock_skew_ms": link.clock_skew_ms(),  # the wall clock against the coordinator's
     }
 
 
-async def health(agent: Agent) -> tuple[bool, dict[str, Any]]:
-    checks: dict[str, Any] = {"loop": agent.loop_lag_s < LOOP_LAG_UNHEALTHY_S}
-    checks["store"] = await _store_ok(agent.outbox)
+async def health(
+    loop_lag_s: float, outbox: Outbox | None, engine: Engine, work: WorkQueue
+) -> tuple[bool, dict[str, Any]]:
+    checks: dict[str, Any] = {"loop": loop_lag_s < LOOP_LAG_UNHEALTHY_S}
+    checks["store"] = await _store_ok(outbox)
     checks["backend"] = any(
-        b.get("available") and b.get("healthy", True) for b in agent.engine.backends_status()
+        b.get("available") and b.get("healthy", True) for b in engine.backends_status()
     )
     # A diffusion that did not stop at its deadline still holds its worker.
-    checks["workers"] = not agent.work.stuck()
+    checks["workers"] = not work.stuck()
     return all(checks.values()), checks
 
 
-async def _store_ok(outbox: Any) -> bool:
+async def _store_ok(outbox: Outbox | None) -> bool:
     if outbox is None:
         return True
     try:
@@ -89,35 +120,36 @@ async def _store_ok(outbox: Any) -> bool:
     return not stats.storage_full
 
 
-async def metrics_text(agent: Agent) -> bytes:
-    stats = await agent.outbox_stats()
-    reading = agent.tpu.reading if agent.tpu else None
-    link = agent.link
+async def metrics_text(view: AgentView, metrics: AgentMetrics) -> bytes:
+    stats = await view.outbox_stats()
+    reading = view.tpu.reading if view.tpu else None
+    link = view.link
     snapshot = Snapshot(
         outbox_messages={k: v.messages for k, v in stats.kinds.items()} if stats else {},
         outbox_bytes={k: v.bytes for k, v in stats.kinds.items()} if stats else {},
         outbox_dropped=stats.dropped if stats else 0,
-        outbox_max_bytes=agent.config.sync.max_outbox_bytes,
-        mqtt_connected=bool(link.connected) if link is not None else None,
-        last_sync_s=_seconds(getattr(link, "last_sync_ms", None)),
+        outbox_max_bytes=view.config.sync.max_outbox_bytes,
+        mqtt_connected=link.connected if link is not None else None,
+        last_sync_s=_seconds(link.last_sync_ms if link is not None else None),
         tpu_present=bool(reading and reading.present),
         tpu_temp_c=reading.temp_c if reading else None,
-        tpu_temp_limit_c=agent.config.tpu.temperature_limit_c,
-        queue_depth=agent.work.in_flight,
-        backend_failures={b["name"]: b["failures"] for b in agent.engine.backends_status()},
-        active_backend=agent.active_backend(),
+        tpu_temp_limit_c=view.config.tpu.temperature_limit_c,
+        queue_depth=view.work.in_flight,
+        backend_failures={b["name"]: b["failures"] for b in view.engine.backends_status()},
+        active_backend=view.active_backend,
         envelopes_rejected=_rejected(link),
-        http_connections=len(agent.connections),
+        http_connections=view.http_connections,
     )
-    agent.metrics.thermal_throttled.set(int(bool(agent.tpu and agent.tpu.protecting)))
-    return agent.metrics.render(snapshot)
+    metrics.thermal_throttled.set(int(bool(view.tpu and view.tpu.protecting)))
+    return metrics.render(snapshot)
 
 
-def _rejected(link: Any) -> dict[str, int]:
+def _rejected(link: DeviceLink | None) -> dict[str, int]:
     """The link counts each rejection as `rejected_<reason>`."""
-    counters = getattr(link, "counters", None) or {}
+    if link is None:
+        return {}
     prefix = "rejected_"
-    return {k[len(prefix) :]: v for k, v in counters.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in link.counters.items() if k.startswith(prefix)}
 
 
 def _seconds(ms: int | None) -> float | None:

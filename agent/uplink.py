@@ -7,14 +7,23 @@ outbox and a broker URL.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from dgdm.agent import __version__
 from dgdm.agent.config import AgentConfig
 
+if TYPE_CHECKING:
+    # sync's modules load when a coordinator key is configured, not before.
+    from dgdm.sync.crypto import LinkKeys
+    from dgdm.sync.envelope import Kind
+    from dgdm.sync.link import CommandHandler, DeviceLink
+    from dgdm.sync.outbox import Outbox, Sealer
 
-def open_outbox(config: AgentConfig, on_evict: Callable[[Any, int], None]) -> tuple[Any, Any]:
+
+def open_outbox(
+    config: AgentConfig, on_evict: Callable[[Kind, int], None]
+) -> tuple[Outbox | None, LinkKeys | None]:
     """(outbox, link keys), or (None, None) without a coordinator key. Blocking."""
     if not config.sync.coordinator_public_key:
         return None, None
@@ -31,7 +40,7 @@ def open_outbox(config: AgentConfig, on_evict: Callable[[Any, int], None]) -> tu
     return outbox, keys
 
 
-def _sealer(config: AgentConfig, keys: Any) -> Callable[..., bytes]:
+def _sealer(config: AgentConfig, keys: LinkKeys) -> Sealer:
     from dgdm.sync.envelope import Kind, seal
 
     device_id = config.device.id
@@ -44,7 +53,7 @@ def _sealer(config: AgentConfig, keys: Any) -> Callable[..., bytes]:
     return sealer
 
 
-def link_keys(config: AgentConfig) -> Any:
+def link_keys(config: AgentConfig) -> LinkKeys:
     from dgdm.sync.crypto import derive_link_keys, load_private_key, load_public_key, raw_public
 
     own = load_private_key(config.device.private_key)
@@ -54,13 +63,13 @@ def link_keys(config: AgentConfig) -> Any:
 
 def make_link(
     config: AgentConfig,
-    outbox: Any,
-    keys: Any,
-    on_command: Callable[[int, dict[str, Any]], Awaitable[dict[str, Any]]],
+    outbox: Outbox | None,
+    keys: LinkKeys | None,
+    on_command: CommandHandler,
     backend: Callable[[], str],
-) -> Any:
+) -> DeviceLink | None:
     """The `DeviceLink` (not started yet), or None without a broker (or an outbox)."""
-    if not config.sync.broker_url or outbox is None:
+    if not config.sync.broker_url or outbox is None or keys is None:
         return None
     from dgdm.sync.link import DeviceLink
     from dgdm.sync.mqtt import options_from_settings

@@ -28,12 +28,15 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from dgdm.agent.errors import BadJson, QueueFull, ShuttingDown
 from dgdm.agent.jsonio import loads
 from dgdm.kernels.deadline import Deadline, applied
 from dgdm.kernels.errors import DeadlineExceeded, GraphError
+
+if TYPE_CHECKING:
+    from dgdm.kernels.graph import Graph, Limits
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -50,7 +53,7 @@ SHUTDOWN = "the agent is shutting down: the diffusion was stopped"
 CANCELLED = "the request went away: the diffusion was stopped"
 
 
-def parse_graph_body(data: bytes | str | dict[str, Any], limits: Any) -> Any:
+def parse_graph_body(data: bytes | str | dict[str, Any], limits: Limits) -> Graph:
     from dgdm.kernels.graph import parse_graph, parse_graph_bytes
 
     if isinstance(data, bytes):
@@ -58,7 +61,7 @@ def parse_graph_body(data: bytes | str | dict[str, Any], limits: Any) -> Any:
     return parse_graph(loads(data) if isinstance(data, str) else data, limits)
 
 
-def _parse_in_child(data: bytes, limits: Any) -> tuple[str, Any]:
+def _parse_in_child(data: bytes, limits: Limits) -> tuple[str, Any]:
     """Runs in the parser process. Errors come back as values: GraphError's constructor
     does not survive pickling."""
     try:
@@ -76,7 +79,7 @@ class GraphParser:
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
         self._lock = threading.Lock()
 
-    def parse(self, data: bytes, limits: Any) -> Any:
+    def parse(self, data: bytes, limits: Limits) -> Graph:
         status, value = self._executor().submit(_parse_in_child, data, limits).result()
         if status == "graph_error":
             field, message, code = value
