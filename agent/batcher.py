@@ -71,6 +71,8 @@ class Batcher(Generic[K, R]):
                 out += await self._call(key, chunk)
             return out
         loop = asyncio.get_running_loop()
+        if len(parts) == 1:  # the usual request: one future, no gather around it
+            return [await self._join(loop, key, parts[0])]
         return list(await asyncio.gather(*(self._join(loop, key, part) for part in parts)))
 
     def _join(

@@ -37,6 +37,7 @@ from dgdm.agent.telemetry import LatencyWindow, TelemetryBatcher
 from dgdm.agent.tpu import TpuMonitor
 from dgdm.agent.watchers import eviction_alert
 from dgdm.agent.work import GraphParser, WorkQueue
+from dgdm.common import heap
 from dgdm.common.errors import DgdmError
 from dgdm.kernels import threads as kernel_threads
 from dgdm.sync import datalock
@@ -122,6 +123,7 @@ class Agent:
         loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload()))
         try:
             await self.start()
+            heap.freeze_after_start()
             await self._stop.wait()
         finally:
             await self.stop()

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 
+from dgdm.common import heap
 from dgdm.sync import datalock
 from dgdm.sync.coordinator.config import CoordinatorConfig
 from dgdm.sync.coordinator.service import Coordinator
@@ -26,6 +27,7 @@ async def serve(config: CoordinatorConfig) -> int:
 async def _serve(config: CoordinatorConfig) -> int:
     coordinator = Coordinator(config)
     await coordinator.start()
+    heap.freeze_after_start()
     log.info(
         "coordinator %s: broker %s, HTTP on %s:%s",
         config.coordinator.id,
