@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -23,7 +24,7 @@ from urllib.parse import urlsplit
 import numpy as np
 from aiohttp import web
 
-from dgdm.agent import __version__, hosts
+from dgdm.agent import __version__, anomaly_alerts, hosts
 from dgdm.agent.answers import result_body
 from dgdm.agent.batcher import Batcher, sets_of, side_by_side
 from dgdm.agent.errors import BadJson, NoOutbox, QueueFull, ShuttingDown
@@ -289,6 +290,7 @@ async def infer(request: web.Request) -> web.Response:
         z = sets_of([z for _, z in pieces], sets.shape[2])
         per_block = max(1, max_features // sets.shape[2])
         models.counters.count([r for r, _ in pieces], per_block, len(z))
+        _watch_latency(models.agent, name, pieces)
         seqs = []
         if req.queue:
             per_set = [(pieces[b // per_block][0], z[b]) for b in range(len(z))]
@@ -380,6 +382,15 @@ class _Counters:
             children = (metrics.diffusions.labels(backend, "oip"), metrics.duration.labels(backend))
             self._children[backend] = children
         return children
+
+
+def _watch_latency(agent: Agent, graph_id: str, pieces: list[tuple[Any, np.ndarray]]) -> None:
+    """The calls that served this request alone feed `latency_anomaly` as the JSON routes'
+    do. A fused call's width, and so its latency, follows the load, not the box's health."""
+    now = time.monotonic()
+    for result, z in pieces:
+        if result.embedding.shape[1] == z.shape[1]:
+            anomaly_alerts.watch(agent.anomalies, agent.alerts, graph_id, result, now)
 
 
 async def _queue(agent: Agent, per_set: list[tuple[Any, np.ndarray]]) -> list[int]:

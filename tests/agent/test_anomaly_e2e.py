@@ -1,6 +1,7 @@
 """`latency_anomaly` end to end: an in-process agent with a real outbox and a real aiohttp
-server; a topology registered and diffused over HTTP (`PUT /graphs/club`, `POST
-/graphs/club/diffuse`); the engine's answers carry injected latencies (a steady baseline,
+server; a topology registered and diffused over HTTP (`PUT /graphs/club`, then `POST
+/graphs/club/diffuse` or the Open Inference Protocol's binary infer, one request at a time);
+the engine's answers carry injected latencies (a steady baseline,
 then a x5 slowdown, then recovery). The alert and its recovery must reach the outbox as
 sealed alert envelopes naming the topology, the baseline and the observed latency."""
 
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import numpy as np
 import pytest
 
 from dgdm.agent.anomaly import CLEAR_AFTER, MIN_SAMPLES, RAISE_AFTER
@@ -49,8 +51,16 @@ async def wait_for_code(agent: Agent, code: str, timeout_s: float = 10.0) -> dic
         await asyncio.sleep(0.05)
 
 
+def oip_binary(x: list[list[float]]) -> tuple[bytes, dict[str, str]]:
+    raw = np.asarray(x, dtype="<f4")
+    tensor = {"name": "x", "datatype": "FP32", "shape": list(raw.shape)}
+    header = json.dumps({"inputs": [{**tensor, "parameters": {"binary_data_size": raw.nbytes}}]})
+    return header.encode() + raw.tobytes(), {"Inference-Header-Content-Length": str(len(header))}
+
+
+@pytest.mark.parametrize("route", ["graphs", "oip"])
 async def test_latency_anomaly_reaches_the_outbox(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, route: str
 ) -> None:
     dev_key, _, _ = generate_keypair(tmp_path / "keys", name="device")
     _, _, coord_b64 = generate_keypair(tmp_path / "keys", name="coordinator")
@@ -79,6 +89,8 @@ async def test_latency_anomaly_reaches_the_outbox(
     graph = json.loads((REPO / "fixtures" / "karate.json").read_text())
     x = {"x": [node["features"] for node in graph["nodes"]]}
     base = f"http://127.0.0.1:{agent.http_port}/graphs/club"
+    body, headers = oip_binary(x["x"])
+    infer = f"http://127.0.0.1:{agent.http_port}/v2/models/club/infer"
     try:
         async with aiohttp.ClientSession() as session:
             async with session.put(base, json={**graph, "graph_id": "club"}) as r:
@@ -86,7 +98,11 @@ async def test_latency_anomaly_reaches_the_outbox(
 
             async def diffuse(n: int) -> None:
                 for _ in range(n):
-                    async with session.post(base + "/diffuse", json=x) as r:
+                    if route == "oip":
+                        request = session.post(infer, data=body, headers=headers)
+                    else:
+                        request = session.post(base + "/diffuse", json=x)
+                    async with request as r:
                         assert r.status == 200, await r.text()
 
             await diffuse(MIN_SAMPLES + 10 + RAISE_AFTER - 1)
