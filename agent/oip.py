@@ -27,6 +27,7 @@ from aiohttp import web
 from dgdm.agent import __version__, anomaly_alerts, hosts
 from dgdm.agent.answers import result_body
 from dgdm.agent.batcher import Batcher, sets_of, side_by_side
+from dgdm.agent.diffusion import HEAVY_S
 from dgdm.agent.errors import BadJson, NoOutbox, QueueFull, ShuttingDown
 from dgdm.agent.jsonio import dumps, loads
 from dgdm.agent.oip_codec import (
@@ -206,7 +207,8 @@ class _Runs:
     is at most INLINE_MAX_MS runs on the loop, as `EngineJobs` does for small graphs: a
     thread hop costs more than a 100-node diffusion, and on two cores a worker and the
     loop then trade the GIL. Anything else, and the first call on a version, goes to a
-    worker; a slow inline run sends the next one back there."""
+    worker, in the heavy lane when the engine's cost model puts it above HEAVY_S (as the
+    JSON routes choose); a slow inline run sends the next one back there."""
 
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
@@ -222,7 +224,9 @@ class _Runs:
             jobs.work.check_accepting()
             result = self.agent.engine.diffuse_registered(graph_id, x)
         else:
-            result = await jobs.work.run(self.agent.engine.diffuse_registered, graph_id, x)
+            engine = self.agent.engine
+            heavy = engine.estimate_registered_seconds(graph_id, x.shape[1]) > HEAVY_S
+            result = await jobs.work.run(engine.diffuse_registered, graph_id, x, heavy=heavy)
         self._remember(key, result.latency_ms / x.shape[1])
         _model(self.agent, graph_id, version)  # a PATCH during the run: not this version's
         return result

@@ -124,19 +124,45 @@ def timed(agent: Any, body: bytes) -> float:
     return (time.monotonic() - start) * 1000
 
 
-def test_small_diffusions_stay_quick_beside_a_heavy_one(start_agent: Callable[..., Any]) -> None:
+def oip_infer(agent: Any, model: str, x: np.ndarray) -> Any:
+    """An Open Inference Protocol binary infer of x on a registered topology."""
+    raw = np.ascontiguousarray(x, dtype="<f4")
+    tensor = {"name": "x", "datatype": "FP32", "shape": list(raw.shape)}
+    header = json.dumps({"inputs": [{**tensor, "parameters": {"binary_data_size": raw.nbytes}}]})
+    return agent.request(
+        "POST",
+        f"/v2/models/{model}/infer",
+        header.encode() + raw.tobytes(),
+        content_type="application/octet-stream",
+        headers={"Inference-Header-Content-Length": str(len(header))},
+        timeout=60.0,
+    )
+
+
+@pytest.mark.parametrize("heavy_route", ["diffuse", "oip"])
+def test_small_diffusions_stay_quick_beside_a_heavy_one(
+    start_agent: Callable[..., Any], heavy_route: str
+) -> None:
+    """The heavy request comes as a one-off graph or as an OIP infer on a registered
+    topology: either way it runs in the heavy lane, not in the small ones' worker."""
     agent = start_agent({})
     heavy = random_graph(50_000, 5, 2, seed=3, directed=True, method=HEAVY)
+    if heavy_route == "oip":
+        registered = agent.request("PUT", "/graphs/big", heavy, timeout=60.0)
+        assert registered.status in (200, 201), registered.body[:300]
+        x = np.random.default_rng(3).random((50_000, 2))
     small = [random_graph(100, 4, 16, seed=100 + i) for i in range(165)]
     for body in small[:5]:  # warm up: imports, the first build of each kind
         timed(agent, body)
     alone = [timed(agent, body) for body in small[5:65]]
     heavy_answer: list[Any] = []
-    runner = threading.Thread(
-        target=lambda: heavy_answer.append(
-            agent.request("POST", "/diffuse?deadline_s=15", heavy, timeout=60.0)
-        )
-    )
+
+    def run_heavy() -> Any:
+        if heavy_route == "oip":
+            return oip_infer(agent, "big", x)
+        return agent.request("POST", "/diffuse?deadline_s=15", heavy, timeout=60.0)
+
+    runner = threading.Thread(target=lambda: heavy_answer.append(run_heavy()))
     runner.start()
     time.sleep(1.5)  # its body is read and parsed: the diffusion is running
     beside = [timed(agent, body) for body in small[65:]]
