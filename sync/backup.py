@@ -6,8 +6,8 @@ then the members. A SQLite database is copied with SQLite's online backup API
 (`sqlite3.Connection.backup`, all pages in one step, so one read transaction: a consistent
 snapshot of everything committed before it began, taken while the service keeps writing;
 WAL readers never block the writer) into a single self-contained file. Other files (the
-agent's registered topologies) are copied as they are; they are replaced atomically by
-their writer, so each copy is whole.
+agent's registered topologies and the settings its coordinator set) are copied as they are;
+they are replaced atomically by their writer, so each copy is whole.
 
 A restore extracts into a staging directory beside the target, checks every member's
 hash, runs `PRAGMA integrity_check` and checks each database's schema against what this
@@ -106,12 +106,15 @@ SCHEMAS = {s.name: s for s in (OUTBOX, COORDINATOR)}
 
 @dataclass(frozen=True)
 class Part:
-    """One top-level entry of a backup: a SQLite database (`schema` set) or a directory of
-    plain files; `path` is where it lives, on backup and on restore."""
+    """One top-level entry of a backup: a SQLite database (`schema` set), one plain file
+    (`plain_file`) or a directory of plain files; `path` is where it lives, on backup and on
+    restore. A database or file that does not exist is not held, so a restore leaves
+    whatever is at its path."""
 
     name: str
     path: Path
     schema: Schema | None = None
+    plain_file: bool = False
 
 
 def create(out: Path, kind: str, parts: Sequence[Part], info: Mapping[str, Any]) -> dict[str, Any]:
@@ -144,6 +147,11 @@ def _stage(staging: Path, parts: Sequence[Part]) -> tuple[list[dict[str, Any]], 
                 continue  # never created (an agent without an outbox): nothing to hold
             entry = snapshot(part.path, staging / part.name, part.schema)
             files.append({"name": part.name, **entry})
+        elif part.plain_file:
+            copied = _copy_file(part.path, staging, part.name)
+            if copied is None:
+                continue  # never written (an agent never sent set_config): nothing to hold
+            files.append(copied)
         else:
             files += _copy_dir(part.path, staging, part.name)
         held.append(part.name)
@@ -178,10 +186,19 @@ def _copy_dir(folder: Path, staging: Path, name: str) -> list[dict[str, Any]]:
     for path in sorted(folder.iterdir()):
         if path.name.startswith(".") or not path.is_file():
             continue  # a writer's temporary file, or anything not plain
-        with contextlib.suppress(FileNotFoundError):  # deleted meanwhile: not held
-            shutil.copyfile(path, target / path.name)
-            files.append({"name": f"{name}/{path.name}", **_digest(target / path.name)})
+        copied = _copy_file(path, staging, f"{name}/{path.name}")
+        if copied is not None:
+            files.append(copied)
     return files
+
+
+def _copy_file(source: Path, staging: Path, name: str) -> dict[str, Any] | None:
+    """The manifest entry of `source` copied to `staging / name`; None if there is none."""
+    try:
+        shutil.copyfile(source, staging / name)
+    except FileNotFoundError:  # never written, or deleted meanwhile: not held
+        return None
+    return {"name": name, **_digest(staging / name)}
 
 
 def _write_archive(out: Path, staging: Path, manifest: dict[str, Any]) -> None:
@@ -433,6 +450,8 @@ def restored(manifest: Mapping[str, Any], source: Path, aside: Sequence[Path]) -
 
 def _describe(manifest: Mapping[str, Any], name: str) -> str:
     for entry in manifest["files"]:
+        if entry["name"] == name and entry.get("schema") is None:
+            return name  # one plain file
         if entry["name"] == name:
             version = entry["schema_version"]
             shown = version[-1] if isinstance(version, list) and version else version

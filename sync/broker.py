@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from dgdm.sync.child_procs import wait_or_kill
 from dgdm.sync.errors import SyncError
 
 if TYPE_CHECKING:
@@ -139,12 +140,8 @@ class Broker:
             return
         proc, self.proc = self.proc, None
         if proc.poll() is None:
-            os.kill(proc.pid, sig)
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=5)
+            proc.send_signal(sig)
+        wait_or_kill(proc, 5)
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + _READY_TIMEOUT_S

@@ -1,5 +1,5 @@
-"""What the benches and the flood and chaos rigs need to run dgdm's services as child
-processes: the text of a config file, and a stop that cannot hang."""
+"""What the benches, the test rigs and the private broker (`sync/broker.py`) need to run
+services as child processes: the text of a config file, and a stop that cannot hang."""
 
 from __future__ import annotations
 

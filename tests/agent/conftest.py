@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from typing import Any
 import pytest
 
 from dgdm.sync.broker import free_port
+from dgdm.sync.child_procs import terminate
 
 REPO = Path(__file__).resolve().parents[2]
 KARATE = REPO / "fixtures" / "karate.json"
@@ -124,13 +124,7 @@ class AgentProcess:
         return self.log_path.read_text(encoding="utf-8", errors="replace")[-3000:]
 
     def stop(self, timeout_s: float = 15.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, timeout_s)
         return self.proc.returncode
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from typing import Any
 import pytest
 
 from dgdm.sync.broker import Broker, free_port
+from dgdm.sync.child_procs import terminate
 from dgdm.sync.crypto import generate_keypair
 
 _spec = importlib.util.spec_from_file_location(
@@ -94,13 +94,7 @@ class CoordinatorProcess:
         return self.log_path.read_text(encoding="utf-8", errors="replace")[-3000:]
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, 20)
 
 
 def dgdm_command(*args: str) -> list[str]:

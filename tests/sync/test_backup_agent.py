@@ -3,17 +3,29 @@ to its outbox (`POST /diffuse?queue=1`, offline, so nothing is receipted) while 
 backup` copies it; restore is refused while that agent runs; restored into a fresh data dir,
 an agent started there on a private mosquitto delivers every result committed before the
 backup began to a real coordinator, keeps its registered topology, and its new messages
-take seqs above any it used before."""
+take seqs above any it used before. What a coordinator set with `set_config` (saved in
+`remote-config.json`) is backed up and restored with it, and checked before it is restored."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import io
 import json
+import shutil
 import sqlite3
+import stat
+import tarfile
 import threading
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from dgdm.agent.config import load_config
+from dgdm.agent.remote_config import OVERLAY_NAME
+from dgdm.agent.runtime import Agent
+from dgdm.sync import backup
 from dgdm.sync.coordinator.config import (
     CoordinatorConfig,
     CoordinatorSection,
@@ -85,6 +97,7 @@ async def test_agent_backup_while_committing_restore_and_deliver(
         assert code == 0, stderr
         assert "outbox.db" in stdout
         assert "topologies/ (2 files)" in stdout
+        assert OVERLAY_NAME not in stdout  # the coordinator never sent set_config: none held
         assert out.stat().st_mode & 0o777 == 0o600
 
         refused = await asyncio.to_thread(
@@ -137,6 +150,114 @@ async def test_agent_backup_while_committing_restore_and_deliver(
             await asyncio.to_thread(restored.stop)
         if coordinator is not None:
             await coordinator.stop()
+
+
+# -- the coordinator's settings (remote-config.json) ------------------------------------
+
+
+@pytest.fixture
+def agent_toml(tmp_path: Path) -> Path:
+    sections = {"device": {"id": DEVICE, "data_dir": str(tmp_path / "data")}, "http": {"port": 0}}
+    return write_config(tmp_path / "agent.toml", {**sections, "kernels": {"backend": "numpy"}})
+
+
+async def in_process(config: Path) -> Agent:
+    agent = Agent(load_config(config, env={}), config, env={})
+    await agent.start()
+    return agent
+
+
+async def cli(*argv: str) -> Any:
+    return await asyncio.to_thread(dgdm, "agent", *argv)
+
+
+async def test_set_config_outlives_a_backup_wipe_and_restore(
+    tmp_path: Path, agent_toml: Path
+) -> None:
+    await (await in_process(agent_toml)).stop()  # an outbox, no set_config yet
+    older = tmp_path / "older.dgdm"  # as an older release's backup: no remote-config.json
+    assert (await cli("backup", "--out", str(older), "--config", str(agent_toml))).returncode == 0
+    agent = await in_process(agent_toml)
+    try:
+        await agent.set_config({"telemetry": {"interval_s": 2.5}})  # saved by remote_config
+    finally:
+        await agent.stop()
+    out = tmp_path / "agent.dgdm"
+    done = await cli("backup", "--out", str(out), "--config", str(agent_toml))
+    assert done.returncode == 0, done.stderr
+    assert f", {OVERLAY_NAME} to " in done.stdout
+
+    data = tmp_path / "data"
+    shutil.rmtree(data)
+    done = await cli("restore", str(out), "--config", str(agent_toml))
+    assert done.returncode == 0, done.stderr
+    assert f", {OVERLAY_NAME} from " in done.stdout
+    assert stat.S_IMODE((data / OVERLAY_NAME).stat().st_mode) == 0o600
+    agent = await in_process(agent_toml)
+    try:
+        assert agent.config.telemetry.interval_s == 2.5
+    finally:
+        await agent.stop()
+
+    # A backup without it restores; like an outbox it does not hold, the live file stays.
+    done = await cli("restore", str(older), "--config", str(agent_toml))
+    assert done.returncode == 0, done.stderr
+    assert json.loads((data / OVERLAY_NAME).read_text()) == {"telemetry.interval_s": 2.5}
+
+
+@pytest.mark.parametrize(
+    ("text", "matching_hash", "words"),
+    [
+        (
+            b'{"telemetry.interval_s": 9}',
+            False,
+            "does not match its SHA-256: the file is corrupt",
+        ),
+        (b"[1]", True, f"its {OVERLAY_NAME} must be an object of reloadable settings"),
+        (
+            b'{"telemetry.interval_s": 120}',  # over the file's batch_s (60)
+            True,
+            f"its {OVERLAY_NAME} fails this config: telemetry.batch_s must be >= telemetry.",
+        ),
+    ],
+    ids=["corrupt", "not-settings", "refused-by-the-file"],
+)
+async def test_a_bad_remote_config_in_a_backup_is_refused(
+    tmp_path: Path, agent_toml: Path, text: bytes, matching_hash: bool, words: str
+) -> None:
+    agent = await in_process(agent_toml)
+    try:
+        await agent.set_config({"telemetry": {"interval_s": 2.5}})
+    finally:
+        await agent.stop()
+    good = tmp_path / "agent.dgdm"
+    assert (await cli("backup", "--out", str(good), "--config", str(agent_toml))).returncode == 0
+    bad = with_overlay(good, tmp_path / "bad.dgdm", text, matching_hash)
+    shutil.rmtree(tmp_path / "data")
+    done = await cli("restore", str(bad), "--config", str(agent_toml))
+    assert done.returncode == 1, done.stderr
+    assert words in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "data" / "outbox.db").exists()  # nothing restored
+    assert not (tmp_path / "data" / OVERLAY_NAME).exists()
+
+
+def with_overlay(source: Path, out: Path, text: bytes, matching_hash: bool) -> Path:
+    """`source` with `text` as its remote-config.json; the manifest's size and SHA-256 made
+    to match it, or left as they were (a corrupt member)."""
+    with tarfile.open(source, "r:gz") as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar}  # type: ignore[union-attr]
+    manifest = json.loads(members[backup.MANIFEST])
+    if matching_hash:
+        entry = next(e for e in manifest["files"] if e["name"] == OVERLAY_NAME)
+        entry.update(bytes=len(text), sha256=hashlib.sha256(text).hexdigest())
+    members.update({backup.MANIFEST: json.dumps(manifest).encode(), OVERLAY_NAME: text})
+    with tarfile.open(out, "w:gz") as tar:
+        for name, raw in members.items():  # the manifest first, as it was
+            info = tarfile.TarInfo(name)
+            info.size = len(raw)
+            tar.addfile(info, io.BytesIO(raw))
+    return out
 
 
 def coordinator_config(tmp_path: Path, broker: Any, key: Path) -> CoordinatorConfig:

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from dgdm.sync.broker import free_port
+from dgdm.sync.child_procs import terminate
 from dgdm.sync.coordinator.config import CoordinatorConfig, CoordinatorSection, StoreSection
 from dgdm.sync.coordinator.jobs import parse_job
 from dgdm.sync.coordinator.stores import open_store
@@ -89,13 +90,7 @@ class Replica:
         raise AssertionError(self.log.read_text()[-3000:])
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, 15)
 
 
 @pytest.mark.slow
