@@ -67,7 +67,8 @@ log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 COORDINATOR_BACKOFF_MAX_S = 5.0
 # Unreplied commands are published again every RESEND_INTERVAL_S once RESEND_AFTER_MS old,
-# the newest RESEND_BATCH a round.
+# the newest RESEND_BATCH a round; one replica publishes each (the store's claim), and a
+# command published again waits RESEND_AFTER_MS before any replica's next claim of it.
 RESEND_INTERVAL_S = 10.0
 RESEND_AFTER_MS = 10_000
 RESEND_BATCH = 500
@@ -95,9 +96,9 @@ class Coordinator:
             2, thread_name_prefix="coord-read"
         )
         self._reader: Store | None = None
-        # The job runner's store calls: on the writer thread for SQLite (one connection,
-        # one writer), on a thread of their own otherwise, so a store outage that makes a
-        # tick wait for the pool never holds up ingest's recovery.
+        # The job runner's and the resend round's store calls: on the writer thread for
+        # SQLite (one connection, one writer), on a thread of their own otherwise, so a
+        # store outage that makes a tick wait for the pool never holds up ingest's recovery.
         self._jobs_executor = concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix="coord-jobs"
         )
@@ -254,7 +255,7 @@ class Coordinator:
         return await self._db(fn, *args)
 
     async def run_for_jobs(self, fn: Any, *args: Any) -> Any:
-        """The job runner's store call (see `_jobs_executor`)."""
+        """The job runner's store call, and the resend round's (see `_jobs_executor`)."""
         pool = self._executor if isinstance(self.store, SqliteStore) else self._jobs_executor
         return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
 
@@ -382,15 +383,24 @@ class Coordinator:
         """Publish again the stored commands still without a reply to online devices, within
         their TTL and older than RESEND_AFTER_MS (a publish lost to a broker restart, a
         replica that died between store and publish). The device runs each seq at most
-        once, so a copy of one that did arrive is dropped there. Returns how many went."""
+        once, so a copy of one that did arrive is dropped there. The store hands this
+        replica the ones no other replica published again within RESEND_AFTER_MS, marked
+        as its own; one it then fails to publish goes in a later round. Returns how many
+        went."""
         since, until = now_ms - MAX_TTL_MS, now_ms - RESEND_AFTER_MS
-        rows = await self._read(lambda s: s.unreplied_commands(since, until, RESEND_BATCH))
+        online = frozenset(self._online)
+        claim = functools.partial(
+            self.store.claim_resends,
+            since,
+            until,
+            RESEND_BATCH,
+            now_ms,
+            functools.partial(resend_due, online=online, now_ms=now_ms),
+        )
+        rows = await self.run_for_jobs(claim)
         sent = 0
         for row in rows:
-            body, created = row["body"], row["created_ms"]
-            if row["device_id"] not in self._online or created + body["ttl_ms"] <= now_ms:
-                continue
-            await self.publish_command(row["device_id"], row["seq"], created, body)
+            await self.publish_command(row["device_id"], row["seq"], row["created_ms"], row["body"])
             sent += 1
         self.metrics.commands_resent.inc(sent)
         return sent
@@ -467,6 +477,12 @@ class Coordinator:
 
     async def job_targets(self, job_id: int, after: str, limit: int) -> list[dict[str, Any]]:
         return await self._read(lambda s: s.job_targets(job_id, after, limit))
+
+
+def resend_due(row: dict[str, Any], *, online: frozenset[str], now_ms: int) -> bool:
+    """A stored unreplied command is published again only to an online device, within
+    its TTL."""
+    return row["device_id"] in online and row["created_ms"] + row["body"]["ttl_ms"] > now_ms
 
 
 def _reader_for(store: Store) -> Store:
