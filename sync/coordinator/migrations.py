@@ -287,6 +287,12 @@ _MIGRATIONS: tuple[Migration, ...] = (
             " WHERE reply IS NULL",
         ),
     ),
+    Migration(
+        7,
+        "when an unreplied command was last published again: one replica resends it a round",
+        sqlite=(AddColumn("commands", "resent_ms", "INTEGER"),),
+        postgres=(AddColumn("commands", "resent_ms", "bigint"),),
+    ),
 )
 MIGRATIONS = numbered(_MIGRATIONS)
 

@@ -41,6 +41,7 @@ from dgdm.sync.coordinator.store import (
     Quarantined,
     StoreJobs,
     StoreResult,
+    command_row,
     command_view,
     device_view_row,
     quarantine_row,
@@ -565,14 +566,38 @@ class PgStore(StoreJobs):
 
         return self._retrying(run)
 
-    def unreplied_commands(self, since_ms: int, until_ms: int, limit: int) -> list[dict[str, Any]]:
-        rows = self._rows(
-            "SELECT device_id, seq, body, created_ms FROM commands"
-            " WHERE reply IS NULL AND created_ms BETWEEN %s AND %s"
-            " ORDER BY created_ms DESC LIMIT %s",
-            (since_ms, until_ms, limit),
-        )
-        return [{**row, "body": json.loads(row["body"])} for row in rows]
+    def claim_resends(
+        self,
+        since_ms: int,
+        until_ms: int,
+        limit: int,
+        now_ms: int,
+        keep: Callable[[dict[str, Any]], bool],
+    ) -> list[dict[str, Any]]:
+        """As SqliteStore's. The candidates are locked `SKIP LOCKED`: a replica's round at
+        the same moment takes other rows instead of waiting, then skips these once marked."""
+
+        def run(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
+            with conn.cursor(row_factory=dict_row) as cur:
+                cur.execute(
+                    "SELECT device_id, seq, body, created_ms FROM commands"
+                    " WHERE reply IS NULL AND created_ms BETWEEN %s AND %s"
+                    " AND (resent_ms IS NULL OR resent_ms <= %s)"
+                    " ORDER BY created_ms DESC LIMIT %s FOR UPDATE SKIP LOCKED",
+                    (since_ms, until_ms, until_ms, limit),
+                )
+                claimed = [row for row in map(command_row, cur.fetchall()) if keep(row)]
+            if not claimed:
+                return claimed
+            conn.execute(
+                "UPDATE commands SET resent_ms = %s FROM unnest(%s::text[], %s::bigint[])"
+                " AS claimed (device_id, seq)"
+                " WHERE commands.device_id = claimed.device_id AND commands.seq = claimed.seq",
+                (now_ms, [r["device_id"] for r in claimed], [r["seq"] for r in claimed]),
+            )
+            return claimed
+
+        return self._retrying(run)
 
     def command(self, device_id: str, seq: int) -> dict[str, Any] | None:
         if _bigint_or_none(seq) is None:

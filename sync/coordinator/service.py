@@ -1,14 +1,8 @@
-"""The coordinator service: ingest from MQTT, store, receipt, and send commands.
+"""The coordinator service: route what arrives over MQTT, track presence, send commands.
 
-On the loop, an incoming envelope only passes its device's quota (quota.py, on the topic's
-device id, before anything is decrypted) and joins its device's bounded queue
-(fairqueue.py); a message refused there gets no receipt, so the device sends it again. A
-single worker thread takes each transaction's worth round robin across devices (alerts and
-replies first, at most `receipt_batch` messages or about `ingest.batch_work_ms` of work),
-decrypts, checks and stores it in one transaction, and only after that commit are receipts
-published, one per device with inclusive seq ranges (duplicates included, so the device can
-delete them too). The HTTP API runs on a loop of its own and reads on its own connections
-(api_thread.py), so it never waits for ingest.
+Uplink envelopes go to the ingest pipeline (ingest.py: quota, fair queue, one writer
+thread that decrypts and stores, receipts after the commit). The HTTP API runs on a loop
+of its own and reads on its own connections (api_thread.py), so it never waits for ingest.
 
 MQTT 5: the coordinator subscribes with a shared subscription so that several instances
 split the fleet; `status` is subscribed plainly because brokers send no retained messages
@@ -18,17 +12,13 @@ to shared subscriptions. MQTT 3.1.1: plain topics and a single coordinator.
 from __future__ import annotations
 
 import asyncio
-import collections
 import concurrent.futures
 import contextlib
-import dataclasses
 import functools
 import inspect
 import logging
 import sqlite3
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from dgdm.sync import presence
@@ -38,38 +28,23 @@ from dgdm.sync.coordinator.commands import (
     BadCommand,
     check_command_request,
 )
-from dgdm.sync.coordinator.config import CoordinatorConfig, IngestSection
-from dgdm.sync.coordinator.fairqueue import FairQueue, Queued, QueueLimits
+from dgdm.sync.coordinator.config import CoordinatorConfig
 from dgdm.sync.coordinator.housekeeping import Housekeeping
+from dgdm.sync.coordinator.ingest import Ingest
 from dgdm.sync.coordinator.jobs import JobSpec
 from dgdm.sync.coordinator.jobs_runner import JobRunner
-from dgdm.sync.coordinator.limits import RECEIPT_BATCH_BYTES, limits_by_kind
-from dgdm.sync.coordinator.lograte import QUARANTINE_LOG
 from dgdm.sync.coordinator.metrics import Metrics
-from dgdm.sync.coordinator.quota import QuotaPolicy, Quotas, Rate, parse_override
 from dgdm.sync.coordinator.registry import Registry
 from dgdm.sync.coordinator.store import (
-    Incoming,
-    Quarantined,
     SqliteStore,
     Store,
-    StoreResult,
-    merge_results,
-    quarantine_record,
 )
 from dgdm.sync.coordinator.stores import StoreUnavailable, open_store
 from dgdm.sync.crypto import load_private_key
 from dgdm.sync.envelope import (
-    FLAG_ENCRYPTED,
-    KEY_ID_BYTES,
     TOPIC_SUFFIX,
-    BodyLimits,
-    Envelope,
     Kind,
-    SealedEnvelopeError,
     decode_body,
-    open_envelope,
-    ranges_from_seqs,
     seal,
     valid_device_id,
 )
@@ -92,28 +67,19 @@ log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 COORDINATOR_BACKOFF_MAX_S = 5.0
 # Unreplied commands are published again every RESEND_INTERVAL_S once RESEND_AFTER_MS old,
-# the newest RESEND_BATCH a round.
+# the newest RESEND_BATCH a round; one replica publishes each (the store's claim), and a
+# command published again waits RESEND_AFTER_MS before any replica's next claim of it.
 RESEND_INTERVAL_S = 10.0
 RESEND_AFTER_MS = 10_000
 RESEND_BATCH = 500
 
 MAX_STATUS_BYTES = 4096
-KEY_ID_OFFSET = 6  # SPEC §6: magic 2, version 1, flags 1, kind 1, priority 1, then the key id
 MAX_ROUTES = 65536
 HEALTH_TIMEOUT_S = 5.0
-QUOTA_REFRESH_S = 5.0
 
 
 class UnknownDevice(SyncError):
     """The device is not enrolled."""
-
-
-@dataclass
-class _Batch:
-    incoming: list[Incoming]
-    seqs: dict[str, list[int]]
-    rejects: dict[str, int]
-    kinds: collections.Counter[Kind]
 
 
 class Coordinator:
@@ -130,20 +96,13 @@ class Coordinator:
             2, thread_name_prefix="coord-read"
         )
         self._reader: Store | None = None
-        # The job runner's store calls: on the writer thread for SQLite (one connection,
-        # one writer), on a thread of their own otherwise, so a store outage that makes a
-        # tick wait for the pool never holds up ingest's recovery.
+        # The job runner's and the resend round's store calls: on the writer thread for
+        # SQLite (one connection, one writer), on a thread of their own otherwise, so a
+        # store outage that makes a tick wait for the pool never holds up ingest's recovery.
         self._jobs_executor = concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix="coord-jobs"
         )
-        ingest = config.ingest
-        self._queue = FairQueue(queue_limits(ingest))
-        self._quotas = Quotas(quota_policy(ingest))
-        self._reading_paused = False
-        self._rejected: collections.Counter[str] = collections.Counter()
-        self._store_error: str | None = None
-        self._seconds_per_message = 0.0  # measured store cost, to size a ~batch_work_ms batch
-        self._flush_now = asyncio.Event()
+        self._ingest: Ingest | None = None
         self._online: set[str] = set()
         self._routes: dict[str, tuple[str, str] | None] = {}  # topic -> parse_topic(topic)
         self._tasks: list[asyncio.Task[None]] = []
@@ -183,16 +142,25 @@ class Coordinator:
         )
         self.presence.client = self.mqtt
         mqtt, registry = self.mqtt, self.registry
+        ingest = self._ingest = Ingest(
+            self.config,
+            self.metrics,
+            store=self.store,
+            registry=registry,
+            mqtt=mqtt,
+            on_writer=self._db,
+            read_quotas=lambda: self._read(lambda s: s.quotas()),
+        )
         self.metrics.follow(
-            store_up=lambda: self._store_error is None,
+            store_up=lambda: ingest.store_error is None,
             broker_connected=lambda: mqtt.connected,
             devices_enrolled=registry.count,
         )
         await self.mqtt.start()
-        await self._load_quotas()
+        await ingest.load_quotas()
         self._tasks = [
-            asyncio.create_task(self._flush_forever(), name="coord-flush"),
-            asyncio.create_task(self._refresh_quotas_forever(), name="coord-quotas"),
+            asyncio.create_task(ingest.flush_forever(), name="coord-flush"),
+            asyncio.create_task(ingest.refresh_quotas_forever(), name="coord-quotas"),
             asyncio.create_task(self.jobs.run_forever(), name="coord-jobs"),
             asyncio.create_task(self._resend_forever(), name="coord-resend"),
         ]
@@ -221,13 +189,8 @@ class Coordinator:
         self._tasks = []
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
-        try:
-            while self._queue:
-                await self._flush(self._take())
-        except StoreUnavailable as exc:
-            # Nothing left was receipted, so its devices send it again to whoever runs next.
-            left = {"messages": len(self._queue), "error": str(exc)}
-            log.warning("store unavailable at stop: messages left unreceipted", extra=left)
+        if self._ingest is not None:
+            await self._ingest.drain()
         if self._api is not None:
             await self._api.stop()
             self._api = None
@@ -292,7 +255,7 @@ class Coordinator:
         return await self._db(fn, *args)
 
     async def run_for_jobs(self, fn: Any, *args: Any) -> Any:
-        """The job runner's store call (see `_jobs_executor`)."""
+        """The job runner's store call, and the resend round's (see `_jobs_executor`)."""
         pool = self._executor if isinstance(self.store, SqliteStore) else self._jobs_executor
         return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
 
@@ -308,16 +271,24 @@ class Coordinator:
         assert self.registry is not None
         await self._db(self.registry.reload)
 
+    @property
+    def ingest(self) -> Ingest:
+        assert self._ingest is not None, "start() the coordinator first"
+        return self._ingest
+
     def is_flooding(self, device_id: str) -> bool:
         """This replica raised device_flooding for it within ingest.flooding_alert_s."""
-        return self._quotas.is_flooding(device_id, time.monotonic())
+        return self.ingest.is_flooding(device_id)
 
-    # -- ingest --------------------------------------------------------------------------
+    def ingest_view(self) -> dict[str, Any]:
+        return self.ingest.view()
+
+    # -- routing ---------------------------------------------------------------------------
 
     def _on_message(self, topic: str, payload: bytes) -> None:
         parsed = self._route(topic)
         if parsed is None:
-            self._reject("bad_topic")
+            self.ingest.reject("bad_topic")
             return
         device_id, suffix = parsed
         if suffix == STATUS:
@@ -325,74 +296,9 @@ class Coordinator:
             return
         kind = kind_for_suffix(suffix)
         if kind not in UPLINK_KINDS:
-            self._reject("bad_topic")
+            self.ingest.reject("bad_topic")
             return
-        self._admit(device_id, kind, payload)
-
-    def _admit(self, device_id: str, kind: Kind, payload: bytes) -> None:
-        """Quota, then the device's bounded queue; a refusal gets no receipt, so an honest
-        device sends the message again later. When the whole queue is full, stop reading
-        the socket until it has drained (the broker holds the rest)."""
-        verdict = self._quotas.admit(device_id, kind, len(payload), time.monotonic())
-        if not verdict.admitted:
-            self._reject("rate_limited")
-            if verdict.alert:
-                self._flooding(device_id)
-            return
-        refused = self._queue.push(device_id, kind, payload)
-        if refused is not None:
-            self._reject(refused)
-            return
-        if len(self._queue) >= self.config.coordinator.receipt_batch:
-            self._flush_now.set()
-        if self._queue.saturated and not self._reading_paused:
-            self._pause_reading(True)
-
-    def _pause_reading(self, paused: bool) -> None:
-        assert self.mqtt is not None
-        self._reading_paused = paused
-        self.metrics.reading_paused.set(int(paused))
-        if paused:
-            self.mqtt.pause_reading()
-            log.warning("ingest queue full (%d messages): reading paused", len(self._queue))
-        else:
-            self.mqtt.resume_reading()
-
-    async def _refresh_quotas_forever(self) -> None:
-        """Per-device quotas set with `devices quota` (any replica, or the CLI) apply within
-        QUOTA_REFRESH_S, like other registry changes (SPEC §7.1)."""
-        while True:
-            await asyncio.sleep(QUOTA_REFRESH_S)
-            try:
-                await self._load_quotas()
-            except (StoreUnavailable, sqlite3.Error) as exc:  # keep the quotas we have
-                log.debug("quota overrides not refreshed: %s", exc)
-
-    async def _load_quotas(self) -> None:
-        stored = await self._read(lambda s: s.quotas())
-        ingest = self.config.ingest
-        overrides = {}
-        for device_id, text in stored.items():
-            own = parse_override(text)
-            if own:
-                own_ingest = dataclasses.replace(ingest, **own)  # type: ignore[arg-type]
-                overrides[device_id] = quota_policy(own_ingest)
-        self._quotas.policy = dataclasses.replace(quota_policy(ingest), overrides=overrides)
-
-    def _flooding(self, device_id: str) -> None:
-        """The deduplicated `device_flooding` alert: once per device per flooding_alert_s."""
-        self.metrics.flooding_alerts.inc()
-        log.warning(
-            "device_flooding: %s sends beyond its quota; its excess is dropped unreceipted",
-            device_id,
-            extra={"alert": "device_flooding", "device_id": device_id},
-        )
-
-    def _store_down(self, exc: StoreUnavailable) -> None:
-        if self._store_error is None:
-            log.warning("store unavailable, ingest paused (nothing receipted): %s", exc)
-        self._store_error = str(exc)
-        self._reject("store_unavailable")
+        self.ingest.admit(device_id, kind, payload)
 
     async def health(self) -> dict[str, Any]:
         """SPEC §7.1 /healthz: the store answers (on a reader, so never behind ingest) and
@@ -408,22 +314,6 @@ class Coordinator:
         ok = all(v == "ok" for v in checks.values())
         return {"status": "ok" if ok else "failing", "checks": checks}
 
-    def ingest_view(self) -> dict[str, Any]:
-        """Queue depths, paused reading, flooding devices and the top talkers (bounded)."""
-        now = time.monotonic()
-        return {
-            "queue": {
-                "messages": len(self._queue),
-                "bytes": self._queue.bytes,
-                "devices": self._queue.devices(),
-            },
-            "reading_paused": self._reading_paused,
-            "flooding": self._quotas.flooding(now),
-            "top_talkers": [
-                {"device_id": d, "refused": n} for d, n in self._quotas.top_talkers(10)
-            ],
-        }
-
     def _route(self, topic: str) -> tuple[str, str] | None:
         """parse_topic, remembered: a fleet has a handful of topics per device."""
         try:
@@ -433,185 +323,6 @@ class Coordinator:
                 self._routes.clear()
             parsed = self._routes[topic] = parse_topic(topic)
             return parsed
-
-    def _reject(self, reason: str, count: int = 1) -> None:
-        """Counted here and added to the metric once per flush turn: under a flood this runs
-        for every message, and a labelled Prometheus increment costs a lock and lookups."""
-        self._rejected[reason] += count
-
-    def _count_rejects(self) -> None:
-        rejected, self._rejected = self._rejected, collections.Counter()
-        for reason, count in rejected.items():
-            self.metrics.rejects.labels(reason=reason).inc(count)
-
-    async def _flush_forever(self) -> None:
-        interval = self.config.coordinator.receipt_interval_ms / 1000
-        while True:
-            if len(self._queue) < self.config.coordinator.receipt_batch:
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._flush_now.wait(), interval)
-            self._flush_now.clear()
-            if self._queue:
-                try:
-                    await self._flush(self._take())
-                except StoreUnavailable as exc:
-                    # Nothing of the batch was committed or receipted: the devices keep
-                    # it and send it again; ingest resumes by itself when the store is back.
-                    self._store_down(exc)
-                    await asyncio.sleep(interval)
-                except Exception:
-                    log.exception("storing a batch failed; devices will resend it")
-                    await asyncio.sleep(interval)  # a store that is down is not hammered
-                else:
-                    self._store_error = None
-                    self.metrics.ingest_batches.inc()
-            if self._reading_paused and self._queue.resumable:
-                self._pause_reading(False)
-            self._count_rejects()
-
-    def _take(self) -> list[Queued]:
-        """One transaction's worth: at most receipt_batch messages, batch_bytes, and about
-        batch_work_ms of store work at the measured cost per message."""
-        ingest = self.config.ingest
-        limit = self.config.coordinator.receipt_batch
-        if self._seconds_per_message > 0:
-            budget = ingest.batch_work_ms / 1000 / self._seconds_per_message
-            limit = max(1, min(limit, int(budget)))
-        batch = self._queue.take(limit, ingest.batch_bytes)
-        self.metrics.queue_messages.set(len(self._queue))
-        self.metrics.queue_bytes.set(self._queue.bytes)
-        return batch
-
-    async def _flush(self, raw: list[Queued]) -> None:
-        started = time.monotonic()
-        batch, result = await self._db(self._ingest, raw, now_ms())
-        per_message = (time.monotonic() - started) / max(1, len(raw))
-        self._seconds_per_message = (
-            per_message
-            if self._seconds_per_message == 0
-            else 0.8 * self._seconds_per_message + 0.2 * per_message
-        )
-        for reason, count in batch.rejects.items():
-            self._reject(reason, count)
-        for kind, count in batch.kinds.items():
-            self.metrics.messages_in.labels(kind=kind.name.lower()).inc(count)
-        self.metrics.duplicates.inc(result.duplicates)
-        now_s = time.monotonic()
-        for q in result.quarantined:
-            self._reject(q.reason)
-            self.metrics.quarantined.labels(reason=q.reason).inc()
-            if QUARANTINE_LOG.allow(q.device_id, now_s):
-                log.warning(
-                    "quarantined %s seq %s from %s (%s; %d more since the last such line)",
-                    q.kind.name.lower(),
-                    q.seq,
-                    q.device_id,
-                    q.sample[:200],
-                    QUARANTINE_LOG.take_suppressed(q.device_id),
-                )
-        await self._send_receipts(batch.seqs, result)
-
-    def _ingest(self, raw: list[Queued], now_ms: int) -> tuple[_Batch, StoreResult]:
-        """On the database thread: decrypt and check every envelope, then commit.
-
-        A bad envelope fails alone: unauthenticated ones are rejected (no receipt); one the
-        device's key sealed but that is refused (an integer beyond 64 bits, a body over its
-        bounds) is quarantined and receipted, so the device stops resending it. Only sealed
-        envelopes' seqs are receipted: a plaintext one may be forged, and its seq would make
-        the device delete the real message. `batch.incoming` is the transaction being
-        filled: every RECEIPT_BATCH_BYTES of decoded bodies is committed, so their memory
-        stays bounded however large the batch.
-        """
-        batch = _Batch([], {}, {}, collections.Counter())
-        limits = limits_by_kind(self.config)
-        quarantine: list[Quarantined] = []
-        results: list[StoreResult] = []
-        body_bytes = 0
-        for device_id, kind, payload in raw:
-            try:
-                item, env = self._open(device_id, kind, payload, limits)
-            except SealedEnvelopeError as exc:
-                header = exc.header
-                quarantine.append(
-                    quarantine_record(
-                        device_id,
-                        header.kind,
-                        header.seq,
-                        exc.reason,
-                        message=str(exc),
-                        sample=exc.sample,
-                    )
-                )
-                batch.seqs.setdefault(device_id, []).append(header.seq)
-                continue
-            except EnvelopeError as exc:
-                batch.rejects[exc.reason] = batch.rejects.get(exc.reason, 0) + 1
-                log.debug("rejected envelope from %s: %s", device_id, exc)
-                continue
-            batch.incoming.append(item)
-            batch.kinds[kind] += 1
-            if env.header.encrypted:
-                batch.seqs.setdefault(device_id, []).append(item.seq)
-            body_bytes += env.body_bytes
-            if body_bytes >= RECEIPT_BATCH_BYTES:
-                results.append(self.store.store_batch(batch.incoming, now_ms, quarantine))
-                batch.incoming, quarantine, body_bytes = [], [], 0
-        if batch.incoming or quarantine or not results:
-            results.append(self.store.store_batch(batch.incoming, now_ms, quarantine))
-        return batch, merge_results(results)
-
-    def _open(
-        self, device_id: str, kind: Kind, payload: bytes, limits: dict[Kind, BodyLimits]
-    ) -> tuple[Incoming, Envelope]:
-        assert self.registry is not None
-        keys = self.registry.keys_for(device_id, _key_id(payload))
-        if keys is None:
-            raise EnvelopeError("unknown_device", f"device {device_id!r} is not enrolled")
-        # Plaintext only from a device enrolled as sending it (a store lookup, made only
-        # for a plaintext envelope): anyone on the path could have written it.
-        plaintext = len(payload) > 3 and not payload[3] & FLAG_ENCRYPTED
-        env = open_envelope(
-            payload,
-            key=keys.up,
-            key_id=keys.key_id,
-            expected_device=device_id,
-            max_bytes=self.config.coordinator.max_envelope_bytes,
-            allow_plaintext_telemetry=plaintext
-            and kind is Kind.TELEMETRY
-            and self.store.plaintext_telemetry(device_id),
-            limits=limits[kind],
-        )
-        if env.header.kind is not kind:
-            message = f"{env.header.kind.name.lower()} on a {kind.name.lower()} topic"
-            if env.header.encrypted:
-                raise SealedEnvelopeError("bad_kind", message, env.header, b"")
-            raise EnvelopeError("bad_kind", message)
-        item = Incoming(device_id, kind, env.header.seq, env.header.created_ms, env.body)
-        return item, env
-
-    async def _send_receipts(self, seqs: dict[str, list[int]], result: StoreResult) -> None:
-        assert self.registry is not None
-        assert self.mqtt is not None
-        for device_id, device_seqs in seqs.items():
-            keys = self.registry.keys_for(device_id)
-            if keys is None:
-                continue
-            body = {"ranges": ranges_from_seqs(device_seqs)}
-            payload = seal(
-                Kind.RECEIPT,
-                result.receipt_seqs[device_id],
-                now_ms(),
-                device_id,
-                body,
-                key=keys.down,
-                key_id=keys.key_id,
-            )
-            try:
-                await self.mqtt.publish(kind_topic(device_id, Kind.RECEIPT), payload)
-            except TransportError as exc:
-                log.info("receipt for %s not sent (%s); the device will resend", device_id, exc)
-                continue
-            self.metrics.receipts.inc()
 
     # -- status ----------------------------------------------------------------------------
 
@@ -624,10 +335,10 @@ class Coordinator:
                 raise EnvelopeError("too_large", "status is too large")
             status = decode_body(payload)
         except EnvelopeError:
-            self._reject("bad_status")
+            self.ingest.reject("bad_status")
             return
         if not self.registry.enrolled(device_id):
-            self._reject("unknown_device")
+            self.ingest.reject("unknown_device")
             return
         if status.get("state") == "online":
             self._online.add(device_id)
@@ -672,15 +383,24 @@ class Coordinator:
         """Publish again the stored commands still without a reply to online devices, within
         their TTL and older than RESEND_AFTER_MS (a publish lost to a broker restart, a
         replica that died between store and publish). The device runs each seq at most
-        once, so a copy of one that did arrive is dropped there. Returns how many went."""
+        once, so a copy of one that did arrive is dropped there. The store hands this
+        replica the ones no other replica published again within RESEND_AFTER_MS, marked
+        as its own; one it then fails to publish goes in a later round. Returns how many
+        went."""
         since, until = now_ms - MAX_TTL_MS, now_ms - RESEND_AFTER_MS
-        rows = await self._read(lambda s: s.unreplied_commands(since, until, RESEND_BATCH))
+        online = frozenset(self._online)
+        claim = functools.partial(
+            self.store.claim_resends,
+            since,
+            until,
+            RESEND_BATCH,
+            now_ms,
+            functools.partial(resend_due, online=online, now_ms=now_ms),
+        )
+        rows = await self.run_for_jobs(claim)
         sent = 0
         for row in rows:
-            body, created = row["body"], row["created_ms"]
-            if row["device_id"] not in self._online or created + body["ttl_ms"] <= now_ms:
-                continue
-            await self.publish_command(row["device_id"], row["seq"], created, body)
+            await self.publish_command(row["device_id"], row["seq"], row["created_ms"], row["body"])
             sent += 1
         self.metrics.commands_resent.inc(sent)
         return sent
@@ -759,44 +479,15 @@ class Coordinator:
         return await self._read(lambda s: s.job_targets(job_id, after, limit))
 
 
+def resend_due(row: dict[str, Any], *, online: frozenset[str], now_ms: int) -> bool:
+    """A stored unreplied command is published again only to an online device, within
+    its TTL."""
+    return row["device_id"] in online and row["created_ms"] + row["body"]["ttl_ms"] > now_ms
+
+
 def _reader_for(store: Store) -> Store:
     """A second SQLite connection for reads (WAL: readers never wait for the writer); any
     other store has a connection pool and is its own reader."""
     if isinstance(store, SqliteStore):
         return SqliteStore(store.path)
     return store
-
-
-def queue_limits(ingest: IngestSection) -> QueueLimits:
-    return QueueLimits(
-        device_messages=ingest.device_queue_messages,
-        device_bytes=ingest.device_queue_bytes,
-        total_messages=ingest.queue_messages,
-        total_bytes=ingest.queue_bytes,
-    )
-
-
-def quota_policy(ingest: IngestSection) -> QuotaPolicy:
-    """Per-device rates from the config; a bucket holds burst_s of its rate, and at least
-    100 messages (1 MiB), so a device back from an outage starts with a sizeable burst."""
-
-    def rate(per_s: float, floor: float) -> Rate:
-        return Rate(per_s, max(floor, per_s * ingest.burst_s))
-
-    return QuotaPolicy(
-        messages={
-            Kind.RESULT: rate(ingest.result_per_s, 100),
-            Kind.TELEMETRY: rate(ingest.telemetry_per_s, 100),
-            Kind.ALERT: rate(ingest.alert_per_s, 100),
-            Kind.REPLY: rate(ingest.reply_per_s, 100),
-        },
-        bytes=rate(float(ingest.bytes_per_s), float(1 << 20)),
-        alert_every_s=ingest.flooding_alert_s,
-    )
-
-
-def _key_id(payload: bytes) -> bytes | None:
-    """The envelope's key id, to pick the device's keys; open_envelope then checks the whole
-    header (so it is not parsed twice per message) and names what is wrong with it."""
-    key_id = payload[KEY_ID_OFFSET : KEY_ID_OFFSET + KEY_ID_BYTES]
-    return key_id if len(key_id) == KEY_ID_BYTES else None

@@ -137,8 +137,13 @@ class Store(Protocol):
     def set_status(self, device_id: str, status: dict[str, Any], now_ms: int) -> None: ...
     def new_command(self, device_id: str, body: dict[str, Any], now_ms: int) -> int: ...
     def command(self, device_id: str, seq: int) -> dict[str, Any] | None: ...
-    def unreplied_commands(
-        self, since_ms: int, until_ms: int, limit: int
+    def claim_resends(
+        self,
+        since_ms: int,
+        until_ms: int,
+        limit: int,
+        now_ms: int,
+        keep: Callable[[dict[str, Any]], bool],
     ) -> list[dict[str, Any]]: ...
     def results_since(self, device_id: str, cursor: int, limit: int) -> list[dict[str, Any]]: ...
     def latest(self, device_id: str, kind: Kind, limit: int) -> list[dict[str, Any]]: ...
@@ -558,16 +563,36 @@ class SqliteStore(StoreJobs):
             )
         return seq
 
-    def unreplied_commands(self, since_ms: int, until_ms: int, limit: int) -> list[dict[str, Any]]:
-        """Commands created in [since_ms, until_ms] with no reply yet, newest first (to be
-        published again: the device runs each seq at most once)."""
-        rows = self._rows(
-            "SELECT device_id, seq, body, created_ms FROM commands"
-            " WHERE reply IS NULL AND created_ms BETWEEN ? AND ?"
-            " ORDER BY created_ms DESC LIMIT ?",
-            (since_ms, until_ms, limit),
-        )
-        return [{**row, "body": json.loads(row["body"])} for row in rows]
+    def claim_resends(
+        self,
+        since_ms: int,
+        until_ms: int,
+        limit: int,
+        now_ms: int,
+        keep: Callable[[dict[str, Any]], bool],
+    ) -> list[dict[str, Any]]:
+        """The commands to publish again, claimed for this replica's round: created in
+        [since_ms, until_ms] with no reply yet and not published again after until_ms,
+        the newest `limit` of them; those `keep` accepts are marked as published again at
+        now_ms in the same transaction and returned, so other replicas' rounds skip them
+        until until_ms has passed that mark. The device runs each seq at most once."""
+        with self._lock, self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            cur = self._db.execute(
+                "SELECT device_id, seq, body, created_ms FROM commands"
+                " WHERE reply IS NULL AND created_ms BETWEEN ? AND ?"
+                " AND (resent_ms IS NULL OR resent_ms <= ?)"
+                " ORDER BY created_ms DESC LIMIT ?",
+                (since_ms, until_ms, until_ms, limit),
+            )
+            names = [d[0] for d in cur.description]
+            rows = [command_row(dict(zip(names, r, strict=True))) for r in cur.fetchall()]
+            claimed = [row for row in rows if keep(row)]
+            self._db.executemany(
+                "UPDATE commands SET resent_ms = ? WHERE device_id = ? AND seq = ?",
+                [(now_ms, row["device_id"], row["seq"]) for row in claimed],
+            )
+        return claimed
 
     def command(self, device_id: str, seq: int) -> dict[str, Any] | None:
         rows = self._rows(
@@ -650,6 +675,11 @@ class SqliteStore(StoreJobs):
             cur = self._db.execute(sql, params)
             names = [d[0] for d in cur.description]
             return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+
+
+def command_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A stored command to publish again: its body decoded."""
+    return {**row, "body": json.loads(row["body"])}
 
 
 def command_view(row: dict[str, Any]) -> dict[str, Any]:

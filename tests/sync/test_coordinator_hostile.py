@@ -1,6 +1,6 @@
 """A hostile or buggy device against the coordinator's ingest: a poison message fails alone,
 forged plaintext never erases real messages, bodies are bounded. Real SQLite files, the real
-`Coordinator._ingest`, real keys and sealed envelopes (issue 16 items 1, 2, 3)."""
+`store_envelopes` of ingest.py, real keys and sealed envelopes (issue 16 items 1, 2, 3)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from dgdm.sync.coordinator.config import CoordinatorConfig, CoordinatorSection
+from dgdm.sync.coordinator.ingest import Opener, store_envelopes
 from dgdm.sync.coordinator.registry import Registry
-from dgdm.sync.coordinator.service import Coordinator
 from dgdm.sync.coordinator.store import SqliteStore
 from dgdm.sync.crypto import (
     LinkKeys,
@@ -33,7 +33,7 @@ TELEMETRY = {"samples": [{"ts_ms": 1, "cpu_percent": 3.5}]}
 
 @dataclasses.dataclass
 class Rig:
-    coordinator: Coordinator
+    opener: Opener
     store: SqliteStore
     keys: dict[str, LinkKeys]
 
@@ -43,7 +43,7 @@ class Rig:
         return seal(kind, seq, created, device, body, key=k.up, key_id=k.key_id, **kw)
 
     def ingest(self, raw: list[tuple[str, Kind, bytes]]) -> Any:
-        return self.coordinator._ingest(raw, 1_700_000_000_500)
+        return store_envelopes(raw, 1_700_000_000_500, self.opener, self.store)
 
     def stored(self, device: str, kind: Kind) -> list[int]:
         return [r["seq"] for r in self.store.latest(device, kind, 1000)]
@@ -55,7 +55,6 @@ def make_rig(tmp_path: Path, *, plaintext: tuple[str, ...] = (), **section: Any)
         CoordinatorSection(data_dir=tmp_path / "data", private_key=coord_key, **section)
     )
     store = SqliteStore(tmp_path / "data" / "coordinator.db")
-    coordinator = Coordinator(config, store=store)
     private = load_private_key(coord_key)
     keys = {}
     for name in ("good", "bad"):
@@ -67,9 +66,9 @@ def make_rig(tmp_path: Path, *, plaintext: tuple[str, ...] = (), **section: Any)
             store.add_device(name, pub, plaintext_telemetry=True)
         else:
             store.add_device(name, pub)
-    coordinator.registry = Registry(private, store.public_keys)
-    coordinator.registry.reload()
-    return Rig(coordinator, store, keys)
+    registry = Registry(private, store.public_keys)
+    registry.reload()
+    return Rig(Opener.for_config(config, registry, store), store, keys)
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 """Fuzz the coordinator's ingest (issue 16): arbitrary bytes and sealed, valid-looking envelopes
 with extreme integers, deep JSON and zlib bombs, mixed in batches with a good device's
-messages, through the real `Coordinator._ingest` into a real SQLite file. It never raises past
+messages, through the real `ingest.store_envelopes` into a real SQLite file. It never raises past
 the per-message boundary, never loses or fails to receipt a good message, never receipts a
 plaintext seq, and its memory stays bounded. A second test streams bombs through a real
 mosquitto into a running coordinator and reads its VmHWM."""

@@ -350,6 +350,58 @@ def test_two_replicas_never_hand_out_the_same_down_seq(opener: Opener) -> None:
     assert replicas[1].count() == 4 * rounds * 2  # type: ignore[attr-defined]
 
 
+def _claim_round(store: Store, now_ms: int) -> list[dict[str, Any]]:
+    """One resend round's claim as the coordinator makes it (10 s after creation or after the
+    last resend), ten at a time, of edge-1's commands only (`keep`: edge-2 is offline)."""
+    return store.claim_resends(
+        NOW - 1, now_ms - 10_000, 10, now_ms, lambda row: row["device_id"] == "edge-1"
+    )
+
+
+def test_two_replicas_claim_each_unreplied_command_once_a_round(opener: Opener) -> None:
+    """Two stores (two replicas) claiming one round's resends at once, from threads: each
+    unreplied command is handed to one of them; a replied one, or one `keep` refuses, to
+    neither; a claimed one again only once the next round is due."""
+    a, b = opener(), opener()
+    a.add_device("edge-1", KEY_A)
+    a.add_device("edge-2", KEY_B)
+    seqs = [a.new_command("edge-1", {"cmd": "ping", "n": n}, NOW + n) for n in range(40)]
+    a.new_command("edge-2", {"cmd": "ping"}, NOW)
+    replied = a.new_command("edge-1", {"cmd": "ping"}, NOW)
+    reply = Incoming("edge-1", Kind.REPLY, 1, NOW, {"cmd_seq": replied, "ok": True})
+    a.store_batch([reply], NOW + 1)
+    first = NOW + 10_100
+
+    def both_claim(now_ms: int) -> list[list[int]]:
+        claimed: list[list[int]] = [[], []]
+        errors: list[BaseException] = []
+        start = threading.Barrier(2)
+
+        def work(store: Store, into: list[int]) -> None:
+            try:
+                start.wait()
+                while rows := _claim_round(store, now_ms):
+                    into.extend(row["seq"] for row in rows)
+            except BaseException as exc:  # reported below, in the test's thread
+                errors.append(exc)
+
+        pairs = zip((a, b), claimed, strict=True)
+        threads = [threading.Thread(target=work, args=pair) for pair in pairs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        return claimed
+
+    for round_ms in (first, first + 10_000):
+        claimed = both_claim(round_ms)
+        assert sorted(claimed[0] + claimed[1]) == seqs  # each once, none twice
+        assert both_claim(round_ms + 9_999) == [[], []]  # the same round, a later replica
+    [row] = a.claim_resends(NOW - 1, first, 10, first, lambda row: row["device_id"] == "edge-2")
+    assert (row["device_id"], row["body"], row["created_ms"]) == ("edge-2", {"cmd": "ping"}, NOW)
+
+
 def test_a_registry_change_on_one_replica_is_seen_by_the_other(opener: Opener) -> None:
     a, b = opener(), opener()
     a.add_device("edge-1", KEY_A)
