@@ -5,8 +5,10 @@ every backend present, single thread; in the same run the baselines a user would
 networkx.pagerank (one vector) and PyTorch Geometric's APPNP propagation (K = 10, sparse
 adjacency) when torch/torch_geometric import (the optional extra `bench`). With the compiled
 extension, also: `sparse-steps`, the sparse series one compiled product per step (what the
-fused wavefront replaced, the same float32 numbers), and from 10,000 nodes `sparse-mt`, the
-fused series on `--threads` threads (default: the CPUs the process may use).
+fused wavefront replaced, the same float32 numbers), `sparse-values`, the fused series reading
+T's values where `sparse` reads the compact operator (pattern + scale, sym normalisation of
+an unweighted graph), and from 10,000 nodes `sparse-mt`, the fused series on `--threads`
+threads (default: the CPUs the process may use).
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ THREAD_VARS = (
 DEFAULT_SIZES = (100, 1_000, 10_000, 100_000)
 QUICK_SIZES = (100, 1_000)
 BACKEND_ORDER = ("numpy", "sparse", "tflite", "edgetpu")
-VARIANTS = ("sparse-steps",)  # ratios also against these (same run, our own baselines)
+# ratios also against these (same run, our own baselines)
+VARIANTS = ("sparse-steps", "sparse-values")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -196,7 +199,8 @@ def _engine_call(engine: Any, graph_id: str, x: Any, name: str) -> Callable[[], 
 
 
 def _sparse_variants(graph: Any, x: Any, mt_threads: int) -> dict[str, Callable[[], Any]]:
-    """The compiled sparse series step by step, and fused on several threads (N >= 10,000)."""
+    """The compiled sparse series step by step, fused with T's values where the backend has
+    the compact operator, and fused on several threads (N >= 10,000)."""
     from dgdm.kernels import threads as kernel_threads
     from dgdm.kernels.backends import sparse_backend
     from dgdm.kernels.diffusion import series_coefficients
@@ -209,6 +213,9 @@ def _sparse_variants(graph: Any, x: Any, mt_threads: int) -> dict[str, Callable[
     steps = sparse_backend.SeriesRunner(t, coeffs, reorder=True, compiled=True, fuse=False)
     calls: dict[str, Callable[[], Any]] = {"sparse-steps": lambda: steps.run(x)}
     fused = sparse_backend.SeriesRunner(t, coeffs, reorder=True, compiled=True)
+    if fused._scale is not None:
+        values = sparse_backend.SeriesRunner(t, coeffs, reorder=True, compiled=True, compact=False)
+        calls["sparse-values"] = lambda: values.run(x)
     if mt_threads > 1 and t.shape[0] >= sparse_backend.THREADS_MIN_NODES:
 
         def threaded() -> Any:
