@@ -137,6 +137,26 @@ def test_threads_give_the_single_thread_result(threads, f, isa, compact_operator
     assert_close(one, horner64(t, coeffs.astype(np.float32), x), t, coeffs, x)
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("f", [16, 32, 8, 5])
+def test_scattered_rows_on_a_cache_line_are_the_same(f, isa) -> None:
+    """The last step streams its scattered rows when `out` starts on a cache line."""
+    t, scale = compact(banded(3_000, 20, 0.2, seed=f), seed=f)
+    x = np.random.default_rng(f).standard_normal((3_000, f)).astype(np.float32)
+    perm = np.random.default_rng(f + 1).permutation(3_000).astype(np.int32)
+    coeffs = 0.15 * 0.85 ** np.arange(11)
+    ip, ix = t.indptr.astype(np.int32), t.indices.astype(np.int32)
+    c32 = coeffs.astype(np.float32)
+    outs = []
+    for offset in (0, 1):  # floats past a cache line: 0 streams (f % 8 == 0), 1 cannot
+        out = sparse_backend._aligned_empty((3_000 * f + 1, 1))[offset:][: 3_000 * f]
+        out = out.reshape(3_000, f)
+        _spmm.csr_series(ip, ix, None, c32, x, out, band=20, scatter=perm, scale=scale, isa=isa)
+        outs.append(out.copy())
+    np.testing.assert_array_equal(outs[0], outs[1])
+    assert_close(outs[0][perm], horner64(t, c32, x), t, coeffs, x)
+
+
 @pytest.mark.parametrize(
     ("change", "error", "message"),
     [
