@@ -8,8 +8,10 @@ portable C otherwise) the whole series is one wavefront pass (`csr_series`): aft
 reordering every entry lies within `band` rows of the diagonal, so all K steps run a few
 chunks of rows apart and T, X and the steps' outputs are reused from cache instead of
 streamed from memory K times; graphs of N >= THREADS_MIN_NODES split their rows over
-`kernels.threads` threads (`dgdm.kernels.threads`). A graph the reordering leaves without
-a narrow band runs one compiled product per step (`csr_spmm`); without the extension (no
+`kernels.threads` threads (`dgdm.kernels.threads`). Where T = S P S (sym normalisation of an
+unweighted graph with self loops) the pass reads the pattern P and S, not T's values. A
+graph the reordering leaves without a narrow band runs one compiled product per step
+(`csr_spmm`); without the extension (no
 compiler at install time) scipy's csr_matvecs does. Products write into preallocated
 buffers, so a diffusion allocates only its result.
 Exact ppr is the iterative solve of `diffusion.PprSolver` (float64, to a 1e-10 relative
