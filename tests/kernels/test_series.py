@@ -196,6 +196,23 @@ def test_bad_arguments_raise_clearly(change, error, message) -> None:
         _spmm.csr_series(*positional, **args)
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize(("column", "message"), [(60, "indices must lie in"), (9, "more than")])
+def test_a_bad_entry_deep_in_a_long_row_is_refused(isa, column, message) -> None:
+    """Row 30 of 60 has 40 entries, columns 10..49 within band 20 (the AVX-512 check takes 16
+    at a time); its 37th is put out of range (60) or 21 rows from the diagonal (9)."""
+    indptr = np.zeros(61, np.int32)
+    indptr[31:] = 40
+    indices = np.arange(10, 50, dtype=np.int32)
+    indices[36] = column
+    x = np.ones((60, 3), np.float32)
+    with pytest.raises(ValueError, match=message):
+        _spmm.csr_series(
+            indptr, indices, np.ones(40, np.float32), np.ones(3, np.float32), x,
+            np.zeros_like(x), band=20, isa=isa,
+        )  # fmt: skip
+
+
 def test_the_gil_is_released_during_the_series() -> None:
     """An agent's event loop keeps running while a worker thread diffuses."""
     t = banded(20_000, 30, 0.2, seed=9)
