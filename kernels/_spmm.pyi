@@ -33,7 +33,7 @@ def csr_spmm(
 def csr_series(
     indptr: _Array,
     indices: _Array,
-    data: _Array,
+    data: _Array | None,
     coeffs: _Array,
     x: _Array,
     out: _Array,
@@ -43,8 +43,12 @@ def csr_series(
     threads: int = 1,
     scatter: _Array | None = None,
     isa: str | None = None,
+    scale: _Array | None = None,
 ) -> None:
-    """out = sum_j coeffs[j] T^j x in one wavefront pass; every |row - column| <= band."""
+    """out = sum_j coeffs[j] T^j x in one wavefront pass; every |row - column| <= band.
+
+    T = (data, indices, indptr), or with data None and `scale`, diag(scale) P diag(scale)
+    for the pattern P = (indices, indptr)."""
 
 def take_rows(src: _Array, rows: _Array, out: _Array, /) -> None:
     """out[i] = src[rows[i]] for float32 src (M, F) and out (N, F), rows int32/int64 (N,)."""

@@ -8,8 +8,10 @@ portable C otherwise) the whole series is one wavefront pass (`csr_series`): aft
 reordering every entry lies within `band` rows of the diagonal, so all K steps run a few
 chunks of rows apart and T, X and the steps' outputs are reused from cache instead of
 streamed from memory K times; graphs of N >= THREADS_MIN_NODES split their rows over
-`kernels.threads` threads (`dgdm.kernels.threads`). A graph the reordering leaves without
-a narrow band runs one compiled product per step (`csr_spmm`); without the extension (no
+`kernels.threads` threads (`dgdm.kernels.threads`). Where T = S P S (sym normalisation of an
+unweighted graph with self loops) the pass reads the pattern P and S, not T's values. A
+graph the reordering leaves without a narrow band runs one compiled product per step
+(`csr_spmm`); without the extension (no
 compiler at install time) scipy's csr_matvecs does. Products write into preallocated
 buffers, so a diffusion allocates only its result.
 Exact ppr is the iterative solve of `diffusion.PprSolver` (float64, to a 1e-10 relative
@@ -62,7 +64,7 @@ class _Spmm(Protocol):
         self,
         indptr: np.ndarray,
         indices: np.ndarray,
-        data: np.ndarray,
+        data: np.ndarray | None,
         coeffs: np.ndarray,
         x: np.ndarray,
         out: np.ndarray,
@@ -72,6 +74,7 @@ class _Spmm(Protocol):
         threads: int = 1,
         scatter: np.ndarray | None = None,
         isa: str | None = None,
+        scale: np.ndarray | None = None,
     ) -> None: ...
 
     def take_rows(self, src: np.ndarray, rows: np.ndarray, out: np.ndarray, /) -> None: ...
@@ -88,6 +91,7 @@ KERNELS = ("auto", "compiled", "scipy")
 THREADS_MIN_NODES = 10_000
 # The wavefront needs a band narrow against N (its rings hold ~3 band rows per step).
 MAX_BAND_FRACTION = 0.125
+CACHE_LINE = 64  # bytes
 SERIES_CHUNK = 64  # rows per wavefront chunk (fastest of 32..256 at 10^4..10^5 nodes)
 
 
@@ -136,10 +140,13 @@ class SeriesRunner:
         reorder: bool,
         compiled: bool = False,
         fuse: bool = True,
+        compact: bool = True,
     ) -> None:
         n = t.shape[0]
         perm = _rcm(t) if reorder and n > 1 else np.arange(n)
-        tp = sp.csr_matrix(t[perm][:, perm], dtype=np.float32)
+        tp64 = sp.csr_matrix(t[perm][:, perm], dtype=np.float64)
+        tp64.sort_indices()
+        tp = tp64.astype(np.float32)
         tp.sort_indices()
         self._t = tp
         self._indptr = tp.indptr.astype(np.int32)
@@ -159,11 +166,19 @@ class SeriesRunner:
         # that the fused pass does without, so it never needs more memory than the steps
         self._ring_rows = (len(coeffs) - 2) * _ring_rows(self._band, SERIES_CHUNK)
         self._fused = self._fused and self._ring_rows <= 2 * n
-        if self._fused:  # even row lengths: the kernel's two-way loop then has no remainder
+        # compact=False: the fused pass reads T's values even where the pattern and a scale
+        # vector would do (the bench's before/after baseline)
+        self._scale = _pattern_scale(tp64) if self._fused and compact else None
+        self._series_csr: tuple[np.ndarray, np.ndarray, np.ndarray | None]
+        if self._scale is not None:
+            self._series_csr = (self._indptr, self._indices, None)
+        elif self._fused:  # even row lengths: the kernel's two-way loop then has no remainder
             self._series_csr = _pad_rows(self._indptr, self._indices, tp.data, 2)
         self._buffers: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         self._lock = threading.Lock()
         row_nnz = int(np.diff(tp.indptr).max()) if tp.nnz else 1
+        # the same bound for the compact operator: per row and step it rounds each sum once
+        # and s_i, s_i (S z)_i a few times, where the values round each entry and product
         self._bound = float32_error_bound(row_nnz * len(coeffs))
 
     def run(self, x: np.ndarray) -> RunOutput:
@@ -178,7 +193,7 @@ class SeriesRunner:
             assert _spmm is not None  # compiled runners come from load(), which probes
             _spmm.take_rows(x, self._perm32, xp)
             if self._fused:
-                out = np.empty_like(xp)
+                out = _aligned_empty(xp.shape)
                 _spmm.csr_series(
                     *self._series_csr,
                     self._coeffs32,
@@ -188,6 +203,7 @@ class SeriesRunner:
                     chunk=SERIES_CHUNK,
                     threads=self.threads(),
                     scatter=self._perm32,
+                    scale=self._scale,
                 )
                 return RunOutput(out, self._bound)
             z = self._compiled_series(xp, z, y)
@@ -243,13 +259,40 @@ class SeriesRunner:
         buffers = self._buffers.get(f)
         if buffers is None:
             n = self._t.shape[0]
-            xp, z, y = (np.empty((n if k < count else 0, f), dtype=np.float32) for k in range(3))
+            xp, z, y = (_aligned_empty((n if k < count else 0, f)) for k in range(3))
             buffers = (xp, z, y)
             self._buffers = {f: buffers}  # keep one width: bounded memory
         return buffers
 
     def close(self) -> None:
         self._buffers = {}
+
+
+def _pattern_scale(t: sp.csr_matrix) -> np.ndarray | None:
+    """s (float32) with T_ij = s_i s_j on every stored entry, or None.
+
+    That is T = S P S for the pattern P: sym normalisation of an unweighted graph with self
+    loops (s = d^-1/2, read off the diagonal T_ii = s_i^2). The series then reads the
+    pattern and s instead of T's values, half the bytes per entry. The check allows float64
+    rounding only, so a weighted graph keeps its values.
+    """
+    diagonal = t.diagonal()
+    if t.nnz == 0 or (diagonal < 0).any():
+        return None
+    s = np.sqrt(diagonal)
+    rows = np.repeat(np.arange(t.shape[0]), np.diff(t.indptr))
+    if not np.allclose(t.data, s[rows] * s[t.indices], rtol=1e-12, atol=0):
+        return None
+    return s.astype(np.float32)
+
+
+def _aligned_empty(shape: tuple[int, int]) -> np.ndarray:
+    """An empty float32 array starting on a cache line (64 bytes): numpy's large blocks start
+    16 bytes into a page, and a 16-feature row read across two lines is a second load."""
+    count = shape[0] * shape[1]
+    block = np.empty(count + CACHE_LINE // 4, dtype=np.float32)
+    skip = (-block.ctypes.data % CACHE_LINE) // 4
+    return block[skip : skip + count].reshape(shape)
 
 
 def _pad_rows(

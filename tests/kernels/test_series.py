@@ -48,12 +48,23 @@ def horner64(t: sp.csr_matrix, coeffs: np.ndarray, x: np.ndarray) -> np.ndarray:
 ISAS = _spmm.series_isas.split()
 
 
-def series(t, coeffs, x, *, band, chunk=64, threads=1, scatter=None, isa=None):
+def compact(t: sp.csr_matrix, seed: int) -> tuple[sp.csr_matrix, np.ndarray]:
+    """T's pattern with T_ij = s_i s_j (some s_i = 0: isolated nodes), and s."""
+    rng = np.random.default_rng(seed)
+    scale = rng.random(t.shape[0]).astype(np.float32)
+    scale[rng.random(t.shape[0]) < 0.05] = 0
+    rows = np.repeat(np.arange(t.shape[0]), np.diff(t.indptr))
+    values = scale[rows].astype(np.float64) * scale[t.indices]
+    return sp.csr_matrix((values, t.indices, t.indptr), shape=t.shape), scale
+
+
+def series(t, coeffs, x, *, band, chunk=64, threads=1, scatter=None, isa=None, scale=None):
+    """The series of T, or with `scale` of the compact diag(scale) pattern(T) diag(scale)."""
     out = np.full_like(x, np.nan)
     _spmm.csr_series(
-        t.indptr.astype(np.int32), t.indices.astype(np.int32), t.data,
-        np.asarray(coeffs, dtype=np.float32), x, out,
-        band=band, chunk=chunk, threads=threads, scatter=scatter, isa=isa,
+        t.indptr.astype(np.int32), t.indices.astype(np.int32),
+        None if scale is not None else t.data, np.asarray(coeffs, dtype=np.float32), x, out,
+        band=band, chunk=chunk, threads=threads, scatter=scatter, isa=isa, scale=scale,
     )  # fmt: skip
     return out
 
@@ -76,14 +87,21 @@ def assert_close(out, ref, t, coeffs, x) -> None:
     permuted=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_matches_float64_horner(n, f, band_frac, k, chunk, threads, isa, permuted, seed):
+@pytest.mark.parametrize("compact_operator", [False, True])
+def test_matches_float64_horner(
+    compact_operator, n, f, band_frac, k, chunk, threads, isa, permuted, seed
+):
     band = int(band_frac * (n - 1))
-    t = banded(n, band, 0.3, seed)
+    t, scale = banded(n, band, 0.3, seed), None
+    if compact_operator:
+        t, scale = compact(t, seed)
     rng = np.random.default_rng(seed + 1)
     coeffs = rng.standard_normal(k + 1)
     x = rng.standard_normal((n, f)).astype(np.float32)
     perm = rng.permutation(n).astype(np.int32) if permuted else None
-    out = series(t, coeffs, x, band=band, chunk=chunk, threads=threads, scatter=perm, isa=isa)
+    out = series(
+        t, coeffs, x, band=band, chunk=chunk, threads=threads, scatter=perm, isa=isa, scale=scale
+    )
     ref = horner64(t, coeffs.astype(np.float32).astype(np.float64), x)
     if perm is not None:
         unscattered = np.empty_like(ref)
@@ -101,17 +119,42 @@ def test_the_best_isa_is_the_default() -> None:
     )
 
 
+@pytest.mark.parametrize("compact_operator", [False, True])
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("f", [16, 64, 5])
-def test_threads_give_the_single_thread_result(threads, f, isa) -> None:
+def test_threads_give_the_single_thread_result(threads, f, isa, compact_operator) -> None:
     """Parts recompute their halo rows with the same arithmetic: bit for bit equal."""
-    t = banded(20_000, 40, 0.1, seed=f)
+    t, scale = banded(20_000, 40, 0.1, seed=f), None
+    if compact_operator:
+        t, scale = compact(t, seed=f)
     x = np.random.default_rng(f).standard_normal((20_000, f)).astype(np.float32)
     coeffs = 0.15 * 0.85 ** np.arange(11)
-    one = series(t, coeffs, x, band=40, isa=isa)
-    np.testing.assert_array_equal(series(t, coeffs, x, band=40, threads=threads, isa=isa), one)
+    one = series(t, coeffs, x, band=40, isa=isa, scale=scale)
+    np.testing.assert_array_equal(
+        series(t, coeffs, x, band=40, threads=threads, isa=isa, scale=scale), one
+    )
     assert_close(one, horner64(t, coeffs.astype(np.float32), x), t, coeffs, x)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("f", [16, 32, 8, 5])
+def test_scattered_rows_on_a_cache_line_are_the_same(f, isa) -> None:
+    """The last step streams its scattered rows when `out` starts on a cache line."""
+    t, scale = compact(banded(3_000, 20, 0.2, seed=f), seed=f)
+    x = np.random.default_rng(f).standard_normal((3_000, f)).astype(np.float32)
+    perm = np.random.default_rng(f + 1).permutation(3_000).astype(np.int32)
+    coeffs = 0.15 * 0.85 ** np.arange(11)
+    ip, ix = t.indptr.astype(np.int32), t.indices.astype(np.int32)
+    c32 = coeffs.astype(np.float32)
+    outs = []
+    for offset in (0, 1):  # floats past a cache line: 0 streams (f % 8 == 0), 1 cannot
+        out = sparse_backend._aligned_empty((3_000 * f + 1, 1))[offset:][: 3_000 * f]
+        out = out.reshape(3_000, f)
+        _spmm.csr_series(ip, ix, None, c32, x, out, band=20, scatter=perm, scale=scale, isa=isa)
+        outs.append(out.copy())
+    np.testing.assert_array_equal(outs[0], outs[1])
+    assert_close(outs[0][perm], horner64(t, c32, x), t, coeffs, x)
 
 
 @pytest.mark.parametrize(
@@ -131,6 +174,10 @@ def test_threads_give_the_single_thread_result(threads, f, isa) -> None:
         ({"scatter": np.array([0, 1, 3], np.int32)}, ValueError, r"scatter\[2\] is outside"),
         ({"scatter": np.array([0, 1], np.int32)}, ValueError, "scatter must have 3 entries"),
         ({"x": np.ones((2, 2), np.float32)}, ValueError, "x must have the shape of out"),
+        ({"scale": np.ones(3, np.float32)}, TypeError, "give data .* or scale .*, not both"),
+        ({"data": None}, TypeError, "give data .* or scale .*, not both"),
+        ({"data": None, "scale": np.ones(2, np.float32)}, ValueError, "scale must have 3"),
+        ({"data": None, "scale": np.ones(3)}, TypeError, "scale must be float32"),
     ],
 )
 def test_bad_arguments_raise_clearly(change, error, message) -> None:
@@ -147,6 +194,23 @@ def test_bad_arguments_raise_clearly(change, error, message) -> None:
     positional = [args.pop(k) for k in ("indptr", "indices", "data", "coeffs", "x", "out")]
     with pytest.raises(error, match=message):
         _spmm.csr_series(*positional, **args)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize(("column", "message"), [(60, "indices must lie in"), (9, "more than")])
+def test_a_bad_entry_deep_in_a_long_row_is_refused(isa, column, message) -> None:
+    """Row 30 of 60 has 40 entries, columns 10..49 within band 20 (the AVX-512 check takes 16
+    at a time); its 37th is put out of range (60) or 21 rows from the diagonal (9)."""
+    indptr = np.zeros(61, np.int32)
+    indptr[31:] = 40
+    indices = np.arange(10, 50, dtype=np.int32)
+    indices[36] = column
+    x = np.ones((60, 3), np.float32)
+    with pytest.raises(ValueError, match=message):
+        _spmm.csr_series(
+            indptr, indices, np.ones(40, np.float32), np.ones(3, np.float32), x,
+            np.zeros_like(x), band=20, isa=isa,
+        )  # fmt: skip
 
 
 def test_the_gil_is_released_during_the_series() -> None:
@@ -187,6 +251,29 @@ def test_backend_fuses_large_banded_graphs_and_threads_them(monkeypatch, threads
     got = runner.run(x)
     exact = diffuse(problem.t, problem.method, x)
     assert np.linalg.norm(got.z - exact) <= got.error_bound * np.linalg.norm(exact)
+
+
+def test_backend_stores_sym_unweighted_operators_compactly() -> None:
+    """Pattern + scale for T = D^-1/2 (A + I) D^-1/2 of an unweighted graph; values else."""
+    unweighted = grid_problem(40)
+    runner = SparseBackend().load(unweighted)
+    assert isinstance(runner, SeriesRunner)
+    assert runner._scale is not None
+    assert runner._series_csr[2] is None
+    x = np.random.default_rng(0).random((unweighted.n, 16))
+    got = runner.run(x)
+    exact = diffuse(unweighted.t, unweighted.method, x)
+    assert np.linalg.norm(got.z - exact) <= got.error_bound * np.linalg.norm(exact)
+    coeffs = series_coefficients(unweighted.method)
+    assert coeffs is not None
+    values = SeriesRunner(unweighted.t, coeffs, reorder=True, compiled=True, compact=False)
+    assert values._scale is None
+    assert values.run(x).error_bound == got.error_bound
+    weighted = unweighted.t.copy()
+    weighted.data *= np.random.default_rng(1).uniform(0.5, 1.5, weighted.nnz)
+    assert sparse_backend._pattern_scale(weighted) is None
+    no_loops = unweighted.t - sp.diags(unweighted.t.diagonal())
+    assert sparse_backend._pattern_scale(sp.csr_matrix(no_loops)) is None
 
 
 def test_backend_keeps_small_graphs_on_one_thread_and_wide_bands_step_by_step(monkeypatch):

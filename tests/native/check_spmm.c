@@ -87,14 +87,16 @@ static void check_random(unsigned seed, ptrdiff_t f, spmm_kernel k32, spmm_kerne
 }
 
 /* The fused series (three coefficients: two products) = two reference products, bit for
- * bit (dyadic values: every sum is exact), on one thread and three, rows scattered. */
-static void check_series(series_task_fn task, ptrdiff_t f, int threads)
+ * bit (dyadic values: every sum is exact), on one thread and three, rows scattered; with
+ * `compact`, of the pattern and a scale vector, T_ij = s_i s_j. */
+static void check_series(series_task_fn task, ptrdiff_t f, int threads, int compact)
 {
     enum { N = 40, BAND = 3, MAXNNZ = N * 5 };
     srand((unsigned)(f * 31 + threads));
     int64_t ip64[N + 1], ix64[MAXNNZ];
     int32_t ip32[N + 1], ix32[MAXNNZ], scatter[N];
-    float data[MAXNNZ];
+    float data[MAXNNZ], scale[N];
+    for (int i = 0; i < N; i++) scale[i] = (float)(rand() % 4) * 0.25f;
     ip64[0] = 0;
     for (int i = 0; i < N; i++) {
         int count = rand() % 5;
@@ -102,7 +104,7 @@ static void check_series(series_task_fn task, ptrdiff_t f, int threads)
         for (int64_t jj = ip64[i]; jj < ip64[i + 1]; jj++) {
             int j = i + rand() % (2 * BAND + 1) - BAND;
             ix64[jj] = j < 0 ? 0 : (j >= N ? N - 1 : j);
-            data[jj] = (float)(rand() % 9 - 4) * 0.25f;
+            data[jj] = compact ? scale[i] * scale[ix64[jj]] : (float)(rand() % 9 - 4) * 0.25f;
         }
         scatter[i] = N - 1 - i;
     }
@@ -115,14 +117,19 @@ static void check_series(series_task_fn task, ptrdiff_t f, int threads)
     const float coeffs[3] = {0.25f, 0.75f, 0.5f};
     reference(ip64, ix64, data, x, x, mid, N, f, coeffs[2], coeffs[1]);
     reference(ip64, ix64, data, mid, x, want, N, f, 1.0f, coeffs[0]);
-    series_args p = {N, f, nnz, 2, 4, 0, 0, BAND, ip32, ix32, scatter, data, coeffs, x, out};
+    series_args p = {N,      f,    nnz,   2,       4,
+                     0,      0,    BAND,  ip32,    ix32,
+                     scatter, compact ? NULL : data, coeffs, x, out,
+                     compact ? scale : NULL};
     series_plan(p.band, p.chunk, &p.lag, &p.ring);
     float *rings = malloc(series_ring_floats(&p) * sizeof(float) * (size_t)threads);
     int ok = series_run(&p, task, threads, rings) == 0;
     for (int i = 0; i < N && ok; i++)
         ok = memcmp(out + (size_t)(scatter[i] * f), want + (size_t)(i * f),
                     sizeof(float) * (size_t)f) == 0;
-    check(ok, "series = two reference products, F", (long)f);
+    check(ok, compact ? "compact series = two reference products, F"
+                      : "series = two reference products, F",
+          (long)f);
     ix32[0] = ip32[1] > 0 ? (int32_t)N - 1 : 0; /* row 0 -> column N - 1: beyond the band */
     check(ip32[1] == 0 || series_run(&p, task, threads, rings) == -3,
           "an entry beyond the band is refused", (long)f);
@@ -179,7 +186,8 @@ int main(void)
     for (int which = 0; which < 3; which++)
         for (size_t w = 0; w < sizeof widths / sizeof widths[0]; w++)
             for (int threads = 1; threads <= 3; threads += 2)
-                check_series(tasks[which], widths[w], threads);
+                for (int compact = 0; compact < 2; compact++)
+                    check_series(tasks[which], widths[w], threads, compact);
     if (failures) {
         printf("%d of %d checks failed\n", failures, checks);
         return 1;
