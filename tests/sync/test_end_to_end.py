@@ -27,6 +27,8 @@ async def test_every_kind_is_stored_once_and_receipted(
     await device.start()
     seqs = {kind: [device.enqueue(kind, body) for _ in range(5)] for kind, body in BODIES.items()}
     await eventually(lambda: device.queued() == 0, what="outbox drained by receipts")
+    # The rows go in a thread; the count follows when its coroutine next runs.
+    await eventually(lambda: device.link.counters["receipted"] >= 20, what="receipts counted")
     store = coordinator.store
     assert store.count() == 20
     results = store.results_since(device.device_id, 0, 100)
