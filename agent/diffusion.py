@@ -115,7 +115,7 @@ class EngineJobs:
         self, graph_id: str, data: bytes | dict[str, Any]
     ) -> DiffusionResult | _Heavy:
         obj = loads(data) if isinstance(data, (bytes, str)) else data
-        n = int(topologies.topology(self.engine.topologies(), graph_id)["nodes"])
+        n = len(self.engine.topology(graph_id).node_ids)
         x = topologies.parse_features(obj, n, self.limits.max_features)
         if self.engine.estimate_registered_seconds(graph_id, x.shape[1]) > HEAVY_S:
             return _Heavy(functools.partial(self.engine.diffuse_registered, graph_id, x))
@@ -126,7 +126,7 @@ class EngineJobs:
 
         obj = topologies.registration(loads(data), graph_id)
         self.engine.register(parse_graph(obj, self.limits))
-        return topologies.topology(self.engine.topologies(), graph_id)
+        return self.engine.topology(graph_id).describe()
 
     def _update_blocking(self, graph_id: str, data: bytes) -> dict[str, Any]:
         changes = topologies.parse_edge_changes(loads(data))

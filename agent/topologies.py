@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from dgdm.common.fields import unknown_field
-from dgdm.kernels.errors import GraphError, UnknownTopology
+from dgdm.kernels.errors import GraphError
 
 EDGE_CHANGES = ("add", "remove", "reweight")
 
@@ -21,14 +21,6 @@ def registration(obj: Any, graph_id: str) -> Any:
     if obj.get("graph_id", graph_id) != graph_id:
         raise GraphError("graph_id", "must match the graph id in the path")
     return {**obj, "graph_id": graph_id}
-
-
-def topology(topologies: list[dict[str, Any]], graph_id: str) -> dict[str, Any]:
-    """The engine's description of one registered topology."""
-    for topo in topologies:
-        if topo.get("graph_id") == graph_id:
-            return topo
-    raise UnknownTopology(f"no topology is registered as {graph_id!r}")
 
 
 def parse_features(obj: Any, n: int, max_features: int) -> Any:
