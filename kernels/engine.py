@@ -27,7 +27,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -142,6 +142,8 @@ class Engine:
         self._orders: dict[tuple[str, str], tuple[int, list[Slot]]] = {}
         self._version = 0  # bumped on every health or exclusion change
         self._last_backend: str | None = None
+        self._held_index: IO[bytes] | None = None  # follow_registry's
+        self._held_inode: int | None = -1
         self._load_registry()
 
     # -- diffusion -------------------------------------------------------------------------
@@ -516,6 +518,9 @@ class Engine:
         with self._lock:
             loaded = list(self._runners.values())
             self._runners.clear()
+            if self._held_index is not None:
+                self._held_index.close()
+                self._held_index, self._held_inode = None, -1
         # Let a call in flight finish first, but not for long.
         close_all(loaded, wait_s=CLOSE_WAIT_S)
 
@@ -714,6 +719,38 @@ class Engine:
                 limit,
                 extra={"graph_ids": graph_ids, "limit": limit},
             )
+
+    def follow_registry(self) -> None:
+        """Take up the registry as another process left it (a serving process follows the
+        agent's, http.processes): one stat of the index while it is unchanged. A topology
+        whose file cannot be read (replaced meanwhile) is read again at the next call."""
+        if self._files is None or self._files.index_inode() == self._held_inode:
+            return
+        index, held = self._files.hold_index()
+        fresh: dict[str, Topology] = {}
+        complete = True
+        for graph_id, key in index.items():
+            topology = self._topologies.get(graph_id)
+            try:
+                if topology is None or topology.problem.key != key:
+                    topology = read_topology(self._files.path(key))
+            except (OSError, ValueError, KeyError, KernelError):
+                complete = False
+                continue
+            used = sum(t.nbytes for t in fresh.values())
+            if self.registry.refusal(len(fresh), used, topology.nbytes) is None:
+                fresh[graph_id] = topology  # as the agent loads them: within the limits
+        with self._lock:
+            kept = {t.problem.key for t in fresh.values()}
+            gone = {t.problem.key for t in self._topologies.values()} - kept
+            self._topologies = fresh
+            for key in gone:
+                self._drop_runners(key)
+        if self._held_index is not None:
+            self._held_index.close()
+        self._held_index = held
+        inode = None if held is None else os.fstat(held.fileno()).st_ino
+        self._held_inode = inode if complete else -1
 
     def _room_for(self, nbytes: int) -> str | None:
         """The limit one more topology of `nbytes` would pass at start-up, or None."""

@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -149,6 +149,27 @@ class TopologyFiles:
         self.folder.mkdir(parents=True, exist_ok=True)
         payload = json.dumps(dict(index), sort_keys=True).encode()
         _atomic_write(self.folder / "index.json", lambda f: f.write(payload))
+
+    def index_inode(self) -> int | None:
+        """The index file's inode number, None when there is none."""
+        try:
+            return (self.folder / "index.json").stat().st_ino
+        except OSError:
+            return None
+
+    def hold_index(self) -> tuple[dict[str, str], IO[bytes] | None]:
+        """The index and its file, kept open: while it is held its inode number is not
+        reused, so another number always means a newer index (each is a new file)."""
+        try:
+            f = (self.folder / "index.json").open("rb")
+        except OSError:
+            return {}, None
+        try:
+            index: dict[str, str] = json.loads(f.read())
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring unreadable topology index %s: %s", self.folder, exc)
+            index = {}
+        return index, f
 
     def read_index(self) -> dict[str, str]:
         """graph_id -> key; empty when there is none or it cannot be read (logged)."""
