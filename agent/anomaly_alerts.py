@@ -23,13 +23,30 @@ def watch(
 ) -> Decision | None:
     """One finished diffusion of a registered topology."""
     width = int(result.embedding.shape[-1]) if result.embedding.ndim else 0
+    latency_s = result.latency_ms / 1000.0
+    return watch_sample(
+        detector, alerts, graph_id, width, latency_s=latency_s, backend=result.backend, now=now
+    )
+
+
+def watch_sample(
+    detector: LatencyDetector,
+    alerts: Alerts,
+    graph_id: str,
+    width: int,
+    *,
+    latency_s: float,
+    backend: str,
+    now: float,
+) -> Decision | None:
+    """One diffusion's latency, of `width` features (a serving process's, replayed)."""
     key = (graph_id, width)
-    decision = detector.observe(key, result.latency_ms / 1000.0, now)
+    decision = detector.observe(key, latency_s, now)
     state = detector.baseline(key)
     if state is None or state.samples < detector.params.min_samples:
         return decision
     if state.raised:
-        alerts.condition(anomaly_alert(graph_id, width, state, result.backend, now))
+        alerts.condition(anomaly_alert(graph_id, width, state, backend, now))
     else:
         alerts.resolved(policy_key(graph_id, width), recovery_alert(graph_id, width, state))
     return decision

@@ -54,6 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--window-us", type=int, default=200, help="with --oip: kernels.batch_window_us"
     )
+    parser.add_argument(
+        "--processes", type=int, default=2, help="with --oip: http.processes of the last rows"
+    )
 
 
 def main(args: argparse.Namespace) -> int:

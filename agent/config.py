@@ -63,6 +63,9 @@ class HttpSettings:
     max_connections_per_peer: int = setting(256, minimum=1)
     # Request body bytes buffered across all requests; 0: 256 MiB or 1/8 of the memory.
     max_inflight_body_bytes: int = setting(0, minimum=0)
+    # Processes accepting on the port (SO_REUSEPORT): the agent and processes - 1 serving
+    # processes that answer OIP infer and model routes and pass everything else on to it.
+    processes: int = setting(1, minimum=1, maximum=64)
 
 
 @dataclass(frozen=True)
@@ -193,6 +196,10 @@ def check(config: AgentConfig) -> None:
     """Rules spanning several keys, each naming the key a user has to fix."""
     if not is_loopback(config.http.bind) and not config.http.token:
         raise ConfigError("http.token", "is required when http.bind is not a loopback address")
+    if config.http.processes > 1 and config.kernels.backend == "edgetpu":
+        raise ConfigError(
+            "http.processes", "must be 1 with kernels.backend = 'edgetpu' (one process owns it)"
+        )
     for i, name in enumerate(config.http.allowed_hosts):
         if not re.fullmatch(HOST_NAME_PATTERN, name):
             raise ConfigError(f"http.allowed_hosts[{i}]", HOST_NAME_HINT)

@@ -24,8 +24,34 @@ from dgdm.kernels.deadline import check as deadline_check
 
 if TYPE_CHECKING:
     # The engine (numpy, scipy, the backends) is imported in a thread at start-up.
+    from dgdm.agent.config import AgentConfig
     from dgdm.kernels.engine import DiffusionResult, Engine
     from dgdm.kernels.graph import Graph, Limits
+
+
+def open_engine(config: AgentConfig) -> tuple[Engine, Limits]:
+    """The engine the config asks for, with its registry loaded from kernels.cache_dir, and
+    the graph limits it applies (slow: imports numpy, scipy, probes the backends)."""
+    from dgdm.kernels import threads
+    from dgdm.kernels.engine import Engine, EngineBounds, RegistryLimits
+    from dgdm.kernels.graph import Limits
+
+    k = config.kernels
+    limits = Limits(
+        max_nodes=k.max_nodes,
+        max_edges=k.max_edges,
+        max_features=k.max_features,
+        max_body_bytes=config.http.max_body_bytes,
+    )
+    cache_dir = k.cache_dir or config.device.data_dir / "cache"
+    registry = RegistryLimits(k.max_topologies, k.max_topology_bytes)
+    bounds = EngineBounds(k.max_diffusion_bytes or None, k.cache_bytes)
+    threads.configure(k.threads)
+    engine = Engine(
+        backend=k.backend, cache_dir=cache_dir, limits=limits, registry=registry, bounds=bounds
+    )
+    return engine, limits
+
 
 # JSON decoding and graph validation hold the GIL for their whole run (~40 ms per MB), so in
 # a thread they would still stall the event loop; bodies above this size are parsed in a

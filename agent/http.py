@@ -19,7 +19,7 @@ import logging
 import math
 import re
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 
@@ -37,10 +37,32 @@ from dgdm.sync.http_guard import HttpGuard
 from dgdm.sync.settings import is_loopback
 
 if TYPE_CHECKING:
+    from dgdm.agent.config import AgentConfig, HttpSettings
     from dgdm.agent.diffusion import EngineJobs
+    from dgdm.agent.metrics import AgentMetrics
     from dgdm.agent.runtime import Agent
+    from dgdm.agent.tally import Tally
+    from dgdm.sync.http_limits import BodyBudget, ConnectionTable
 
 log = logging.getLogger(__name__)
+
+
+class HttpHost(Protocol):
+    """What the middlewares use of the process serving: the agent, or a serving process."""
+
+    @property
+    def config(self) -> AgentConfig: ...
+    @property
+    def metrics(self) -> AgentMetrics: ...
+    @property
+    def tally(self) -> Tally: ...
+    @property
+    def connections(self) -> ConnectionTable: ...
+    @property
+    def body_budget(self) -> BodyBudget: ...
+
+
+HOST: web.AppKey[HttpHost] = web.AppKey("http_host")
 AGENT: web.AppKey[Agent] = web.AppKey("agent")
 GRAPH_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 JSON_TYPES = frozenset({"application/json"})
@@ -151,7 +173,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     except Exception as exc:  # noqa: BLE001 - a bug still answers JSON, and is logged
         return _internal(request, exc)
     if request.path.endswith("/diffuse"):
-        request.app[AGENT].metrics.diffusion_errors.labels(api.code).inc()
+        request.app[HOST].metrics.diffusion_errors.labels(api.code).inc()
     return error_response(api.status, api.code, api.message, api.headers)
 
 
@@ -176,7 +198,7 @@ def _sentence(exc: web.HTTPException) -> str:
 @web.middleware
 async def host_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """DNS rebinding: answer only requests addressed to this box by a name it trusts."""
-    http = request.app[AGENT].config.http
+    http = request.app[HOST].config.http
     if not hosts.addressed_here(request.headers.get("Host"), http.bind, http.allowed_hosts):
         raise ApiError(
             421,
@@ -188,9 +210,9 @@ async def host_middleware(request: web.Request, handler: Handler) -> web.StreamR
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    agent = request.app[AGENT]
-    token = agent.config.http.token
-    if request.path == "/healthz" or not _token_required(agent):
+    http = request.app[HOST].config.http
+    token = http.token
+    if request.path == "/healthz" or not _token_required(http):
         return await handler(request)
     given = request.headers.get("Authorization", "")
     expected = f"Bearer {token}"
@@ -204,9 +226,9 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     return await handler(request)
 
 
-def _token_required(agent: Agent) -> bool:
+def _token_required(http: HttpSettings) -> bool:
     """Beyond loopback always; on loopback only when a token is configured anyway."""
-    return bool(agent.config.http.token) or not _is_loopback(agent.config.http.bind)
+    return bool(http.token) or not _is_loopback(http.bind)
 
 
 # -- request helpers ----------------------------------------------------------------------
@@ -329,7 +351,7 @@ async def diffuse_graph(request: web.Request) -> web.Response:
 
 
 async def openapi(request: web.Request) -> web.Response:
-    required = _token_required(request.app[AGENT])
+    required = _token_required(request.app[AGENT].config.http)
     return json_response(openapi_document(__version__, GRAPH_ID.pattern, token_required=required))
 
 
@@ -356,16 +378,15 @@ ROUTES = (
 )
 
 
-def _guard(agent: Agent) -> HttpGuard:
+def _guard(host: HttpHost) -> HttpGuard:
     """Connections marked busy while a request runs, bodies held to
     http.max_inflight_body_bytes and http.body_min_bytes_per_s."""
-    refused = agent.metrics.http_refused
     return HttpGuard(
-        agent.connections,
-        agent.body_budget,
-        agent.config.http.max_body_bytes,
-        agent.config.http.body_min_bytes_per_s,
-        lambda reason: refused.labels(reason).inc(),
+        host.connections,
+        host.body_budget,
+        host.config.http.max_body_bytes,
+        host.config.http.body_min_bytes_per_s,
+        host.tally.refused,
         lambda: error_response(
             503,
             "busy",
@@ -375,12 +396,20 @@ def _guard(agent: Agent) -> HttpGuard:
     )
 
 
-def make_app(agent: Agent) -> web.Application:
-    limits = _guard(agent).middleware()
+def guarded_app(host: HttpHost) -> web.Application:
+    """An app with the checks every request passes: the limits, the Host header, the token
+    (the agent's app, and a serving process's, agent/serving.py)."""
+    limits = _guard(host).middleware()
     app = web.Application(
-        client_max_size=agent.config.http.max_body_bytes,
+        client_max_size=host.config.http.max_body_bytes,
         middlewares=[errors_middleware, limits, host_middleware, auth_middleware],
     )
+    app[HOST] = host
+    return app
+
+
+def make_app(agent: Agent) -> web.Application:
+    app = guarded_app(agent)
     app[AGENT] = agent
     app.add_routes(ROUTES)
     add_oip_routes(app, agent)

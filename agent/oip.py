@@ -1,6 +1,6 @@
 """The Open Inference Protocol v2 on the agent (SPEC §4.1): a registered topology is a model.
 
-`add_oip_routes(app, agent)` adds the `/v2` routes and one outer middleware that gives every
+`add_oip_routes(app, host)` adds the `/v2` routes and one outer middleware that gives every
 `/v2` answer the protocol's error form `{"error": "<sentence>"}`: refusals raised here, and
 the app's own (401 from its auth middleware, 404/405 from the router) rewritten. The health
 routes are answered before the app's auth (open, as `/healthz` is), with the app's Host
@@ -15,16 +15,15 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
 import numpy as np
 from aiohttp import web
 
-from dgdm.agent import __version__, anomaly_alerts, hosts
+from dgdm.agent import __version__, hosts
 from dgdm.agent.answers import result_body
 from dgdm.agent.batcher import Batcher, sets_of, side_by_side
 from dgdm.agent.diffusion import HEAVY_S
@@ -44,8 +43,13 @@ from dgdm.kernels.errors import BackendError, GraphError, UnknownTopology
 from dgdm.sync.errors import OutboxError
 
 if TYPE_CHECKING:
-    from dgdm.agent.runtime import Agent
+    from dgdm.agent.config import AgentConfig
+    from dgdm.agent.tally import Tally
+    from dgdm.agent.work import WorkQueue
+    from dgdm.kernels.engine import Engine
     from dgdm.kernels.registry import Topology
+    from dgdm.sync.envelope import Kind
+    from dgdm.sync.outbox import Outbox
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
@@ -70,23 +74,58 @@ class OipError(Exception):
         self.headers = headers
 
 
+class OipHost(Protocol):
+    """What the routes use of the process serving them: the agent, or one of its serving
+    processes (agent/serving.py), whose registry follows the agent's and which passes a
+    request to queue on to the agent."""
+
+    @property
+    def config(self) -> AgentConfig: ...
+    @property
+    def engine(self) -> Engine: ...
+    @property
+    def work(self) -> WorkQueue: ...
+    @property
+    def outbox(self) -> Outbox | None: ...
+    @property
+    def tally(self) -> Tally: ...
+    async def enqueue(self, kind: Kind, body: dict[str, Any]) -> int: ...
+    async def health(self) -> tuple[bool, dict[str, Any]]: ...
+
+
+# A serving process's hand-off of a request it does not answer itself (its body read).
+Forward = Callable[[web.Request, bytes], Awaitable[web.StreamResponse]]
+
+
 @dataclass(frozen=True)
 class _Models:
-    agent: Agent
+    host: OipHost
     batcher: Batcher[Key, Any]
-    counters: _Counters
+    follow: Callable[[], None]  # the registry as of now (a serving process re-reads it)
+    forward: Forward | None  # where a request to queue goes (None: queued here)
 
 
 MODELS: web.AppKey[_Models] = web.AppKey("oip_models")
 
 
-def add_oip_routes(app: web.Application, agent: Agent) -> None:
-    kernels = agent.config.kernels
-    run = _Runs(agent)
-    batcher: Batcher[Key, Any] = Batcher(run, kernels.batch_window_us / 1e6, kernels.max_features)
-    app[MODELS] = _Models(agent, batcher, _Counters(agent))
+def add_oip_routes(
+    app: web.Application,
+    host: OipHost,
+    *,
+    follow: Callable[[], None] = lambda: None,
+    forward: Forward | None = None,
+    routes: tuple[web.RouteDef, ...] | None = None,
+) -> None:
+    kernels = host.config.kernels
+    models = _Models(host, _batcher(host, follow, kernels), follow, forward)
+    app[MODELS] = models
     app.middlewares.insert(0, oip_middleware)
-    app.add_routes(ROUTES)
+    app.add_routes(ROUTES if routes is None else routes)
+
+
+def _batcher(host: OipHost, follow: Callable[[], None], kernels: Any) -> Batcher[Key, Any]:
+    run = _Runs(host, follow)
+    return Batcher(run, kernels.batch_window_us / 1e6, kernels.max_features)
 
 
 # -- errors -------------------------------------------------------------------------------
@@ -119,7 +158,7 @@ async def oip_middleware(request: web.Request, handler: Handler) -> web.StreamRe
 
 def _host_allowed(request: web.Request) -> bool:
     """The app's DNS-rebinding check, which the open paths skip along with its auth."""
-    http = request.app[MODELS].agent.config.http
+    http = request.app[MODELS].host.config.http
     return hosts.addressed_here(request.headers.get("Host"), http.bind, http.allowed_hosts)
 
 
@@ -182,10 +221,11 @@ _REFUSED = (
 # -- models -------------------------------------------------------------------------------
 
 
-def _model(agent: Agent, name: str, version: str | None) -> Topology:
+def _model(host: OipHost, follow: Callable[[], None], name: str, version: str | None) -> Topology:
     """The registered topology `name`, which must be at `version` when one is asked."""
+    follow()
     try:
-        topo = agent.engine.topology(name)
+        topo = host.engine.topology(name)
     except UnknownTopology:
         raise OipError(
             404, f"unknown model {name!r}: register it with PUT /graphs/{{id}}"
@@ -210,25 +250,25 @@ class _Runs:
     worker, in the heavy lane when the engine's cost model puts it above HEAVY_S (as the
     JSON routes choose); a slow inline run sends the next one back there."""
 
-    def __init__(self, agent: Agent) -> None:
-        self.agent = agent
+    def __init__(self, host: OipHost, follow: Callable[[], None]) -> None:
+        self.host = host
+        self.follow = follow
         self._ms_per_column: dict[Key, float] = {}
 
     async def __call__(self, key: Key, x: np.ndarray) -> Any:
         graph_id, version = key
-        _model(self.agent, graph_id, version)
-        jobs = self.agent.jobs
-        assert jobs is not None  # set before the app listens
+        host = self.host
+        _model(host, self.follow, graph_id, version)
         cost = self._ms_per_column.get(key)
         if cost is not None and cost * x.shape[1] <= INLINE_MAX_MS:
-            jobs.work.check_accepting()
-            result = self.agent.engine.diffuse_registered(graph_id, x)
+            host.work.check_accepting()
+            result = host.engine.diffuse_registered(graph_id, x)
         else:
-            engine = self.agent.engine
+            engine = host.engine
             heavy = engine.estimate_registered_seconds(graph_id, x.shape[1]) > HEAVY_S
-            result = await jobs.work.run(engine.diffuse_registered, graph_id, x, heavy=heavy)
+            result = await host.work.run(engine.diffuse_registered, graph_id, x, heavy=heavy)
         self._remember(key, result.latency_ms / x.shape[1])
-        _model(self.agent, graph_id, version)  # a PATCH during the run: not this version's
+        _model(host, self.follow, graph_id, version)  # a PATCH during the run: not this version
         return result
 
     def _remember(self, key: Key, ms_per_column: float) -> None:
@@ -250,7 +290,7 @@ async def live(request: web.Request) -> web.Response:
 
 
 async def ready(request: web.Request) -> web.Response:
-    ok, checks = await request.app[MODELS].agent.health()
+    ok, checks = await request.app[MODELS].host.health()
     if not ok:
         failing = ", ".join(sorted(name for name, good in checks.items() if not good))
         raise OipError(503, f"the agent is not ready (failing checks: {failing})")
@@ -259,7 +299,8 @@ async def ready(request: web.Request) -> web.Response:
 
 async def model_metadata(request: web.Request) -> web.Response:
     name, version = _path(request)
-    topo = _model(request.app[MODELS].agent, name, version)
+    models = request.app[MODELS]
+    topo = _model(models.host, models.follow, name, version)
     shape = [-1, len(topo.node_ids), _feature_width(topo)]
     tensor = {"datatype": DATATYPE, "shape": shape}
     return _json(
@@ -275,30 +316,33 @@ async def model_metadata(request: web.Request) -> web.Response:
 
 async def model_ready(request: web.Request) -> web.Response:
     name, version = _path(request)
-    topo = _model(request.app[MODELS].agent, name, version)
+    models = request.app[MODELS]
+    topo = _model(models.host, models.follow, name, version)
     return _json({"name": name, "version": topo.problem.key, "ready": True})
 
 
-async def infer(request: web.Request) -> web.Response:
+async def infer(request: web.Request) -> web.StreamResponse:
     name, version = _path(request)
     models = request.app[MODELS]
-    topo = _model(models.agent, name, version)
-    req = await _request(request)
-    max_features = models.agent.config.kernels.max_features
+    host = models.host
+    topo = _model(host, models.follow, name, version)
+    body, req = await _request(request)
+    max_features = host.config.kernels.max_features
     sets = _feature_sets(req.x, topo, max_features)
-    if req.queue and models.agent.outbox is None:
+    if req.queue and models.forward is not None:
+        return await models.forward(request, body)  # the agent's outbox, not this process's
+    if req.queue and host.outbox is None:
         raise OipError(400, "parameters.queue needs an outbox: set sync.coordinator_public_key")
     key = (name, topo.problem.key)
     try:
         pieces = await models.batcher.diffuse(key, side_by_side(sets, max_features))
         z = sets_of([z for _, z in pieces], sets.shape[2])
         per_block = max(1, max_features // sets.shape[2])
-        models.counters.count([r for r, _ in pieces], per_block, len(z))
-        _watch_latency(models.agent, name, pieces)
+        _count(host.tally, name, pieces, per_block, len(z))
         seqs = []
         if req.queue:
             per_set = [(pieces[b // per_block][0], z[b]) for b in range(len(z))]
-            seqs = await _queue(models.agent, per_set)
+            seqs = await _queue(host, per_set)
     except _REFUSED as exc:
         raise _refusal(exc) from exc
     return await _answer(name, key[1], req, z if req.x.ndim == 3 else z[0], seqs)
@@ -308,7 +352,7 @@ def _path(request: web.Request) -> tuple[str, str | None]:
     return request.match_info["name"], request.match_info.get("version")
 
 
-async def _request(request: web.Request) -> InferRequest:
+async def _request(request: web.Request) -> tuple[bytes, InferRequest]:
     header_length = _header_length(request)
     try:
         body = await request.read()
@@ -316,8 +360,8 @@ async def _request(request: web.Request) -> InferRequest:
         raise OipError(413, "the request body is larger than http.max_body_bytes") from None
     try:
         if len(body) > INLINE_BODY_BYTES and header_length is None:
-            return await asyncio.to_thread(parse_infer, body, header_length)
-        return parse_infer(body, header_length)
+            return body, await asyncio.to_thread(parse_infer, body, header_length)
+        return body, parse_infer(body, header_length)
     except OipRequestError as exc:
         raise OipError(400, str(exc)) from None
 
@@ -363,41 +407,19 @@ def _feature_sets(x: np.ndarray, topo: Topology, max_features: int) -> np.ndarra
     return x if x.ndim == 3 else x[None]
 
 
-class _Counters:
-    """Each block's call once in the latency figures; its feature sets in the counter. The
-    metric children are looked up once per backend (a label lookup costs as much as the
-    rest of the count)."""
-
-    def __init__(self, agent: Agent) -> None:
-        self.agent = agent
-        self._children: dict[str, tuple[Any, Any]] = {}
-
-    def count(self, results: list[Any], per_block: int, sets: int) -> None:
-        for i, result in enumerate(results):
-            diffusions, duration = self._of(result.backend)
-            self.agent.latency.record(result.latency_ms)
-            diffusions.inc(min(per_block, sets - i * per_block))
-            duration.observe(result.latency_ms / 1000.0)
-
-    def _of(self, backend: str) -> tuple[Any, Any]:
-        children = self._children.get(backend)
-        if children is None:
-            metrics = self.agent.metrics
-            children = (metrics.diffusions.labels(backend, "oip"), metrics.duration.labels(backend))
-            self._children[backend] = children
-        return children
-
-
-def _watch_latency(agent: Agent, graph_id: str, pieces: list[tuple[Any, np.ndarray]]) -> None:
-    """The calls that served this request alone feed `latency_anomaly` as the JSON routes'
-    do. A fused call's width, and so its latency, follows the load, not the box's health."""
-    now = time.monotonic()
-    for result, z in pieces:
+def _count(
+    tally: Tally, graph_id: str, pieces: list[tuple[Any, np.ndarray]], per_block: int, sets: int
+) -> None:
+    """Each block's call once in the latency figures, its feature sets in the counter. The
+    calls that served this request alone feed `latency_anomaly` as the JSON routes' do: a
+    fused call's width, and so its latency, follows the load, not the box's health."""
+    for i, (result, z) in enumerate(pieces):
+        tally.diffusions(result.backend, min(per_block, sets - i * per_block), result.latency_ms)
         if result.embedding.shape[1] == z.shape[1]:
-            anomaly_alerts.watch(agent.anomalies, agent.alerts, graph_id, result, now)
+            tally.lone_call(graph_id, int(z.shape[1]), result.latency_ms, result.backend)
 
 
-async def _queue(agent: Agent, per_set: list[tuple[Any, np.ndarray]]) -> list[int]:
+async def _queue(host: OipHost, per_set: list[tuple[Any, np.ndarray]]) -> list[int]:
     """One result message (SPEC §6) per feature set, committed before the answer."""
     from dgdm.sync.envelope import Kind
 
@@ -405,9 +427,7 @@ async def _queue(agent: Agent, per_set: list[tuple[Any, np.ndarray]]) -> list[in
         dataclasses.replace(r, job_id=os.urandom(16).hex(), embedding=np.ascontiguousarray(z))
         for r, z in per_set
     ]
-    return list(
-        await asyncio.gather(*(agent.enqueue(Kind.RESULT, result_body(r)) for r in results))
-    )
+    return list(await asyncio.gather(*(host.enqueue(Kind.RESULT, result_body(r)) for r in results)))
 
 
 async def _answer(

@@ -6,8 +6,9 @@ OIP JSON infer, `POST /graphs/{id}/diffuse` and the one-off `POST /diffuse`, eac
 (`--connections`, the body from a file, a lua script for the headers); then the batching
 figures: OIP binary with `kernels.batch_window_us` = 0 against the configured window at the
 same connections, a B = 64 batch in one request, and a lone client's latency (one
-connection) with and without the window. Requests/s, diffusions/s, p50, p99, ratio to the
-ceiling.
+connection) with and without the window; then OIP binary with `http.processes` =
+`--processes` (SO_REUSEPORT) beside a hello-world of as many processes. Requests/s,
+diffusions/s, p50, p99, ratio to the hello-world ceiling of as many processes.
 """
 
 from __future__ import annotations
@@ -41,14 +42,21 @@ def main(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="dgdm-bench-oip-") as tmp:
         work = Path(tmp)
         bodies = write_bodies(work, args.nodes, args.features)
-        rows = [("hello-world ceiling", 1, _ceiling(args, work, bodies))]
+        ceilings = {1: _ceiling(args, work, bodies, 1)}
+        rows = [("hello-world ceiling", 1, 1, ceilings[1])]
         rows += _agent_rows(args, work, bodies, args.window_us, full=True)
         rows += _agent_rows(args, work, bodies, 0, full=False)
-    ceiling = rows[0][2]["rps"]
+        if args.processes > 1:
+            ceilings[args.processes] = _ceiling(args, work, bodies, args.processes)
+            name = f"hello-world ceiling, {args.processes} processes"
+            rows.append((name, args.processes, 1, ceilings[args.processes]))
+            rows += _agent_rows(
+                args, work, bodies, args.window_us, full=False, processes=args.processes
+            )
     results = [
-        {"target": name, "diffusions_per_s": round(m["rps"] * per, 1), **m,
-         "ratio": round(m["rps"] / max(ceiling, 1e-9), 3)}
-        for name, per, m in rows
+        {"target": name, "processes": procs, "diffusions_per_s": round(m["rps"] * per, 1), **m,
+         "ratio": round(m["rps"] / max(ceilings[procs]["rps"], 1e-9), 3)}
+        for name, procs, per, m in rows
     ]  # fmt: skip
     if args.json:
         print(json.dumps({"connections": args.connections, "rows": results}, indent=2))
@@ -93,59 +101,81 @@ def _oip_binary(x: np.ndarray) -> tuple[bytes, dict[str, str]]:
 # -- runs ---------------------------------------------------------------------------------
 
 
-def _ceiling(args: argparse.Namespace, work: Path, bodies: Any) -> dict[str, Any]:
+def _ceiling(args: argparse.Namespace, work: Path, bodies: Any, processes: int) -> dict[str, Any]:
     from dgdm.sync.broker import free_port
 
     port = free_port()
-    code = f"from dgdm.agent.oip_bench import serve_hello; serve_hello({port})"
-    server = http_bench._spawn([sys.executable, "-c", code], work / "hello.log")
+    code = f"from dgdm.agent.oip_bench import serve_hello; serve_hello({port}, {processes > 1})"
+    servers = [
+        http_bench._spawn([sys.executable, "-c", code], work / f"hello-{i}.log")
+        for i in range(processes)
+    ]
     try:
-        http_bench._wait_http(f"http://127.0.0.1:{port}/healthz", server, 20.0)
+        for server in servers:
+            http_bench._wait_http(f"http://127.0.0.1:{port}/healthz", server, 20.0)
         return _wrk(args, work, f"http://127.0.0.1:{port}/hello", bodies["oip_binary"])
     finally:
-        http_bench._stop(server)
+        for server in servers:
+            http_bench._stop(server)
 
 
 def _agent_rows(
-    args: argparse.Namespace, work: Path, bodies: Any, window_us: int, *, full: bool
-) -> list[tuple[str, int, dict[str, Any]]]:
+    args: argparse.Namespace,
+    work: Path,
+    bodies: Any,
+    window_us: int,
+    *,
+    full: bool,
+    processes: int = 1,
+) -> list[tuple[str, int, int, dict[str, Any]]]:
     from dgdm.sync.broker import free_port
 
     port = free_port()
-    folder = work / f"agent-{window_us}"
-    config = work / f"agent-{window_us}.toml"
+    folder = work / f"agent-{window_us}-{processes}"
+    config = work / f"agent-{window_us}-{processes}.toml"
     config.write_text(
         f'[device]\nid = "bench"\ndata_dir = "{folder}"\n[http]\nport = {port}\n'
+        f"processes = {processes}\n"
         f'[kernels]\nbackend = "{args.backend}"\nbatch_window_us = {window_us}\n'
         '[log]\nlevel = "warning"\n',
         encoding="utf-8",
     )
     argv = [sys.executable, "-m", "dgdm.agent", "agent", "--config", str(config)]
-    agent = http_bench._spawn(argv, work / f"agent-{window_us}.log")
+    agent = http_bench._spawn(argv, work / f"agent-{window_us}-{processes}.log")
     base = f"http://127.0.0.1:{port}"
     infer = f"{base}/v2/models/bench/infer"
-    tag = f"window {window_us} us"
+    tag = f"window {window_us} us" + (f", {processes} processes" if processes > 1 else "")
+    p = processes
     try:
         http_bench._wait_http(f"{base}/healthz", agent, 30.0)
+        _wait_serving(base, processes, 30.0)
         _register(f"{base}/graphs/bench", bodies["register"][0].read_bytes())
-        rows = [(f"OIP binary, {tag}", 1, _wrk(args, work, infer, bodies["oip_binary"]))]
+        rows = [(f"OIP binary, {tag}", p, 1, _wrk(args, work, infer, bodies["oip_binary"]))]
         if full:
-            rows.append((f"OIP JSON, {tag}", 1, _wrk(args, work, infer, bodies["oip_json"])))
+            rows.append((f"OIP JSON, {tag}", p, 1, _wrk(args, work, infer, bodies["oip_json"])))
             graphs = f"{base}/graphs/bench/diffuse"
-            rows.append(
-                ("JSON /graphs/{id}/diffuse", 1, _wrk(args, work, graphs, bodies["registered"]))
-            )
-            rows.append(
-                ("JSON POST /diffuse", 1, _wrk(args, work, f"{base}/diffuse", bodies["graph"]))
-            )
-        rows.append(
-            (f"OIP binary B={BATCH}, {tag}", BATCH, _wrk(args, work, infer, bodies["oip_b64"]))
-        )
+            registered = _wrk(args, work, graphs, bodies["registered"])
+            rows.append(("JSON /graphs/{id}/diffuse", p, 1, registered))
+            one_off = _wrk(args, work, f"{base}/diffuse", bodies["graph"])
+            rows.append(("JSON POST /diffuse", p, 1, one_off))
+        batch = _wrk(args, work, infer, bodies["oip_b64"])
+        rows.append((f"OIP binary B={BATCH}, {tag}", p, BATCH, batch))
         lone = _wrk(args, work, infer, bodies["oip_binary"], connections=1)
-        rows.append((f"OIP binary lone client, {tag}", 1, lone))
+        rows.append((f"OIP binary lone client, {tag}", p, 1, lone))
         return rows
     finally:
         http_bench._stop(agent)
+
+
+def _wait_serving(base: str, processes: int, timeout_s: float) -> None:
+    """Until the agent's /status counts all its serving processes listening."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(f"{base}/status", timeout=5) as r:  # noqa: S310 - loopback
+            if json.loads(r.read())["http"]["serving"] >= processes:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"the agent's serving processes did not listen in {timeout_s} s")
 
 
 def _register(url: str, body: bytes) -> None:
@@ -177,7 +207,7 @@ def _wrk(
     return http_bench.parse_wrk(out.stdout)
 
 
-def serve_hello(port: int) -> None:
+def serve_hello(port: int, reuse_port: bool = False) -> None:
     """The ceiling: aiohttp reads the body and answers a small JSON, nothing else."""
     from aiohttp import web
 
@@ -191,7 +221,9 @@ def serve_hello(port: int) -> None:
     app = web.Application(client_max_size=64 * 2**20)
     app.router.add_post("/hello", hello)
     app.router.add_get("/healthz", healthz)
-    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
+    web.run_app(
+        app, host="127.0.0.1", port=port, print=None, access_log=None, reuse_port=reuse_port or None
+    )
 
 
 def _print(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:

@@ -684,6 +684,7 @@ _STATUS_KEYS = {
     ),
     "outbox": _ref("Outbox"),
     "queue": _object(["in_flight", "capacity"], {"in_flight": _COUNT, "capacity": _COUNT}),
+    "http": _object(["processes", "serving"], {"processes": _COUNT, "serving": _COUNT}),
     "diffusions": _COUNT,
     "latency_ms": _object(
         ["p50", "p99", "n"], {"p50": _nullable(_NUMBER), "p99": _nullable(_NUMBER), "n": _COUNT}

@@ -14,7 +14,10 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
+import shutil
 import signal
+import tempfile
 import time
 from collections import deque
 from collections.abc import Coroutine
@@ -28,18 +31,19 @@ from dgdm.agent.anomaly import LatencyDetector
 from dgdm.agent.answers import result_body
 from dgdm.agent.backup_cli import lock_path
 from dgdm.agent.config import AgentConfig, load_config
-from dgdm.agent.diffusion import EngineJobs
+from dgdm.agent.diffusion import EngineJobs, open_engine
 from dgdm.agent.errors import AgentError, NoOutbox
 from dgdm.agent.metrics import AgentMetrics
 from dgdm.agent.reload import changed_settings, merge_reloadable
 from dgdm.agent.sdnotify import Notifier
+from dgdm.agent.serving_pool import ServingProcesses
+from dgdm.agent.tally import AgentTally
 from dgdm.agent.telemetry import LatencyWindow, TelemetryBatcher
 from dgdm.agent.tpu import TpuMonitor
 from dgdm.agent.watchers import eviction_alert
 from dgdm.agent.work import GraphParser, WorkQueue
 from dgdm.common import heap
 from dgdm.common.errors import DgdmError
-from dgdm.kernels import threads as kernel_threads
 from dgdm.sync import datalock
 from dgdm.sync.http_limits import BodyBudget, ConnectionTable, connection_cap, default_body_budget
 from dgdm.sync.listener import memory_bytes
@@ -78,6 +82,7 @@ class Agent:
         self._started = time.monotonic()
         self.metrics = AgentMetrics()
         self.latency = LatencyWindow()
+        self.tally = AgentTally(self)  # what OIP calls count, here and in serving processes
         self.notifier = Notifier(env)
         k = config.kernels
         self.work = WorkQueue(
@@ -107,6 +112,8 @@ class Agent:
         self.http_port: int | None = None
         self._runner: web.AppRunner | None = None
         self._listener: Listener | None = None
+        self.serving: ServingProcesses | None = None
+        self._socket_dir: str | None = None  # the agent's socket for its serving processes
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._side_tasks: set[asyncio.Task[Any]] = set()
@@ -157,6 +164,7 @@ class Agent:
         finally:
             await engine
         await self._listen()
+        self._start_serving()
         await self._start_link()
         self._start_monitors()
         self._announce_ready()
@@ -193,6 +201,8 @@ class Agent:
             return max(0.1, deadline - time.monotonic() - margin_s)
 
         self.notifier.stopping("draining")
+        if self.serving is not None:  # theirs first: what they pass on is answered here
+            await self.serving.stop(left(6.0))
         drained = await self.work.drain(left(2.0))
         for task in self._tasks:
             task.cancel()
@@ -213,6 +223,8 @@ class Agent:
             await self._runner.cleanup()
         if self.outbox is not None:
             await asyncio.to_thread(self.outbox.close)
+        if self._socket_dir is not None:
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
         self.work.close()
         await asyncio.to_thread(self._parser.close)
         if self._engine is not None:
@@ -252,6 +264,7 @@ class Agent:
             started_wall=self.started_wall,
             active_backend=self.active_backend(),
             http_connections=len(self.connections),
+            http_serving=1 + (self.serving.serving if self.serving is not None else 0),
         )
 
     async def health(self) -> tuple[bool, dict[str, Any]]:
@@ -261,23 +274,7 @@ class Agent:
     # -- parts ----------------------------------------------------------------------------
 
     def _open_engine(self) -> None:
-        from dgdm.kernels.engine import Engine, EngineBounds, RegistryLimits
-        from dgdm.kernels.graph import Limits
-
-        k = self.config.kernels
-        limits = Limits(
-            max_nodes=k.max_nodes,
-            max_edges=k.max_edges,
-            max_features=k.max_features,
-            max_body_bytes=self.config.http.max_body_bytes,
-        )
-        cache_dir = k.cache_dir or self.config.device.data_dir / "cache"
-        registry = RegistryLimits(k.max_topologies, k.max_topology_bytes)
-        bounds = EngineBounds(k.max_diffusion_bytes or None, k.cache_bytes)
-        kernel_threads.configure(k.threads)
-        engine = Engine(
-            backend=k.backend, cache_dir=cache_dir, limits=limits, registry=registry, bounds=bounds
-        )
+        engine, limits = open_engine(self.config)
         self._engine = engine
         self.jobs = EngineJobs(engine, limits, self.work, self._parser)
 
@@ -306,10 +303,29 @@ class Agent:
         assert server is not None, "_prepare_http() comes first"
         listener = Listener(server, self.connections, lambda reason: closed.labels(reason).inc())
         self._listener = listener
+        shared = http.processes > 1
         try:
-            self.http_port = await listener.start(http.bind, http.port)
+            self.http_port = await listener.start(http.bind, http.port, reuse_port=shared)
         except OSError as exc:
             raise AgentError(f"cannot listen on {http.bind}:{http.port}: {exc.strerror}") from exc
+        if shared:
+            self._socket_dir = tempfile.mkdtemp(prefix="dgdm-agent-")  # 0700
+            await listener.start_unix(os.path.join(self._socket_dir, "http.sock"))
+
+    def _start_serving(self) -> None:
+        """http.processes - 1 more processes on the port, unless the Edge TPU serves: it is
+        one device, opened here, and they would answer from the CPU instead."""
+        count = self.config.http.processes - 1
+        if count < 1 or self._socket_dir is None or self.http_port is None:
+            return
+        if self.active_backend() == "edgetpu":
+            log.warning("http.processes ignored: the Edge TPU serves this agent's diffusions")
+            return
+        socket_path = os.path.join(self._socket_dir, "http.sock")
+        self.serving = ServingProcesses(
+            count, self.http_port, socket_path, self.config_path, self.tally
+        )
+        self.serving.start()
 
     async def _start_link(self) -> None:
         on_command = functools.partial(remote.on_command, self)
@@ -434,6 +450,8 @@ class Agent:
                 return
             self._file_config = new
             applied, ignored = self._apply_config(running)
+            if self.serving is not None:
+                self.serving.reload()  # they read the same file and overlay again
         log.info("config reloaded", extra={"applied": applied, "needs_restart": ignored})
         self.notifier.status(f"reloaded: {', '.join(applied) or 'nothing changed'}")
 
@@ -449,6 +467,8 @@ class Agent:
             running = remote_config.apply(self._file_config, overlay)
             await asyncio.to_thread(remote_config.save, path, overlay)
             applied, _ = self._apply_config(running)
+            if self.serving is not None:
+                self.serving.reload()
         values = {k: getattr(getattr(running, k.split(".")[0]), k.split(".")[1]) for k in change}
         log.info("config set by the coordinator", extra={"applied": applied})
         return {"applied": values, "changed": applied, "remote": overlay}

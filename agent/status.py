@@ -46,6 +46,7 @@ class AgentView:
     started_wall: float
     active_backend: str
     http_connections: int
+    http_serving: int  # processes listening on the port: the agent and its serving ones
 
     async def outbox_stats(self) -> OutboxStats | None:
         if self.outbox is None:
@@ -70,6 +71,7 @@ async def status(view: AgentView) -> dict[str, Any]:
         "broker": broker_json(view.link, bool(view.config.sync.broker_url)),
         "outbox": outbox_json(stats),
         "queue": {"in_flight": view.work.in_flight, "capacity": view.work.capacity},
+        "http": {"processes": view.config.http.processes, "serving": view.http_serving},
         "diffusions": latency.count,
         "latency_ms": latency.recent_percentiles(),
         "recent_latency_ms": [round(ms, 3) for _, ms in list(latency.recent)[-60:]],

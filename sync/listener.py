@@ -78,6 +78,7 @@ class Listener:
         self.table = table
         self._on_close = on_close  # counts each connection closed by a cap, by reason
         self._server: asyncio.Server | None = None
+        self._servers: list[asyncio.Server] = []
 
     def admit(self, transport: asyncio.BaseTransport) -> bool:
         # Every local process is the same loopback peer: only the total cap applies to it.
@@ -90,17 +91,35 @@ class Listener:
             self._on_close("refused_all_busy")
         return admitted
 
-    async def start(self, host: str, port: int, backlog: int = ACCEPT_BACKLOG) -> int:
+    async def start(
+        self, host: str, port: int, backlog: int = ACCEPT_BACKLOG, *, reuse_port: bool = False
+    ) -> int:
+        """Listen on host:port (0: a free one), shared with other processes that listen with
+        `reuse_port` too (the kernel spreads new connections across them); the port."""
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: GuardedProtocol(self), host, port, backlog=backlog, reuse_address=True
+            lambda: GuardedProtocol(self),
+            host,
+            port,
+            backlog=backlog,
+            reuse_address=True,
+            reuse_port=reuse_port or None,
         )
         return int(self._server.sockets[0].getsockname()[1])
+
+    async def start_unix(self, path: str, backlog: int = ACCEPT_BACKLOG) -> None:
+        """Listen on a unix socket too (the agent's serving processes pass requests on)."""
+        loop = asyncio.get_running_loop()
+        server = await loop.create_unix_server(lambda: GuardedProtocol(self), path, backlog=backlog)
+        os.chmod(path, 0o600)
+        self._servers.append(server)
 
     def close(self) -> None:
         """Stop accepting; open connections are closed by aiohttp's shutdown."""
         if self._server is not None:
             self._server.close()
+        for server in self._servers:
+            server.close()
 
 
 def _is_loopback(peer: str) -> bool:
