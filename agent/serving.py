@@ -36,7 +36,12 @@ from dgdm.agent.tally import ForwardTally
 from dgdm.agent.work import WorkQueue
 from dgdm.common import heap
 from dgdm.common.errors import DgdmError
-from dgdm.sync.http_limits import BodyBudget, ConnectionTable, default_body_budget
+from dgdm.sync.http_limits import (
+    BodyBudget,
+    ConnectionTable,
+    connection_cap,
+    default_body_budget,
+)
 from dgdm.sync.listener import memory_bytes
 
 if TYPE_CHECKING:
@@ -137,13 +142,15 @@ async def _serve(config: AgentConfig, args: argparse.Namespace) -> int:
     from aiohttp import web
 
     from dgdm.agent.http_proxy import AgentProxy
-    from dgdm.sync.listener import Listener
+    from dgdm.sync.listener import Listener, quiet_accept_errors, raise_fd_limit
 
     loop = asyncio.get_running_loop()
+    quiet_accept_errors(loop, log)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     host = ServingHost(config)
+    host.connections.max_total = connection_cap(config.http.max_connections, raise_fd_limit(log))
     loop.add_signal_handler(signal.SIGHUP, lambda: _reload(host, args.config))
     await asyncio.to_thread(host.open_engine)
     proxy = AgentProxy(args.socket)

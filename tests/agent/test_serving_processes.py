@@ -326,3 +326,51 @@ def test_a_bad_processes_setting_stops_start_up(
     agent = launch(tmp_path, {"http": http, "kernels": kernels}, wait=False)
     assert agent.proc.wait(timeout=30) == 2
     assert key in agent.log_tail()
+
+
+def test_a_new_token_holds_on_every_process_after_sighup(tmp_path: Any) -> None:
+    from .conftest import launch
+
+    agent = launch(
+        tmp_path, {"http": {"processes": 2, "token": "old"}, "kernels": {"backend": "numpy"}}
+    )
+    try:
+        connections = Connections(agent, serving_pids(agent), wanted=2)
+        text = agent.config_path.read_text(encoding="utf-8").replace('"old"', '"new"')
+        agent.config_path.write_text(text, encoding="utf-8")
+        agent.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        pending = {conn: pid for pid, conn in connections.each()}
+        while pending and time.monotonic() < deadline:
+            for conn in list(pending):
+                new = connections.call(conn, "GET", "/v2", headers={"Authorization": "Bearer new"})
+                old = connections.call(conn, "GET", "/v2", headers={"Authorization": "Bearer old"})
+                if (new[0], old[0]) == (200, 401):
+                    del pending[conn]
+            time.sleep(0.05)
+        assert not pending, f"still on the old token: {sorted(set(pending.values()))}"
+        connections.close()
+    finally:
+        agent.stop()
+
+
+def test_tritonclient_works_unchanged_against_both(pair: Any) -> None:
+    import tritonclient.http as triton
+
+    from .test_oip import infer_input
+
+    agent, _ = pair
+    assert agent.request("PUT", "/graphs/triton", json.dumps(ring("triton")).encode()).status == 200
+    x = np.random.default_rng(11).random((RING, 3), dtype=np.float32)
+    answers = []
+    for i in range(24):  # a new client, so a new connection, each time: both processes answer
+        # A dict of its own each time: infer() adds Inference-Header-Content-Length to it.
+        headers = {"Authorization": f"Bearer {agent.token}"}
+        client = triton.InferenceServerClient(f"127.0.0.1:{agent.port}")
+        assert client.is_server_ready(headers=headers)
+        assert client.get_model_metadata("triton", headers=headers)["name"] == "triton"
+        result = client.infer("triton", [infer_input(x, i % 2 == 0)], headers=headers)
+        answers.append(result.as_numpy("z"))
+        client.close()
+    for z in answers[1:]:
+        np.testing.assert_allclose(z, answers[0], rtol=1e-6)
