@@ -117,15 +117,11 @@ def add_oip_routes(
     routes: tuple[web.RouteDef, ...] | None = None,
 ) -> None:
     kernels = host.config.kernels
-    models = _Models(host, _batcher(host, follow, kernels), follow, forward)
-    app[MODELS] = models
+    window_s = kernels.batch_window_us / 1e6
+    batcher: Batcher[Key, Any] = Batcher(_Runs(host, follow), window_s, kernels.max_features)
+    app[MODELS] = _Models(host, batcher, follow, forward)
     app.middlewares.insert(0, oip_middleware)
     app.add_routes(ROUTES if routes is None else routes)
-
-
-def _batcher(host: OipHost, follow: Callable[[], None], kernels: Any) -> Batcher[Key, Any]:
-    run = _Runs(host, follow)
-    return Batcher(run, kernels.batch_window_us / 1e6, kernels.max_features)
 
 
 # -- errors -------------------------------------------------------------------------------
