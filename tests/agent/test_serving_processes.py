@@ -32,7 +32,11 @@ def serving_pids(agent: Agent, timeout_s: float = 30.0) -> list[int]:
     """The serving processes, once the agent's /status counts them listening."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        status = json.loads(_get(agent, "/status"))
+        try:
+            status = json.loads(_get(agent, "/status"))
+        except ConnectionError:  # a connection queued on a process just killed is reset
+            time.sleep(0.1)
+            continue
         if status["http"]["serving"] == status["http"]["processes"]:
             children = psutil.Process(agent.proc.pid).children()
             return [p.pid for p in children if "dgdm.agent.serving" in " ".join(p.cmdline())]

@@ -189,6 +189,7 @@ def test_the_coordinator_stores_every_result_while_devices_try_its_share_group(
 
 
 @pytest.mark.slow
+@pytest.mark.deploy_full  # a whole second play (~35 s): CI runs it after the default suite
 def test_second_run_changes_nothing(fleet: Fleet) -> None:
     result = fleet.play()
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]

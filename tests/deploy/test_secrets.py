@@ -11,7 +11,8 @@ import pytest
 
 from .conftest import Fleet
 
-pytestmark = pytest.mark.slow
+# A whole play again, with --diff -vvv (~25 s): CI runs it after the default suite.
+pytestmark = [pytest.mark.slow, pytest.mark.deploy_full]
 
 AGENT_TOKEN = "agent-secret-4f1d8b2c9e7a6035"
 
