@@ -33,16 +33,19 @@ import pytest
 
 from dgdm.sync.crypto import generate_keypair
 
+from .test_serving_processes import serving_pids
+
 pytest.importorskip("schemathesis")
 
 TOKEN = "openapi-token"
 Agent = Any  # conftest.AgentProcess
 SETUPS = {
     # A token set: bearer security on every operation but /healthz and /v2/health/*; with an
-    # outbox, so ?queue=1 answers carry outbox_seq and /outbox, /status show its depth.
-    "token": {"http": {"token": TOKEN}, "kernels": {"backend": "numpy"}},
+    # outbox, so ?queue=1 answers carry outbox_seq and /outbox, /status show its depth; and a
+    # serving process beside the agent, so what it answers and passes on conforms too.
+    "token": {"http": {"token": TOKEN, "processes": 2}, "kernels": {"backend": "numpy"}},
     # Loopback without a token: the document asks for no credentials at all; no outbox.
-    "loopback": {"kernels": {"backend": "numpy"}},
+    "loopback": {"http": {}, "kernels": {"backend": "numpy"}},
 }
 # Every operation but GET /openapi.json, which schemathesis does not test (it is the schema).
 OPERATIONS = 21
@@ -76,6 +79,8 @@ def test_the_whole_api_conforms_to_the_openapi_document(
         sections["device"] = {"private_key": str(device_key)}
         sections["sync"] = {"coordinator_public_key": coordinator}
     agent = start_agent(sections)
+    if sections["http"].get("processes", 1) > 1:
+        assert len(serving_pids(agent)) == sections["http"]["processes"] - 1
     assert agent.get("/outbox").json()["enabled"] == (setup == "token")
     if setup == "token":  # a queued result: /outbox and /status then show a kind's stats
         import jsonschema
@@ -119,7 +124,7 @@ def test_the_whole_api_conforms_to_the_openapi_document(
     assert re.search(rf"Selected: {OPERATIONS}/{OPERATIONS}", run.stdout), run.stdout[-3000:]
     assert "Stateful" in run.stdout
     assert agent.get("/healthz").status == 200
-    failed = [e for e in agent.logs() if e.get("message") == "request failed"]
+    failed = [e for e in agent.logs() if e.get("msg") == "request failed"]
     assert not failed, failed[:3]
 
 
