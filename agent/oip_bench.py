@@ -3,7 +3,8 @@
 In one run, for one registered 100-node, F = 16 topology (`--nodes`, `--features`): an
 aiohttp hello-world (reads the body, answers a small JSON: the ceiling), OIP binary infer,
 OIP JSON infer, `POST /graphs/{id}/diffuse` and the one-off `POST /diffuse`, each with wrk
-(`--connections`, the body from a file, a lua script for the headers); then the batching
+(`--connections`, the body from a file, a lua script for the headers; each figure the median
+of `--repeat` runs); then the batching
 figures: OIP binary with `kernels.batch_window_us` = 0 against the configured window at the
 same connections, a B = 64 batch in one request, and a lone client's latency (one
 connection) with and without the window; then OIP binary with `http.processes` =
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -201,10 +203,24 @@ def _wrk(
     if args.warmup > 0:
         subprocess.run([*argv[:3], f"-d{max(1, round(args.warmup))}s", *argv[3:]],
                        capture_output=True, check=True)  # fmt: skip
-    out = subprocess.run([*argv[:3], f"-d{max(1, round(args.duration))}s", *argv[3:]],
-                         capture_output=True, text=True, check=True)  # fmt: skip
-    time.sleep(0.2)
-    return http_bench.parse_wrk(out.stdout)
+    runs = []
+    for _ in range(max(1, args.repeat)):
+        out = subprocess.run([*argv[:3], f"-d{max(1, round(args.duration))}s", *argv[3:]],
+                             capture_output=True, text=True, check=True)  # fmt: skip
+        runs.append(http_bench.parse_wrk(out.stdout))
+        time.sleep(0.2)
+    return _medians(runs)
+
+
+def _medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each figure's median over the runs (each run opens its own connections: with
+    several serving processes, how the kernel spreads them differs from run to run)."""
+    out = {
+        k: statistics.median(r[k] for r in runs)
+        for k in ("rps", "p50_ms", "p99_ms")
+        if all(r[k] is not None for r in runs)
+    }
+    return {**runs[0], **out, "errors": sum(r["errors"] for r in runs), "runs": len(runs)}
 
 
 def serve_hello(port: int, reuse_port: bool = False) -> None:
