@@ -244,6 +244,13 @@ typedef struct {
     const float *scale; /* NULL: T = data; else T = diag(scale) P diag(scale), data unused */
 } series_args;
 
+/* x filled by the threads first: x[i] = source[rows[i]], into `x` (the buffer of p->x). */
+typedef struct {
+    const int32_t *rows;
+    const float *source;
+    float *x;
+} series_gather_args;
+
 /* Lag and ring rows for a band and chunk (the ring a power of two: slots by masking). */
 static void series_plan(ptrdiff_t band, ptrdiff_t chunk, ptrdiff_t *lag, ptrdiff_t *ring)
 {
@@ -606,9 +613,11 @@ struct series_part {
     /* index s = 1..k: the sweep does step s's rows [lo, hi), the triangle [hi, up) */
     const ptrdiff_t *lo, *hi, *up;
     series_part *above, *below;
+    const series_gather_args *gather; /* or NULL */
     pthread_mutex_t *mu; /* with cv: a part waiting for the part above's `ready` */
     pthread_cond_t *cv;
     int ready; /* 0; 1: its bottom rows are in below->imports; 2: this part failed */
+    int gathered; /* with gather: 0; 1: its rows of x are in place; 2: a bad gather row */
     int status;
 };
 
@@ -716,18 +725,21 @@ static int series_split(const series_args *p, series_part *parts, int count)
 #endif
 #define SERIES_SPINS 2000 /* pauses (~10-100 us) before a wait parks the thread */
 
-static void series_publish(series_part *w, int ready)
+/* A part's status when it stopped because the part above failed (whose status says why). */
+#define SERIES_ABORTED 1
+
+/* Sets a part's flag (`ready` or `gathered`) for the part below. */
+static void series_publish(const series_part *w, int *flag, int value)
 {
     pthread_mutex_lock(w->mu);
-    __atomic_store_n(&w->ready, ready, __ATOMIC_RELEASE);
+    __atomic_store_n(flag, value, __ATOMIC_RELEASE);
     pthread_cond_broadcast(w->cv);
     pthread_mutex_unlock(w->mu);
 }
 
-/* The part above's `ready`, once it is set. */
-static int series_await(const series_part *w)
+/* A flag of the part above, once it is set. */
+static int series_await(const series_part *w, const int *ready)
 {
-    const int *ready = &w->above->ready;
     for (int spin = 0; spin < SERIES_SPINS; spin++) {
         const int r = __atomic_load_n(ready, __ATOMIC_ACQUIRE);
         if (r) return r;
@@ -771,6 +783,32 @@ static void series_copy(const series_args *p, const float *src, ptrdiff_t sbase,
                f * sizeof(float));
 }
 
+/* The rows of x a part gathers: from a band below its step 1 (its own first chunks read
+ * them at once) to a band below the part above's, which gathers the rest; 0, or -4 for a
+ * gather row outside [0, n). */
+static ptrdiff_t series_gather_end(const series_part *w)
+{
+    return w->above ? (w->hi[1] > w->p->band ? w->hi[1] - w->p->band : 0) : w->p->n;
+}
+
+static int series_gather(const series_part *w)
+{
+    const series_args *p = w->p;
+    const series_gather_args *g = w->gather;
+    const size_t f = (size_t)p->f;
+    ptrdiff_t i = w->below ? w->lo[1] - p->band : 0;
+    for (i = i > 0 ? i : 0; i < series_gather_end(w); i++) {
+        const int32_t r = g->rows[i];
+        if (r < 0 || r >= p->n)
+            return -4;
+        if (f == 16) /* inline moves, not a call per row */
+            memcpy(g->x + (size_t)i * 16, g->source + (size_t)r * 16, 16 * sizeof(float));
+        else
+            memcpy(g->x + (size_t)i * f, g->source + (size_t)r * f, f * sizeof(float));
+    }
+    return 0;
+}
+
 /* A part's trapezoid as one thread's wavefront: chunk c of step s at time c + (s - 1) lag,
  * each step clipped to [lo, hi). Step s's bottom rows [t_s, t_{s+1} + band) go to the part
  * below's imports as soon as they are computed; that part may go on once all are out and
@@ -782,6 +820,7 @@ static int series_sweep(series_part *w)
     const ptrdiff_t nchunks = (w->hi[1] - base + C - 1) / C, steps = nchunks + (k - 1) * p->lag;
     const size_t rmask = (size_t)p->ring - 1;
     ptrdiff_t exported = 0, checked = base; /* steps exported; one past step 1's last row */
+    int gathered = !w->gather || !w->above; /* the part above's rows of x are in place */
     for (ptrdiff_t s = 1; w->below && s < k; s++)
         exported += series_export_end(p, w->lo, s) <= w->lo[s];
     for (ptrdiff_t t = 0; t < steps; t++) {
@@ -796,6 +835,11 @@ static int series_sweep(series_part *w)
             if (last > w->hi[s]) last = w->hi[s];
             if (first >= last)
                 continue;
+            if (s == 1 && !gathered && last + p->band > series_gather_end(w)) {
+                if (series_await(w, &w->above->gathered) != 1)
+                    return SERIES_ABORTED;
+                gathered = 1;
+            }
             const series_io io = series_ring_io(p, w->rings, s);
             const int status = w->task(p, &io, s, first, last);
             if (status)
@@ -812,7 +856,7 @@ static int series_sweep(series_part *w)
             }
         }
         if (w->below && !w->ready && exported == k - 1 && checked >= w->lo[k])
-            series_publish(w, 1);
+            series_publish(w, &w->ready, 1);
     }
     return 0;
 }
@@ -834,8 +878,8 @@ static int series_triangle(const series_part *w)
 {
     const series_args *p = w->p;
     const size_t wmask = (size_t)series_window_rows(p) - 1;
-    if (series_await(w) != 1)
-        return 0; /* the part above failed, and its status says why */
+    if (series_await(w, &w->above->ready) != 1)
+        return SERIES_ABORTED;
     float *in = w->window[0], *out = w->window[1];
     series_fill(w, in, 1);
     for (ptrdiff_t s = 2; s <= p->k; s++) {
@@ -857,9 +901,15 @@ static int series_triangle(const series_part *w)
 
 static void series_part_run(series_part *w)
 {
-    w->status = series_sweep(w);
+    if (w->gather) {
+        w->status = series_gather(w);
+        if (w->below)
+            series_publish(w, &w->gathered, w->status ? 2 : 1);
+    }
+    if (!w->status)
+        w->status = series_sweep(w);
     if (w->below && !w->ready)
-        series_publish(w, w->status ? 2 : 1);
+        series_publish(w, &w->ready, w->status ? 2 : 1);
     if (!w->status && w->above)
         w->status = series_triangle(w);
 #ifdef SPMM_HAVE_AVX2
@@ -1009,7 +1059,8 @@ static size_t series_ring_floats(const series_args *p)
 /* The whole series in up to `threads` parts, `rings` holding threads * series_ring_floats:
  * the caller's thread runs the top part, the pool's workers the others (fewer parts when fewer
  * workers are free, or when narrower parts would not fit their triangles). */
-static int series_run(const series_args *p, series_task_fn task, int threads, float *rings)
+static int series_run_gather(const series_args *p, const series_gather_args *gather,
+                             series_task_fn task, int threads, float *rings)
 {
     series_part parts[SERIES_MAX_THREADS];
     series_worker *workers[SERIES_MAX_THREADS];
@@ -1025,7 +1076,7 @@ static int series_run(const series_args *p, series_task_fn task, int threads, fl
         float *own = rings + (size_t)w * per, *tri = own + series_rings_only(p);
         parts[w] = (series_part){p, task, own, {tri, tri + wfloats}, tri + 2 * wfloats,
                                  (ptrdiff_t *)(void *)(tri + series_triangle_floats(p)),
-                                 NULL, NULL, NULL, NULL, NULL, &mu, &cv, 0, 0};
+                                 NULL, NULL, NULL, NULL, NULL, gather, &mu, &cv, 0, 0, 0};
     }
     int count = count0, status;
     while ((status = series_split(p, parts, count)) > 0)
@@ -1042,11 +1093,16 @@ static int series_run(const series_args *p, series_task_fn task, int threads, fl
     }
     for (int w = 0; w + 1 < count; w++) { /* not dispatched after a bad indptr: no job, no wait */
         series_join(workers[w]);
-        if (!status) status = parts[w].status;
+        if (status >= 0 && parts[w].status < 0) status = parts[w].status;
     }
     pthread_cond_destroy(&cv);
     pthread_mutex_destroy(&mu);
     return status;
+}
+
+static int series_run(const series_args *p, series_task_fn task, int threads, float *rings)
+{
+    return series_run_gather(p, NULL, task, threads, rings);
 }
 
 #ifndef DGDM_KERNELS_ONLY
@@ -1235,14 +1291,16 @@ done:
 
 PyDoc_STRVAR(csr_series_doc,
 "csr_series(indptr, indices, data, coeffs, x, out, *, band, chunk=64, threads=1,\n"
-"           scatter=None, isa=None, scale=None)\n--\n\n"
+"           scatter=None, isa=None, scale=None, gather=None, source=None)\n--\n\n"
 "out = sum_j coeffs[j] T^j x (Horner's rule, all steps in one wavefront pass) for the CSR\n"
 "matrix T = (data, indices, indptr) whose entries all satisfy |row - column| <= band.\n"
 "With data None and scale (float32, N) given, T is the compact operator\n"
 "diag(scale) P diag(scale) of the pattern P = (indices, indptr) (ones where stored).\n\n"
 "indptr/indices: int32; data, coeffs (>= 2 values), x and out (N, F): float32, C-contiguous;\n"
 "out must not overlap x. scatter (int32, N): row i of the result goes to out[scatter[i]]\n"
-"(give a permutation, or some rows of out are left as they were). threads: the rows are\n"
+"(give a permutation, or some rows of out are left as they were). gather (int32, N) with\n"
+"source (N, F): x is first filled, x[i] = source[gather[i]] (each thread its rows), so x\n"
+"must then be writable and not overlap source. threads: the rows are\n"
 "split over this many threads (1: none started). isa: \"portable\", \"avx2\" or\n"
 "\"avx512\" (default: the best of series_isas, this CPU's).");
 
@@ -1275,17 +1333,22 @@ static int check_int32(const Py_buffer *b, const char *name, Py_ssize_t len)
 static PyObject *csr_series(PyObject *self, PyObject *args, PyObject *kwargs)
 {
     (void)self;
-    static char *kwlist[] = {"indptr", "indices", "data", "coeffs", "x",   "out", "band",
-                             "chunk",  "threads", "scatter", "isa", "scale", NULL};
-    PyObject *objs[8] = {NULL, NULL, NULL, NULL, NULL, NULL, Py_None, Py_None};
+    static char *kwlist[] = {"indptr", "indices", "data",  "coeffs", "x",      "out",
+                             "band",   "chunk",   "threads", "scatter", "isa", "scale",
+                             "gather", "source",  NULL};
+    PyObject *objs[10] = {NULL, NULL, NULL, NULL, NULL, NULL, Py_None, Py_None, Py_None, Py_None};
     Py_ssize_t band = -1, chunk = 64;
     int threads = 1;
     const char *isa = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOO|$nniOzO:csr_series", kwlist,
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOO|$nniOzOOO:csr_series", kwlist,
                                      &objs[0], &objs[1], &objs[2], &objs[3], &objs[4],
                                      &objs[5], &band, &chunk, &threads, &objs[6], &isa,
-                                     &objs[7]))
+                                     &objs[7], &objs[8], &objs[9]))
         return NULL;
+    if ((objs[8] == Py_None) != (objs[9] == Py_None)) {
+        PyErr_SetString(PyExc_TypeError, "give gather and source together");
+        return NULL;
+    }
     if ((objs[2] == Py_None) == (objs[7] == Py_None)) {
         PyErr_SetString(PyExc_TypeError, "give data (T's values) or scale (compact T), not both");
         return NULL;
@@ -1295,30 +1358,41 @@ static PyObject *csr_series(PyObject *self, PyObject *args, PyObject *kwargs)
         PyErr_Format(PyExc_ValueError, "isa %s is not one of this CPU's: %s", isa, series_isas);
         return NULL;
     }
-    static const char *names[8] = {"indptr", "indices", "data",    "coeffs",
-                                   "x",      "out",     "scatter", "scale"};
-    Py_buffer views[8];
-    Py_buffer *bufs[8] = {NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL};
+    static const char *names[10] = {"indptr", "indices", "data",  "coeffs", "x",
+                                    "out",    "scatter", "scale", "gather", "source"};
+    Py_buffer views[10];
+    Py_buffer *bufs[10] = {NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL};
     PyObject *result = NULL;
     float *rings = NULL;
-    for (int k = 0; k < 8; k++) {
+    const int gathers = objs[8] != Py_None; /* x is written: the gathered rows of source */
+    for (int k = 0; k < 10; k++) {
         if ((k == 2 || k >= 6) && objs[k] == Py_None)
             continue;
-        if (get_buffer(objs[k], &views[k], names[k], k == 5))
+        if (get_buffer(objs[k], &views[k], names[k], k == 5 || (k == 4 && gathers)))
             goto done;
         bufs[k] = &views[k];
     }
     Py_buffer *ip = bufs[0], *ix = bufs[1], *data = bufs[2], *co = bufs[3], *x = bufs[4],
-              *out = bufs[5], *sc = bufs[6], *scale = bufs[7];
+              *out = bufs[5], *sc = bufs[6], *scale = bufs[7], *ga = bufs[8], *src = bufs[9];
     if ((data && check_float(data, "data", 1)) || check_float(co, "coeffs", 1) ||
         check_float(x, "x", 2) || check_float(out, "out", 2) ||
-        (scale && check_float(scale, "scale", 1)))
+        (scale && check_float(scale, "scale", 1)) || (src && check_float(src, "source", 2)))
         goto done;
     const Py_ssize_t n = out->shape[0], f = out->shape[1];
     if (check_int32(ip, "indptr", n + 1) ||
         check_int32(ix, "indices", data ? data->shape[0] : -1) ||
-        (sc && check_int32(sc, "scatter", n)))
+        (sc && check_int32(sc, "scatter", n)) || (ga && check_int32(ga, "gather", n)))
         goto done;
+    if (src && (src->shape[0] != n || src->shape[1] != f)) {
+        PyErr_Format(PyExc_ValueError,
+                     "source must have the shape of out (%zd, %zd), got (%zd, %zd)", n, f,
+                     src->shape[0], src->shape[1]);
+        goto done;
+    }
+    if (src && (overlaps(src, x) || overlaps(src, out))) {
+        PyErr_SetString(PyExc_ValueError, "source must not share memory with x or out");
+        goto done;
+    }
     if (scale && scale->shape[0] != n) {
         PyErr_Format(PyExc_ValueError, "scale must have %zd entries, got %zd", n,
                      scale->shape[0]);
@@ -1366,6 +1440,7 @@ static PyObject *csr_series(PyObject *self, PyObject *args, PyObject *kwargs)
     p.coeffs = co->buf;
     p.x = x->buf;
     p.out = out->buf;
+    const series_gather_args gather = {ga ? ga->buf : NULL, src ? src->buf : NULL, x->buf};
     if (n == 0 || f == 0) {
         result = Py_NewRef(Py_None);
         goto done;
@@ -1381,7 +1456,7 @@ static PyObject *csr_series(PyObject *self, PyObject *args, PyObject *kwargs)
     }
     int status;
     Py_BEGIN_ALLOW_THREADS
-    status = series_run(&p, task, threads, series_aligned(rings));
+    status = series_run_gather(&p, ga ? &gather : NULL, task, threads, series_aligned(rings));
     Py_END_ALLOW_THREADS
     if (status == -1)
         PyErr_SetString(PyExc_ValueError,
@@ -1390,11 +1465,13 @@ static PyObject *csr_series(PyObject *self, PyObject *args, PyObject *kwargs)
         PyErr_Format(PyExc_ValueError, "indices must lie in [0, %zd)", n);
     else if (status == -3)
         PyErr_Format(PyExc_ValueError, "an entry lies more than band = %zd from its row's diagonal", band);
+    else if (status == -4)
+        PyErr_Format(PyExc_ValueError, "gather must hold rows of source, in [0, %zd)", n);
     else
         result = Py_NewRef(Py_None);
 done:
     PyMem_RawFree(rings);
-    for (int k = 0; k < 8; k++)
+    for (int k = 0; k < 10; k++)
         if (bufs[k])
             PyBuffer_Release(bufs[k]);
     return result;

@@ -109,6 +109,56 @@ def test_a_bad_indptr_is_refused_with_threads(problem, threads) -> None:
         )  # fmt: skip
 
 
+def gathered_series(t, x, perm, *, threads, source=None):
+    """The series of x[perm], x permuted by the kernel's threads (gather)."""
+    xp, out = np.empty_like(x), np.full_like(x, np.nan)
+    _spmm.csr_series(
+        t.indptr.astype(np.int32), t.indices.astype(np.int32), t.data,
+        COEFFS.astype(np.float32), xp, out, band=BAND, threads=threads, gather=perm,
+        source=x if source is None else source,
+    )  # fmt: skip
+    return out, xp
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_the_threads_gather_x_first(problem, threads) -> None:
+    t, x, _ = problem
+    perm = np.random.default_rng(threads).permutation(N).astype(np.int32)
+    out, xp = gathered_series(t, x, perm, threads=threads)
+    np.testing.assert_array_equal(xp, x[perm])
+    np.testing.assert_array_equal(out, series(t, COEFFS, x[perm], band=BAND))
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("where", [0, N // 2, N - 1])
+def test_a_gather_row_outside_source_is_refused(problem, threads, where) -> None:
+    t, x, _ = problem
+    perm = np.arange(N, dtype=np.int32)
+    perm[where] = N
+    with pytest.raises(ValueError, match=r"gather must hold rows of source, in \[0, 12000\)"):
+        gathered_series(t, x, perm, threads=threads)
+
+
+def test_gather_arguments_are_checked(problem) -> None:
+    t, x, _ = problem
+    perm = np.arange(N, dtype=np.int32)
+    with pytest.raises(TypeError, match="gather and source together"):
+        _spmm.csr_series(
+            t.indptr.astype(np.int32), t.indices.astype(np.int32), t.data,
+            COEFFS.astype(np.float32), x.copy(), np.empty_like(x), band=BAND, gather=perm,
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="source must have the shape of out"):
+        gathered_series(t, x, perm, threads=2, source=x[:-1])
+    with pytest.raises(TypeError, match="gather must be int32"):
+        gathered_series(t, x, perm.astype(np.int64), threads=2)
+    xp = x.copy()
+    with pytest.raises(ValueError, match="source must not share memory with x or out"):
+        _spmm.csr_series(
+            t.indptr.astype(np.int32), t.indices.astype(np.int32), t.data,
+            COEFFS.astype(np.float32), xp, np.empty_like(x), band=BAND, gather=perm, source=xp,
+        )  # fmt: skip
+
+
 def _series_in_child(t: sp.csr_matrix, x: np.ndarray, one: np.ndarray) -> bool:
     return all(
         np.array_equal(series(t, COEFFS, x, band=BAND, threads=threads), one)
