@@ -1101,7 +1101,9 @@ static int series_run_gather(const series_args *p, const series_gather_args *gat
     pthread_cond_init(&cv, NULL);
     const size_t per = series_ring_floats(p), wfloats = (size_t)series_window_rows(p) * (size_t)p->f;
     for (int w = 0; w < count0; w++) { /* one part alone has no triangle buffers */
-        float *own = rings + (size_t)w * per, *tri = count0 > 1 ? own + series_part_floats(p) : NULL;
+        /* the caller's (top) part first: a call on one thread next reuses its lines */
+        float *own = rings + (size_t)(count0 - 1 - w) * per;
+        float *tri = count0 > 1 ? own + series_part_floats(p) : NULL;
         parts[w] = (series_part){p, task, own, {tri, tri ? tri + wfloats : NULL},
                                  tri ? tri + 2 * wfloats : NULL,
                                  (ptrdiff_t *)(void *)(own + series_rings_only(p)),
