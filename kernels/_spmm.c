@@ -718,12 +718,18 @@ static int series_split(const series_args *p, series_part *parts, int count)
         return 0;
     /* the top part loses sum_s (t_s - P) rows to the triangle below it: every boundary
      * moves down by that over k */
-    ptrdiff_t *q = parts[0].edges, lost = 0;
+    ptrdiff_t *q = parts[0].edges, lost = 0, below = 0;
+    if (n / count < 1)
+        return 1;
     if (series_edges(p, n - n / count, q, q + (k + 1))) return -1;
     for (ptrdiff_t s = 1; s <= k; s++) lost += q[k + 1 + s] - (n - n / count);
     for (int w = 0; w + 1 < count; w++) {
+        const ptrdiff_t at = n * (w + 1) / count - lost / k;
+        if (at <= below || at >= n) /* triangles as tall as the parts: fewer parts */
+            return 1;
         q = parts[w].edges;
-        if (series_edges(p, n * (w + 1) / count - lost / k, q, q + (k + 1))) return -1;
+        if (series_edges(p, at, q, q + (k + 1))) return -1;
+        below = at;
     }
     return series_fits(p, parts, count) ? 0 : 1;
 }
@@ -933,7 +939,7 @@ static void series_part_run(series_part *w)
         w->status = series_sweep(w);
     if (w->below && !w->ready)
         series_publish(w, &w->ready, w->status ? 2 : 1);
-    if (!w->status && w->above)
+    if (!w->status && w->above && w->p->k > 1) /* one step: q_1 = t_1, no triangle */
         w->status = series_triangle(w);
 #ifdef SPMM_HAVE_AVX2
     _mm_sfence(); /* the streamed rows are in memory before the part counts as done */

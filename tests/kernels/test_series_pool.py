@@ -57,6 +57,18 @@ def test_narrow_and_wide_bands_split_or_fall_back(band) -> None:
         np.testing.assert_array_equal(series(t, COEFFS, x, band=band, threads=threads), one)
 
 
+@pytest.mark.parametrize("steps", [1, 2, 30])
+@pytest.mark.parametrize(("n", "band"), [(12_000, 30), (700, 80), (400, 45)])
+def test_one_step_and_triangles_as_tall_as_the_parts(n, band, steps) -> None:
+    """One product has no triangle; many steps over narrow parts make fewer parts."""
+    t = banded(n, band, 0.1, seed=steps)
+    x = np.random.default_rng(steps).standard_normal((n, 3)).astype(np.float32)
+    coeffs = np.full(steps + 1, 0.5)
+    one = series(t, coeffs, x, band=band)
+    for threads in (2, 3, 4):
+        np.testing.assert_array_equal(series(t, coeffs, x, band=band, threads=threads), one)
+
+
 def test_concurrent_callers_share_the_pool(problem) -> None:
     """Callers that find the workers busy start more (or make fewer parts): none waits."""
     t, x, one = problem
