@@ -632,16 +632,20 @@ struct series_part {
 };
 
 /* The triangle's window: the rows [q_{s+1} - band, t_{s+1} + band) of one step, at most
- * 2 k band rows (q falls and t rises by a band a step at most). */
+ * 2 k band rows (q falls and t rises by a band a step at most) and at most n. */
 static ptrdiff_t series_window_rows(const series_args *p)
 {
+    const ptrdiff_t need = 2 * p->k * p->band + 1 < p->n ? 2 * p->k * p->band + 1 : p->n;
     ptrdiff_t r = 1;
-    while (r < 2 * p->k * p->band + 1) r *= 2;
+    while (r < need) r *= 2;
     return r;
 }
 
-/* Rows of one step the part below imports: [t_s, t_{s+1} + band), at most 2 band. */
-static ptrdiff_t series_import_rows(const series_args *p) { return 2 * p->band + 1; }
+/* Rows of one step the part below imports: [t_s, t_{s+1} + band), at most 2 band and n. */
+static ptrdiff_t series_import_rows(const series_args *p)
+{
+    return 2 * p->band + 1 < p->n ? 2 * p->band + 1 : p->n;
+}
 
 /* One past the highest row of step s that the triangle below boundary t reads. */
 static ptrdiff_t series_export_end(const series_args *p, const ptrdiff_t *t, ptrdiff_t s)
