@@ -24,6 +24,8 @@
 
 #include <pthread.h>
 #include <sched.h>
+#include <signal.h>
+#include <time.h>
 
 #define SERIES_MAX_THREADS 64
 #define SERIES_ALIGN 64 /* bytes: a cache line */
@@ -225,14 +227,15 @@ TAKE_ROWS(take_rows_i64, int64_t)
  * a ring of `ring` rows (a power of two >= (L + 1) chunk + band: what its successor may
  * still read plus what it writes now), so memory is (K - 1) rings, not K arrays.
  *
- * Threads split the output rows into contiguous parts and share nothing but x, T and out:
- * a part's step s also computes the rows beyond its own that its later steps read (its
- * cone, at most (K - s) band rows either side: 15 % repeated work per part for 2 threads at
- * 10,000 nodes, 4 % at 100,000), so no thread ever waits for another. (A barrier per time
- * step instead was 3-10x slower on a loaded 2-core machine.)
+ * Threads split the rows into contiguous parts, each a wavefront of its own, that hand
+ * each other a few rows once per call (see "Threads" below); no part repeats another's
+ * rows, and none waits for another while both run. (A barrier per time step instead was
+ * 3-10x slower on a loaded 2-core machine.)
  *
  * Every stored entry is checked by step 1 (indptr order, column in range, |i - j| <= band)
- * before any step reads through it; a part's later steps read rows its step 1 checked. */
+ * before any step reads through it: a part's later steps read rows its own step 1 checked,
+ * its triangle also rows that the part above's step 1 checked before it handed its rows
+ * over. */
 
 typedef struct {
     ptrdiff_t n, f, nnz, k, chunk, lag, ring, band;
@@ -241,6 +244,13 @@ typedef struct {
     float *out;
     const float *scale; /* NULL: T = data; else T = diag(scale) P diag(scale), data unused */
 } series_args;
+
+/* x filled by the threads first: x[i] = source[rows[i]], into `x` (the buffer of p->x). */
+typedef struct {
+    const int32_t *rows;
+    const float *source;
+    float *x;
+} series_gather_args;
 
 /* Lag and ring rows for a band and chunk (the ring a power of two: slots by masking). */
 static void series_plan(ptrdiff_t band, ptrdiff_t chunk, ptrdiff_t *lag, ptrdiff_t *ring)
@@ -271,6 +281,16 @@ static int series_check_row(const series_args *p, ptrdiff_t i)
     return series_row_error(p, i);
 }
 
+/* Where step s reads and writes: step s - 1's row j at zin + (j & zmask) F (x for s = 1,
+ * zmask all ones), its own row i at yout + (i & ymask) F, or for the last step (yout NULL)
+ * out's row scatter[i]. The masks make rings: a power of two of rows, reused as a step
+ * advances. */
+typedef struct {
+    const float *zin;
+    float *yout;
+    size_t zmask, ymask;
+} series_io;
+
 /* Rows [first, last) of step s: y = a * T z + c * x, z = x (s = 1) or step s - 1's ring.
  * F is p->f; the tasks also expand it with F = 16, a constant the compiler folds into the
  * row offsets and block loops (16 features is the common width, ~15% fewer instructions).
@@ -283,10 +303,10 @@ static int series_check_row(const series_args *p, ptrdiff_t i)
  * or 1 (both exact 1 and a for the stored values, which keeps their arithmetic as it was). */
 #define SERIES_TASK_BODY(ROW, F, CHECK_ROW)                                               \
     const ptrdiff_t f = (F);                                                              \
-    const size_t rmask = (size_t)p->ring - 1, uf = (size_t)f;                             \
-    const float *zin = s == 1 ? p->x : rings + (size_t)(s - 2) * (size_t)p->ring * uf;    \
-    const size_t zmask = s == 1 ? (size_t)-1 : rmask;                                     \
-    float *ring_out = s == p->k ? NULL : rings + (size_t)(s - 1) * (size_t)p->ring * uf;  \
+    const size_t rmask = io->ymask, uf = (size_t)f;                                       \
+    const float *zin = s == 1 ? p->x : io->zin; /* s == 1: x, known to the compiler */     \
+    const size_t zmask = s == 1 ? (size_t)-1 : io->zmask;                                 \
+    float *ring_out = io->yout;                                                           \
     const float a = s == 1 ? p->coeffs[p->k] : 1.0f, cc = p->coeffs[p->k - s];           \
     (void)cc; /* the AVX rows have it broadcast already */                                \
     for (ptrdiff_t i = first; i < last; i++) {                                            \
@@ -367,7 +387,16 @@ static int series_check_row(const series_args *p, ptrdiff_t i)
 #define SERIES_ACC2 float acc2[SPMM_BLOCK] = {0}
 #endif
 
-static int series_task_portable(const series_args *p, float *rings, ptrdiff_t s,
+/* The row tasks start on a cache line (SERIES_TASK_ALIGN): where their loops fall against
+ * 64-byte boundaries moved with unrelated code and cost 3-4 % at 100,000 nodes (an AVX-512
+ * Xeon, the same instructions 16 bytes apart). */
+#if defined(__GNUC__) || defined(__clang__)
+#define SERIES_TASK_ALIGN __attribute__((aligned(64)))
+#else
+#define SERIES_TASK_ALIGN
+#endif
+
+SERIES_TASK_ALIGN static int series_task_portable(const series_args *p, const series_io *io, ptrdiff_t s,
                                 ptrdiff_t first, ptrdiff_t last)
 {
     SERIES_TASK_KINDS(SERIES_ROW_PORTABLE, SERIES_W_DATA, SERIES_W_COLUMN, SERIES_W_SUM,
@@ -437,8 +466,8 @@ static int series_streams(const series_args *p, ptrdiff_t s, ptrdiff_t lanes)
         if (k0 < f) SERIES_AVX_BLOCK(1, 1, OP);                                           \
     } while (0)
 
-__attribute__((target("avx2,fma"))) static int
-series_task_avx2(const series_args *p, float *rings, ptrdiff_t s, ptrdiff_t first,
+__attribute__((target("avx2,fma"))) SERIES_TASK_ALIGN static int
+series_task_avx2(const series_args *p, const series_io *io, ptrdiff_t s, ptrdiff_t first,
                  ptrdiff_t last)
 {
     const __m256 vc = _mm256_set1_ps(p->coeffs[p->k - s]);
@@ -524,8 +553,8 @@ __attribute__((target("avx512f"))) static int series_check_row_avx512(const seri
         if (k0 < f) SERIES_AVX512_BLOCK(1, 1, OP);                                        \
     } while (0)
 
-__attribute__((target("avx512f"))) static int
-series_task_avx512(const series_args *p, float *rings, ptrdiff_t s, ptrdiff_t first,
+__attribute__((target("avx512f"))) SERIES_TASK_ALIGN static int
+series_task_avx512(const series_args *p, const series_io *io, ptrdiff_t s, ptrdiff_t first,
                    ptrdiff_t last)
 {
     const __m512 vc = _mm512_set1_ps(p->coeffs[p->k - s]);
@@ -536,7 +565,8 @@ series_task_avx512(const series_args *p, float *rings, ptrdiff_t s, ptrdiff_t fi
 }
 #endif
 
-typedef int (*series_task_fn)(const series_args *, float *, ptrdiff_t, ptrdiff_t, ptrdiff_t);
+typedef int (*series_task_fn)(const series_args *, const series_io *, ptrdiff_t, ptrdiff_t,
+                              ptrdiff_t);
 
 /* The series task of an instruction set ("portable", "avx2", "avx512"; NULL: the best this
  * CPU has), or NULL when the CPU lacks it. choose_kernels() must have run. */
@@ -558,85 +588,478 @@ static series_task_fn series_task_for(const char *isa)
     return strcmp(isa, "portable") == 0 ? series_task_portable : NULL;
 }
 
-typedef struct {
+/* ---- Threads: parts that repeat no row, run by a pool of parked workers. ----
+ *
+ * The rows are split at boundaries P_1 < ... < P_{T-1}: part w's step 1 computes rows
+ * [P_w, P_{w+1}). At a boundary P, step s's rows below q_s read only step s - 1's rows below
+ * q_{s-1}, and its rows from t_s on only step s - 1's rows from t_{s-1} on (q_1 = t_1 = P; q
+ * falls and t rises by at most a band a step: series_edges). Part w sweeps upwards as one
+ * thread would, step s over [t_s of the boundary below, q_s of the boundary above) (its
+ * trapezoid, which needs nothing from another part), then computes the triangle [q_s, t_s)
+ * at its upper boundary, which also reads the part above's rows [t_s, t_{s+1} + band) of
+ * each step s. Those are the first rows the part above computes; it copies them out at
+ * once, so the part below, which needs them only at the end of its sweep, finds them there
+ * and waits only if the part above has not run (the split before this one instead repeated
+ * each part's cone: 15 % of a part's work for 2 threads at 10,000 nodes). The boundaries
+ * move down by the mean triangle height, so that every part has about as many row-steps;
+ * the top part, which has no triangle and waits for no one, runs on the calling thread.
+ *
+ * Parts below it run on workers from a pool: threads started on first use and parked on a
+ * condition variable between calls, not one pthread_create per call. A call claims free
+ * workers and starts more while the pool has room (SERIES_MAX_THREADS - 1), so concurrent
+ * calls never wait for one another; with fewer workers than asked it makes fewer parts. A
+ * forked child starts with an empty pool (pthread_atfork); at exit the parked threads end
+ * with the process. */
+
+typedef struct series_part series_part;
+
+struct series_part {
     const series_args *p;
     series_task_fn task;
-    ptrdiff_t r0, r1; /* the output rows of this part */
-    float *rings;     /* its own (k - 1) rings */
-    ptrdiff_t *cone;  /* 2 k: step s computes rows [cone[2 s - 2], cone[2 s - 1]) */
+    float *rings;     /* k - 1 rings of p->ring rows */
+    float *window[2]; /* the triangle's steps: series_window_rows rows each, a power of two */
+    float *imports;   /* the part above's bottom rows: k - 1 blocks of series_import_rows */
+    ptrdiff_t *edges; /* 3 (k + 1): this part's hi and up, then (part 0) zeros for lo */
+    /* index s = 1..k: the sweep does step s's rows [lo, hi), the triangle [hi, up) */
+    const ptrdiff_t *lo, *hi, *up;
+    series_part *above, *below;
+    const series_gather_args *gather; /* or NULL */
+    pthread_mutex_t *mu; /* with cv: a part waiting for the part above's `ready` */
+    pthread_cond_t *cv;
+    int ready; /* 0; 1: its bottom rows are in below->imports; 2: this part failed */
+    int gathered; /* with gather: 0; 1: its rows of x are in place; 2: a bad gather row */
     int status;
-} series_part;
+};
 
-/* The rows each step of a part must compute: its own rows at step k, and at step s - 1 the
- * columns of step s's rows. Only rows within a band of either end can reach past them, so
- * only those are read here (each one's indptr checked first; a bad column only widens the
- * cone, by a band at most, until step 1 refuses it). Against halos of (k - s) band rows it
- * is 15-20 % less repeated work for 2 threads on random geometric graphs of 10,000 and
- * 100,000 nodes (the band is widest near the middle row, but not everywhere near it).
- * 0, or -1 for a bad indptr. */
-static int series_cone(const series_args *p, ptrdiff_t r0, ptrdiff_t r1, ptrdiff_t *cone)
+/* The triangle's window: the rows [q_{s+1} - band, t_{s+1} + band) of one step, at most
+ * 2 k band rows (q falls and t rises by a band a step at most) and at most n. */
+static ptrdiff_t series_window_rows(const series_args *p)
+{
+    const ptrdiff_t need = 2 * p->k * p->band + 1 < p->n ? 2 * p->k * p->band + 1 : p->n;
+    ptrdiff_t r = 1;
+    while (r < need) r *= 2;
+    return r;
+}
+
+/* Rows of one step the part below imports: [t_s, t_{s+1} + band), at most 2 band and n. */
+static ptrdiff_t series_import_rows(const series_args *p)
+{
+    return 2 * p->band + 1 < p->n ? 2 * p->band + 1 : p->n;
+}
+
+/* One past the highest row of step s that the triangle below boundary t reads. */
+static ptrdiff_t series_export_end(const series_args *p, const ptrdiff_t *t, ptrdiff_t s)
+{
+    return t[s + 1] + p->band < p->n ? t[s + 1] + p->band : p->n;
+}
+
+/* The lowest row of step s of its own that the triangle below boundary q reads. */
+static ptrdiff_t series_own_low(const series_args *p, const ptrdiff_t *q, ptrdiff_t s)
+{
+    return q[s + 1] > p->band ? q[s + 1] - p->band : 0;
+}
+
+static int series_bad_indptr(const series_args *p, ptrdiff_t i)
+{
+    return p->indptr[i] < 0 || p->indptr[i + 1] < p->indptr[i] || p->indptr[i + 1] > p->nnz;
+}
+
+/* A boundary's edges q and t (index 1..k) from q_1 = t_1 = at. Only rows within a band of
+ * an edge are read, each one's indptr checked first (-1 if bad); their columns are not
+ * checked here: a bad one misplaces an edge, and step 1 refuses its row before any later
+ * step reads through it. */
+static int series_edges(const series_args *p, ptrdiff_t at, ptrdiff_t *q, ptrdiff_t *t)
 {
     const ptrdiff_t b = p->band, n = p->n;
-    ptrdiff_t lo = r0, hi = r1;
-    for (ptrdiff_t s = p->k; s >= 1; s--) {
-        cone[2 * s - 2] = lo;
-        cone[2 * s - 1] = hi;
-        ptrdiff_t reach_lo = lo, reach_hi = hi;
-        for (ptrdiff_t i = lo; lo > 0 && i < hi && i < lo + b; i++) {
-            if (p->indptr[i] < 0 || p->indptr[i + 1] < p->indptr[i] || p->indptr[i + 1] > p->nnz)
-                return -1;
+    q[1] = t[1] = at;
+    for (ptrdiff_t s = 2; s <= p->k; s++) {
+        q[s] = q[s - 1];
+        t[s] = t[s - 1];
+        for (ptrdiff_t i = q[s - 1] > b ? q[s - 1] - b : 0; i < q[s - 1] && q[s] == q[s - 1]; i++) {
+            if (series_bad_indptr(p, i)) return -1;
             for (ptrdiff_t jj = p->indptr[i]; jj < p->indptr[i + 1]; jj++)
-                if (p->indices[jj] < reach_lo) reach_lo = p->indices[jj];
+                if (p->indices[jj] >= q[s - 1]) q[s] = i;
         }
-        for (ptrdiff_t i = hi - b > lo ? hi - b : lo; hi < n && i < hi; i++) {
-            if (p->indptr[i] < 0 || p->indptr[i + 1] < p->indptr[i] || p->indptr[i + 1] > p->nnz)
-                return -1;
-            for (ptrdiff_t jj = p->indptr[i]; jj < p->indptr[i + 1]; jj++)
-                if (p->indices[jj] + 1 > reach_hi) reach_hi = p->indices[jj] + 1;
+        for (ptrdiff_t i = t[s - 1] + b < n ? t[s - 1] + b : n; i > t[s - 1] && t[s] == t[s - 1]; i--) {
+            if (series_bad_indptr(p, i - 1)) return -1;
+            for (ptrdiff_t jj = p->indptr[i - 1]; jj < p->indptr[i]; jj++)
+                if (p->indices[jj] < t[s - 1]) t[s] = i;
         }
-        const ptrdiff_t lowest = lo - b > 0 ? lo - b : 0, highest = hi + b < n ? hi + b : n;
-        lo = reach_lo < lowest ? lowest : reach_lo;
-        hi = reach_hi > highest ? highest : reach_hi;
     }
     return 0;
 }
 
-/* One part's wavefront: chunk c of step s at time c + (s - 1) lag, each step clipped to
- * the rows of its cone. */
-static void *series_part_run(void *arg)
+/* Whether the parts' triangles fit: each one's own rows lie in its trapezoid, its imports
+ * in the part above's, and a step's rows in a window. */
+static int series_fits(const series_args *p, const series_part *parts, int count)
 {
-    series_part *w = arg;
+    const ptrdiff_t k = p->k, wrows = series_window_rows(p);
+    for (int w = 0; w < count; w++) {
+        const series_part *d = &parts[w], *u = w + 1 < count ? &parts[w + 1] : NULL;
+        if (d->lo[k] > d->hi[k] || (u && u->lo[1] <= d->lo[1]))
+            return 0;
+        for (ptrdiff_t s = 1; u && s < k; s++) {
+            const ptrdiff_t lo = series_own_low(p, d->hi, s), end = series_export_end(p, d->up, s);
+            if (lo < d->lo[s] || end > u->hi[s] || end - lo > wrows)
+                return 0;
+        }
+    }
+    return 1;
+}
+
+/* Every part's edges: 0, 1 when these parts do not fit (use fewer), -1 for a bad indptr. */
+static int series_split(const series_args *p, series_part *parts, int count)
+{
+    const ptrdiff_t k = p->k, n = p->n;
+    for (int w = 0; w < count; w++) {
+        ptrdiff_t *q = parts[w].edges, *t = q + (k + 1), *zeros = t + (k + 1);
+        for (ptrdiff_t s = 0; s <= k; s++) q[s] = t[s] = n, zeros[s] = 0;
+        parts[w].hi = q;
+        parts[w].up = t;
+        parts[w].lo = w ? parts[w - 1].up : zeros;
+    }
+    if (count == 1)
+        return 0;
+    /* the top part loses sum_s (t_s - P) rows to the triangle below it: every boundary
+     * moves down by that over k */
+    ptrdiff_t *q = parts[0].edges, lost = 0, below = 0;
+    if (n / count < 1)
+        return 1;
+    if (series_edges(p, n - n / count, q, q + (k + 1))) return -1;
+    for (ptrdiff_t s = 1; s <= k; s++) lost += q[k + 1 + s] - (n - n / count);
+    for (int w = 0; w + 1 < count; w++) {
+        const ptrdiff_t at = n * (w + 1) / count - lost / k;
+        if (at <= below || at >= n) /* triangles as tall as the parts: fewer parts */
+            return 1;
+        q = parts[w].edges;
+        if (series_edges(p, at, q, q + (k + 1))) return -1;
+        below = at;
+    }
+    return series_fits(p, parts, count) ? 0 : 1;
+}
+
+/* A wait first spins this long (the awaited part is usually about done), then parks. The
+ * spin reads the flag without pause instructions: under KVM a loop of them exits to the
+ * host, which parks the vCPU (pause-loop exiting), and the wake-up then took ~45 us of a
+ * 700 us call at 10,000 nodes. */
+#define SERIES_SPIN_NS 200000
+
+static int64_t series_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/* Whether the spin may go on: the clock is read every 64 turns. */
+static int series_spinning(int64_t until, int *turns)
+{
+    return (++*turns & 63) != 0 || series_ns() < until;
+}
+
+/* A part's status when it stopped because the part above failed (whose status says why). */
+#define SERIES_ABORTED 1
+
+/* Sets a part's flag (`ready` or `gathered`) for the part below. */
+static void series_publish(const series_part *w, int *flag, int value)
+{
+    pthread_mutex_lock(w->mu);
+    __atomic_store_n(flag, value, __ATOMIC_RELEASE);
+    pthread_cond_broadcast(w->cv);
+    pthread_mutex_unlock(w->mu);
+}
+
+/* A flag of the part above, once it is set. */
+static int series_await(const series_part *w, const int *ready)
+{
+    const int64_t until = series_ns() + SERIES_SPIN_NS;
+    int turns = 0;
+    do {
+        const int r = __atomic_load_n(ready, __ATOMIC_ACQUIRE);
+        if (r) return r;
+    } while (series_spinning(until, &turns));
+    pthread_mutex_lock(w->mu);
+    int r;
+    while (!(r = __atomic_load_n(ready, __ATOMIC_ACQUIRE)))
+        pthread_cond_wait(w->cv, w->mu);
+    pthread_mutex_unlock(w->mu);
+    return r;
+}
+
+/* Step s's buffers in a part's sweep: x or the ring of step s - 1, the ring of step s. */
+static series_io series_ring_io(const series_args *p, float *rings, ptrdiff_t s)
+{
+    const size_t step = (size_t)p->ring * (size_t)p->f, mask = (size_t)p->ring - 1;
+    const series_io io = {s == 1 ? p->x : rings + (size_t)(s - 2) * step,
+                          s == p->k ? NULL : rings + (size_t)(s - 1) * step,
+                          s == 1 ? (size_t)-1 : mask, mask};
+    return io;
+}
+
+static const float *series_ring(const series_part *w, ptrdiff_t s)
+{
+    return w->rings + (size_t)(s - 1) * (size_t)w->p->ring * (size_t)w->p->f;
+}
+
+static float *series_import_block(const series_part *w, ptrdiff_t s)
+{
+    return w->imports + (size_t)(s - 1) * (size_t)series_import_rows(w->p) * (size_t)w->p->f;
+}
+
+/* Rows [lo, hi): row i from src + ((i - sbase) & smask) F to dst + ((i - dbase) & dmask) F. */
+static void series_copy(const series_args *p, const float *src, ptrdiff_t sbase, size_t smask,
+                        float *dst, ptrdiff_t dbase, size_t dmask, ptrdiff_t lo, ptrdiff_t hi)
+{
+    const size_t f = (size_t)p->f;
+    for (ptrdiff_t i = lo; i < hi; i++)
+        memcpy(dst + ((size_t)(i - dbase) & dmask) * f, src + ((size_t)(i - sbase) & smask) * f,
+               f * sizeof(float));
+}
+
+/* The rows of x a part gathers: from a band below its step 1 (its own first chunks read
+ * them at once) to a band below the part above's, which gathers the rest; 0, or -4 for a
+ * gather row outside [0, n). */
+static ptrdiff_t series_gather_end(const series_part *w)
+{
+    return w->above ? (w->hi[1] > w->p->band ? w->hi[1] - w->p->band : 0) : w->p->n;
+}
+
+static int series_gather(const series_part *w)
+{
     const series_args *p = w->p;
-    const ptrdiff_t k = p->k, C = p->chunk;
-    w->status = series_cone(p, w->r0, w->r1, w->cone);
-    if (w->status)
-        return NULL;
-    const ptrdiff_t base = w->cone[0], top = w->cone[1];
-    const ptrdiff_t nchunks = (top - base + C - 1) / C;
-    const ptrdiff_t steps = nchunks + (k - 1) * p->lag;
-    for (ptrdiff_t t = 0; t < steps; t++)
+    const series_gather_args *g = w->gather;
+    const size_t f = (size_t)p->f;
+    ptrdiff_t i = w->below ? w->lo[1] - p->band : 0;
+    for (i = i > 0 ? i : 0; i < series_gather_end(w); i++) {
+        const int32_t r = g->rows[i];
+        if (r < 0 || r >= p->n)
+            return -4;
+        if (f == 16) /* inline moves, not a call per row */
+            memcpy(g->x + (size_t)i * 16, g->source + (size_t)r * 16, 16 * sizeof(float));
+        else
+            memcpy(g->x + (size_t)i * f, g->source + (size_t)r * f, f * sizeof(float));
+    }
+    return 0;
+}
+
+/* A part's trapezoid as one thread's wavefront: chunk c of step s at time c + (s - 1) lag,
+ * each step clipped to [lo, hi). Step s's bottom rows [t_s, t_{s+1} + band) go to the part
+ * below's imports as soon as they are computed; that part may go on once all are out and
+ * this part's step 1 has checked the rows of its triangle (up to t_k). */
+static int series_sweep(series_part *w)
+{
+    const series_args *p = w->p;
+    const ptrdiff_t k = p->k, C = p->chunk, base = w->lo[1];
+    const ptrdiff_t nchunks = (w->hi[1] - base + C - 1) / C, steps = nchunks + (k - 1) * p->lag;
+    const size_t rmask = (size_t)p->ring - 1;
+    ptrdiff_t exported = 0, checked = base; /* steps exported; one past step 1's last row */
+    int gathered = !w->gather || !w->above; /* the part above's rows of x are in place */
+    for (ptrdiff_t s = 1; w->below && s < k; s++)
+        exported += series_export_end(p, w->lo, s) <= w->lo[s];
+    for (ptrdiff_t t = 0; t < steps; t++) {
         for (ptrdiff_t s = 1; s <= k; s++) {
             const ptrdiff_t c = t - (s - 1) * p->lag;
             if (c < 0)
                 break;
             if (c >= nchunks)
                 continue;
-            const ptrdiff_t lo_s = w->cone[2 * s - 2], hi_s = w->cone[2 * s - 1];
             ptrdiff_t first = base + c * C, last = first + C;
-            if (first < lo_s) first = lo_s;
-            if (last > hi_s) last = hi_s;
+            if (first < w->lo[s]) first = w->lo[s];
+            if (last > w->hi[s]) last = w->hi[s];
             if (first >= last)
                 continue;
-            const int status = w->task(p, w->rings, s, first, last);
-            if (status) {
-                w->status = status;
-                return NULL;
+            if (s == 1 && !gathered && last + p->band > series_gather_end(w)) {
+                if (series_await(w, &w->above->gathered) != 1)
+                    return SERIES_ABORTED;
+                gathered = 1;
+            }
+            const series_io io = series_ring_io(p, w->rings, s);
+            const int status = w->task(p, &io, s, first, last);
+            if (status)
+                return status;
+            if (s == 1)
+                checked = last;
+            if (w->below && s < k) {
+                const ptrdiff_t end = series_export_end(p, w->lo, s);
+                if (first < end && end <= last) {
+                    series_copy(p, series_ring(w, s), 0, rmask, series_import_block(w->below, s),
+                                w->lo[s], (size_t)-1, w->lo[s], end);
+                    exported++;
+                }
             }
         }
+        if (w->below && !w->ready && exported == k - 1 && checked >= w->lo[k])
+            series_publish(w, &w->ready, 1);
+    }
+    return 0;
+}
+
+/* Step s's rows that the triangle's step s + 1 reads besides the triangle's own: this
+ * part's [q_{s+1} - band, q_s) and the part above's [t_s, t_{s+1} + band), into a window. */
+static void series_fill(const series_part *w, float *window, ptrdiff_t s)
+{
+    const series_args *p = w->p;
+    const size_t wmask = (size_t)series_window_rows(p) - 1;
+    series_copy(p, series_ring(w, s), 0, (size_t)p->ring - 1, window, 0, wmask,
+                series_own_low(p, w->hi, s), w->hi[s]);
+    series_copy(p, series_import_block(w, s), w->up[s], (size_t)-1, window, 0, wmask, w->up[s],
+                series_export_end(p, w->up, s));
+}
+
+/* The triangle [q_s, t_s) at a part's upper boundary, step by step in two windows. */
+static int series_triangle(const series_part *w)
+{
+    const series_args *p = w->p;
+    const size_t wmask = (size_t)series_window_rows(p) - 1;
+    if (series_await(w, &w->above->ready) != 1)
+        return SERIES_ABORTED;
+    float *in = w->window[0], *out = w->window[1];
+    series_fill(w, in, 1);
+    for (ptrdiff_t s = 2; s <= p->k; s++) {
+        const series_io io = {in, s == p->k ? NULL : out, wmask, wmask};
+        if (w->hi[s] < w->up[s]) {
+            const int status = w->task(p, &io, s, w->hi[s], w->up[s]);
+            if (status)
+                return status;
+        }
+        if (s < p->k) {
+            series_fill(w, out, s);
+            float *swap = in;
+            in = out;
+            out = swap;
+        }
+    }
+    return 0;
+}
+
+static void series_part_run(series_part *w)
+{
+    if (w->gather) {
+        w->status = series_gather(w);
+        if (w->below)
+            series_publish(w, &w->gathered, w->status ? 2 : 1);
+    }
+    if (!w->status)
+        w->status = series_sweep(w);
+    if (w->below && !w->ready)
+        series_publish(w, &w->ready, w->status ? 2 : 1);
+    if (!w->status && w->above && w->p->k > 1) /* one step: q_1 = t_1, no triangle */
+        w->status = series_triangle(w);
 #ifdef SPMM_HAVE_AVX2
     _mm_sfence(); /* the streamed rows are in memory before the part counts as done */
 #endif
+}
+
+/* ---- The pool. ---- */
+typedef struct {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    series_part *job; /* set by the worker's owner, NULL again once the part ran */
+    int started;      /* the thread runs (it never ends) */
+    int claimed;      /* a series_run owns this worker (compare-and-swap 0 -> 1) */
+} series_worker;
+
+static series_worker series_pool[SERIES_MAX_THREADS - 1];
+static pthread_once_t series_pool_once = PTHREAD_ONCE_INIT;
+
+/* Also pthread_atfork's child handler: a forked child has none of the threads, and a lock
+ * some other thread held at the fork stays held in its copy. */
+static void series_pool_reset(void)
+{
+    for (int i = 0; i < SERIES_MAX_THREADS - 1; i++) {
+        series_worker *w = &series_pool[i];
+        pthread_mutex_init(&w->mu, NULL);
+        pthread_cond_init(&w->cv, NULL);
+        w->job = NULL;
+        w->started = 0;
+        w->claimed = 0;
+    }
+}
+
+static void series_pool_init(void)
+{
+    series_pool_reset();
+    pthread_atfork(NULL, NULL, series_pool_reset);
+}
+
+static void *series_worker_main(void *arg)
+{
+    series_worker *w = arg;
+    pthread_mutex_lock(&w->mu);
+    for (;;) {
+        while (!w->job)
+            pthread_cond_wait(&w->cv, &w->mu);
+        series_part *job = w->job;
+        pthread_mutex_unlock(&w->mu);
+        series_part_run(job);
+        pthread_mutex_lock(&w->mu);
+        __atomic_store_n(&w->job, NULL, __ATOMIC_RELEASE);
+        pthread_cond_broadcast(&w->cv);
+    }
     return NULL;
+}
+
+/* A detached thread with every signal blocked: Python's handlers run on its own threads. */
+static int series_start(series_worker *w)
+{
+    pthread_attr_t attr;
+    if (pthread_attr_init(&attr))
+        return 0;
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    pthread_t id;
+    w->started = pthread_create(&id, &attr, series_worker_main, w) == 0;
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    pthread_attr_destroy(&attr);
+    return w->started;
+}
+
+/* Up to `wanted` free workers into got (started if new); how many. */
+static int series_claim(int wanted, series_worker **got)
+{
+    pthread_once(&series_pool_once, series_pool_init);
+    int count = 0;
+    for (int i = 0; i < SERIES_MAX_THREADS - 1 && count < wanted; i++) {
+        series_worker *w = &series_pool[i];
+        int free_ = 0;
+        if (!__atomic_compare_exchange_n(&w->claimed, &free_, 1, 0, __ATOMIC_ACQUIRE,
+                                         __ATOMIC_RELAXED))
+            continue;
+        if (!w->started && !series_start(w)) {
+            __atomic_store_n(&w->claimed, 0, __ATOMIC_RELEASE);
+            break;
+        }
+        got[count++] = w;
+    }
+    return count;
+}
+
+static void series_release(series_worker *w) { __atomic_store_n(&w->claimed, 0, __ATOMIC_RELEASE); }
+
+static void series_dispatch(series_worker *w, series_part *part)
+{
+    pthread_mutex_lock(&w->mu);
+    __atomic_store_n(&w->job, part, __ATOMIC_RELEASE);
+    pthread_mutex_unlock(&w->mu);
+    pthread_cond_signal(&w->cv); /* after the unlock: the woken worker finds it free */
+}
+
+/* Until the worker's part ran (spinning first, as series_await), then free it. */
+static void series_join(series_worker *w)
+{
+    const int64_t until = series_ns() + SERIES_SPIN_NS;
+    int turns = 0;
+    while (__atomic_load_n(&w->job, __ATOMIC_ACQUIRE) && series_spinning(until, &turns))
+        continue;
+    if (__atomic_load_n(&w->job, __ATOMIC_ACQUIRE)) {
+        pthread_mutex_lock(&w->mu);
+        while (__atomic_load_n(&w->job, __ATOMIC_ACQUIRE))
+            pthread_cond_wait(&w->cv, &w->mu);
+        pthread_mutex_unlock(&w->mu);
+    }
+    series_release(w);
 }
 
 /* Floats one part's rings take: whole cache lines, so every part's rings start on one. */
@@ -647,42 +1070,80 @@ static size_t series_rings_only(const series_args *p)
     return (floats + line - 1) / line * line;
 }
 
-/* Floats one part needs: its rings, then its cone (2 k ptrdiff_t), in whole cache lines. */
-static size_t series_ring_floats(const series_args *p)
+/* Floats one part's triangle takes: two windows and the imports, in whole cache lines. */
+static size_t series_triangle_floats(const series_args *p)
 {
+    const size_t floats = ((size_t)(2 * series_window_rows(p)) +
+                           (size_t)(p->k - 1) * (size_t)series_import_rows(p)) * (size_t)p->f;
     const size_t line = SERIES_ALIGN / sizeof(float);
-    const size_t cone = (size_t)(2 * p->k) * sizeof(ptrdiff_t) / sizeof(float);
-    return series_rings_only(p) + (cone + line - 1) / line * line;
+    return (floats + line - 1) / line * line;
 }
 
+/* Floats a part needs without a triangle: its rings, then its edges (3 (k + 1)
+ * ptrdiff_t), in whole cache lines; all a call on one thread needs. */
+static size_t series_part_floats(const series_args *p)
+{
+    const size_t line = SERIES_ALIGN / sizeof(float);
+    const size_t edges = (size_t)(3 * (p->k + 1)) * sizeof(ptrdiff_t) / sizeof(float);
+    return series_rings_only(p) + (edges + line - 1) / line * line;
+}
 
-/* The whole series in `threads` parts, `rings` holding threads * series_ring_floats; the
- * caller's thread runs part 0, and parts whose thread cannot start run on it after. */
-static int series_run(const series_args *p, series_task_fn task, int threads, float *rings)
+/* Floats one part of several needs: series_part_floats, then its triangle's buffers. */
+static size_t series_ring_floats(const series_args *p)
+{
+    return series_part_floats(p) + series_triangle_floats(p);
+}
+
+/* The whole series in up to `threads` parts, `rings` holding threads * series_ring_floats:
+ * the caller's thread runs the top part, the pool's workers the others (fewer parts when fewer
+ * workers are free, or when narrower parts would not fit their triangles). */
+static int series_run_gather(const series_args *p, const series_gather_args *gather,
+                             series_task_fn task, int threads, float *rings)
 {
     series_part parts[SERIES_MAX_THREADS];
-    pthread_t ids[SERIES_MAX_THREADS];
-    int started[SERIES_MAX_THREADS] = {0};
+    series_worker *workers[SERIES_MAX_THREADS];
     if (threads < 1) threads = 1;
     if (threads > SERIES_MAX_THREADS) threads = SERIES_MAX_THREADS;
-    for (int w = 0; w < threads; w++)
-    {
-        float *own = rings + (size_t)w * series_ring_floats(p);
-        parts[w] = (series_part){p,   task, p->n * w / threads, p->n * (w + 1) / threads,
-                                 own, (ptrdiff_t *)(void *)(own + series_rings_only(p)), 0};
+    const int count0 = 1 + (threads > 1 ? series_claim(threads - 1, workers) : 0);
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    pthread_mutex_init(&mu, NULL);
+    pthread_cond_init(&cv, NULL);
+    const size_t per = series_ring_floats(p), wfloats = (size_t)series_window_rows(p) * (size_t)p->f;
+    for (int w = 0; w < count0; w++) { /* one part alone has no triangle buffers */
+        /* the caller's (top) part first: a call on one thread next reuses its lines */
+        float *own = rings + (size_t)(count0 - 1 - w) * per;
+        float *tri = count0 > 1 ? own + series_part_floats(p) : NULL;
+        parts[w] = (series_part){p, task, own, {tri, tri ? tri + wfloats : NULL},
+                                 tri ? tri + 2 * wfloats : NULL,
+                                 (ptrdiff_t *)(void *)(own + series_rings_only(p)),
+                                 NULL, NULL, NULL, NULL, NULL, gather, &mu, &cv, 0, 0, 0};
     }
-    for (int w = 1; w < threads; w++)
-        started[w] = pthread_create(&ids[w], NULL, series_part_run, &parts[w]) == 0;
-    series_part_run(&parts[0]);
-    int status = parts[0].status;
-    for (int w = 1; w < threads; w++) {
-        if (started[w])
-            pthread_join(ids[w], NULL);
-        else
-            series_part_run(&parts[w]);
-        if (!status) status = parts[w].status;
+    int count = count0, status;
+    while ((status = series_split(p, parts, count)) > 0)
+        series_release(workers[--count - 1]);
+    for (int w = 0; status == 0 && w < count; w++) {
+        parts[w].above = w + 1 < count ? &parts[w + 1] : NULL;
+        parts[w].below = w > 0 ? &parts[w - 1] : NULL;
     }
+    for (int w = 0; status == 0 && w + 1 < count; w++)
+        series_dispatch(workers[w], &parts[w]);
+    if (status == 0) {
+        series_part_run(&parts[count - 1]);
+        status = parts[count - 1].status;
+    }
+    for (int w = 0; w + 1 < count; w++) { /* not dispatched after a bad indptr: no job, no wait */
+        series_join(workers[w]);
+        if (status >= 0 && parts[w].status < 0) status = parts[w].status;
+    }
+    pthread_cond_destroy(&cv);
+    pthread_mutex_destroy(&mu);
     return status;
+}
+
+static int series_run(const series_args *p, series_task_fn task, int threads, float *rings)
+{
+    return series_run_gather(p, NULL, task, threads, rings);
 }
 
 #ifndef DGDM_KERNELS_ONLY
@@ -871,14 +1332,16 @@ done:
 
 PyDoc_STRVAR(csr_series_doc,
 "csr_series(indptr, indices, data, coeffs, x, out, *, band, chunk=64, threads=1,\n"
-"           scatter=None, isa=None, scale=None)\n--\n\n"
+"           scatter=None, isa=None, scale=None, gather=None, source=None)\n--\n\n"
 "out = sum_j coeffs[j] T^j x (Horner's rule, all steps in one wavefront pass) for the CSR\n"
 "matrix T = (data, indices, indptr) whose entries all satisfy |row - column| <= band.\n"
 "With data None and scale (float32, N) given, T is the compact operator\n"
 "diag(scale) P diag(scale) of the pattern P = (indices, indptr) (ones where stored).\n\n"
 "indptr/indices: int32; data, coeffs (>= 2 values), x and out (N, F): float32, C-contiguous;\n"
 "out must not overlap x. scatter (int32, N): row i of the result goes to out[scatter[i]]\n"
-"(give a permutation, or some rows of out are left as they were). threads: the rows are\n"
+"(give a permutation, or some rows of out are left as they were). gather (int32, N) with\n"
+"source (N, F): x is first filled, x[i] = source[gather[i]] (each thread its rows), so x\n"
+"must then be writable and not overlap source. threads: the rows are\n"
 "split over this many threads (1: none started). isa: \"portable\", \"avx2\" or\n"
 "\"avx512\" (default: the best of series_isas, this CPU's).");
 
@@ -911,17 +1374,22 @@ static int check_int32(const Py_buffer *b, const char *name, Py_ssize_t len)
 static PyObject *csr_series(PyObject *self, PyObject *args, PyObject *kwargs)
 {
     (void)self;
-    static char *kwlist[] = {"indptr", "indices", "data", "coeffs", "x",   "out", "band",
-                             "chunk",  "threads", "scatter", "isa", "scale", NULL};
-    PyObject *objs[8] = {NULL, NULL, NULL, NULL, NULL, NULL, Py_None, Py_None};
+    static char *kwlist[] = {"indptr", "indices", "data",  "coeffs", "x",      "out",
+                             "band",   "chunk",   "threads", "scatter", "isa", "scale",
+                             "gather", "source",  NULL};
+    PyObject *objs[10] = {NULL, NULL, NULL, NULL, NULL, NULL, Py_None, Py_None, Py_None, Py_None};
     Py_ssize_t band = -1, chunk = 64;
     int threads = 1;
     const char *isa = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOO|$nniOzO:csr_series", kwlist,
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOO|$nniOzOOO:csr_series", kwlist,
                                      &objs[0], &objs[1], &objs[2], &objs[3], &objs[4],
                                      &objs[5], &band, &chunk, &threads, &objs[6], &isa,
-                                     &objs[7]))
+                                     &objs[7], &objs[8], &objs[9]))
         return NULL;
+    if ((objs[8] == Py_None) != (objs[9] == Py_None)) {
+        PyErr_SetString(PyExc_TypeError, "give gather and source together");
+        return NULL;
+    }
     if ((objs[2] == Py_None) == (objs[7] == Py_None)) {
         PyErr_SetString(PyExc_TypeError, "give data (T's values) or scale (compact T), not both");
         return NULL;
@@ -931,30 +1399,41 @@ static PyObject *csr_series(PyObject *self, PyObject *args, PyObject *kwargs)
         PyErr_Format(PyExc_ValueError, "isa %s is not one of this CPU's: %s", isa, series_isas);
         return NULL;
     }
-    static const char *names[8] = {"indptr", "indices", "data",    "coeffs",
-                                   "x",      "out",     "scatter", "scale"};
-    Py_buffer views[8];
-    Py_buffer *bufs[8] = {NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL};
+    static const char *names[10] = {"indptr", "indices", "data",  "coeffs", "x",
+                                    "out",    "scatter", "scale", "gather", "source"};
+    Py_buffer views[10];
+    Py_buffer *bufs[10] = {NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL};
     PyObject *result = NULL;
     float *rings = NULL;
-    for (int k = 0; k < 8; k++) {
+    const int gathers = objs[8] != Py_None; /* x is written: the gathered rows of source */
+    for (int k = 0; k < 10; k++) {
         if ((k == 2 || k >= 6) && objs[k] == Py_None)
             continue;
-        if (get_buffer(objs[k], &views[k], names[k], k == 5))
+        if (get_buffer(objs[k], &views[k], names[k], k == 5 || (k == 4 && gathers)))
             goto done;
         bufs[k] = &views[k];
     }
     Py_buffer *ip = bufs[0], *ix = bufs[1], *data = bufs[2], *co = bufs[3], *x = bufs[4],
-              *out = bufs[5], *sc = bufs[6], *scale = bufs[7];
+              *out = bufs[5], *sc = bufs[6], *scale = bufs[7], *ga = bufs[8], *src = bufs[9];
     if ((data && check_float(data, "data", 1)) || check_float(co, "coeffs", 1) ||
         check_float(x, "x", 2) || check_float(out, "out", 2) ||
-        (scale && check_float(scale, "scale", 1)))
+        (scale && check_float(scale, "scale", 1)) || (src && check_float(src, "source", 2)))
         goto done;
     const Py_ssize_t n = out->shape[0], f = out->shape[1];
     if (check_int32(ip, "indptr", n + 1) ||
         check_int32(ix, "indices", data ? data->shape[0] : -1) ||
-        (sc && check_int32(sc, "scatter", n)))
+        (sc && check_int32(sc, "scatter", n)) || (ga && check_int32(ga, "gather", n)))
         goto done;
+    if (src && (src->shape[0] != n || src->shape[1] != f)) {
+        PyErr_Format(PyExc_ValueError,
+                     "source must have the shape of out (%zd, %zd), got (%zd, %zd)", n, f,
+                     src->shape[0], src->shape[1]);
+        goto done;
+    }
+    if (src && (overlaps(src, x) || overlaps(src, out))) {
+        PyErr_SetString(PyExc_ValueError, "source must not share memory with x or out");
+        goto done;
+    }
     if (scale && scale->shape[0] != n) {
         PyErr_Format(PyExc_ValueError, "scale must have %zd entries, got %zd", n,
                      scale->shape[0]);
@@ -1002,6 +1481,7 @@ static PyObject *csr_series(PyObject *self, PyObject *args, PyObject *kwargs)
     p.coeffs = co->buf;
     p.x = x->buf;
     p.out = out->buf;
+    const series_gather_args gather = {ga ? ga->buf : NULL, src ? src->buf : NULL, x->buf};
     if (n == 0 || f == 0) {
         result = Py_NewRef(Py_None);
         goto done;
@@ -1009,7 +1489,8 @@ static PyObject *csr_series(PyObject *self, PyObject *args, PyObject *kwargs)
     if (threads > 1 && n < 2 * threads * (p.band + 1))
         threads = 1; /* parts narrower than their halos would only repeat work */
     /* one float at least: the parts' ring pointers are offsets from it (none for k = 1) */
-    const size_t ring_floats = series_ring_floats(&p) * (size_t)threads + 1;
+    const size_t ring_floats =
+        (threads == 1 ? series_part_floats(&p) : series_ring_floats(&p) * (size_t)threads) + 1;
     rings = PyMem_RawMalloc(ring_floats * sizeof(float) + SERIES_ALIGN);
     if (!rings) {
         PyErr_NoMemory();
@@ -1017,7 +1498,7 @@ static PyObject *csr_series(PyObject *self, PyObject *args, PyObject *kwargs)
     }
     int status;
     Py_BEGIN_ALLOW_THREADS
-    status = series_run(&p, task, threads, series_aligned(rings));
+    status = series_run_gather(&p, ga ? &gather : NULL, task, threads, series_aligned(rings));
     Py_END_ALLOW_THREADS
     if (status == -1)
         PyErr_SetString(PyExc_ValueError,
@@ -1026,11 +1507,13 @@ static PyObject *csr_series(PyObject *self, PyObject *args, PyObject *kwargs)
         PyErr_Format(PyExc_ValueError, "indices must lie in [0, %zd)", n);
     else if (status == -3)
         PyErr_Format(PyExc_ValueError, "an entry lies more than band = %zd from its row's diagonal", band);
+    else if (status == -4)
+        PyErr_Format(PyExc_ValueError, "gather must hold rows of source, in [0, %zd)", n);
     else
         result = Py_NewRef(Py_None);
 done:
     PyMem_RawFree(rings);
-    for (int k = 0; k < 8; k++)
+    for (int k = 0; k < 10; k++)
         if (bufs[k])
             PyBuffer_Release(bufs[k]);
     return result;

@@ -44,11 +44,14 @@ def csr_series(
     scatter: _Array | None = None,
     isa: str | None = None,
     scale: _Array | None = None,
+    gather: _Array | None = None,
+    source: _Array | None = None,
 ) -> None:
     """out = sum_j coeffs[j] T^j x in one wavefront pass; every |row - column| <= band.
 
     T = (data, indices, indptr), or with data None and `scale`, diag(scale) P diag(scale)
-    for the pattern P = (indices, indptr)."""
+    for the pattern P = (indices, indptr). With `gather` (int32) and `source`, the threads
+    first fill x: x[i] = source[gather[i]]."""
 
 def take_rows(src: _Array, rows: _Array, out: _Array, /) -> None:
     """out[i] = src[rows[i]] for float32 src (M, F) and out (N, F), rows int32/int64 (N,)."""

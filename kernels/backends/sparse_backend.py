@@ -75,6 +75,8 @@ class _Spmm(Protocol):
         scatter: np.ndarray | None = None,
         isa: str | None = None,
         scale: np.ndarray | None = None,
+        gather: np.ndarray | None = None,
+        source: np.ndarray | None = None,
     ) -> None: ...
 
     def take_rows(self, src: np.ndarray, rows: np.ndarray, out: np.ndarray, /) -> None: ...
@@ -189,10 +191,8 @@ class SeriesRunner:
                 np.take(x, self._perm, axis=0, out=xp)
                 z = self._scipy_series(xp, z, y)
                 return RunOutput(np.take(z, self._inverse, axis=0), self._bound)
-            # the extension's row copy: np.take costs about one CSR product per direction
             assert _spmm is not None  # compiled runners come from load(), which probes
-            _spmm.take_rows(x, self._perm32, xp)
-            if self._fused:
+            if self._fused:  # the threads also permute X (gather), each its own rows
                 out = _aligned_empty(xp.shape)
                 _spmm.csr_series(
                     *self._series_csr,
@@ -204,8 +204,12 @@ class SeriesRunner:
                     threads=self.threads(),
                     scatter=self._perm32,
                     scale=self._scale,
+                    gather=self._perm32,
+                    source=x,
                 )
                 return RunOutput(out, self._bound)
+            # the extension's row copy: np.take costs about one CSR product per direction
+            _spmm.take_rows(x, self._perm32, xp)
             z = self._compiled_series(xp, z, y)
             out = np.empty_like(z)
             _spmm.take_rows(z, self._inverse32, out)
