@@ -68,7 +68,7 @@ def test_an_unchanged_index_is_not_read_again(tmp_path: Path, karate, monkeypatc
     agent, follower = engines(tmp_path)
     agent.register(karate)
     follower.follow_registry()
-    files = follower._files  # noqa: SLF001 - what a call reads is the point here
+    files = follower._files  # what a call reads is the point here
     assert files is not None
     reads: list[int] = []
     hold = files.hold_index
