@@ -150,7 +150,8 @@ class SeriesRunner:
         tp64.sort_indices()
         tp = tp64.astype(np.float32)
         tp.sort_indices()
-        self._t = tp
+        self._n = n
+        self._t: sp.csr_matrix | None = tp
         self._indptr = tp.indptr.astype(np.int32)
         self._indices = tp.indices.astype(np.int32)
         self._perm = perm.astype(np.intp)
@@ -176,6 +177,12 @@ class SeriesRunner:
             self._series_csr = (self._indptr, self._indices, None)
         elif self._fused:  # even row lengths: the kernel's two-way loop then has no remainder
             self._series_csr = _pad_rows(self._indptr, self._indices, tp.data, 2)
+        if self._fused:  # what it reads is _series_csr alone: T's values go with the compact
+            # operator (its memory is then the pattern and S, 4 bytes an entry, not 12)
+            self._t = None
+            if self._scale is None:
+                self._indptr = self._indices = np.empty(0, dtype=np.int32)
+            self._perm = self._inverse = self._inverse32 = np.empty(0, dtype=np.intp)
         self._buffers: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         self._lock = threading.Lock()
         row_nnz = int(np.diff(tp.indptr).max()) if tp.nnz else 1
@@ -224,6 +231,7 @@ class SeriesRunner:
             np.multiply(xp, coeffs[0], out=z)
             return z
         assert _spmm is not None  # only run() calls this, for a compiled runner
+        assert self._t is not None  # kept by every runner but the fused ones
         # z_{K-1} = c_{K-1} X + c_K (T X): scaling the first product saves the pass c_K X
         _spmm.csr_spmm(
             self._indptr, self._indices, self._t.data, xp, z, xp, c=coeffs[-2], a=coeffs[-1]
@@ -243,6 +251,7 @@ class SeriesRunner:
 
     def _accumulate(self, z: np.ndarray, y: np.ndarray) -> None:
         """y += T z (scipy)."""
+        assert self._t is not None  # not compiled: never fused
         n, f = z.shape
         if _csr_matvecs is None or f == 0:
             y += self._t @ z
@@ -253,7 +262,7 @@ class SeriesRunner:
 
     def threads(self) -> int:
         """Threads for one diffusion: `kernels.threads`, or 1 below THREADS_MIN_NODES."""
-        n = self._t.shape[0]
+        n = self._n
         if n < THREADS_MIN_NODES:
             return 1
         return max(1, min(kernel_threads.count(), 2 * n // max(self._ring_rows, 1)))
@@ -262,7 +271,7 @@ class SeriesRunner:
         """xp, z, y of width f (z and y empty when count is 1: the fused pass has rings)."""
         buffers = self._buffers.get(f)
         if buffers is None:
-            n = self._t.shape[0]
+            n = self._n
             xp, z, y = (_aligned_empty((n if k < count else 0, f)) for k in range(3))
             buffers = (xp, z, y)
             self._buffers = {f: buffers}  # keep one width: bounded memory

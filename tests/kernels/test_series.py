@@ -276,6 +276,26 @@ def test_backend_stores_sym_unweighted_operators_compactly() -> None:
     assert sparse_backend._pattern_scale(sp.csr_matrix(no_loops)) is None
 
 
+def test_a_fused_runner_keeps_only_what_its_pass_reads() -> None:
+    """The compact operator holds 4 bytes an entry (the pattern; S is per node), the values
+    one 8, with one int32 permutation: T's float32 copy and the step path's arrays go."""
+    problem = grid_problem(40)
+    coeffs = series_coefficients(problem.method)
+    assert coeffs is not None
+    for compact_operator, per_entry in ((True, 4), (False, 8)):
+        runner = SeriesRunner(problem.t, coeffs, reorder=True, compiled=True,
+                              compact=compact_operator)  # fmt: skip
+        held = {id(a): a.nbytes for a in vars(runner).values() if isinstance(a, np.ndarray)}
+        held |= {id(a): a.nbytes for a in runner._series_csr if a is not None}
+        nnz, n = problem.t.nnz, problem.n
+        assert runner._t is None
+        assert sum(held.values()) <= per_entry * (nnz + 2 * n) + 3 * 4 * n + 64
+        x = np.random.default_rng(2).random((n, 8))
+        exact = diffuse(problem.t, problem.method, x)
+        got = runner.run(x)
+        assert np.linalg.norm(got.z - exact) <= got.error_bound * np.linalg.norm(exact)
+
+
 def test_backend_keeps_small_graphs_on_one_thread_and_wide_bands_step_by_step(monkeypatch):
     monkeypatch.setattr(kernel_threads, "_configured", 8)
     method = Method(kind="ppr", alpha=0.15, k=10)
