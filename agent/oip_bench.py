@@ -245,8 +245,10 @@ def serve_hello(port: int, reuse_port: bool = False) -> None:
 def _print(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
     print(f"dgdm bench http --oip: wrk 1 thread, {args.connections} connections "
           f"(lone client: 1), {args.nodes} nodes x {args.features} features")  # fmt: skip
-    print(f"{'':40}{'req/s':>9}{'diff/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'ratio':>7}{'err':>5}")
+    width = max(len(r["target"]) for r in rows) + 2
+    print(f"{'':{width}}{'req/s':>9}{'diff/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'ratio':>7}{'err':>5}")
     for r in rows:
         figures = f"{r['p50_ms']:>9.3f}{r['p99_ms']:>9.3f}{r['ratio']:>7.2f}{r['errors']:>5}"
-        print(f"{r['target']:40}{r['rps']:>9.0f}{r['diffusions_per_s']:>10.0f}{figures}")
+        print(f"{r['target']:{width}}{r['rps']:>9.0f}{r['diffusions_per_s']:>10.0f}{figures}")
+    print("ratio: to the hello-world ceiling of as many processes")
     print(f"targets: {TARGETS}")
