@@ -135,7 +135,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dgdm serving process: {exc}", file=sys.stderr)
         return 2
     logs.setup(config.log.level)
-    return asyncio.run(_serve(config, args))
+    try:
+        return asyncio.run(_serve(config, args))
+    except (DgdmError, OSError) as exc:  # the engine, or the port: the agent starts another
+        log.error("serving process failed", extra={"error": str(exc)})
+        return 1
 
 
 async def _serve(config: AgentConfig, args: argparse.Namespace) -> int:
