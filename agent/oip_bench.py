@@ -104,17 +104,28 @@ def _oip_binary(x: np.ndarray) -> tuple[bytes, dict[str, str]]:
 
 
 def _ceiling(args: argparse.Namespace, work: Path, bodies: Any, processes: int) -> dict[str, Any]:
+    """wrk against `processes` hello-worlds on one port, once each is listening (a health
+    check on the shared port would be answered by whichever listens first)."""
     from dgdm.sync.broker import free_port
 
     port = free_port()
-    code = f"from dgdm.agent.oip_bench import serve_hello; serve_hello({port}, {processes > 1})"
-    servers = [
-        http_bench._spawn([sys.executable, "-c", code], work / f"hello-{i}.log")
-        for i in range(processes)
-    ]
+    servers, ready = [], []
+    for i in range(processes):
+        ready.append(work / f"hello-{port}-{i}.ready")
+        code = (
+            "from dgdm.agent.oip_bench import serve_hello; "
+            f"serve_hello({port}, {processes > 1}, {str(ready[-1])!r})"
+        )
+        servers.append(http_bench._spawn([sys.executable, "-c", code], work / f"hello-{i}.log"))
     try:
-        for server in servers:
-            http_bench._wait_http(f"http://127.0.0.1:{port}/healthz", server, 20.0)
+        deadline = time.monotonic() + 20.0
+        while not all(path.exists() for path in ready):
+            for server in servers:
+                if server.poll() is not None:
+                    raise RuntimeError(f"a hello-world exited with {server.returncode}")
+            if time.monotonic() > deadline:
+                raise RuntimeError("the hello-world processes did not listen in 20 s")
+            time.sleep(0.05)
         return _wrk(args, work, f"http://127.0.0.1:{port}/hello", bodies["oip_binary"])
     finally:
         for server in servers:
@@ -223,23 +234,28 @@ def _medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return {**runs[0], **out, "errors": sum(r["errors"] for r in runs), "runs": len(runs)}
 
 
-def serve_hello(port: int, reuse_port: bool = False) -> None:
-    """The ceiling: aiohttp reads the body and answers a small JSON, nothing else."""
+def serve_hello(port: int, reuse_port: bool = False, ready: str | None = None) -> None:
+    """The ceiling: aiohttp reads the body and answers a small JSON, nothing else; `ready`
+    is a file made once it listens."""
+    import asyncio
+
     from aiohttp import web
 
     async def hello(request: web.Request) -> web.Response:
         await request.read()
         return web.json_response({"hello": "world"})
 
-    async def healthz(request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
+    async def serve() -> None:
+        app = web.Application(client_max_size=64 * 2**20)
+        app.router.add_post("/hello", hello)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port, reuse_port=reuse_port or None).start()
+        if ready is not None:
+            await asyncio.to_thread(Path(ready).touch)
+        await asyncio.Event().wait()  # until the bench stops it
 
-    app = web.Application(client_max_size=64 * 2**20)
-    app.router.add_post("/hello", hello)
-    app.router.add_get("/healthz", healthz)
-    web.run_app(
-        app, host="127.0.0.1", port=port, print=None, access_log=None, reuse_port=reuse_port or None
-    )
+    asyncio.run(serve())
 
 
 def _print(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
