@@ -84,18 +84,7 @@ class Agent:
         self.latency = LatencyWindow()
         self.tally = AgentTally(self)  # what OIP calls count, here and in serving processes
         self.notifier = Notifier(env)
-        k = config.kernels
-        self.work = WorkQueue(
-            k.workers,
-            k.queue_size,
-            heavy_workers=k.heavy_workers,
-            deadline_s=k.deadline_s,
-        )
-        http = config.http
-        self.connections = ConnectionTable(http.max_connections, http.max_connections_per_peer)
-        self.body_budget = BodyBudget(
-            http.max_inflight_body_bytes or default_body_budget(memory_bytes(), http.max_body_bytes)
-        )
+        self.work, self.connections, self.body_budget = serving_bounds(config)
         self._parser = GraphParser()
         self.alerts = Alerts(
             AlertPolicy(config.alerts.repeat_s, config.alerts.max_per_minute), self._queue_alert
@@ -485,6 +474,20 @@ class Agent:
         self.alerts.policy.max_per_minute = self.config.alerts.max_per_minute
         self.monitors.watchers.configure(self.config)
         return applied, ignored
+
+
+def serving_bounds(config: AgentConfig) -> tuple[WorkQueue, ConnectionTable, BodyBudget]:
+    """A serving process's bounds (the agent's, and each of its serving processes'): its
+    diffusion workers and admission count, its connection table, its body budget."""
+    k, http = config.kernels, config.http
+    work = WorkQueue(
+        k.workers, k.queue_size, heavy_workers=k.heavy_workers, deadline_s=k.deadline_s
+    )
+    connections = ConnectionTable(http.max_connections, http.max_connections_per_peer)
+    budget = BodyBudget(
+        http.max_inflight_body_bytes or default_body_budget(memory_bytes(), http.max_body_bytes)
+    )
+    return work, connections, budget
 
 
 def _log_failure(task: asyncio.Task[Any]) -> None:

@@ -32,17 +32,11 @@ from dgdm.agent.config import AgentConfig, load_config, validate
 from dgdm.agent.errors import NoOutbox
 from dgdm.agent.metrics import AgentMetrics
 from dgdm.agent.reload import merge_reloadable
+from dgdm.agent.runtime import serving_bounds
 from dgdm.agent.tally import ForwardTally
-from dgdm.agent.work import WorkQueue
 from dgdm.common import heap
 from dgdm.common.errors import DgdmError
-from dgdm.sync.http_limits import (
-    BodyBudget,
-    ConnectionTable,
-    connection_cap,
-    default_body_budget,
-)
-from dgdm.sync.listener import memory_bytes
+from dgdm.sync.http_limits import connection_cap
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -66,15 +60,7 @@ class ServingHost:
         self.config = config
         self.metrics = AgentMetrics()  # the middlewares' own figures, never shown
         self.tally = ForwardTally()
-        k = config.kernels
-        self.work = WorkQueue(
-            k.workers, k.queue_size, heavy_workers=k.heavy_workers, deadline_s=k.deadline_s
-        )
-        http = config.http
-        self.connections = ConnectionTable(http.max_connections, http.max_connections_per_peer)
-        self.body_budget = BodyBudget(
-            http.max_inflight_body_bytes or default_body_budget(memory_bytes(), http.max_body_bytes)
-        )
+        self.work, self.connections, self.body_budget = serving_bounds(config)
         self.outbox = None  # a request to queue is passed on to the agent first
         self._engine: Engine | None = None
 
